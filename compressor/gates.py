@@ -1,0 +1,76 @@
+"""The probabilistic l0 gate on one bond of a tensor network (METHOD.md section 3).
+
+Each rank slice j has a learnable ``mu_j``.  Training uses the Gaussian relaxation
+``z = clamp(mu + eps, 0, 1)`` with ``eps ~ N(0, sigma^2)``; evaluation uses
+``z = clamp(mu, 0, 1)``; the expected number of open slices is ``sum Phi(mu / sigma)``.
+
+Parametrisation: ``mu`` is used as written (no hidden shift) and starts at
+:data:`MU_INIT` = 1.5, so every gate is exactly 1 in evaluation (the gated model equals
+the plain decomposed model) and training noise only rarely dims a slice at first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+MU_INIT = 1.5
+
+
+def std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+class L0Gate(nn.Module):
+    """Diagonal gate between two cores; one ``mu`` per rank slice."""
+
+    def __init__(self, size: int, sigma: float = 0.5, mu_init: float = MU_INIT, dtype=None):
+        super().__init__()
+        if size <= 0:
+            raise ConfigError(f"gate size must be positive, got {size}")
+        if not sigma > 0:
+            raise ConfigError(f"sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+        self.mu = nn.Parameter(torch.full((size,), float(mu_init), dtype=dtype or torch.get_default_dtype()))
+        self.frozen = False
+
+    def extra_repr(self) -> str:
+        return f"size={self.mu.numel()}, sigma={self.sigma}, frozen={self.frozen}"
+
+    def eval_value(self) -> torch.Tensor:
+        """Deterministic gate used at evaluation (and in training once frozen)."""
+        return self.mu.clamp(0.0, 1.0)
+
+    def forward(self) -> torch.Tensor:
+        if self.training and not self.frozen:
+            eps = torch.randn_like(self.mu) * self.sigma
+            return (self.mu + eps).clamp(0.0, 1.0)
+        return self.eval_value()
+
+    def open_probability(self) -> torch.Tensor:
+        """P(z_j > 0) = Phi(mu_j / sigma), differentiable in mu."""
+        return std_normal_cdf(self.mu / self.sigma)
+
+    def penalty(self) -> torch.Tensor:
+        """Expected l0 norm of the gate: sum_j Phi(mu_j / sigma)."""
+        return self.open_probability().sum()
+
+    def open_mask(self) -> torch.Tensor:
+        return self.mu.detach() > 0
+
+    def open_count(self) -> int:
+        return int(self.open_mask().sum())
+
+    def freeze(self) -> None:
+        """Stop learning this gate: it stays at its evaluation value from now on."""
+        self.frozen = True
+        self.mu.requires_grad_(False)
+
+    def close(self, index: int) -> None:
+        """Shut one slice for good (used by the target controller)."""
+        with torch.no_grad():
+            self.mu[index] = -1.0

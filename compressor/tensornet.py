@@ -1,0 +1,317 @@
+"""Pure tensor-network math: tensorize shapes, build TT/TR cores, contract them back.
+
+No ``nn.Module`` state lives here, so everything can be tested against tensorly and
+numpy directly.  Conventions used throughout the package:
+
+* A network has ``N`` cores; core ``k`` has shape ``(r_k, n_k, r_{k+1})`` and the bond
+  after core ``k`` is bond ``k``.  Bond ``N-1`` closes the ring (it joins core ``N-1``
+  back to core ``0``).
+* Tensor train (``"tt"``) is the ring whose closing bond has size 1.
+* ``ranks`` is therefore always a list of ``N`` bond sizes, ``ranks[k] = r_{k+1}``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import opt_einsum
+import torch
+
+from .errors import ConfigError, TensorizationError
+
+DECOMPS = ("tt", "tr")
+
+#: A mode larger than this is not a useful tensorization (a big prime stays one big core).
+MAX_FACTOR = 64
+
+
+# --------------------------------------------------------------------------- shapes
+def check_decomp(decomp: str) -> str:
+    if decomp not in DECOMPS:
+        raise ConfigError(f"unknown decomposition {decomp!r}; choose 'tr' (tensor ring) or 'tt' (tensor train)")
+    return decomp
+
+
+def _prime_factors(n: int) -> list[int]:
+    out, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    if n > 1:
+        out.append(n)
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _factorizations(n: int, k: int, smallest: int) -> tuple[tuple[int, ...], ...]:
+    """All non-decreasing k-tuples of integers >= ``smallest`` whose product is n."""
+    if k == 1:
+        return ((n,),) if n >= smallest else ()
+    out = []
+    d = smallest
+    while d ** k <= n:
+        if n % d == 0:
+            out.extend((d,) + rest for rest in _factorizations(n // d, k - 1, d))
+        d += 1
+    return tuple(out)
+
+
+def default_num_factors(n: int) -> int:
+    """About one mode per factor of 6: 1250 -> 4 modes, 320 -> 3, 20 -> 2, 10 -> 1."""
+    return max(1, round(math.log(n) / math.log(6))) if n > 1 else 1
+
+
+def factorize(n: int, num_factors: int | None = None, max_factor: int = MAX_FACTOR) -> tuple[int, ...]:
+    """Split ``n`` into the most balanced factors (product exactly ``n``).
+
+    Raises :class:`TensorizationError` when ``n`` has a prime factor above ``max_factor``:
+    such a mode would hold most of the dimension in one core and the split gains nothing.
+    """
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise TensorizationError(f"cannot tensorize a dimension of size {n!r}")
+    n = int(n)
+    if n == 1:
+        return (1,)
+    big = max(_prime_factors(n))
+    if big > max_factor:
+        raise TensorizationError(
+            f"dimension {n} has a prime factor {big} > {max_factor}; it cannot be split into balanced modes "
+            "(pad it to a rounder size or leave this layer dense)"
+        )
+    k = num_factors or default_num_factors(n)
+    k = min(k, len(_prime_factors(n)))
+    while True:
+        cands = _factorizations(n, k, 2)
+        if cands:
+            break
+        k -= 1
+    target = math.log(n) / k
+    best = min(cands, key=lambda f: (sum((math.log(x) - target) ** 2 for x in f), f))
+    if max(best) > max_factor:
+        raise TensorizationError(f"dimension {n} cannot be split into modes of at most {max_factor}")
+    return best
+
+
+def check_modes(modes: Sequence[int], dim: int, what: str = "dimension") -> tuple[int, ...]:
+    """Validate a user-given tensorization of ``dim``."""
+    modes = tuple(int(m) for m in modes)
+    if not modes or any(m < 1 for m in modes):
+        raise TensorizationError(f"tensorization {modes} of {what} {dim} must be positive integers")
+    if math.prod(modes) != dim:
+        raise TensorizationError(
+            f"tensorization {modes} of {what} {dim} multiplies to {math.prod(modes)}, not {dim}"
+        )
+    return modes
+
+
+# --------------------------------------------------------------------------- ranks
+def max_ranks(modes: Sequence[int], decomp: str) -> list[int]:
+    """Largest useful bond sizes: beyond these a bond cannot add expressive power.
+
+    TT bond k is bounded by the matrix rank of the unfolding (prod modes[:k+1]) x rest.
+    For TR we use the same bound for the inner bonds; the closing bond is capped separately
+    in :func:`resolve_ranks`.
+    """
+    n = len(modes)
+    out = []
+    for k in range(n - 1):
+        left = math.prod(modes[: k + 1])
+        out.append(min(left, math.prod(modes[k + 1 :])))
+    out.append(1 if decomp == "tt" else max(modes))
+    return out
+
+
+def resolve_ranks(rank: int | Sequence[int], modes: Sequence[int], decomp: str) -> list[int]:
+    """Turn ``rank`` (one int, or one per bond) into a full, feasible list of bond sizes."""
+    check_decomp(decomp)
+    n = len(modes)
+    if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
+        if rank <= 0:
+            raise ConfigError(f"rank must be a positive integer, got {rank}")
+        wanted = [int(rank)] * n
+    else:
+        wanted = [int(r) for r in rank]
+        if len(wanted) != n:
+            raise ConfigError(f"expected {n} bond ranks for {n} cores, got {len(wanted)}")
+        if any(r <= 0 for r in wanted):
+            raise ConfigError(f"ranks must be positive integers, got {wanted}")
+    caps = max_ranks(modes, decomp)
+    out = [min(w, c) for w, c in zip(wanted, caps)]
+    if decomp == "tt":
+        out[-1] = 1
+    elif n == 1:
+        out[-1] = min(wanted[-1], modes[0])
+    else:
+        # A closing bond wider than the widest inner bond only adds parameters.
+        out[-1] = min(wanted[-1], max(caps[:-1]))
+    return out
+
+
+def core_shapes(modes: Sequence[int], ranks: Sequence[int]) -> list[tuple[int, int, int]]:
+    n = len(modes)
+    return [(ranks[k - 1], modes[k], ranks[k]) for k in range(n)]
+
+
+def param_count(modes: Sequence[int], ranks: Sequence[int]) -> int:
+    """Parameters of a network: sum over cores of r_k * n_k * r_{k+1}."""
+    return sum(a * b * c for a, b, c in core_shapes(modes, ranks))
+
+
+# --------------------------------------------------------------------------- decompositions
+def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
+    """Truncated TT-SVD (tensorly's ``tensor_train``), computed in float64 on numpy.
+
+    Using numpy keeps tensorly's global backend untouched; float64 keeps the SVDs exact
+    enough that float32 weights lose nothing to the decomposition itself.
+    """
+    from tensorly.decomposition import tensor_train
+
+    if ranks[-1] != 1:
+        raise ConfigError("tt_svd needs a closing rank of 1")
+    arr = tensor.detach().to("cpu", torch.float64).numpy()
+    tl_ranks = [1] + list(ranks)
+    tt = tensor_train(arr, rank=tl_ranks)
+    cores = [torch.from_numpy(np.ascontiguousarray(c)) for c in tt.factors]
+    # tensorly may return smaller bonds than asked when the tensor itself has lower rank:
+    # pad with zeros so the layout the caller asked for holds (zeros change nothing).
+    out = []
+    for k, c in enumerate(cores):
+        want = (tl_ranks[k], tensor.shape[k], tl_ranks[k + 1])
+        if tuple(c.shape) != want:
+            padded = torch.zeros(want, dtype=c.dtype)
+            padded[: c.shape[0], :, : c.shape[2]] = c
+            c = padded
+        out.append(c.to(tensor.dtype))
+    return out
+
+
+def tr_from_dense(tensor: torch.Tensor, ranks: Sequence[int], generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Tensor-ring cores that reproduce the TT-SVD of ``tensor`` exactly.
+
+    TR-SVD (tensorly's ``tensor_ring``) needs r_0 * r_1 <= n_1 and ALS is far too slow for a
+    tool that runs in minutes, so we embed the TT-SVD in a ring: closing-bond slice 0
+    carries the TT solution; the other closing slices start as small random values on the
+    first core and zeros on the last, so they add exactly nothing at initialisation yet
+    receive gradients from the first step (the LoRA trick) and can learn what TT misses.
+    """
+    inner = list(ranks[:-1]) + [1]
+    cores = tt_svd(tensor, inner)
+    r0 = int(ranks[-1])
+    if r0 == 1:
+        return cores
+    first, last = cores[0], cores[-1]
+    if len(cores) == 1:
+        # A one-core ring is a trace: put the tensor on the diagonal of slice 0.
+        c = torch.zeros((r0, tensor.shape[0], r0), dtype=tensor.dtype)
+        c[0, :, 0] = first[0, :, 0]
+        return [c]
+    scale = float(first.abs().mean()) * 1e-2 + 1e-12
+    noise = torch.randn((r0 - 1,) + tuple(first.shape[1:]), generator=generator, dtype=torch.float64)
+    new_first = torch.cat([first, (noise * scale).to(first.dtype)], dim=0)
+    new_last = torch.cat([last, torch.zeros(last.shape[:2] + (r0 - 1,), dtype=last.dtype)], dim=2)
+    return [new_first] + cores[1:-1] + [new_last]
+
+
+def decompose(tensor: torch.Tensor, decomp: str, ranks: Sequence[int], generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Cores of ``tensor`` at the given bond sizes (see :func:`resolve_ranks`)."""
+    check_decomp(decomp)
+    if len(ranks) != tensor.dim():
+        raise ConfigError(f"expected {tensor.dim()} bond ranks, got {len(ranks)}")
+    if decomp == "tt":
+        return tt_svd(tensor, ranks)
+    return tr_from_dense(tensor, ranks, generator)
+
+
+# --------------------------------------------------------------------------- contraction
+def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract consecutive cores into one (r_first, prod n, r_last) core."""
+    out = cores[0]
+    for c in cores[1:]:
+        a, n, _ = out.shape
+        out = torch.matmul(out.reshape(a * n, -1), c.reshape(c.shape[0], -1)).reshape(a, n * c.shape[1], c.shape[2])
+    return out
+
+
+def split_point(modes: Sequence[int]) -> int:
+    """Index that splits the modes into two halves of balanced size (cheapest ring cut)."""
+    total = math.log(math.prod(modes))
+    best, acc, best_gap = 1, 0.0, float("inf")
+    for k in range(1, len(modes)):
+        acc += math.log(modes[k - 1])
+        gap = abs(acc - total / 2)
+        if gap < best_gap:
+            best, best_gap = k, gap
+    return best
+
+
+def contract(cores: Sequence[torch.Tensor], split: int | None = None) -> torch.Tensor:
+    """Dense tensor of a TT/TR network (trace over the closing bond).
+
+    Contracts each half of the ring separately, then joins them with one matmul: memory
+    stays at r^2 * sqrt(size) instead of r_0^2 * size for the naive left-to-right sweep.
+    """
+    modes = [c.shape[1] for c in cores]
+    if len(cores) == 1:
+        return torch.diagonal(cores[0], dim1=0, dim2=2).sum(-1)
+    s = split_point(modes) if split is None else split
+    a = merge_cores(cores[:s])  # (r0, P, rm)
+    b = merge_cores(cores[s:])  # (rm, Q, r0)
+    r0, p, rm = a.shape
+    q = b.shape[1]
+    # W[p, q] = sum_{x, m} A[x, p, m] B[m, q, x]
+    left = a.permute(1, 0, 2).reshape(p, r0 * rm)
+    right = b.permute(2, 0, 1).reshape(r0 * rm, q)
+    return (left @ right).reshape(modes)
+
+
+class Contraction:
+    """An einsum over a fixed network whose pairwise order opt_einsum picks once.
+
+    The order depends on the batch size (rebuild-the-weight is cheapest for big batches,
+    input-first for small ones), so paths are cached per batch size; the contraction runs
+    as plain pairwise ``torch.einsum`` calls, which autograd and ``torch.export`` follow.
+    """
+
+    def __init__(self, equation: str):
+        self.equation = equation
+        inputs, self.output = equation.split("->")
+        self.inputs = inputs.split(",")
+        self._paths: dict[tuple, list[tuple[int, ...]]] = {}
+
+    def path(self, shapes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+        key = tuple(tuple(int(d) for d in s) for s in shapes)
+        if key not in self._paths:
+            dummies = [np.empty(s, dtype=np.float32) for s in key]
+            path, _ = opt_einsum.contract_path(self.equation, *dummies, optimize="auto", shapes=False)
+            self._paths[key] = list(path)
+        return self._paths[key]
+
+    def __call__(self, *operands: torch.Tensor, shape_hint: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        shapes = shape_hint if shape_hint is not None else [o.shape for o in operands]
+        ops = list(operands)
+        terms = list(self.inputs)
+        for step in self.path(shapes):
+            picked = sorted(step, reverse=True)
+            sub_ops = [ops.pop(i) for i in picked]
+            sub_terms = [terms.pop(i) for i in picked]
+            remaining = set("".join(terms) + self.output)
+            keep = "".join(dict.fromkeys(ch for t in sub_terms for ch in t if ch in remaining))
+            ops.append(torch.einsum(",".join(sub_terms) + "->" + keep, *sub_ops))
+            terms.append(keep)
+        (result,), (term,) = ops, terms
+        if term != self.output:
+            result = torch.einsum(f"{term}->{self.output}", result)
+        return result
+
+
+def network_letters(n_cores: int) -> tuple[list[str], list[str]]:
+    """Einsum letters for a ring of ``n_cores``: (mode letters, bond letters)."""
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    if 2 * n_cores + 1 > len(letters):
+        raise TensorizationError(f"{n_cores} cores is more than the einsum alphabet allows")
+    return list(letters[:n_cores]), list(letters[n_cores : 2 * n_cores])

@@ -1,0 +1,104 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from compressor import tensornet as tn
+from compressor.errors import CompressorError, ConfigError, TensorizationError
+
+
+@pytest.mark.parametrize("n,expected", [(1250, (5, 5, 5, 10)), (320, (5, 8, 8)), (20, (4, 5)), (50, (5, 10)), (10, (10,))])
+def test_factorize_matches_paper_tensorizations(n, expected):
+    assert tn.factorize(n) == expected
+
+
+def test_factorize_balanced_and_exact():
+    for n in [64, 96, 256, 784, 1000, 4096, 3072]:
+        f = tn.factorize(n)
+        assert math.prod(f) == n
+        assert max(f) / min(f) <= 4
+
+
+def test_factorize_large_prime_has_reason():
+    with pytest.raises(TensorizationError, match="prime factor 1009"):
+        tn.factorize(1009)
+
+
+def test_check_modes_product_mismatch():
+    with pytest.raises(TensorizationError, match="multiplies to 24, not 20"):
+        tn.check_modes((4, 6), 20)
+
+
+def test_resolve_ranks_validation():
+    with pytest.raises(ConfigError):
+        tn.resolve_ranks(0, (4, 5), "tr")
+    with pytest.raises(ConfigError):
+        tn.resolve_ranks(3, (4, 5), "cp")
+    assert tn.resolve_ranks(100, (4, 5, 6), "tt") == [4, 6, 1]
+    assert tn.resolve_ranks(3, (4, 5, 6), "tr") == [3, 3, 3]
+
+
+def _rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+@pytest.mark.parametrize("decomp", ["tt", "tr"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_full_rank_reconstruction(decomp, dtype):
+    torch.manual_seed(0)
+    w = torch.randn(4, 5, 6, 3, dtype=dtype)
+    ranks = tn.resolve_ranks(1000, w.shape, decomp)
+    cores = tn.decompose(w, decomp, ranks)
+    assert all(c.dtype == dtype for c in cores)
+    err = _rel(tn.contract(cores), w)
+    assert err < (1e-5 if dtype == torch.float64 else 1e-4), err
+    if dtype == torch.float64:
+        assert err < 1e-12
+
+
+def test_reduced_rank_tt_error_equals_tensorly_tt_svd():
+    from tensorly.decomposition import tensor_train
+    from tensorly import tt_to_tensor
+
+    torch.manual_seed(1)
+    w = torch.randn(5, 6, 4, 7, dtype=torch.float64)
+    ranks = [3, 5, 2, 1]
+    cores = tn.decompose(w, "tt", ranks)
+    ours = _rel(tn.contract(cores), w)
+    ref = tt_to_tensor(tensor_train(w.numpy(), rank=[1] + ranks))
+    theirs = float(np.linalg.norm(ref - w.numpy()) / np.linalg.norm(w.numpy()))
+    assert 0.1 < ours < 1.0  # truncation really happened
+    assert abs(ours - theirs) < 1e-6
+
+
+def test_tr_init_equals_tt_svd_and_param_count():
+    torch.manual_seed(2)
+    w = torch.randn(5, 6, 4, dtype=torch.float64)
+    tt = tn.contract(tn.decompose(w, "tt", [3, 2, 1]))
+    tr_cores = tn.decompose(w, "tr", [3, 2, 4])
+    assert [tuple(c.shape) for c in tr_cores] == [(4, 5, 3), (3, 6, 2), (2, 4, 4)]
+    assert torch.allclose(tn.contract(tr_cores), tt, atol=1e-12)
+    assert tn.param_count((5, 6, 4), [3, 2, 4]) == sum(c.numel() for c in tr_cores)
+
+
+def test_contract_matches_naive_trace():
+    torch.manual_seed(3)
+    cores = [torch.randn(3, 4, 2), torch.randn(2, 5, 4), torch.randn(4, 3, 3)]
+    naive = torch.einsum("aib,bjc,cka->ijk", *cores)
+    assert torch.allclose(tn.contract(cores), naive, atol=1e-5)
+
+
+def test_contraction_path_executor_matches_einsum():
+    torch.manual_seed(4)
+    eq = "Zab,xay,ybx->Z"
+    ops = [torch.randn(7, 4, 5), torch.randn(3, 4, 2), torch.randn(2, 5, 3)]
+    c = tn.Contraction(eq)
+    assert torch.allclose(c(*ops), torch.einsum(eq, *ops), atol=1e-5)
+
+
+def test_errors_share_one_base_and_are_one_line():
+    for exc in (ConfigError, TensorizationError):
+        assert issubclass(exc, CompressorError)
+    e = TensorizationError("two\nlines")
+    assert "\n" not in str(e)
