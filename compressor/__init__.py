@@ -1,7 +1,29 @@
-"""compressor: learn tensor-ring / tensor-train ranks with l0 gates and ship slim models."""
+"""compressor: learn tensor-ring / tensor-train ranks with l0 gates and ship slim models.
 
+    from compressor import compress, save, load
+    result = compress(model, loader, decomp="tr", target="5x")
+    save(result.model, "slim.safetensors")
+    slim = load("slim.safetensors", base=original_model_or_factory)
+"""
+
+from .api import CompressResult, Report, compress, evaluate
+from .config import CompressConfig, parse_target
 from .errors import CompressorError
+from .io import export_program, load, read_metadata, save
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressorError", "__version__"]
+__all__ = [
+    "CompressConfig",
+    "CompressResult",
+    "CompressorError",
+    "Report",
+    "compress",
+    "evaluate",
+    "export_program",
+    "load",
+    "parse_target",
+    "read_metadata",
+    "save",
+    "__version__",
+]

@@ -1,0 +1,223 @@
+"""``compress(model, loader)``: plan -> gated model -> fine-tune -> prune -> slim model + report.
+
+Everything is validated (options, target reachability, that a batch fits the model)
+before the model is copied and changed; the caller's model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import graph
+from .config import CompressConfig
+from .errors import DataError, ModelError, TargetError
+from .graph import CompressionPlan, as_module, count_params, tn_layers
+from .io import META_ATTR
+from .layers import LAYER_KINDS
+from .tensornet import param_count, resolve_ranks
+from .train import TrainEvent, TrainHistory, finetune, run_model, split_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    shape: list[int]
+    tensorization: list[list[int]]
+    initial_ranks: list[int]
+    final_ranks: list[int]
+    params_before: int
+    params_after: int
+
+
+@dataclass
+class Report:
+    """What happened to the model; ``ratio`` = dense params / compressed params (whole model)."""
+
+    decomp: str
+    target: float
+    source: str
+    dense_params: int
+    params: int
+    ratio: float
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    dense_accuracy: float | None = None
+    accuracy: float | None = None
+    seconds: float = 0.0
+    steps: int = 0
+    forced: bool = False
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    report: Report
+    history: TrainHistory
+
+
+def evaluate(model: nn.Module, loader: Iterable) -> float:
+    """Top-1 accuracy of ``model`` on a loader of ``(x, y)`` batches."""
+    was_training = model.training
+    model.eval()
+    correct = seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            x, y = split_batch(batch)
+            if y is None:
+                raise DataError("accuracy needs labels: the evaluation loader yields inputs only")
+            out = run_model(model, x)
+            correct += int((out.argmax(-1) == y).sum())
+            seen += y.numel()
+    model.train(was_training)
+    if seen == 0:
+        raise DataError("the evaluation loader is empty")
+    return correct / seen
+
+
+def min_params(the_plan: CompressionPlan, decomp: str) -> int:
+    """Smallest size reachable: every factorized bond at rank 1, everything else dense."""
+    total = the_plan.dense_params
+    for lp in the_plan.layers:
+        bias = lp.params_before - _weight_numel(lp.shape)
+        modes = _modes(lp)
+        total += param_count(modes, [1] * len(modes)) + bias - lp.params_before
+    return total
+
+
+def _weight_numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _modes(lp) -> tuple[int, ...]:
+    return graph._modes_of(lp.kind, lp.shape, lp.tensorization)
+
+
+def _expected_input(module: nn.Module) -> str:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            return f"(batch, {m.in_channels}, H, W)"
+        if isinstance(m, nn.Linear):
+            return f"(..., {m.in_features})"
+        if isinstance(m, nn.Embedding):
+            return f"integer indices < {m.num_embeddings}"
+    for node in getattr(getattr(module, "graph", None), "nodes", []):
+        if node.op == "placeholder" and "val" in node.meta and hasattr(node.meta["val"], "shape"):
+            return str(tuple(node.meta["val"].shape))
+    return "the model's input shape"
+
+
+def check_batch(teacher: nn.Module, loader: Iterable) -> tuple[bool, torch.Tensor]:
+    """Run one batch through the original model: does the data fit? Are there labels?"""
+    it = iter(loader)
+    try:
+        batch = next(it)
+    except StopIteration:
+        raise DataError("the data loader is empty: it yielded no batch") from None
+    x, y = split_batch(batch)
+    shape = tuple(x.shape) if torch.is_tensor(x) else "?"
+    try:
+        with torch.no_grad():
+            out = run_model(teacher, x)
+    except DataError:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"a batch of shape {shape} does not fit the model; expected {_expected_input(teacher)} ({msg})") from None
+    if y is not None:
+        if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dim() != 1:
+            raise DataError("labels must be a 1-D integer tensor of class indices")
+        if y.shape[0] != out.shape[0]:
+            raise DataError(f"{y.shape[0]} labels for a batch of {out.shape[0]} inputs")
+        if out.dim() != 2:
+            raise DataError(f"labels given but the model outputs shape {tuple(out.shape)}, not (batch, classes)")
+        if int(y.max()) >= out.shape[1] or int(y.min()) < 0:
+            raise DataError(f"label {int(y.max())} is out of range for a model with {out.shape[1]} outputs")
+    return y is not None, x
+
+
+def compress(model: Any, loader: Iterable, decomp: str | None = None, target: Any = None, *,
+             config: CompressConfig | None = None, eval_loader: Iterable | None = None,
+             callback: Callable[[TrainEvent], None] | None = None, **options: Any) -> CompressResult:
+    """Compress ``model`` to at least ``target`` times fewer parameters.
+
+    ``loader`` yields ``(x, y)`` (cross-entropy on the labels) or ``x`` alone (distillation
+    from the original model).  ``decomp`` is ``"tr"`` or ``"tt"``; ``target`` like ``"5x"``.
+    Any :class:`CompressConfig` field may be passed as a keyword.  ``eval_loader`` (with
+    labels) gives the accuracies in the report.  Returns the slim model and a report.
+    """
+    started = time.perf_counter()
+    if config is None:
+        kwargs = dict(options)
+        if decomp is not None:
+            kwargs["decomp"] = decomp
+        if target is not None:
+            kwargs["target"] = target
+        config = CompressConfig(**kwargs)
+    elif options or decomp is not None or target is not None:
+        config = CompressConfig(**{**asdict_shallow(config), **options,
+                                   **({"decomp": decomp} if decomp else {}),
+                                   **({"target": target} if target is not None else {})})
+    module = as_module(model)
+    the_plan = graph.plan(module, config)
+    if not the_plan.layers:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in the_plan.skipped[:4]) or "the model has no Linear, Conv2d or Embedding layer"
+        raise ModelError(f"no eligible layer to compress ({reasons})")
+    smallest = min_params(the_plan, config.decomp)
+    best = the_plan.dense_params / smallest
+    if config.target > best:
+        raise TargetError(
+            f"target {config.target:g}x is more than this model can give: at most {best:.1f}x with every factorized "
+            f"bond at rank 1 ({smallest} of {the_plan.dense_params} parameters remain)")
+    teacher = copy.deepcopy(module).eval()
+    has_labels, _ = check_batch(teacher, loader)
+    dense_acc = evaluate(teacher, eval_loader) if eval_loader is not None else None
+
+    gated = graph.apply(module, the_plan, config)
+    initial = {name: layer.ranks for name, layer in tn_layers(gated).items()}
+    use_teacher = teacher if (not has_labels or config.distill > 0) else None
+    evaluate_fn = (lambda m: evaluate(m, eval_loader)) if eval_loader is not None else None
+    slim, history = finetune(gated, use_teacher, loader, config, the_plan.dense_params, callback, evaluate_fn)
+
+    layers = tn_layers(slim)
+    reports = []
+    for lp in the_plan.layers:
+        layer = layers[lp.name]
+        reports.append(LayerReport(lp.name, lp.kind, list(lp.shape), [list(lp.tensorization[0]), list(lp.tensorization[1])],
+                                   initial[lp.name], layer.ranks, lp.params_before, layer.param_count()))
+    params = count_params(slim)
+    setattr(slim, META_ATTR, {
+        "source": the_plan.source,
+        "dense_params": the_plan.dense_params,
+        "attrs": {lp.name: {"weight_attr": lp.weight_attr, "bias_attr": lp.bias_attr}
+                  for lp in the_plan.layers if lp.weight_attr},
+        "extra": {"decomp": config.decomp, "target": config.target},
+    })
+    acc = history.epochs[-1]["eval_accuracy"] if history.epochs and eval_loader is not None else None
+    if eval_loader is not None and (acc is None or not history.epochs or history.epochs[-1]["step"] != history.steps):
+        acc = evaluate(slim, eval_loader)
+    report = Report(config.decomp, config.target, the_plan.source, the_plan.dense_params, params,
+                    the_plan.dense_params / params, reports,
+                    [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
+                    dense_acc, acc, time.perf_counter() - started, history.steps, history.forced, history.epochs)
+    return CompressResult(slim, report, history)
+
+
+def asdict_shallow(config: CompressConfig) -> dict[str, Any]:
+    return {f: getattr(config, f) for f in config.__dataclass_fields__}
