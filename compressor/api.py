@@ -98,6 +98,28 @@ def min_params(the_plan: CompressionPlan, decomp: str) -> int:
     return total
 
 
+RANK_LADDER = (16, 20, 25, 32, 40, 48, 64)
+
+
+def planned_params(the_plan: CompressionPlan, rank: int | None, decomp: str) -> int:
+    """Model size if every planned layer starts at ``rank`` (layer overrides respected)."""
+    total = the_plan.dense_params
+    for lp in the_plan.layers:
+        modes = _modes(lp)
+        r = lp.rank if lp.rank is not None else rank
+        bias = lp.params_before - _weight_numel(lp.shape)
+        total += param_count(modes, resolve_ranks(r, modes, decomp)) + bias - lp.params_before
+    return total
+
+
+def choose_rank(the_plan: CompressionPlan, target: float, decomp: str) -> int:
+    """Smallest generous rank whose starting model is at most half the target ratio."""
+    for r in RANK_LADDER:
+        if the_plan.dense_params / planned_params(the_plan, r, decomp) <= target / 2:
+            return r
+    return RANK_LADDER[-1]
+
+
 def _weight_numel(shape) -> int:
     n = 1
     for d in shape:
@@ -185,6 +207,11 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
         raise TargetError(
             f"target {config.target:g}x is more than this model can give: at most {best:.1f}x with every factorized "
             f"bond at rank 1 ({smallest} of {the_plan.dense_params} parameters remain)")
+    if config.rank is None:
+        rank = choose_rank(the_plan, config.target, config.decomp)
+        for lp in the_plan.layers:
+            if lp.rank is None:
+                lp.rank = rank
     teacher = copy.deepcopy(module).eval()
     has_labels, _ = check_batch(teacher, loader)
     dense_acc = evaluate(teacher, eval_loader) if eval_loader is not None else None

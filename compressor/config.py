@@ -51,7 +51,9 @@ class CompressConfig:
     target: compression ratio to reach, counted on the whole model (all parameters,
         biases and untouched layers included): dense params / compressed params.
     decomp: ``"tr"`` (tensor ring) or ``"tt"`` (tensor train).
-    rank: generous initial bond size (the gates then learn how much of it to keep).
+    rank: generous initial bond size (the gates then learn how much of it to keep);
+        ``None`` picks the smallest of 16..64 whose model is at most half the target size
+        ratio, so the gates always have room to choose.
     sigma: gate noise std (METHOD.md: 0.5 works best).
     lam: weight of the l0 penalty at the start; the target controller adapts it.
     penalty: ``"params"`` weighs each slice by the parameters it costs (aims straight at a
@@ -71,7 +73,7 @@ class CompressConfig:
 
     target: Any = 5.0
     decomp: str = "tr"
-    rank: int = 25
+    rank: int | None = None
     sigma: float = 0.5
     lam: float | None = None
     penalty: str = "params"
@@ -102,7 +104,8 @@ class CompressConfig:
             raise ConfigError(f"unknown penalty {self.penalty!r}; choose one of {', '.join(PENALTIES)}")
         if self.distill_loss not in DISTILL_LOSSES:
             raise ConfigError(f"unknown distillation loss {self.distill_loss!r}; choose one of {', '.join(DISTILL_LOSSES)}")
-        _positive_int("rank", self.rank)
+        if self.rank is not None:
+            _positive_int("rank", self.rank)
         _positive("sigma", self.sigma)
         _positive("gate_lr", self.gate_lr)
         _positive("temperature", self.temperature)

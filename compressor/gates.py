@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-MU_INIT = 1.5
+MU_INIT = 1.0
 
 
 def std_normal_cdf(x: torch.Tensor) -> torch.Tensor:

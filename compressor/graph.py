@@ -246,7 +246,7 @@ def plan(model: Any, config: CompressConfig) -> CompressionPlan:
             continue
         bias = getattr(c.module, "bias", None)
         params = c.module.weight.numel() + (bias.numel() if bias is not None else 0)
-        rank = config.layer_ranks.get(c.name, config.rank)
+        rank = config.layer_ranks.get(c.name, config.rank)  # None: chosen by the api from the target
         result.layers.append(LayerPlan(c.name, c.kind, shape, tz, rank, params, c.weight_attr, c.bias_attr))
     return result
 

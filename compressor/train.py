@@ -177,6 +177,42 @@ def force_target(meter: SizeMeter, target: float) -> int:
     return closed
 
 
+def task_loss(out: torch.Tensor, y: torch.Tensor | None, t_out: torch.Tensor | None, config: CompressConfig) -> torch.Tensor:
+    """Cross-entropy on labels (+ optional distillation), or pure distillation without labels."""
+    if y is None:
+        return distill_loss(out, t_out, config.distill_loss, config.temperature)
+    loss = F.cross_entropy(out, y)
+    if t_out is not None and config.distill > 0:
+        loss = loss + config.distill * distill_loss(out, t_out, config.distill_loss, config.temperature)
+    return loss
+
+
+def calibrate_lambda(model: nn.Module, teacher: nn.Module | None, loader: Iterable, meter: SizeMeter,
+                     config: CompressConfig) -> float:
+    """Start lambda where the penalty pulls on the gates as hard as the task pushes back.
+
+    Penalty gradients are tiny while gates sit near 1 (the normal pdf is flat out there),
+    so a fixed default would waste hundreds of steps ramping up; one extra backward on
+    the first batch sets the scale for any model and data.
+    """
+    gates = [g.mu for layer in meter.layers().values() if layer.gates is not None for g in layer.gates.values()]
+    if not gates:
+        return 1.0
+    x, y = split_batch(next(iter(loader)))
+    with torch.no_grad():
+        t_out = run_model(teacher, x) if teacher is not None else None
+    task = task_loss(run_model(model, x), y, t_out, config)
+    g_task = torch.autograd.grad(task, gates, allow_unused=True)
+    g_pen = torch.autograd.grad(penalty_term(meter, config.penalty), gates, allow_unused=True)
+    t = sum(float(g.abs().sum()) for g in g_task if g is not None)
+    p = sum(float(g.abs().sum()) for g in g_pen if g is not None)
+    if not (p > 0 and math.isfinite(t) and t > 0):
+        return 1.0
+    # Start well below the balance point so only the least useful slices start closing;
+    # the controller raises lambda from there as the planned ratio demands.
+    return 0.05 * t / p
+
+
 # ------------------------------------------------------------------ the loop
 def default_epochs(steps_per_epoch: int) -> int:
     """About 3000 optimiser steps, at least 2 and at most 100 epochs."""
@@ -201,10 +237,10 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
         total = min(total, config.max_steps)
     gate_steps = max(1, int(config.gate_fraction * total)) if total else 0
     lr = config.lr if config.lr is not None else 1e-3
-    lam = config.lam if config.lam is not None else 0.5
     meter = SizeMeter(model, dense_params)
     r0 = meter.ratio()
     frozen = r0 >= config.target
+    lam = config.lam if config.lam is not None else (1.0 if frozen else calibrate_lambda(model, teacher, loader, meter, config))
 
     def make_optimizers(m: nn.Module):
         gates = [p for layer in tn_layers(m).values() if layer.gates is not None
@@ -248,12 +284,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
             if teacher is not None and (y is None or config.distill > 0):
                 with torch.no_grad():
                     t_out = run_model(teacher, x)
-            if y is not None:
-                task = F.cross_entropy(out, y)
-                if t_out is not None:
-                    task = task + config.distill * distill_loss(out, t_out, config.distill_loss, config.temperature)
-            else:
-                task = distill_loss(out, t_out, config.distill_loss, config.temperature)
+            task = task_loss(out, y, t_out, config)
             if not frozen:
                 pen = penalty_term(meter, config.penalty)
                 loss = task + lam * pen
@@ -263,7 +294,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
             if not torch.isfinite(loss):
                 model.load_state_dict(good_state) if _same_keys(model, good_state) else None
                 err = TrainingError(
-                    f"the loss became {float(loss)} at step {step}; stopped and kept the last good state "
+                    f"the loss became {float(loss.detach())} at step {step}; stopped and kept the last good state "
                     f"(step {good_step}); try a lower learning rate (lr={lr})")
                 err.model = model  # type: ignore[attr-defined]
                 raise err
@@ -288,11 +319,11 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
                 ep_correct += correct
                 ep_seen += y.numel()
 
-            if not frozen and step % check_every == 0:
-                ratio = meter.ratio()
+            if not frozen:
+                ratio = meter.ratio()  # counting open slices is cheap: check every step
                 if ratio >= config.target:
                     frozen = True
-                else:
+                elif step % check_every == 0:
                     progress = min(1.0, step / (0.8 * gate_steps))
                     planned = math.exp(math.log(max(r0, 1e-9)) + (math.log(config.target) - math.log(max(r0, 1e-9))) * progress)
                     lam = lam * 1.15 if ratio < planned else max(lam * 0.93, 1e-4)
@@ -305,6 +336,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
                 if frozen:
                     prune_all()
                     history.frozen_at = step
+                    good_state, good_step = copy.deepcopy(model.state_dict()), step
                     opt_w, opt_g = make_optimizers(model)
                     phase_b_start = step
                     emit(TrainEvent("freeze", step, total, epoch, ratio=meter.ratio(), lam=lam, frozen=True))

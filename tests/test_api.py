@@ -1,0 +1,174 @@
+import copy
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compressor import CompressConfig, compress, evaluate, export_program, load, save
+from compressor.data import TensorLoader
+from compressor.errors import CompressorError, DataError, ModelError, TargetError, ConfigError, TrainingError
+from compressor.graph import tn_layers
+from compressor.layers import TNLayer
+
+from conftest import DigitsNet
+
+FAST = dict(epochs=4, seed=0)
+
+
+def _state_copy(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, state):
+    sd = model.state_dict()
+    return sd.keys() == state.keys() and all(torch.equal(sd[k], state[k]) for k in sd)
+
+
+@pytest.fixture(scope="module")
+def result_5x(trained_digits_net, digits):
+    xtr, ytr, xte, yte = digits
+    before = _state_copy(trained_digits_net)
+    res = compress(trained_digits_net, TensorLoader(xtr, ytr, 64, shuffle=True), "tr", "5x",
+                   eval_loader=TensorLoader(xte, yte, 256), **FAST)
+    assert _same_state(trained_digits_net, before), "the caller's model was modified"
+    assert not any(isinstance(m, TNLayer) for m in trained_digits_net.modules())
+    return res
+
+
+def test_compress_reaches_target_and_keeps_accuracy(result_5x):
+    r = result_5x.report
+    assert r.ratio >= 5.0
+    params = sum(p.numel() for p in result_5x.model.parameters())
+    assert r.params == params and r.dense_params / params == pytest.approx(r.ratio)
+    assert r.dense_accuracy > 0.9
+    assert r.accuracy >= r.dense_accuracy - 0.05
+    names = {l.name for l in r.layers}
+    assert names == {"fc1"} | ({"fc2"} if "fc2" in names else set())
+    assert any(s["name"] == "conv" and "too small" in s["reason"] for s in r.skipped)
+    for l in r.layers:
+        assert all(f <= i for f, i in zip(l.final_ranks, l.initial_ranks))
+        assert l.params_after < l.params_before
+
+
+def test_checkpoint_round_trip_identical_logits_and_small_file(result_5x, trained_digits_net, digits, tmp_path):
+    x = digits[2][:50]
+    path = save(result_5x.model, tmp_path / "slim.safetensors")
+    dense_path = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in trained_digits_net.state_dict().items()}, str(dense_path))
+    assert path.stat().st_size <= dense_path.stat().st_size / (0.9 * 5)
+    for base in (DigitsNet, trained_digits_net):
+        back = load(path, base=base)
+        with torch.no_grad():
+            assert (back(x) - result_5x.model(x)).abs().max() <= 1e-5
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_exported_slim_program_same_logits_dynamic_batch(result_5x, digits, tmp_path):
+    x = digits[2][:33]
+    p = export_program(result_5x.model, x[:4], tmp_path / "slim.pt2")
+    prog = torch.export.load(str(p)).module()
+    with torch.no_grad():
+        ref = result_5x.model(x)
+        assert (prog(x) - ref).abs().max() <= 1e-5
+        assert (prog(x[:1]) - ref[:1]).abs().max() <= 1e-5
+
+
+def test_exported_program_input_is_compressed(trained_digits_net, digits, digits_loaders, tmp_path):
+    xtr, ytr, xte, yte = digits
+    ep = torch.export.export(trained_digits_net, (xte[:4].clone(),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    res = compress(ep, digits_loaders[0], "tt", 4.0, eval_loader=digits_loaders[1], **FAST)
+    assert res.report.source == "graph" and res.report.ratio >= 4.0
+    assert res.report.accuracy >= res.report.dense_accuracy - 0.05
+    path = save(res.model, tmp_path / "g.safetensors")
+    back = load(path, base=ep)
+    with torch.no_grad():
+        assert (back(xte[:20]) - res.model(xte[:20])).abs().max() <= 1e-5
+
+
+class Untraceable(DigitsNet):
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            h = torch.relu(self.fc1(h))
+        else:
+            h = torch.relu(self.fc1(h)) * 0.5
+        return self.fc2(h)
+
+
+def test_untraceable_model_falls_back_with_warning(trained_digits_net, digits_loaders):
+    model = Untraceable()
+    model.load_state_dict(trained_digits_net.state_dict())
+    with pytest.warns(UserWarning, match="could not trace"):
+        res = compress(model, digits_loaders[0], "tr", 3, **FAST)
+    assert res.report.source == "module-walk" and res.report.ratio >= 3
+
+
+def test_label_free_distillation(trained_digits_net, digits):
+    xtr, ytr, xte, yte = digits
+    res = compress(trained_digits_net, TensorLoader(xtr, None, 64, shuffle=True), "tr", "5x",
+                   eval_loader=TensorLoader(xte, yte, 256), **FAST)
+    assert res.report.ratio >= 5
+    assert res.report.accuracy >= res.report.dense_accuracy - 0.05
+
+
+def test_filter_fn_narrows_choice(trained_digits_net, digits_loaders):
+    res = compress(trained_digits_net, digits_loaders[0], "tr", 2, filter_fn=lambda m, name: name != "fc2",
+                   max_steps=30)
+    assert [l.name for l in res.report.layers] == ["fc1"]
+    assert any(s["name"] == "fc2" and s["reason"] == "excluded by filter_fn" for s in res.report.skipped)
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(target="abc"), TargetError, "not a number"),
+    (dict(target=0.5), TargetError, "greater than 1"),
+    (dict(target="1x"), TargetError, "greater than 1"),
+    (dict(target=1e6), TargetError, "more than this model can give"),
+    (dict(decomp="cp"), ConfigError, "unknown decomposition"),
+    (dict(sigma=0), ConfigError, "sigma"),
+    (dict(epochs=-1), ConfigError, "epochs"),
+    (dict(lam=-1.0), ConfigError, "lambda"),
+])
+def test_bad_options_fail_fast_and_mutate_nothing(trained_digits_net, digits_loaders, kwargs, exc, msg):
+    before = _state_copy(trained_digits_net)
+    kw = dict(decomp="tr", target="5x")
+    kw.update(kwargs)
+    with pytest.raises(exc, match=msg) as info:
+        compress(trained_digits_net, digits_loaders[0], **kw)
+    assert isinstance(info.value, CompressorError) and "\n" not in str(info.value)
+    assert _same_state(trained_digits_net, before)
+
+
+def test_no_eligible_layer():
+    tiny = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ModelError, match="no eligible layer"):
+        compress(tiny, [torch.randn(2, 4)], "tr", 2)
+
+
+def test_loader_shape_mismatch_says_what_was_expected(trained_digits_net):
+    bad = TensorLoader(torch.randn(10, 3, 8, 8), torch.zeros(10, dtype=torch.long), 5)
+    with pytest.raises(DataError, match=r"shape \(5, 3, 8, 8\).*expected \(batch, 1, H, W\)"):
+        compress(trained_digits_net, bad, "tr", 2)
+
+
+def test_empty_loader(trained_digits_net):
+    with pytest.raises(DataError, match="empty"):
+        compress(trained_digits_net, [], "tr", 2)
+
+
+def test_nan_loss_stops_and_keeps_last_good_state(trained_digits_net, digits):
+    xtr, ytr, _, _ = digits
+    x = xtr.clone()
+    x[200:] = float("nan")  # the first batches are fine, then the loss turns NaN
+    with pytest.raises(TrainingError, match="became nan.*kept the last good state") as info:
+        compress(trained_digits_net, TensorLoader(x, ytr, 64), "tr", 2, epochs=2)
+    kept = info.value.model
+    with torch.no_grad():
+        assert torch.isfinite(kept(xtr[:10])).all()
+
+
+def test_config_object_and_target_forms():
+    assert CompressConfig(target="5x").target == 5.0
+    assert CompressConfig(target="5").target == 5.0
+    assert CompressConfig(target=5).target == 5.0
