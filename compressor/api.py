@@ -18,7 +18,7 @@ from torch import nn
 from . import graph
 from .config import CompressConfig
 from .errors import DataError, ModelError, TargetError
-from .graph import CompressionPlan, as_module, count_params, tn_layers
+from .graph import CompressionPlan, as_module, count_params, set_training, tn_layers
 from .io import META_ATTR
 from .layers import LAYER_KINDS
 from .tensornet import param_count, resolve_ranks
@@ -37,6 +37,7 @@ class LayerReport:
     final_ranks: list[int]
     params_before: int
     params_after: int
+    kept_dense: bool = False  # the learned factorization was not smaller than the dense layer
 
 
 @dataclass
@@ -72,7 +73,7 @@ class CompressResult:
 def evaluate(model: nn.Module, loader: Iterable) -> float:
     """Top-1 accuracy of ``model`` on a loader of ``(x, y)`` batches."""
     was_training = model.training
-    model.eval()
+    set_training(model, False)
     correct = seen = 0
     with torch.no_grad():
         for batch in loader:
@@ -82,7 +83,7 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
             out = run_model(model, x)
             correct += int((out.argmax(-1) == y).sum())
             seen += y.numel()
-    model.train(was_training)
+    set_training(model, was_training)
     if seen == 0:
         raise DataError("the evaluation loader is empty")
     return correct / seen
@@ -141,7 +142,8 @@ def _expected_input(module: nn.Module) -> str:
             return f"integer indices < {m.num_embeddings}"
     for node in getattr(getattr(module, "graph", None), "nodes", []):
         if node.op == "placeholder" and "val" in node.meta and hasattr(node.meta["val"], "shape"):
-            return str(tuple(node.meta["val"].shape))
+            dims = ["batch" if not isinstance(d, int) else str(d) for d in node.meta["val"].shape]
+            return "(" + ", ".join(dims) + ")"
     return "the model's input shape"
 
 
@@ -212,7 +214,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
         for lp in the_plan.layers:
             if lp.rank is None:
                 lp.rank = rank
-    teacher = copy.deepcopy(module).eval()
+    teacher = set_training(copy.deepcopy(module), False)
     has_labels, _ = check_batch(teacher, loader)
     dense_acc = evaluate(teacher, eval_loader) if eval_loader is not None else None
 
@@ -225,15 +227,20 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     layers = tn_layers(slim)
     reports = []
     for lp in the_plan.layers:
-        layer = layers[lp.name]
-        reports.append(LayerReport(lp.name, lp.kind, list(lp.shape), [list(lp.tensorization[0]), list(lp.tensorization[1])],
-                                   initial[lp.name], layer.ranks, lp.params_before, layer.param_count()))
+        tz = [list(lp.tensorization[0]), list(lp.tensorization[1])]
+        if lp.name in layers:
+            layer = layers[lp.name]
+            reports.append(LayerReport(lp.name, lp.kind, list(lp.shape), tz, initial[lp.name], layer.ranks,
+                                       lp.params_before, layer.param_count()))
+        else:
+            reports.append(LayerReport(lp.name, lp.kind, list(lp.shape), tz, initial[lp.name], [],
+                                       lp.params_before, lp.params_before, kept_dense=True))
     params = count_params(slim)
     setattr(slim, META_ATTR, {
         "source": the_plan.source,
         "dense_params": the_plan.dense_params,
         "attrs": {lp.name: {"weight_attr": lp.weight_attr, "bias_attr": lp.bias_attr}
-                  for lp in the_plan.layers if lp.weight_attr},
+                  for lp in the_plan.layers if lp.weight_attr and lp.name in layers},
         "extra": {"decomp": config.decomp, "target": config.target},
     })
     acc = history.epochs[-1]["eval_accuracy"] if history.epochs and eval_loader is not None else None

@@ -79,6 +79,20 @@ def as_module(model: Any) -> nn.Module:
     raise ModelError(f"expected an nn.Module or a torch.export program, got {type(model).__name__}")
 
 
+def set_training(module: nn.Module, mode: bool) -> nn.Module:
+    """``module.train(mode)``, also for torch.export modules that refuse it.
+
+    An exported graph has its train/eval behaviour baked in, but our factorized layers
+    inside it still need the flag (gates sample noise only in training).
+    """
+    try:
+        module.train(mode)
+    except NotImplementedError:
+        for sub in module.modules():
+            object.__setattr__(sub, "training", mode)
+    return module
+
+
 def is_graph_model(module: nn.Module) -> bool:
     """True for a GraphModule whose graph calls aten ops directly (a torch.export program)."""
     return isinstance(module, fx.GraphModule) and any(
@@ -346,6 +360,7 @@ def apply(model: Any, the_plan: CompressionPlan, config: CompressConfig,
             layer = build_layer(lp, source, config, gen)
             if not _module_name_free(module, lp):
                 lp.name = lp.name + "_tn"
+                module._compressor_renamed = getattr(module, "_compressor_renamed", ()) + (lp.name,)
             swap_in(module, lp, layer, graph=True)
         else:
             layer = build_layer(lp, module.get_submodule(lp.name), config, gen)

@@ -9,6 +9,7 @@ changed ranks never cause size-mismatch errors, and nothing is ever unpickled.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import tempfile
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError, ModelError
-from .graph import LayerPlan, as_module, count_params, swap_in, tn_layers
+from .graph import LayerPlan, as_module, count_params, set_training, swap_in, tn_layers
 from .layers import TNLayer
 
 FORMAT = "compressor.slim"
@@ -153,19 +154,21 @@ def load(path: str | os.PathLike, base: Any) -> nn.Module:
         raise CheckpointError(
             f"the checkpoint does not match the base architecture: missing {sorted(result.missing_keys)[:5]}, "
             f"unexpected {sorted(result.unexpected_keys)[:5]}")
-    return module.eval()
+    return set_training(module, False)
 
 
 def export_program(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a self-contained ``torch.export`` program of ``model`` with a dynamic batch."""
-    model = model.eval()
+    set_training(model, False)
     example = example.detach().clone()
     if example.shape[0] < 2:
         example = torch.cat([example, example], 0)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+    buffer = io.BytesIO()  # torch.export.save insists on a .pt2 name; our temp file has none
+    torch.export.save(program, buffer)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -88,6 +88,14 @@ class TNLayer(nn.Module):
                 ranks[int(key)] = max(1, gate.open_count())
         return ranks
 
+    def dense_param_count(self) -> int:
+        """Parameters of the dense layer this one stands for (weight + bias)."""
+        bias = getattr(self, "bias", None)
+        return math.prod(self.dense_shape()) + (bias.numel() if bias is not None else 0)
+
+    def dense_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
     def live_param_count(self) -> int:
         """What :meth:`param_count` will be after ``prune_()``."""
         bias = getattr(self, "bias", None)
@@ -230,6 +238,9 @@ class TNLinear(TNLayer):
         y = self._einsum(xb, *cores, shape_hint=hint).reshape(lead + (self.out_features,))
         return y + self.bias if self.bias is not None else y
 
+    def dense_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
     def to_dense(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         dtype=self.cores[0].dtype)
@@ -267,8 +278,8 @@ class TNConv2d(TNLayer):
         self.kernel_size = _pair(kernel_size)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.in_modes = _nontrivial(tn.check_modes(in_modes, in_channels, "input channels"))
-        self.out_modes = _nontrivial(tn.check_modes(out_modes, out_channels, "output channels"))
+        self.in_modes = _nontrivial(tn.check_modes(tuple(in_modes) or (1,), in_channels, "input channels"))
+        self.out_modes = _nontrivial(tn.check_modes(tuple(out_modes) or (1,), out_channels, "output channels"))
         spatial = _nontrivial((self.kernel_size[0] * self.kernel_size[1],))
         super().__init__(self.in_modes + spatial + self.out_modes, ranks, decomp, gated, sigma, dtype)
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=self.cores[0].dtype)) if bias else None
@@ -307,6 +318,9 @@ class TNConv2d(TNLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.kernel(), self.bias, self.stride, self.padding, self.dilation)
+
+    def dense_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels) + self.kernel_size
 
     def to_dense(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -403,6 +417,9 @@ class TNEmbedding(TNLayer):
         if self.padding_idx is not None:
             out = out * (flat != self.padding_idx).unsqueeze(-1).to(out.dtype)
         return out.reshape(idx.shape + (self.embedding_dim,))
+
+    def dense_shape(self) -> tuple[int, ...]:
+        return (self.num_embeddings, self.embedding_dim)
 
     def to_dense(self) -> nn.Embedding:
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,

@@ -107,7 +107,8 @@ def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: b
     fmt = detect_format(path)
     if fmt == "export":
         try:
-            return torch.export.load(str(path))
+            with open(path, "rb") as f:  # a file object: torch.export.load would complain about the name
+                return torch.export.load(f)
         except Exception as exc:
             raise ModelError(f"{path} looks like a torch.export program but cannot be loaded "
                              f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import CompressConfig
 from .errors import DataError, TrainingError
-from .graph import tn_layers
+from .graph import set_training, tn_layers
 from .layers import TNLayer
 
 
@@ -56,6 +56,7 @@ class TrainHistory:
     events: list[TrainEvent] = field(default_factory=list)
     frozen_at: int | None = None
     forced: bool = False
+    kept_dense: list[str] = field(default_factory=list)
     steps: int = 0
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -122,7 +123,9 @@ class SizeMeter:
         return tn_layers(self.model)
 
     def params(self) -> int:
-        return self.other + sum(layer.live_param_count() for layer in self.layers().values())
+        # A layer whose factorized form would not be smaller goes back to dense at pruning.
+        return self.other + sum(min(layer.live_param_count(), layer.dense_param_count())
+                                for layer in self.layers().values())
 
     def ratio(self) -> float:
         return self.dense / self.params()
@@ -252,8 +255,13 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
         return opt_w, opt_g
 
     def prune_all():
-        for layer in tn_layers(model).values():
+        for name, layer in tn_layers(model).items():
             layer.prune_()
+            if layer.param_count() >= layer.dense_param_count() and name not in renamed:
+                _replace(model, name, layer.to_dense())
+                history.kept_dense.append(name)
+
+    renamed = set(getattr(model, "_compressor_renamed", ()))
 
     if frozen:
         prune_all()
@@ -261,7 +269,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
     emit(TrainEvent("start", 0, total, 0, ratio=r0, lam=lam, frozen=frozen))
 
     if teacher is not None:
-        teacher.eval()
+        set_training(teacher, False)
     good_state = copy.deepcopy(model.state_dict())
     good_step = 0
     step = 0
@@ -273,7 +281,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
     epoch = 0
     while step < total:
         epoch += 1
-        model.train()
+        set_training(model, True)
         ep_correct = ep_seen = 0
         for batch in loader:
             if step >= total:
@@ -363,9 +371,14 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
         history.frozen_at = step
     prune_all()
     history.steps = step
-    model.eval()
+    set_training(model, False)
     emit(TrainEvent("end", step, total, epoch, ratio=meter.ratio(), frozen=True))
     return model, history
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 
 
 def _same_keys(model: nn.Module, state: dict) -> bool:

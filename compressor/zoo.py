@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LeNet5", "lenet5"]
+__all__ = ["DigitsNet", "LeNet5", "digits_net", "lenet5"]
 
 
 class LeNet5(nn.Module):
@@ -44,3 +44,25 @@ class LeNet5(nn.Module):
 def lenet5() -> LeNet5:
     """A freshly initialised :class:`LeNet5` (10 classes); the ``--arch`` factory."""
     return LeNet5()
+
+
+class DigitsNet(nn.Module):
+    """A small CNN for scikit-learn's 8x8 digits, used by tests and quick demos.
+
+    One tiny conv (too small to gain, stays dense) and two Linear layers (512->96->10).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 64, 96)
+        self.fc2 = nn.Linear(96, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def digits_net() -> DigitsNet:
+    """A freshly initialised :class:`DigitsNet`; the ``--arch compressor.zoo:digits_net`` factory."""
+    return DigitsNet()

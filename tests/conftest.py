@@ -3,20 +3,7 @@ import torch
 from torch import nn
 
 from compressor.data import TensorLoader, load_digits_data, split_holdout
-
-
-class DigitsNet(nn.Module):
-    """A small CNN for 8x8 digits: one tiny conv (stays dense), two Linear layers."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 8, 3, padding=1)
-        self.fc1 = nn.Linear(8 * 64, 96)
-        self.fc2 = nn.Linear(96, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv(x)).flatten(1)
-        return self.fc2(torch.relu(self.fc1(x)))
+from compressor.zoo import DigitsNet
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from compressor.errors import CompressorError, DataError, ModelError, TargetErro
 from compressor.graph import tn_layers
 from compressor.layers import TNLayer
 
-from conftest import DigitsNet
+from compressor.zoo import DigitsNet
 
 FAST = dict(epochs=4, seed=0)
 
@@ -172,3 +172,15 @@ def test_config_object_and_target_forms():
     assert CompressConfig(target="5x").target == 5.0
     assert CompressConfig(target="5").target == 5.0
     assert CompressConfig(target=5).target == 5.0
+
+
+def test_layer_whose_factorization_is_not_smaller_goes_back_to_dense(trained_digits_net, digits, tmp_path):
+    xtr, ytr, xte, yte = digits
+    res = compress(trained_digits_net, TensorLoader(xtr, ytr, 64), "tr", 3, min_params=0,
+                   layer_ranks={"fc2": 64}, max_steps=40)
+    fc2 = next(l for l in res.report.layers if l.name == "fc2")
+    assert fc2.kept_dense and fc2.params_after == fc2.params_before == 970
+    assert isinstance(res.model.fc2, nn.Linear)
+    back = load(save(res.model, tmp_path / "m.safetensors"), base=DigitsNet)
+    with torch.no_grad():
+        assert (back(xte[:9]) - res.model(xte[:9])).abs().max() <= 1e-5

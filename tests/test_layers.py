@@ -109,10 +109,17 @@ def test_gradients_reach_cores_and_gates(decomp):
     assert all(g.mu.grad is not None and g.mu.grad.abs().sum() > 0 for g in layer.gates.values())
 
 
-def test_expected_param_count_at_open_gates_is_close_to_real():
+def test_expected_param_count_matches_independent_formula():
+    import math
+
     layer = TNLinear.from_dense(nn.Linear(60, 24), "tr", 4)
-    # Phi(1.5 / 0.5) = 0.99865 per slice
-    assert abs(float(layer.expected_param_count().detach()) - layer.param_count() + 24) / layer.param_count() < 0.01
+    with torch.no_grad():
+        for g in layer.gates.values():
+            g.mu.copy_(torch.linspace(-1, 1.5, g.mu.numel()))
+    phi = lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2)))
+    e = [sum(phi(float(m) / 0.5) for m in layer.gates[str(k)].mu) for k in range(len(layer.modes))]
+    ref = sum(e[k - 1] * layer.modes[k] * e[k] for k in range(len(layer.modes)))
+    assert abs(float(layer.expected_param_count().detach()) - ref) < 1e-3
 
 
 def test_spec_round_trip_rebuilds_same_structure():

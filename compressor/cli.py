@@ -1,0 +1,377 @@
+"""The ``compress`` command: a thin click shell over the Python API, with rich output.
+
+    compress MODEL --decomp tr --target 5x --data DATA -o slim.safetensors
+    compress inspect slim.safetensors
+    compress eval slim.safetensors --data DATA
+
+Every user mistake ends as ``error: <one line>`` on stderr with exit code 2, before any
+output file exists; outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import CompressorError, DataError, ModelError
+
+err_console = Console(stderr=True)
+
+# torch.export programs warn about a pytree API change when copied; nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+out_console = Console()
+
+
+class UserError(click.ClickException):
+    """Printed as ``error: message`` with exit code 2 (bad input, not a bug)."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:  # noqa: D102 - click API
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class DefaultGroup(click.Group):
+    """``compress MODEL ...`` runs the main command; ``compress inspect|eval ...`` the others.
+
+    Usage mistakes (a bad option value, a missing argument) are reported like every other
+    user error: one ``error:`` line on stderr, exit code 2, no usage dump or traceback.
+    """
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run"] + list(args)
+        return super().parse_args(ctx, args)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+
+
+def _fail(exc: BaseException) -> None:
+    raise UserError(str(exc)) from None
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="compressor")
+def main() -> None:
+    """Shrink a trained PyTorch model with tensor-ring/train cores whose ranks are learned.
+
+    \b
+    compress MODEL --decomp tr --target 20x --data fashion-mnist -o slim.safetensors
+    compress inspect slim.safetensors
+    compress eval slim.safetensors --data fashion-mnist
+
+    Run `compress run --help` for every option of the main command.
+    """
+
+
+# ------------------------------------------------------------------ helpers
+def _load_data(spec: str, eval_spec: str | None) -> dict[str, Any]:
+    from .data import load_tensor_file, resolve_data
+
+    data = resolve_data(spec)
+    if eval_spec:
+        x, y = load_tensor_file(eval_spec)
+        data["test"] = (x, y)
+    return data
+
+
+class ProgressView:
+    """Draws the fine-tuning progress bar; starts on the first event, so validation errors
+    print alone, and closes itself at the end."""
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[phase]}"), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("ratio {task.fields[ratio]}"), TextColumn("acc {task.fields[acc]}"),
+               TextColumn("test {task.fields[test]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress: Progress | None = None
+        self.callback = None
+
+    def __call__(self, event) -> None:
+        if self.progress is None:
+            self.progress = Progress(*self.columns, console=self.console, transient=False)
+            self.progress.start()
+            task = self.progress.add_task("fine-tuning", total=None, phase="", loss="-", ratio="-", acc="-", test="-")
+            self.callback = _progress_callback(self.progress, task)
+        self.callback(event)
+        if event.kind == "end":
+            self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _progress_callback(progress: Progress, task_id):
+    def callback(event) -> None:
+        fields = {}
+        if event.kind in ("step", "epoch", "freeze", "force", "end", "start"):
+            if event.ratio == event.ratio:
+                fields["ratio"] = f"{event.ratio:5.2f}x"
+            if event.kind == "step":
+                fields["loss"] = f"{event.task_loss:.3f}"
+                if event.accuracy is not None:
+                    fields["acc"] = f"{100 * event.accuracy:.1f}%"
+            if event.kind == "epoch" and event.eval_accuracy is not None:
+                fields["test"] = f"{100 * event.eval_accuracy:.2f}%"
+            fields["phase"] = "weights" if event.frozen else "gates+weights"
+            progress.update(task_id, total=event.total_steps or None, completed=event.step, **fields)
+        if event.kind in ("freeze", "force", "epoch"):
+            msg = {
+                "freeze": f"target reached at step {event.step}: gates frozen, slices pruned ({event.ratio:.2f}x)",
+                "force": f"step {event.step}: {event.message} ({event.ratio:.2f}x)",
+                "epoch": f"epoch {event.epoch}: ratio {event.ratio:.2f}x"
+                         + (f", test accuracy {100 * event.eval_accuracy:.2f}%" if event.eval_accuracy is not None else ""),
+            }[event.kind]
+            progress.console.log(msg)
+    return callback
+
+
+def _fmt_ranks(r: list[int]) -> str:
+    return "(" + ",".join(str(x) for x in r) + ")"
+
+
+def report_table(report) -> Table:
+    t = Table(title=f"compressed with {report.decomp.upper()} — whole model {report.dense_params:,} → "
+                    f"{report.params:,} parameters = {report.ratio:.2f}x", title_justify="left")
+    for col in ("layer", "kind", "shape", "tensorization", "ranks initial → final", "params before → after"):
+        t.add_column(col, overflow="fold")
+    for l in report.layers:
+        tz = " × ".join(_fmt_ranks(m) for m in l.tensorization)
+        if l.kept_dense:
+            t.add_row(l.name, l.kind, "×".join(map(str, l.shape)), tz,
+                      f"{_fmt_ranks(l.initial_ranks)} → dense (factorized was not smaller)",
+                      f"{l.params_before:,} → {l.params_after:,}")
+            continue
+        t.add_row(l.name, l.kind, "×".join(map(str, l.shape)), tz,
+                  f"{_fmt_ranks(l.initial_ranks)} → {_fmt_ranks(l.final_ranks)}",
+                  f"{l.params_before:,} → {l.params_after:,} ({l.params_before / l.params_after:.1f}x)")
+    for s in report.skipped:
+        t.add_row(s["name"], s["kind"], "", "", "[dim]dense: " + s["reason"] + "[/dim]", "")
+    return t
+
+
+# ------------------------------------------------------------------ compress MODEL
+@main.command("run")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--decomp", default="tr", show_default=True, help="tr (tensor ring) or tt (tensor train)")
+@click.option("--target", required=True, help="compression ratio of the whole model, e.g. 5x (dense params / compressed params)")
+@click.option("--data", "data_spec", required=True,
+              help="fashion-mnist[:DIR], digits, or a .safetensors file with 'inputs' (and optional 'labels')")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None, help=".safetensors with held-out inputs/labels")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="slim checkpoint to write (default: MODEL name + .slim.safetensors)")
+@click.option("--arch", default=None, help="package.module:factory building the architecture for a state-dict MODEL")
+@click.option("--trust-pickle", is_flag=True, help="allow MODEL to be a pickled module (runs code from the file!)")
+@click.option("--epochs", type=int, default=None, help="fine-tuning epochs (default: chosen from the data size)")
+@click.option("--lambda", "lam", type=float, default=None, help="initial l0 penalty weight (default: calibrated)")
+@click.option("--sigma", type=float, default=0.5, show_default=True, help="gate noise std")
+@click.option("--rank", type=int, default=None, help="initial rank (default: chosen from the target)")
+@click.option("--lr", type=float, default=None, help="learning rate of the weights (default 1e-3)")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="overwrite an existing output file")
+@click.option("--export-pt2", is_flag=True, help="also write the slim model as a torch.export program (OUT.pt2)")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG with learned ranks and training curves")
+@click.option("--report-json", type=click.Path(path_type=Path), default=None, help="write the full report as JSON")
+def run(model: Path, decomp: str, target: str, data_spec: str, eval_data: Path | None, output: Path | None,
+        arch: str | None, trust_pickle: bool, epochs: int | None, lam: float | None, sigma: float, rank: int | None,
+        lr: float | None, batch_size: int, seed: int, force: bool, export_pt2: bool, plot: Path | None,
+        report_json: Path | None) -> None:
+    """Compress MODEL to --target and write a slim safetensors checkpoint."""
+    from .api import compress
+    from .config import CompressConfig
+    from .data import TensorLoader
+    from .io import export_program, save
+    from .modelio import load_model
+
+    try:
+        config = CompressConfig(target=target, decomp=decomp, epochs=epochs, lam=lam, sigma=sigma, rank=rank, lr=lr,
+                                seed=seed)
+        if batch_size <= 0:
+            raise DataError(f"--batch-size must be positive, got {batch_size}")
+        output = output or Path(model.name.split(".")[0] + ".slim.safetensors")
+        outputs = [output] + ([output.with_suffix(".pt2")] if export_pt2 else []) + ([plot] if plot else [])
+        for out in outputs:
+            if model.exists() and out.resolve() == model.resolve():
+                raise ModelError(f"output {out} is the input model; choose another -o path")
+            if out.exists() and not force:
+                raise ModelError(f"{out} already exists; pass --force to overwrite it")
+            if out.exists() and out.is_dir():
+                raise ModelError(f"{out} is a directory")
+        if plot:
+            from .plot import check_available
+
+            check_available()
+        original = load_model(model, arch=arch, trust_pickle=trust_pickle)
+        data = _load_data(data_spec, str(eval_data) if eval_data else None)
+        xtr, ytr = data["train"]
+        xte, yte = data["test"]
+        train = TensorLoader(xtr, ytr, batch_size, shuffle=True, seed=seed)
+        test = TensorLoader(xte, yte, 512) if yte is not None else None
+        view = ProgressView(err_console)
+        try:
+            result = compress(original, train, config=config, eval_loader=test, callback=view)
+        finally:
+            view.close()
+        rep = result.report
+        extra = {"arch": arch} if arch else {}
+        save(result.model, output, extra={**extra, "report": {"accuracy": rep.accuracy, "dense_accuracy": rep.dense_accuracy}})
+        written = [output]
+        if export_pt2:
+            export_program(result.model, xte[:8], output.with_suffix(".pt2"))
+            written.append(output.with_suffix(".pt2"))
+        if plot:
+            from .plot import plot_run
+
+            plot_run(rep, plot)
+            written.append(plot)
+        if report_json:
+            report_json.write_text(json.dumps(rep.to_dict(), indent=2))
+            written.append(report_json)
+    except CompressorError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    out_console.print(report_table(rep))
+    if rep.accuracy is not None:
+        out_console.print(f"test accuracy: dense {100 * rep.dense_accuracy:.2f}% → compressed {100 * rep.accuracy:.2f}%"
+                          f" ({100 * (rep.accuracy - rep.dense_accuracy):+.2f} points)")
+    out_console.print(f"ratio {rep.ratio:.2f}x (target {rep.target:g}x) in {rep.seconds:.0f} s"
+                      + (" — the controller closed extra slices to meet the target" if rep.forced else ""))
+    for w in written:
+        out_console.print(f"wrote {w} ({w.stat().st_size:,} bytes)")
+
+
+# ------------------------------------------------------------------ inspect
+@main.command("inspect")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the metadata as JSON")
+def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
+    """Per-layer ranks, sizes and the whole-model ratio of a slim CHECKPOINT."""
+    from safetensors.torch import load_file
+
+    from .io import read_metadata
+    from .tensornet import param_count
+
+    try:
+        meta = read_metadata(checkpoint)
+        try:
+            tensors = load_file(str(checkpoint))
+        except Exception as exc:
+            raise ModelError(f"{checkpoint} is truncated or corrupted ({str(exc).strip()[:200]})") from None
+    except CompressorError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in meta.items() if k != "tensor_names"}, indent=2))
+        return
+    params = sum(t.numel() for t in tensors.values())
+    dense = meta.get("dense_params")
+    t = Table(title=f"{checkpoint} — {params:,} parameters"
+                    + (f", dense {dense:,} → {dense / params:.2f}x" if dense else ""), title_justify="left")
+    for col in ("layer", "kind", "decomp", "modes", "ranks", "params"):
+        t.add_column(col)
+    for name, entry in meta["layers"].items():
+        s = entry["spec"]
+        modes = [m for key in ("in_modes", "vocab_modes") if key in s for m in s[key]]
+        if s["kind"] == "conv2d":
+            k = s["kernel_size"][0] * s["kernel_size"][1]
+            modes += [k] if k > 1 else []
+        modes += [m for key in ("out_modes", "dim_modes") if key in s for m in s[key]]
+        n = param_count(modes, s["ranks"])
+        t.add_row(name, s["kind"], s["decomp"], _fmt_ranks(modes), _fmt_ranks(s["ranks"]), f"{n:,}")
+    out_console.print(t)
+    acc = meta.get("extra", {}).get("report", {}).get("accuracy")
+    if acc is not None:
+        out_console.print(f"test accuracy at compression time: {100 * acc:.2f}%")
+
+
+# ------------------------------------------------------------------ eval
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", "data_spec", required=True, help="fashion-mnist[:DIR], digits, or a .safetensors file")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="the original model file (to rebuild the architecture and compare outputs)")
+@click.option("--arch", default=None, help="package.module:factory (when --base is a state dict, or no --base)")
+@click.option("--trust-pickle", is_flag=True, help="allow --base to be a pickled module")
+@click.option("--batch-size", type=int, default=512, show_default=True)
+def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | None, trust_pickle: bool,
+             batch_size: int) -> None:
+    """Accuracy of CHECKPOINT on the test split of DATA, and fidelity to the original model."""
+    from .api import evaluate
+    from .data import TensorLoader
+    from .graph import as_module, set_training
+    from .io import load, read_metadata
+    from .modelio import import_arch, load_model
+
+    try:
+        meta = read_metadata(checkpoint)
+        arch = arch or meta.get("extra", {}).get("arch")
+        if base is not None:
+            original = load_model(base, arch=arch, trust_pickle=trust_pickle)
+        elif arch:
+            original = None
+        else:
+            raise ModelError("say which architecture the checkpoint belongs to: --base ORIGINAL_MODEL or --arch")
+        slim = load(checkpoint, base=original if original is not None else (lambda: import_arch(arch)))
+        data = _load_data(data_spec, None)
+        x, y = data["test"]
+        loader = TensorLoader(x, y, batch_size)
+        t0 = time.perf_counter()
+        rows = []
+        if y is not None:
+            rows.append(("accuracy (compressed)", f"{100 * evaluate(slim, loader):.2f}%"))
+        if original is not None:
+            ref = set_training(as_module(original), False)
+            agree = n = 0
+            worst = 0.0
+            with torch.no_grad():
+                for xb in TensorLoader(x, None, batch_size):
+                    a, b = slim(xb), ref(xb)
+                    agree += int((a.argmax(-1) == b.argmax(-1)).sum()) if a.dim() == 2 else 0
+                    n += xb.shape[0]
+                    worst = max(worst, float((a - b).abs().max()))
+            if y is not None:
+                rows.append(("accuracy (original)", f"{100 * evaluate(ref, loader):.2f}%"))
+            rows.append(("top-1 agreement with original", f"{100 * agree / n:.2f}%"))
+            rows.append(("max |logit difference|", f"{worst:.4f}"))
+    except CompressorError as exc:
+        _fail(exc)
+    t = Table(title=f"{checkpoint} on {data_spec} ({x.shape[0]:,} samples, {time.perf_counter() - t0:.1f} s)",
+              title_justify="left")
+    t.add_column("metric")
+    t.add_column("value")
+    for r in rows:
+        t.add_row(*r)
+    out_console.print(t)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
