@@ -99,26 +99,47 @@ def min_params(the_plan: CompressionPlan, decomp: str) -> int:
     return total
 
 
-RANK_LADDER = (16, 20, 25, 32, 40, 48, 64)
+RANK_LADDER = (4, 6, 8, 12, 16, 20, 25, 32, 40, 48, 64)
 
 
-def planned_params(the_plan: CompressionPlan, rank: int | None, decomp: str) -> int:
-    """Model size if every planned layer starts at ``rank`` (layer overrides respected)."""
+def layer_params(lp, rank, decomp: str) -> int:
+    modes = _modes(lp)
+    return param_count(modes, resolve_ranks(rank, modes, decomp)) + lp.params_before - _weight_numel(lp.shape)
+
+
+def layer_rank_cap(lp, decomp: str) -> int:
+    """Largest ladder rank whose factorization is no bigger than the dense layer.
+
+    Starting bigger than dense only costs time: those parameters would all have to be
+    pruned again before the layer saves anything.
+    """
+    fitting = [r for r in RANK_LADDER if layer_params(lp, r, decomp) <= lp.params_before]
+    return fitting[-1] if fitting else RANK_LADDER[0]
+
+
+def planned_params(the_plan: CompressionPlan, rank: int, decomp: str) -> int:
+    """Model size if every planned layer starts at ``rank`` (capped per layer)."""
     total = the_plan.dense_params
     for lp in the_plan.layers:
-        modes = _modes(lp)
-        r = lp.rank if lp.rank is not None else rank
-        bias = lp.params_before - _weight_numel(lp.shape)
-        total += param_count(modes, resolve_ranks(r, modes, decomp)) + bias - lp.params_before
+        r = lp.rank if lp.rank is not None else min(rank, layer_rank_cap(lp, decomp))
+        total += layer_params(lp, r, decomp) - lp.params_before
     return total
 
 
-def choose_rank(the_plan: CompressionPlan, target: float, decomp: str) -> int:
-    """Smallest generous rank whose starting model is at most half the target ratio."""
-    for r in RANK_LADDER:
+def choose_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> None:
+    """Give every layer without an explicit rank a generous starting rank.
+
+    Generous means: the whole model starts at no more than half the target ratio (the
+    gates then choose which half to drop), but no layer starts bigger than it was.
+    """
+    chosen = RANK_LADDER[-1]
+    for r in RANK_LADDER[4:]:  # at least 16
         if the_plan.dense_params / planned_params(the_plan, r, decomp) <= target / 2:
-            return r
-    return RANK_LADDER[-1]
+            chosen = r
+            break
+    for lp in the_plan.layers:
+        if lp.rank is None:
+            lp.rank = min(chosen, layer_rank_cap(lp, decomp))
 
 
 def _weight_numel(shape) -> int:
@@ -210,10 +231,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
             f"target {config.target:g}x is more than this model can give: at most {best:.1f}x with every factorized "
             f"bond at rank 1 ({smallest} of {the_plan.dense_params} parameters remain)")
     if config.rank is None:
-        rank = choose_rank(the_plan, config.target, config.decomp)
-        for lp in the_plan.layers:
-            if lp.rank is None:
-                lp.rank = rank
+        choose_ranks(the_plan, config.target, config.decomp)
     teacher = set_training(copy.deepcopy(module), False)
     has_labels, _ = check_batch(teacher, loader)
     dense_acc = evaluate(teacher, eval_loader) if eval_loader is not None else None
