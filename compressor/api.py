@@ -18,10 +18,9 @@ from torch import nn
 from . import graph
 from .config import CompressConfig
 from .errors import DataError, ModelError, TargetError
-from .graph import CompressionPlan, as_module, count_params, set_training, tn_layers
+from .graph import CompressionPlan, as_module, count_params, layer_size, set_training, tn_layers
 from .io import META_ATTR
 from .layers import LAYER_KINDS
-from .tensornet import param_count, resolve_ranks
 from .train import TrainEvent, TrainHistory, finetune, run_model, split_batch
 
 log = logging.getLogger(__name__)
@@ -91,20 +90,11 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
 
 def min_params(the_plan: CompressionPlan, decomp: str) -> int:
     """Smallest size reachable: every factorized bond at rank 1, everything else dense."""
-    total = the_plan.dense_params
-    for lp in the_plan.layers:
-        bias = lp.params_before - _weight_numel(lp.shape)
-        modes = _modes(lp)
-        total += param_count(modes, [1] * len(modes)) + bias - lp.params_before
-    return total
+    return the_plan.dense_params + sum(min(layer_size(lp, 1, decomp), lp.params_before) - lp.params_before
+                                       for lp in the_plan.layers)
 
 
 RANK_LADDER = (4, 6, 8, 12, 16, 20, 25, 32, 40, 48, 64)
-
-
-def layer_params(lp, rank, decomp: str) -> int:
-    modes = _modes(lp)
-    return param_count(modes, resolve_ranks(rank, modes, decomp)) + lp.params_before - _weight_numel(lp.shape)
 
 
 def layer_rank_cap(lp, decomp: str) -> int:
@@ -113,7 +103,7 @@ def layer_rank_cap(lp, decomp: str) -> int:
     Starting bigger than dense only costs time: those parameters would all have to be
     pruned again before the layer saves anything.
     """
-    fitting = [r for r in RANK_LADDER if layer_params(lp, r, decomp) <= lp.params_before]
+    fitting = [r for r in RANK_LADDER if layer_size(lp, r, decomp) <= lp.params_before]
     return fitting[-1] if fitting else RANK_LADDER[0]
 
 
@@ -122,7 +112,7 @@ def planned_params(the_plan: CompressionPlan, rank: int, decomp: str) -> int:
     total = the_plan.dense_params
     for lp in the_plan.layers:
         r = lp.rank if lp.rank is not None else min(rank, layer_rank_cap(lp, decomp))
-        total += layer_params(lp, r, decomp) - lp.params_before
+        total += layer_size(lp, r, decomp) - lp.params_before
     return total
 
 
@@ -140,17 +130,6 @@ def choose_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> None:
     for lp in the_plan.layers:
         if lp.rank is None:
             lp.rank = min(chosen, layer_rank_cap(lp, decomp))
-
-
-def _weight_numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _modes(lp) -> tuple[int, ...]:
-    return graph._modes_of(lp.kind, lp.shape, lp.tensorization)
 
 
 def _expected_input(module: nn.Module) -> str:
@@ -230,8 +209,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
         raise TargetError(
             f"target {config.target:g}x is more than this model can give: at most {best:.1f}x with every factorized "
             f"bond at rank 1 ({smallest} of {the_plan.dense_params} parameters remain)")
-    if config.rank is None:
-        choose_ranks(the_plan, config.target, config.decomp)
+    select_ranks(the_plan, module, config)
     teacher = set_training(copy.deepcopy(module), False)
     has_labels, _ = check_batch(teacher, loader)
     dense_acc = evaluate(teacher, eval_loader) if eval_loader is not None else None
@@ -269,6 +247,23 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                     [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
                     dense_acc, acc, time.perf_counter() - started, history.steps, history.forced, history.epochs)
     return CompressResult(slim, report, history)
+
+
+def select_ranks(the_plan: CompressionPlan, module: nn.Module, config: CompressConfig) -> None:
+    """Fill in each planned layer's starting ranks according to ``config.rank_select``."""
+    from . import selectors
+
+    sel = config.rank_select
+    if sel == "svd":
+        selectors.svd_layout(the_plan)
+        for lp in the_plan.layers:
+            lp.decomp = "tt"
+    if sel in ("uniform",):
+        selectors.uniform_ranks(the_plan, config.target, config.decomp)
+    elif sel in ("energy", "svd"):
+        selectors.energy_ranks(the_plan, module, config.target, config.decomp)
+    elif config.rank is None:
+        choose_ranks(the_plan, config.target, config.decomp)
 
 
 def asdict_shallow(config: CompressConfig) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from torch import nn
 from .errors import ConfigError, TargetError
 from .tensornet import DECOMPS
 
-RANK_SELECTORS = ("l0",)
+RANK_SELECTORS = ("l0", "uniform", "energy", "reinforce", "svd")
 PENALTIES = ("params", "count")
 DISTILL_LOSSES = ("auto", "kl", "mse")
 
@@ -56,6 +56,9 @@ class CompressConfig:
         ratio, so the gates always have room to choose.
     sigma: gate noise std (METHOD.md: 0.5 works best).
     lam: weight of the l0 penalty at the start; the target controller adapts it.
+    rank_select: ``"l0"`` (learned gates, the method), or a baseline: ``"uniform"`` (one rank
+        for all), ``"energy"`` (singular-value energy), ``"svd"`` (two low-rank factors per
+        weight), ``"reinforce"`` (Bernoulli gates trained by REINFORCE, M samples per step).
     penalty: ``"params"`` weighs each slice by the parameters it costs (aims straight at a
         size target); ``"count"`` is the paper's plain sum of Phi(mu/sigma).
     epochs: total fine-tuning epochs (gate phase + weight-only phase).
@@ -78,6 +81,7 @@ class CompressConfig:
     lam: float | None = None
     penalty: str = "params"
     rank_select: str = "l0"
+    reinforce_samples: int = 5
     epochs: int | None = None
     max_steps: int | None = None
     gate_fraction: float = 0.5

@@ -74,3 +74,61 @@ class L0Gate(nn.Module):
         """Shut one slice for good (used by the target controller)."""
         with torch.no_grad():
             self.mu[index] = -1.0
+
+
+class BernoulliGate(nn.Module):
+    """REINFORCE baseline gate (supplementary section 2.1): true Bernoulli slices.
+
+    pi = clamp(mu, 0, 1) starts at 0.55; training samples z ~ Bern(pi) (no gradient through
+    z, the score-function estimator supplies it via :meth:`log_prob`); evaluation rounds,
+    z = [pi >= 0.5].  Offered to compare against, not as a default.
+    """
+
+    def __init__(self, size: int, pi_init: float = 0.55, dtype=None):
+        super().__init__()
+        if size <= 0:
+            raise ConfigError(f"gate size must be positive, got {size}")
+        self.mu = nn.Parameter(torch.full((size,), float(pi_init), dtype=dtype or torch.get_default_dtype()))
+        self.frozen = False
+        self.last_z: torch.Tensor | None = None
+
+    def probs(self) -> torch.Tensor:
+        return self.mu.clamp(0.0, 1.0)
+
+    def eval_value(self) -> torch.Tensor:
+        return (self.mu.detach() >= 0.5).to(self.mu.dtype)
+
+    def forward(self) -> torch.Tensor:
+        if self.training and not self.frozen:
+            z = torch.bernoulli(self.probs().detach())
+            self.last_z = z
+            return z
+        return self.eval_value()
+
+    def log_prob(self) -> torch.Tensor:
+        """log P(last sampled z) under the current pi (differentiable in mu)."""
+        if self.last_z is None:
+            return torch.zeros((), dtype=self.mu.dtype)
+        p = self.mu.clamp(1e-4, 1 - 1e-4)
+        z = self.last_z
+        return (z * torch.log(p) + (1 - z) * torch.log1p(-p)).sum()
+
+    def open_probability(self) -> torch.Tensor:
+        return self.probs()
+
+    def penalty(self) -> torch.Tensor:
+        return self.probs().sum()
+
+    def open_mask(self) -> torch.Tensor:
+        return self.mu.detach() >= 0.5
+
+    def open_count(self) -> int:
+        return int(self.open_mask().sum())
+
+    def freeze(self) -> None:
+        self.frozen = True
+        self.mu.requires_grad_(False)
+
+    def close(self, index: int) -> None:
+        with torch.no_grad():
+            self.mu[index] = 0.0

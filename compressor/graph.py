@@ -52,6 +52,8 @@ class LayerPlan:
     params_before: int  # weight + bias
     weight_attr: str | None = None  # graph source: the parameter the aten call reads
     bias_attr: str | None = None
+    merge_spatial: bool = False  # conv only: one (C_in*kh*kw) mode instead of a spatial core
+    decomp: str | None = None  # None: the run's decomposition
 
 
 @dataclass
@@ -220,9 +222,31 @@ def _tensorization(cand: _Candidate, config: CompressConfig) -> tuple[tuple[int,
     return tn.factorize(dims[0]), tn.factorize(dims[1])
 
 
-def _modes_of(kind: str, shape: tuple[int, ...], tz: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[int, ...]:
-    spatial = (math.prod(shape[2:]),) if kind == "conv2d" else ()
-    return tuple(m for m in tz[0] + spatial + tz[1] if m > 1)
+def _modes_of(kind: str, shape: tuple[int, ...], tz: tuple[tuple[int, ...], tuple[int, ...]],
+              merge_spatial: bool = False) -> tuple[int, ...]:
+    if kind == "conv2d":
+        from .layers import conv_modes
+
+        return conv_modes(tz[0], math.prod(shape[2:]), tz[1], merge_spatial)
+    return tuple(m for m in tz[0] + tz[1] if m > 1)
+
+
+def plan_modes(lp: LayerPlan) -> tuple[int, ...]:
+    """Core modes the planned layer will have."""
+    return _modes_of(lp.kind, lp.shape, lp.tensorization, lp.merge_spatial)
+
+
+def layer_size(lp: LayerPlan, ranks: Any, decomp: str) -> int:
+    """Parameters of the planned layer at ``ranks`` (an int or bond list), bias included."""
+    modes = plan_modes(lp)
+    return tn.param_count(modes, tn.resolve_ranks(ranks, modes, lp.decomp or decomp)) + lp.params_before - math.prod(lp.shape)
+
+
+def layer_weight(module: nn.Module, lp: LayerPlan) -> torch.Tensor:
+    """The dense weight a planned layer starts from (module or graph attribute)."""
+    if lp.weight_attr:
+        return _get_attr(module, lp.weight_attr)
+    return module.get_submodule(lp.name).weight
 
 
 def plan(model: Any, config: CompressConfig) -> CompressionPlan:
@@ -335,8 +359,14 @@ def _module_name_free(gm: nn.Module, lp: LayerPlan) -> bool:
 def build_layer(lp: LayerPlan, source_module: nn.Module | None, config: CompressConfig,
                 generator: torch.Generator | None) -> TNLayer:
     cls = {"linear": REPLACEMENTS[nn.Linear], "conv2d": TNConv2d, "embedding": TNEmbedding}[lp.kind]
-    return cls.from_dense(source_module, config.decomp, lp.rank, lp.tensorization, gated=True,
-                          sigma=config.sigma, generator=generator)
+    extra = {"merge_spatial": True} if lp.merge_spatial else {}
+    layer = cls.from_dense(source_module, lp.decomp or config.decomp, lp.rank, lp.tensorization, gated=True,
+                           sigma=config.sigma, generator=generator, **extra)
+    if config.rank_select == "reinforce":
+        from .gates import BernoulliGate
+
+        layer.set_gates_(lambda size: BernoulliGate(size, dtype=layer.cores[0].dtype))
+    return layer
 
 
 def apply(model: Any, the_plan: CompressionPlan, config: CompressConfig,

@@ -157,6 +157,11 @@ class TNLayer(nn.Module):
         self.gates = None
         return self
 
+    def set_gates_(self, make_gate) -> "TNLayer":
+        """Replace every gate by ``make_gate(size)`` (e.g. REINFORCE's Bernoulli gates)."""
+        self.gates = nn.ModuleDict({str(k): make_gate(r) for k, r in self._gated_bonds(self.ranks)})
+        return self
+
     def add_gates_(self, sigma: float | None = None) -> "TNLayer":
         """Put fresh, fully open gates on an ungated layer (e.g. one rebuilt from a checkpoint)."""
         if sigma is not None:
@@ -179,6 +184,23 @@ class TNLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"decomp={self.decomp}, modes={self.modes}, ranks={self.ranks}, gated={self.gated}"
+
+
+def weight_tensor(kind: str, weight: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """The dense weight laid out as (input side..., output side) like the cores expect.
+
+    Linear: W^T (in x out); Conv2d: (in, kh*kw, out); Embedding: (V, D), zero-padded to
+    ``rows`` vocabulary rows.
+    """
+    w = weight.detach()
+    if kind == "linear":
+        return w.T
+    if kind == "conv2d":
+        c_out, c_in = w.shape[:2]
+        return w.reshape(c_out, c_in, -1).permute(1, 2, 0)
+    if rows is not None and rows > w.shape[0]:
+        w = torch.cat([w, torch.zeros(rows - w.shape[0], w.shape[1], dtype=w.dtype)], dim=0)
+    return w
 
 
 def _init_cores(layer: TNLayer, tensor: torch.Tensor, generator: torch.Generator | None) -> None:
@@ -221,7 +243,7 @@ class TNLinear(TNLayer):
         ranks = _resolve(in_modes + out_modes, decomp, rank)
         layer = cls(in_f, out_f, in_modes, out_modes, ranks, decomp, module.bias is not None, gated, sigma,
                     dtype=module.weight.dtype)
-        _init_cores(layer, module.weight.detach().T, generator)
+        _init_cores(layer, weight_tensor("linear", module.weight), generator)
         if module.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(module.bias)
@@ -262,6 +284,18 @@ class TNLinear(TNLayer):
                    s["bias"], gated=False, sigma=s.get("sigma", 0.5))
 
 
+def conv_modes(in_modes: Sequence[int], k: int, out_modes: Sequence[int], merge_spatial: bool) -> tuple[int, ...]:
+    """Core modes of a conv kernel: (in..., kh*kw, out...) or, merged, (in*kh*kw, out...).
+
+    The merged layout with one input and one output mode is a plain low-rank matrix
+    factorization of the (C_out, C_in*kh*kw) kernel (the "svd" baseline).
+    """
+    in_modes, out_modes = tuple(in_modes), tuple(out_modes)
+    if merge_spatial:
+        return _nontrivial((math.prod(in_modes) * k,) + out_modes)
+    return _nontrivial(in_modes + (k,) + out_modes)
+
+
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -273,15 +307,18 @@ class TNConv2d(TNLayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, in_modes: Sequence[int],
                  out_modes: Sequence[int], ranks: Sequence[int], decomp: str = "tr", stride=1, padding=0,
-                 dilation=1, bias: bool = True, gated: bool = True, sigma: float = 0.5, dtype=None):
+                 dilation=1, bias: bool = True, gated: bool = True, sigma: float = 0.5, dtype=None,
+                 merge_spatial: bool = False):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.merge_spatial = bool(merge_spatial)
         self.kernel_size = _pair(kernel_size)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.in_modes = _nontrivial(tn.check_modes(tuple(in_modes) or (1,), in_channels, "input channels"))
         self.out_modes = _nontrivial(tn.check_modes(tuple(out_modes) or (1,), out_channels, "output channels"))
-        spatial = _nontrivial((self.kernel_size[0] * self.kernel_size[1],))
-        super().__init__(self.in_modes + spatial + self.out_modes, ranks, decomp, gated, sigma, dtype)
+        k = self.kernel_size[0] * self.kernel_size[1]
+        modes = conv_modes(self.in_modes, k, self.out_modes, self.merge_spatial)
+        super().__init__(modes, ranks, decomp, gated, sigma, dtype)
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=self.cores[0].dtype)) if bias else None
 
     @staticmethod
@@ -294,18 +331,19 @@ class TNConv2d(TNLayer):
     @classmethod
     def from_dense(cls, module: nn.Conv2d, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
-                   sigma: float = 0.5, generator: torch.Generator | None = None) -> "TNConv2d":
+                   sigma: float = 0.5, generator: torch.Generator | None = None,
+                   merge_spatial: bool = False) -> "TNConv2d":
         tn.check_decomp(decomp)
         cls.check_supported(module)
         c_out, c_in, kh, kw = module.weight.shape
         in_modes = _auto_modes(c_in, tensorization[0] if tensorization else None, "input channels")
         out_modes = _auto_modes(c_out, tensorization[1] if tensorization else None, "output channels")
-        modes = in_modes + _nontrivial((kh * kw,)) + out_modes
+        modes = conv_modes(in_modes, kh * kw, out_modes, merge_spatial)
         ranks = _resolve(modes, decomp, rank)
         layer = cls(c_in, c_out, (kh, kw), in_modes, out_modes, ranks, decomp, module.stride, module.padding,
-                    module.dilation, module.bias is not None, gated, sigma, dtype=module.weight.dtype)
-        w = module.weight.detach().reshape(c_out, c_in, kh * kw).permute(1, 2, 0)  # (in, k, out)
-        _init_cores(layer, w, generator)
+                    module.dilation, module.bias is not None, gated, sigma, dtype=module.weight.dtype,
+                    merge_spatial=merge_spatial)
+        _init_cores(layer, weight_tensor("conv2d", module.weight), generator)
         if module.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(module.bias)
@@ -337,13 +375,13 @@ class TNConv2d(TNLayer):
                 "in_modes": list(self.in_modes), "out_modes": list(self.out_modes), "ranks": self.ranks,
                 "stride": list(self.stride), "dilation": list(self.dilation),
                 "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-                "bias": self.bias is not None, "sigma": self.sigma}
+                "bias": self.bias is not None, "sigma": self.sigma, "merge_spatial": self.merge_spatial}
 
     @classmethod
     def _from_spec(cls, s: dict[str, Any]) -> "TNConv2d":
         return cls(s["in_channels"], s["out_channels"], s["kernel_size"], s["in_modes"], s["out_modes"], s["ranks"],
                    s["decomp"], s["stride"], s["padding"], s["dilation"], s["bias"], gated=False,
-                   sigma=s.get("sigma", 0.5))
+                   sigma=s.get("sigma", 0.5), merge_spatial=s.get("merge_spatial", False))
 
 
 class TNEmbedding(TNLayer):
@@ -390,11 +428,7 @@ class TNEmbedding(TNLayer):
         ranks = _resolve(modes, decomp, rank)
         layer = cls(v, d, vocab_modes, dim_modes, ranks, decomp, module.padding_idx, gated, sigma,
                     dtype=module.weight.dtype)
-        weight = module.weight.detach()
-        rows = math.prod(layer.vocab_modes)
-        if rows > v:
-            weight = torch.cat([weight, torch.zeros(rows - v, d, dtype=weight.dtype)], dim=0)
-        _init_cores(layer, weight, generator)
+        _init_cores(layer, weight_tensor("embedding", module.weight, math.prod(layer.vocab_modes)), generator)
         return layer
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -216,6 +216,52 @@ def calibrate_lambda(model: nn.Module, teacher: nn.Module | None, loader: Iterab
     return 0.05 * t / p
 
 
+def reinforce_step(model: nn.Module, meter: SizeMeter, x: Any, y: torch.Tensor | None, t_out: torch.Tensor | None,
+                   config: CompressConfig, lam: float):
+    """One REINFORCE-l0 step (supplementary eq. 3): M Bernoulli samples, score-function gradient.
+
+    Surrogate per sample: log P(Z) * (c - b) + J, with c = J + lambda * size(Z) held
+    constant and b the mean of c over the M samples (a standard variance reduction).
+    Gradients are accumulated here; the returned loss is detached.
+    """
+    m = config.reinforce_samples
+    gates = [g for layer in meter.layers().values() if layer.gates is not None for g in layer.gates.values()]
+    samples = []
+    for _ in range(m):
+        out = run_model(model, x)
+        j = task_loss(out, y, t_out, config)
+        size = sampled_size(meter, config.penalty)
+        samples.append((out, j, size, sum(g.log_prob() for g in gates)))
+    costs = [float(j.detach()) + lam * s for _, j, s, _ in samples]
+    base = sum(costs) / m
+    total = 0.0
+    for (out, j, size, logp), c in zip(samples, costs):
+        total = total + (logp * (c - base) + j) / m
+    total.backward()
+    out = samples[-1][0]
+    task = sum(j.detach() for _, j, _, _ in samples) / m
+    pen = torch.tensor(sum(s for _, _, s, _ in samples) / m)
+    return out, task, pen, (task + lam * pen).detach()
+
+
+def sampled_size(meter: SizeMeter, kind: str) -> float:
+    """Penalty of the last sampled Bernoulli gates, on the same scale as :func:`penalty_term`."""
+    total_params, open_slices, slices = 0.0, 0.0, 0
+    for layer in meter.layers().values():
+        ranks = [float(r) for r in layer.ranks]
+        if layer.gates is not None:
+            for key, g in layer.gates.items():
+                z = g.last_z if getattr(g, "last_z", None) is not None else g.eval_value()
+                ranks[int(key)] = float(z.sum())
+                open_slices += float(z.sum())
+                slices += z.numel()
+        n = len(layer.modes)
+        total_params += sum(ranks[k - 1] * layer.modes[k] * ranks[k] for k in range(n))
+    if kind == "params":
+        return total_params / meter.dense
+    return open_slices / max(slices, 1)
+
+
 # ------------------------------------------------------------------ the loop
 def default_epochs(steps_per_epoch: int) -> int:
     """About 3000 optimiser steps, at least 2 and at most 100 epochs."""
@@ -241,6 +287,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
     gate_steps = max(1, int(config.gate_fraction * total)) if total else 0
     lr = config.lr if config.lr is not None else 1e-3
     meter = SizeMeter(model, dense_params)
+    reinforce = config.rank_select == "reinforce"
     r0 = meter.ratio()
     frozen = r0 >= config.target
     lam = config.lam if config.lam is not None else (1.0 if frozen else calibrate_lambda(model, teacher, loader, meter, config))
@@ -287,18 +334,24 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
             if step >= total:
                 break
             x, y = split_batch(batch)
-            out = run_model(model, x)
             t_out = None
             if teacher is not None and (y is None or config.distill > 0):
                 with torch.no_grad():
                     t_out = run_model(teacher, x)
-            task = task_loss(out, y, t_out, config)
-            if not frozen:
-                pen = penalty_term(meter, config.penalty)
-                loss = task + lam * pen
+            opt_w.zero_grad(set_to_none=True)
+            if opt_g is not None:
+                opt_g.zero_grad(set_to_none=True)
+            if reinforce and not frozen:
+                out, task, pen, loss = reinforce_step(model, meter, x, y, t_out, config, lam)
             else:
-                pen = torch.zeros(())
-                loss = task
+                out = run_model(model, x)
+                task = task_loss(out, y, t_out, config)
+                if not frozen:
+                    pen = penalty_term(meter, config.penalty)
+                    loss = task + lam * pen
+                else:
+                    pen = torch.zeros(())
+                    loss = task
             if not torch.isfinite(loss):
                 model.load_state_dict(good_state) if _same_keys(model, good_state) else None
                 err = TrainingError(
@@ -306,10 +359,8 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
                     f"(step {good_step}); try a lower learning rate (lr={lr})")
                 err.model = model  # type: ignore[attr-defined]
                 raise err
-            opt_w.zero_grad(set_to_none=True)
-            if opt_g is not None:
-                opt_g.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:
+                loss.backward()
             opt_w.step()
             if opt_g is not None:
                 opt_g.step()

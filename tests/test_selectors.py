@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from compressor import compress
+from compressor.api import select_ranks
+from compressor.config import CompressConfig
+from compressor.data import TensorLoader
+from compressor.gates import BernoulliGate
+from compressor.graph import apply, plan, tn_layers
+from compressor.tensornet import contract
+
+
+@pytest.mark.parametrize("selector", ["uniform", "energy", "svd", "reinforce"])
+def test_every_selector_reaches_the_target(trained_digits_net, digits, selector):
+    xtr, ytr, xte, yte = digits
+    res = compress(trained_digits_net, TensorLoader(xtr, ytr, 64, shuffle=True), "tr", "6x",
+                   eval_loader=TensorLoader(xte, yte, 512), rank_select=selector, epochs=2)
+    assert res.report.ratio >= 6
+    assert res.report.accuracy > 0.6
+    if selector == "uniform":
+        ranks = res.report.layers[0].final_ranks
+        assert len(set(r for r in ranks[1:-1])) <= 2  # one rank, capped only where a mode is small
+
+
+def _relative_error(config, model):
+    the_plan = plan(model, config)
+    select_ranks(the_plan, model, config)
+    gm = apply(model, the_plan, config)
+    layer = tn_layers(gm)["fc1"].eval()
+    w = model.fc1.weight.detach().T.reshape(layer.modes)
+    with torch.no_grad():
+        approx = contract(layer.effective_cores())
+    size = sum(c.numel() for c in layer.cores)
+    return float(torch.linalg.norm(approx - w) / torch.linalg.norm(w)), size
+
+
+def test_energy_allocation_beats_uniform_rank_on_reconstruction(trained_digits_net):
+    e_err, e_size = _relative_error(CompressConfig(target=6, rank_select="energy", decomp="tt"), trained_digits_net)
+    u_err, u_size = _relative_error(CompressConfig(target=6, rank_select="uniform", decomp="tt"), trained_digits_net)
+    assert e_size <= u_size * 1.1
+    assert e_err < u_err
+
+
+def test_svd_selector_is_a_two_factor_matrix_decomposition(trained_digits_net):
+    config = CompressConfig(target=6, rank_select="svd")
+    the_plan = plan(trained_digits_net, config)
+    select_ranks(the_plan, trained_digits_net, config)
+    layer = tn_layers(apply(trained_digits_net, the_plan, config))["fc1"]
+    assert layer.modes == (512, 96) and layer.decomp == "tt" and len(layer.cores) == 2
+    r = layer.ranks[0]
+    # a rank-r TT of a matrix is its truncated SVD: same error as torch's
+    w = trained_digits_net.fc1.weight.detach().T.double()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    best = torch.linalg.norm(w - (u[:, :r] * s[:r]) @ vh[:r]) / torch.linalg.norm(w)
+    with torch.no_grad():
+        ours = torch.linalg.norm(contract(list(layer.eval().effective_cores())).double() - w) / torch.linalg.norm(w)
+    assert abs(float(ours) - float(best)) < 1e-4
+
+
+def test_reinforce_gates_are_bernoulli_and_learn(trained_digits_net):
+    config = CompressConfig(target=6, rank_select="reinforce")
+    the_plan = plan(trained_digits_net, config)
+    select_ranks(the_plan, trained_digits_net, config)
+    layer = tn_layers(apply(trained_digits_net, the_plan, config))["fc1"].train()
+    gate = next(iter(layer.gates.values()))
+    assert isinstance(gate, BernoulliGate) and torch.allclose(gate.mu, torch.full_like(gate.mu, 0.55))
+    z = gate()
+    assert set(z.unique().tolist()) <= {0.0, 1.0}
+    gate.log_prob().backward()
+    assert gate.mu.grad is not None and gate.mu.grad.abs().sum() > 0
+    layer.eval()
+    assert torch.equal(gate(), torch.ones_like(gate.mu))  # 0.55 rounds to open
