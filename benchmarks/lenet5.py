@@ -85,7 +85,7 @@ def main() -> None:
                 "checkpoint_bytes": ckpt.stat().st_size, "dense_bytes": dense_bytes,
                 "size_ratio_bytes": dense_bytes / ckpt.stat().st_size,
                 "reload_max_abs_diff": diff_load, "pt2_max_abs_diff": diff_pt2, "pt2_batch1_max_abs_diff": diff_pt2_b1,
-                "seconds": seconds, "steps": r.steps, "forced": r.forced,
+                "seconds": seconds, "steps": r.steps, "forced": r.forced, "ratio_before_force": r.ratio_before_force,
                 "layers": [{"name": l.name, "tensorization": l.tensorization, "initial_ranks": l.initial_ranks,
                             "final_ranks": l.final_ranks, "params_before": l.params_before,
                             "params_after": l.params_after} for l in r.layers],

@@ -56,6 +56,7 @@ class Report:
     seconds: float = 0.0
     steps: int = 0
     forced: bool = False
+    ratio_before_force: float | None = None
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,7 +246,8 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     report = Report(config.decomp, config.target, the_plan.source, the_plan.dense_params, params,
                     the_plan.dense_params / params, reports,
                     [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
-                    dense_acc, acc, time.perf_counter() - started, history.steps, history.forced, history.epochs)
+                    dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
+                    history.ratio_before_force, history.epochs)
     return CompressResult(slim, report, history)
 
 

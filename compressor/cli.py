@@ -193,6 +193,8 @@ def report_table(report) -> Table:
 @click.option("--lambda", "lam", type=float, default=None, help="initial l0 penalty weight (default: calibrated)")
 @click.option("--sigma", type=float, default=0.5, show_default=True, help="gate noise std")
 @click.option("--rank", type=int, default=None, help="initial rank (default: chosen from the target)")
+@click.option("--rank-select", default="l0", show_default=True,
+              help="l0 (learned gates) or a baseline: uniform, energy, svd, reinforce")
 @click.option("--lr", type=float, default=None, help="learning rate of the weights (default 1e-3)")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -202,7 +204,7 @@ def report_table(report) -> Table:
 @click.option("--report-json", type=click.Path(path_type=Path), default=None, help="write the full report as JSON")
 def run(model: Path, decomp: str, target: str, data_spec: str, eval_data: Path | None, output: Path | None,
         arch: str | None, trust_pickle: bool, epochs: int | None, lam: float | None, sigma: float, rank: int | None,
-        lr: float | None, batch_size: int, seed: int, force: bool, export_pt2: bool, plot: Path | None,
+        rank_select: str, lr: float | None, batch_size: int, seed: int, force: bool, export_pt2: bool, plot: Path | None,
         report_json: Path | None) -> None:
     """Compress MODEL to --target and write a slim safetensors checkpoint."""
     from .api import compress
@@ -213,7 +215,7 @@ def run(model: Path, decomp: str, target: str, data_spec: str, eval_data: Path |
 
     try:
         config = CompressConfig(target=target, decomp=decomp, epochs=epochs, lam=lam, sigma=sigma, rank=rank, lr=lr,
-                                seed=seed)
+                                seed=seed, rank_select=rank_select)
         if batch_size <= 0:
             raise DataError(f"--batch-size must be positive, got {batch_size}")
         output = output or Path(model.name.split(".")[0] + ".slim.safetensors")

@@ -56,6 +56,7 @@ class TrainHistory:
     events: list[TrainEvent] = field(default_factory=list)
     frozen_at: int | None = None
     forced: bool = False
+    ratio_before_force: float | None = None  # how far the gates alone got, when forced
     kept_dense: list[str] = field(default_factory=list)
     steps: int = 0
     epochs: list[dict[str, Any]] = field(default_factory=list)
@@ -364,6 +365,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
             opt_w.step()
             if opt_g is not None:
                 opt_g.step()
+                _bound_gates(meter)
             step += 1
             if phase_b_start is not None:
                 _cosine(opt_w, lr, step - phase_b_start, total - phase_b_start)
@@ -387,6 +389,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
                     planned = math.exp(math.log(max(r0, 1e-9)) + (math.log(config.target) - math.log(max(r0, 1e-9))) * progress)
                     lam = lam * 1.15 if ratio < planned else max(lam * 0.93, 1e-4)
                 if not frozen and step >= gate_steps:
+                    history.ratio_before_force = meter.ratio()
                     n_closed = force_target(meter, config.target)
                     history.forced = True
                     emit(TrainEvent("force", step, total, epoch, ratio=meter.ratio(), lam=lam,
@@ -417,6 +420,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
             break  # zero-length budget
     if not frozen:  # budget ended inside the gate phase (e.g. epochs=0 or tiny max_steps)
         if meter.ratio() < config.target:
+            history.ratio_before_force = meter.ratio()
             force_target(meter, config.target)
             history.forced = True
         history.frozen_at = step
@@ -425,6 +429,22 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
     set_training(model, False)
     emit(TrainEvent("end", step, total, epoch, ratio=meter.ratio(), frozen=True))
     return model, history
+
+
+def _bound_gates(meter: SizeMeter) -> None:
+    """Keep gate means in [-1, 1 + sigma].
+
+    Beyond 1 + sigma a slice is open in every sample and its penalty gradient, Phi'(mu/sigma),
+    vanishes: the task loss would park useful slices out of the penalty's reach, and the
+    controller could no longer trade them off.  Nothing observable changes: eval gates
+    are clamp(mu, 0, 1) = 1 there.
+    """
+    with torch.no_grad():
+        for layer in meter.layers().values():
+            if layer.gates is not None:
+                for g in layer.gates.values():
+                    upper = 1.0 + getattr(g, "sigma", 0.0)
+                    g.mu.clamp_(-1.0, upper)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,0 +1,183 @@
+"""Accuracy vs compression for every rank selector on LeNet-5 / Fashion-MNIST.
+
+Each selector (l0, uniform, energy, svd, reinforce) is asked for the same targets with the
+same fine-tuning budget (epochs); several seeds at 20x. Writes
+``benchmarks/results/frontier.json``, ``frontier.md`` (the README table),
+``frontier.png`` (test accuracy vs ratio, the shape of supp. Fig. 3) and
+``ranks_l0.png`` (learned ranks per core for l0, the shape of supp. Fig. 1).
+
+    python benchmarks/frontier.py            # full run (about 50 minutes on 2 cores)
+    python benchmarks/frontier.py --quick    # a few minutes: 20x only, a data subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from compressor import compress, evaluate  # noqa: E402
+from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402
+from compressor.errors import CompressorError  # noqa: E402
+from compressor.zoo import lenet5  # noqa: E402
+
+SELECTORS = ["l0", "uniform", "energy", "svd", "reinforce"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="20x only, 12k training images, 2 epochs")
+    ap.add_argument("--targets", default=None, help="comma list, default 5,10,20,50,100 (quick: 20)")
+    ap.add_argument("--selectors", default=",".join(SELECTORS))
+    ap.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs, the same for every selector")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds at 20x (other targets: 1)")
+    ap.add_argument("--decomp", default="tr")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = [float(t) for t in (args.targets or ("20" if args.quick else "5,10,20,50,100")).split(",")]
+    selectors = args.selectors.split(",")
+    dense = lenet5()
+    dense.load_state_dict(load_file(str(HERE.parent / "examples" / "lenet5.safetensors")))
+    dense.eval()
+    xtr, ytr = load_fashion_mnist("train")
+    xte, yte = load_fashion_mnist("test")
+    if args.quick:
+        xtr, ytr = xtr[:12000], ytr[:12000]
+    test = TensorLoader(xte, yte, 1000)
+    dense_acc = evaluate(dense, test)
+    runs = []
+    suffix = "_quick" if args.quick else ""
+    json_path = out / f"frontier{suffix}.json"
+    started = time.perf_counter()
+    for target in targets:
+        seeds = range(args.seeds) if target == 20 else range(1)
+        for seed in seeds:
+            for sel in selectors:
+                t0 = time.perf_counter()
+                try:
+                    res = compress(dense, TensorLoader(xtr, ytr, 128, shuffle=True, seed=seed), args.decomp, target,
+                                   eval_loader=test, rank_select=sel, epochs=args.epochs, seed=seed)
+                except CompressorError as exc:
+                    print(f"{sel:9s} {target:5g}x seed {seed}: not reachable ({exc})", flush=True)
+                    runs.append({"selector": sel, "target": target, "seed": seed, "error": str(exc)})
+                    continue
+                r = res.report
+                run = {"selector": sel, "target": target, "seed": seed, "ratio": r.ratio, "accuracy": r.accuracy,
+                       "seconds": time.perf_counter() - t0, "steps": r.steps, "forced": r.forced,
+                       "ratio_before_force": r.ratio_before_force,
+                       "layers": [{"name": l.name, "initial_ranks": l.initial_ranks, "final_ranks": l.final_ranks,
+                                   "params_after": l.params_after, "kept_dense": l.kept_dense} for l in r.layers]}
+                runs.append(run)
+                print(f"{sel:9s} {target:5g}x seed {seed}: {100 * r.accuracy:6.2f}% at {r.ratio:6.2f}x "
+                      f"({run['seconds']:.0f} s)", flush=True)
+                json_path.write_text(json.dumps(_result(args, dense_acc, runs, started), indent=2))
+    result = _result(args, dense_acc, runs, started)
+    json_path.write_text(json.dumps(result, indent=2))
+    (out / f"frontier{suffix}.md").write_text(table(result))
+    plot(result, out / f"frontier{suffix}.png", out / f"ranks_l0{suffix}.png")
+    print(table(result))
+    print("wrote", json_path)
+
+
+def _result(args, dense_acc, runs, started):
+    return {"command": " ".join(["python"] + sys.argv), "quick": args.quick, "epochs": args.epochs,
+            "decomp": args.decomp, "dense_accuracy": dense_acc, "seconds": time.perf_counter() - started,
+            "threads": torch.get_num_threads(), "runs": runs, "summary": summarize(runs)}
+
+
+def summarize(runs):
+    out = {}
+    for r in runs:
+        if "error" in r:
+            continue
+        key = f"{r['selector']}@{r['target']:g}x"
+        out.setdefault(key, {"selector": r["selector"], "target": r["target"], "acc": [], "ratio": [], "seconds": []})
+        out[key]["acc"].append(r["accuracy"])
+        out[key]["ratio"].append(r["ratio"])
+        out[key]["seconds"].append(r["seconds"])
+    for v in out.values():
+        v["acc_mean"] = statistics.mean(v["acc"])
+        v["acc_std"] = statistics.stdev(v["acc"]) if len(v["acc"]) > 1 else 0.0
+        v["ratio_mean"] = statistics.mean(v["ratio"])
+        v["seconds_mean"] = statistics.mean(v["seconds"])
+    return out
+
+
+def table(result) -> str:
+    summ = result["summary"]
+    targets = sorted({v["target"] for v in summ.values()})
+    sels = [s for s in SELECTORS if any(v["selector"] == s for v in summ.values())]
+    lines = [f"Dense LeNet-5: {100 * result['dense_accuracy']:.2f}% test accuracy. "
+             f"Fine-tuning budget: {result['epochs']} epochs for every selector.", "",
+             "| selector | " + " | ".join(f"{t:g}x" for t in targets) + " |",
+             "|---|" + "---|" * len(targets)]
+    for s in sels:
+        cells = []
+        for t in targets:
+            v = summ.get(f"{s}@{t:g}x")
+            if v is None:
+                cells.append("n/a")
+            else:
+                pm = f" ± {100 * v['acc_std']:.2f}" if len(v["acc"]) > 1 else ""
+                cells.append(f"{100 * v['acc_mean']:.2f}{pm}% @ {v['ratio_mean']:.1f}x")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, frontier_png: Path, ranks_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, s in enumerate(SELECTORS):
+        pts = sorted((r["ratio"], 100 * r["accuracy"]) for r in result["runs"] if r.get("selector") == s and "error" not in r)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=s, color=f"C{i}", alpha=0.85)
+    ax.axhline(100 * result["dense_accuracy"], color="k", linestyle=":", label="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (dense params / compressed params)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"LeNet-5 on Fashion-MNIST, {result['epochs']} fine-tuning epochs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(frontier_png, dpi=110)
+    plt.close(fig)
+
+    l0 = [r for r in result["runs"] if r.get("selector") == "l0" and "error" not in r and r["seed"] == 0]
+    if not l0:
+        return
+    names = [l["name"] for l in l0[0]["layers"]]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        width = 0.8 / len(l0)
+        for i, r in enumerate(sorted(l0, key=lambda r: r["target"])):
+            layer = next(l for l in r["layers"] if l["name"] == name)
+            ranks = layer["final_ranks"] or [0]
+            ax.bar([k + i * width for k in range(len(ranks))], ranks, width, label=f"{r['target']:g}x")
+        init = next(l for l in l0[0]["layers"] if l["name"] == name)["initial_ranks"]
+        ax.plot(range(len(init)), init, "k_", markersize=14, label="initial (5x run)")
+        ax.set_title(name)
+        ax.set_xlabel("bond k (between core k and k+1)")
+    axes[0][0].set_ylabel("learned rank")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ranks_png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
