@@ -163,7 +163,7 @@ def report_table(report) -> Table:
     for col in ("layer", "kind", "shape", "tensorization", "ranks initial → final", "params before → after"):
         t.add_column(col, overflow="fold")
     for l in report.layers:
-        tz = " × ".join(_fmt_ranks(m) for m in l.tensorization)
+        tz = f"in {_fmt_ranks(l.tensorization[0])} out {_fmt_ranks(l.tensorization[1])}"
         if l.kept_dense:
             t.add_row(l.name, l.kind, "×".join(map(str, l.shape)), tz,
                       f"{_fmt_ranks(l.initial_ranks)} → dense (factorized was not smaller)",

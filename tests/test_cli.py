@@ -82,6 +82,18 @@ def test_state_dict_with_arch(files, tmp_path, name):
     assert r.exit_code == 0, r.stderr
 
 
+def test_rank_select_baseline_from_cli(files, tmp_path):
+    out = tmp_path / "svd.safetensors"
+    r = invoke([files / "model.pt", "--target", "4x", "--data", "digits", "-o", out, "--rank-select", "svd", *QUICK])
+    assert r.exit_code == 0, r.stderr
+    from compressor import read_metadata
+
+    spec = read_metadata(out)["layers"]["fc1"]["spec"]
+    assert (spec["in_modes"], spec["out_modes"], spec["decomp"]) == ([512], [96], "tt")  # a two-factor matrix
+    assert_user_error(invoke([files / "model.pt", "--target", "4x", "--data", "digits", "-o", out, "--force",
+                              "--rank-select", "magic"]), "unknown rank selector")
+
+
 def test_state_dict_without_arch(files, tmp_path):
     assert_user_error(invoke([files / "weights.pt", "--target", "3", "--data", "digits", "-o", tmp_path / "o"]),
                       "--arch", tmp_path / "o")
