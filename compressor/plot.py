@@ -26,7 +26,7 @@ def plot_run(report, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_r, ax_c) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax_r, ax_c, ax_l) = plt.subplots(1, 3, figsize=(16, 4.2))
     width = 0.8 / max(1, len(report.layers))
     for i, layer in enumerate(report.layers):
         xs = [k + i * width for k in range(len(layer.final_ranks))]
@@ -49,6 +49,11 @@ def plot_run(report, path: str | Path) -> Path:
     ax2.set_ylabel("accuracy (%)", color="C3")
     ax2.legend(fontsize=8, loc="lower right")
     ax_c.set_title(f"training: {report.ratio:.1f}x in {report.seconds:.0f} s")
+    losses = [e.get("train_loss") for e in report.epochs]
+    ax_l.plot(epochs, [v if v is not None else float("nan") for v in losses], "o-", color="C2")
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("training loss (task)")
+    ax_l.set_title("loss per epoch")
     fig.tight_layout()
     out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

@@ -330,7 +330,8 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
     while step < total:
         epoch += 1
         set_training(model, True)
-        ep_correct = ep_seen = 0
+        ep_correct = ep_seen = ep_batches = 0
+        ep_loss = 0.0
         for batch in loader:
             if step >= total:
                 break
@@ -373,6 +374,8 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
             # bookkeeping
             win_loss += float(task.detach())
             win_n += 1
+            ep_loss += float(task.detach())
+            ep_batches += 1
             if y is not None and out.dim() == 2:
                 correct = int((out.detach().argmax(-1) == y).sum())
                 win_correct += correct
@@ -412,6 +415,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
                 good_state, good_step = copy.deepcopy(model.state_dict()), step
         eval_acc = evaluate(model) if evaluate is not None else None
         record = {"epoch": epoch, "step": step, "ratio": meter.ratio(), "lambda": lam, "frozen": frozen,
+                  "train_loss": ep_loss / ep_batches if ep_batches else None,
                   "train_accuracy": ep_correct / ep_seen if ep_seen else None, "eval_accuracy": eval_acc}
         history.epochs.append(record)
         emit(TrainEvent("epoch", step, total, epoch, ratio=record["ratio"], accuracy=record["train_accuracy"],
