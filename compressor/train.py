@@ -321,7 +321,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
     good_state = copy.deepcopy(model.state_dict())
     good_step = 0
     step = 0
-    phase_b_start = None
+    phase_b_start = 0 if frozen else None  # the weight phase's learning rate decays (cosine)
     win_correct = win_seen = 0
     win_loss = 0.0
     win_n = 0
