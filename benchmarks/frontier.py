@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds at 20x (other targets: 1)")
     ap.add_argument("--decomp", default="tr")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other selectors' runs from the existing JSON, replace only these selectors'")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -60,6 +62,8 @@ def main() -> None:
     runs = []
     suffix = "_quick" if args.quick else ""
     json_path = out / f"frontier{suffix}.json"
+    if args.merge and json_path.exists():
+        runs = [r for r in json.loads(json_path.read_text())["runs"] if r["selector"] not in selectors]
     started = time.perf_counter()
     for target in targets:
         seeds = range(args.seeds) if target == 20 else range(1)

@@ -75,6 +75,12 @@ class L0Gate(nn.Module):
         with torch.no_grad():
             self.mu[index] = -1.0
 
+    def reopen(self, index: int) -> None:
+        """Open a closed slice just barely (z = 0.05): the function barely changes, and the
+        weights may grow it back during fine-tuning."""
+        with torch.no_grad():
+            self.mu[index] = 0.05
+
 
 class BernoulliGate(nn.Module):
     """REINFORCE baseline gate (supplementary section 2.1): true Bernoulli slices.
@@ -132,3 +138,7 @@ class BernoulliGate(nn.Module):
     def close(self, index: int) -> None:
         with torch.no_grad():
             self.mu[index] = 0.0
+
+    def reopen(self, index: int) -> None:
+        with torch.no_grad():
+            self.mu[index] = 0.5

@@ -58,6 +58,7 @@ class TrainHistory:
     forced: bool = False
     ratio_before_force: float | None = None  # how far the gates alone got, when forced
     kept_dense: list[str] = field(default_factory=list)
+    reopened: int = 0  # slices given back after the gates overshot the target
     steps: int = 0
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -263,6 +264,32 @@ def sampled_size(meter: SizeMeter, kind: str) -> float:
     return open_slices / max(slices, 1)
 
 
+def reopen_to_target(meter: SizeMeter, target: float) -> int:
+    """Give back the overshoot: reopen the closed slices nearest to open while the target holds.
+
+    Gates cross zero in bunches (Adam moves every gate at about the same speed), so the
+    step that reaches the target usually passes it; the parameters between the two are
+    free capacity for the weight phase.  Returns the number of slices reopened.
+    """
+    closed = []
+    for layer in meter.layers().values():
+        if layer.gates is None:
+            continue
+        for gate in layer.gates.values():
+            mu = gate.mu.detach()
+            for j in torch.nonzero(~gate.open_mask()).flatten().tolist():
+                closed.append((float(mu[j]), gate, j))
+    reopened = 0
+    for value, gate, j in sorted(closed, key=lambda c: -c[0]):
+        gate.reopen(j)
+        if meter.ratio() >= target:
+            reopened += 1
+        else:
+            with torch.no_grad():
+                gate.mu[j] = value
+    return reopened
+
+
 # ------------------------------------------------------------------ the loop
 def default_epochs(steps_per_epoch: int) -> int:
     """About 3000 optimiser steps, at least 2 and at most 100 epochs."""
@@ -399,6 +426,8 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
                                     message=f"closed {n_closed} more slices to reach the target"))
                     frozen = True
                 if frozen:
+                    if not history.forced:
+                        history.reopened = reopen_to_target(meter, config.target)
                     prune_all()
                     history.frozen_at = step
                     good_state, good_step = copy.deepcopy(model.state_dict()), step
