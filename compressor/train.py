@@ -149,7 +149,10 @@ def force_target(meter: SizeMeter, target: float) -> int:
     """Close the least valuable slices, per parameter saved, until the target holds.
 
     A slice's value is its gate value times the norms of the two core slices it joins
-    (how much it contributes to the weight); its cost is the parameters it frees.
+    (how much it contributes to the weight), as a share of its bond's total: core scales
+    are arbitrary between bonds, and a share protects narrow bonds, whose last slices
+    carry everything (cutting one to rank 1 is a bottleneck fine-tuning cannot repair).
+    Its cost is the parameters it frees.
     Returns the number of slices closed.
     """
     closed = 0
@@ -168,7 +171,7 @@ def force_target(meter: SizeMeter, target: float) -> int:
                     left = layer.cores[k].detach().norm(dim=(0, 1))
                     right = layer.cores[(k + 1) % n].detach().norm(dim=(1, 2))
                     value = gate.eval_value().detach() * left * right
-                    value = value / (value[mask].max() + 1e-12)
+                    value = value / (value[mask].sum() + 1e-12)
                 cost = ranks[k - 1] * layer.modes[k] + layer.modes[(k + 1) % n] * ranks[(k + 1) % n]
                 value = torch.where(mask, value, torch.full_like(value, float("inf")))
                 j = int(torch.argmin(value))
