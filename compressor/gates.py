@@ -25,8 +25,48 @@ def std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-class L0Gate(nn.Module):
-    """Diagonal gate between two cores; one ``mu`` per rank slice."""
+class Gate(nn.Module):
+    """What the layers and the target controller need from any gate on a bond.
+
+    Subclasses define ``forward`` (training sample / eval value), ``eval_value``,
+    ``open_mask`` and ``open_probability``; closing and reopening a slice set ``mu`` to the
+    subclass's ``closed_value`` / ``reopen_value``.
+    """
+
+    closed_value = -1.0
+    reopen_value = 0.05
+    mu: nn.Parameter
+    frozen: bool
+
+    def penalty(self) -> torch.Tensor:
+        """Expected number of open slices: sum_j P(z_j > 0)."""
+        return self.open_probability().sum()
+
+    def open_count(self) -> int:
+        return int(self.open_mask().sum())
+
+    def freeze(self) -> None:
+        """Stop learning this gate: it stays at its evaluation value from now on."""
+        self.frozen = True
+        self.mu.requires_grad_(False)
+
+    def close(self, index: int) -> None:
+        """Shut one slice for good (used by the target controller)."""
+        with torch.no_grad():
+            self.mu[index] = self.closed_value
+
+    def reopen(self, index: int) -> None:
+        """Open a closed slice again, as little as the gate allows."""
+        with torch.no_grad():
+            self.mu[index] = self.reopen_value
+
+
+class L0Gate(Gate):
+    """Diagonal gate between two cores; one ``mu`` per rank slice.
+
+    Reopening sets z = 0.05: the function barely changes, and the weights may grow the
+    slice back during fine-tuning.
+    """
 
     def __init__(self, size: int, sigma: float = 0.5, mu_init: float = MU_INIT, dtype=None):
         super().__init__()
@@ -55,34 +95,11 @@ class L0Gate(nn.Module):
         """P(z_j > 0) = Phi(mu_j / sigma), differentiable in mu."""
         return std_normal_cdf(self.mu / self.sigma)
 
-    def penalty(self) -> torch.Tensor:
-        """Expected l0 norm of the gate: sum_j Phi(mu_j / sigma)."""
-        return self.open_probability().sum()
-
     def open_mask(self) -> torch.Tensor:
         return self.mu.detach() > 0
 
-    def open_count(self) -> int:
-        return int(self.open_mask().sum())
 
-    def freeze(self) -> None:
-        """Stop learning this gate: it stays at its evaluation value from now on."""
-        self.frozen = True
-        self.mu.requires_grad_(False)
-
-    def close(self, index: int) -> None:
-        """Shut one slice for good (used by the target controller)."""
-        with torch.no_grad():
-            self.mu[index] = -1.0
-
-    def reopen(self, index: int) -> None:
-        """Open a closed slice just barely (z = 0.05): the function barely changes, and the
-        weights may grow it back during fine-tuning."""
-        with torch.no_grad():
-            self.mu[index] = 0.05
-
-
-class BernoulliGate(nn.Module):
+class BernoulliGate(Gate):
     """REINFORCE baseline gate (supplementary section 2.1): true Bernoulli slices.
 
     pi = clamp(mu, 0, 1) starts at 0.55; training samples z ~ Bern(pi) (no gradient through
@@ -122,23 +139,5 @@ class BernoulliGate(nn.Module):
     def open_probability(self) -> torch.Tensor:
         return self.probs()
 
-    def penalty(self) -> torch.Tensor:
-        return self.probs().sum()
-
     def open_mask(self) -> torch.Tensor:
         return self.mu.detach() >= 0.5
-
-    def open_count(self) -> int:
-        return int(self.open_mask().sum())
-
-    def freeze(self) -> None:
-        self.frozen = True
-        self.mu.requires_grad_(False)
-
-    def close(self, index: int) -> None:
-        with torch.no_grad():
-            self.mu[index] = 0.0
-
-    def reopen(self, index: int) -> None:
-        with torch.no_grad():
-            self.mu[index] = 0.5

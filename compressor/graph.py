@@ -308,7 +308,7 @@ def _skip_reason(c: _Candidate, config: CompressConfig, owners: dict[int, list[s
 
 
 # ------------------------------------------------------------------ applying
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
@@ -325,7 +325,7 @@ def _graph_swap(gm: fx.GraphModule, lp: LayerPlan, layer: nn.Module) -> None:
         raise ModelError(f"layer {lp.name!r} ({lp.weight_attr}) is not in this graph")
     args = _aten_args(node)
     x = args["indices"] if lp.kind == "embedding" else args["input"]
-    _set_submodule(gm, lp.name, layer)
+    set_submodule(gm, lp.name, layer)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(lp.name, (x,))
     new.meta = dict(node.meta)
@@ -403,7 +403,7 @@ def swap_in(module: nn.Module, lp: LayerPlan, layer: nn.Module, graph: bool) -> 
     if graph:
         _graph_swap(module, lp, layer)
     else:
-        _set_submodule(module, lp.name, layer)
+        set_submodule(module, lp.name, layer)
 
 
 def tn_layers(module: nn.Module) -> dict[str, TNLayer]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import CompressConfig
 from .errors import DataError, TrainingError
-from .graph import set_training, tn_layers
+from .graph import set_submodule, set_training, tn_layers
 from .layers import TNLayer
 
 
@@ -336,7 +336,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
         for name, layer in tn_layers(model).items():
             layer.prune_()
             if layer.param_count() >= layer.dense_param_count() and name not in renamed:
-                _replace(model, name, layer.to_dense())
+                set_submodule(model, name, layer.to_dense())
                 history.kept_dense.append(name)
 
     renamed = set(getattr(model, "_compressor_renamed", ()))
@@ -481,11 +481,6 @@ def _bound_gates(meter: SizeMeter) -> None:
                 for g in layer.gates.values():
                     upper = 1.0 + getattr(g, "sigma", 0.0)
                     g.mu.clamp_(-1.0, upper)
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 
 
 def _same_keys(model: nn.Module, state: dict) -> bool:
