@@ -20,7 +20,6 @@ from .config import CompressConfig
 from .errors import DataError, ModelError, TargetError
 from .graph import CompressionPlan, as_module, count_params, layer_size, set_training, tn_layers
 from .io import META_ATTR
-from .layers import LAYER_KINDS
 from .train import TrainEvent, TrainHistory, finetune, run_model, split_batch
 
 log = logging.getLogger(__name__)

@@ -162,14 +162,6 @@ class TNLayer(nn.Module):
         self.gates = nn.ModuleDict({str(k): make_gate(r) for k, r in self._gated_bonds(self.ranks)})
         return self
 
-    def add_gates_(self, sigma: float | None = None) -> "TNLayer":
-        """Put fresh, fully open gates on an ungated layer (e.g. one rebuilt from a checkpoint)."""
-        if sigma is not None:
-            self.sigma = float(sigma)
-        dtype = self.cores[0].dtype
-        self.gates = nn.ModuleDict({str(k): L0Gate(r, self.sigma, dtype=dtype) for k, r in self._gated_bonds(self.ranks)})
-        return self
-
     # ----------------------------------------------------------------- description
     def spec(self) -> dict[str, Any]:
         """JSON-able description sufficient to rebuild this layer's structure."""

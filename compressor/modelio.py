@@ -12,7 +12,6 @@ Users call all of these ``model.pt``, so the format is detected from the content
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import pickle
 import struct
@@ -138,7 +137,3 @@ def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: b
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _state_dict_into(arch, obj, path)
     raise ModelError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
-
-
-def describe_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)

@@ -1,15 +1,12 @@
-import copy
-import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from compressor import CompressConfig, compress, evaluate, export_program, load, save
+from compressor import CompressConfig, compress, export_program, load, save
 from compressor.data import TensorLoader
 from compressor.errors import CompressorError, DataError, ModelError, TargetError, ConfigError, TrainingError
-from compressor.graph import tn_layers
 from compressor.layers import TNLayer
 
 from compressor.zoo import DigitsNet

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from compressor.cli import main
-from compressor.zoo import DigitsNet
 
 QUICK = ["--epochs", "2", "--batch-size", "64"]
 

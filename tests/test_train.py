@@ -1,5 +1,4 @@
 import torch
-from torch import nn
 
 from compressor.config import CompressConfig
 from compressor.graph import apply, plan, tn_layers
