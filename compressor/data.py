@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, require_file
 
 __all__ = [
     "FASHION_MNIST_ENV",
@@ -203,11 +203,7 @@ def load_tensor_file(path: PathLike) -> Tuple[torch.Tensor, Optional[torch.Tenso
     never be able to run code (pickle can). float64 inputs (numpy's default) are turned
     into float32, the dtype models are trained in; labels become int64.
     """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"data file {p} does not exist")
-    if p.is_dir():
-        raise DataError(f"data path {p} is a directory; expected a .safetensors file")
+    p = require_file(path, DataError, "data file")
     try:
         from safetensors import SafetensorError
     except ImportError:  # pragma: no cover - very old safetensors

@@ -38,3 +38,15 @@ class TrainingError(CompressorError):
 
 class CheckpointError(CompressorError):
     """A slim checkpoint is missing, corrupted, or does not match the base architecture."""
+
+
+def require_file(path, error: type[CompressorError], what: str):
+    """``Path(path)`` if it names an existing regular file, else ``error`` saying which of the two failed."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise error(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise error(f"{what} {p} is a directory, not a file")
+    return p

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError, ModelError
+from .errors import CheckpointError, ModelError, require_file
 from .graph import LayerPlan, as_module, count_params, set_training, swap_in, tn_layers
 from .layers import TNLayer
 
@@ -82,11 +82,7 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a slim checkpoint, with clear errors for anything else."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    path = require_file(path, CheckpointError, "checkpoint")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("compressor")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import ModelError, require_file
 
 PICKLE_HINT = ("it holds a pickled model, and unpickling can run arbitrary code from the file; "
                "pass --trust-pickle (Python: trust_pickle=True) only if you trust its source, "
@@ -31,11 +31,7 @@ PICKLE_HINT = ("it holds a pickled model, and unpickling can run arbitrary code 
 
 def detect_format(path: str | os.PathLike) -> str:
     """One of ``"export"``, ``"safetensors"``, ``"torch"`` (a torch.save zip or legacy pickle)."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"model file {path} does not exist")
-    if path.is_dir():
-        raise ModelError(f"{path} is a directory; give the model file itself")
+    path = require_file(path, ModelError, "model file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
