@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -17,10 +17,11 @@ from torch import nn
 
 from . import graph
 from .config import CompressConfig
-from .errors import DataError, ModelError, TargetError
+from .errors import DataError, ModelError, TargetError, first_line
 from .graph import CompressionPlan, as_module, count_params, layer_size, set_training, tn_layers
 from .io import META_ATTR
-from .train import TrainEvent, TrainHistory, finetune, run_model, split_batch
+from .batches import run_model, split_batch
+from .train import TrainEvent, TrainHistory, finetune
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def check_batch(teacher: nn.Module, loader: Iterable) -> tuple[bool, torch.Tenso
     except DataError:
         raise
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc, 200)
         raise DataError(f"a batch of shape {shape} does not fit the model; expected {_expected_input(teacher)} ({msg})") from None
     if y is not None:
         if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dim() != 1:
@@ -195,9 +196,9 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
             kwargs["target"] = target
         config = CompressConfig(**kwargs)
     elif options or decomp is not None or target is not None:
-        config = CompressConfig(**{**asdict_shallow(config), **options,
-                                   **({"decomp": decomp} if decomp else {}),
-                                   **({"target": target} if target is not None else {})})
+        overrides = {**options, **({"decomp": decomp} if decomp else {}),
+                     **({"target": target} if target is not None else {})}
+        config = replace(config, **overrides)
     module = as_module(model)
     the_plan = graph.plan(module, config)
     if not the_plan.layers:
@@ -218,7 +219,8 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     initial = {name: layer.ranks for name, layer in tn_layers(gated).items()}
     use_teacher = teacher if (not has_labels or config.distill > 0) else None
     evaluate_fn = (lambda m: evaluate(m, eval_loader)) if eval_loader is not None else None
-    slim, history = finetune(gated, use_teacher, loader, config, the_plan.dense_params, callback, evaluate_fn)
+    slim, history = finetune(gated, use_teacher, loader, config, the_plan.dense_params, callback, evaluate_fn,
+                             keep_factorized=getattr(gated, "_compressor_renamed", ()))
 
     layers = tn_layers(slim)
     reports = []
@@ -265,7 +267,3 @@ def select_ranks(the_plan: CompressionPlan, module: nn.Module, config: CompressC
         selectors.energy_ranks(the_plan, module, config.target, config.decomp)
     elif config.rank is None:
         choose_ranks(the_plan, config.target, config.decomp)
-
-
-def asdict_shallow(config: CompressConfig) -> dict[str, Any]:
-    return {f: getattr(config, f) for f in config.__dataclass_fields__}

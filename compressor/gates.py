@@ -1,12 +1,15 @@
-"""The probabilistic l0 gate on one bond of a tensor network (METHOD.md section 3).
+"""The probabilistic ℓ0 gate on one bond of a tensor network (the paper's §3, Cao et al. 2024).
 
 Each rank slice j has a learnable ``mu_j``.  Training uses the Gaussian relaxation
 ``z = clamp(mu + eps, 0, 1)`` with ``eps ~ N(0, sigma^2)``; evaluation uses
 ``z = clamp(mu, 0, 1)``; the expected number of open slices is ``sum Phi(mu / sigma)``.
 
 Parametrisation: ``mu`` is used as written (no hidden shift) and starts at
-:data:`MU_INIT` = 1.5, so every gate is exactly 1 in evaluation (the gated model equals
-the plain decomposed model) and training noise only rarely dims a slice at first.
+:data:`MU_INIT` = 1.0, so every gate is exactly 1 in evaluation (the gated model equals
+the plain decomposed model); training noise dims a slice only when it draws ε < 0.
+
+The REINFORCE baseline (supplementary §2.1) lives here too: its Bernoulli gate and the
+score-function surrogate that trains it (:func:`reinforce_surrogate`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class Gate(nn.Module):
 
     closed_value = -1.0
     reopen_value = 0.05
+    #: True when the gate's samples carry no gradient and training needs the
+    #: score-function estimator (:func:`reinforce_surrogate`) with several samples.
+    score_function = False
     mu: nn.Parameter
     frozen: bool
 
@@ -107,6 +113,8 @@ class BernoulliGate(Gate):
     z = [pi >= 0.5].  Offered to compare against, not as a default.
     """
 
+    score_function = True
+
     def __init__(self, size: int, pi_init: float = 0.55, dtype=None):
         super().__init__()
         if size <= 0:
@@ -141,3 +149,20 @@ class BernoulliGate(Gate):
 
     def open_mask(self) -> torch.Tensor:
         return self.mu.detach() >= 0.5
+
+
+def reinforce_surrogate(task_losses: list[torch.Tensor], sizes: list[float], log_probs: list[torch.Tensor],
+                        lam: float) -> torch.Tensor:
+    """REINFORCE-ℓ0's surrogate loss over M samples (supplementary eq. 3).
+
+    Per sample: log P(Z) * (c - b) + J, with c = J + λ·size(Z) held constant and b the
+    mean of c over the M samples (a standard variance reduction). Its gradient is the
+    score-function estimate for the gates plus the ordinary gradient for the weights.
+    """
+    m = len(task_losses)
+    costs = [float(j.detach()) + lam * s for j, s in zip(task_losses, sizes)]
+    base = sum(costs) / m
+    total = 0.0
+    for j, logp, c in zip(task_losses, log_probs, costs):
+        total = total + (logp * (c - base) + j) / m
+    return total

@@ -1,8 +1,13 @@
+import math
+
+import pytest
 import torch
 
 from compressor.config import CompressConfig
+from compressor.controller import SizeMeter, TargetController, planned_ratio
+from compressor.data import TensorLoader
 from compressor.graph import apply, plan, tn_layers
-from compressor.train import SizeMeter, _bound_gates, force_target, reopen_to_target
+from compressor.train import FineTune, cosine_lr, default_epochs
 
 
 def _gated(model, target=4.0):
@@ -12,30 +17,84 @@ def _gated(model, target=4.0):
     return gm, SizeMeter(gm, the_plan.dense_params)
 
 
-def test_force_target_reaches_the_target_by_closing_slices(trained_digits_net):
+def _controller(meter, target, gate_steps=100):
+    return TargetController(meter, target, gate_steps)
+
+
+def test_force_reaches_the_target_by_closing_slices(trained_digits_net):
     gm, meter = _gated(trained_digits_net)
-    target = 2 * meter.ratio()
-    closed = force_target(meter, target)
-    assert closed > 0 and meter.ratio() >= target
+    start = meter.ratio()
+    control = _controller(meter, 2 * start)
+    closed = control.force()
+    assert closed > 0 and meter.ratio() >= 2 * start
+    assert control.forced and control.ratio_before_force == pytest.approx(start)
     for layer in tn_layers(gm).values():
         assert all(g.open_count() >= 1 for g in layer.gates.values())
 
 
-def test_reopen_gives_back_overshoot_without_missing_the_target(trained_digits_net):
+def test_give_back_returns_overshoot_without_missing_the_target(trained_digits_net):
     gm, meter = _gated(trained_digits_net)
     target = 2 * meter.ratio()
-    force_target(meter, 2 * target)  # overshoot on purpose: closed far more than the target needs
+    _controller(meter, 2 * target).force()  # overshoot on purpose: far more closed than the target needs
     before = meter.ratio()
-    reopened = reopen_to_target(meter, target)
+    reopened = _controller(meter, target).give_back()
     assert reopened > 0
     assert target <= meter.ratio() < before
 
 
 def test_gate_means_are_bounded(trained_digits_net):
     gm, meter = _gated(trained_digits_net)
-    layer = next(iter(tn_layers(gm).values()))
-    gate = next(iter(layer.gates.values()))
+    gate = meter.gates()[0]
     with torch.no_grad():
         gate.mu[0], gate.mu[1] = 7.0, -9.0
-    _bound_gates(meter)
-    assert float(gate.mu[0]) == 1.0 + gate.sigma and float(gate.mu[1]) == -1.0
+    _controller(meter, 10.0).bound_gates()
+    assert float(gate.mu[0].detach()) == 1.0 + gate.sigma and float(gate.mu[1].detach()) == -1.0
+
+
+def test_planned_ratio_is_geometric_and_reaches_the_target_early():
+    assert planned_ratio(2.0, 8.0, 0, 100) == pytest.approx(2.0)
+    assert planned_ratio(2.0, 8.0, 40, 100) == pytest.approx(4.0)  # halfway to 80 %: geometric mean
+    assert planned_ratio(2.0, 8.0, 80, 100) == pytest.approx(8.0)
+    assert planned_ratio(2.0, 8.0, 100, 100) == pytest.approx(8.0)
+
+
+def test_update_steers_lambda_then_reports_reached_or_forced(trained_digits_net):
+    gm, meter = _gated(trained_digits_net)
+    control = _controller(meter, 100 * meter.ratio(), gate_steps=20)
+    control.lam = 1.0
+    assert control.update(5) is None and control.lam == 1.0  # lambda moves only every 10 steps
+    assert control.update(10) is None and control.lam == pytest.approx(1.15)  # behind the plan: raised
+    assert control.update(20) == "forced"  # the gate phase is over and the target is far
+    easy = _controller(meter, 1.01)
+    assert easy.update(3) == "reached"
+
+
+def test_calibrate_balances_task_and_penalty_gradients(trained_digits_net, digits):
+    gm, meter = _gated(trained_digits_net)
+    control = _controller(meter, 10.0)
+    x, y = digits[0][:64], digits[1][:64]
+    lam = control.calibrate(lambda: torch.nn.functional.cross_entropy(gm(x), y))
+    assert math.isfinite(lam) and lam > 0 and lam != 1.0 and control.lam == lam
+
+
+def test_schedules():
+    assert cosine_lr(1.0, 0, 100) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 50, 100) == pytest.approx(0.525)
+    assert cosine_lr(1.0, 100, 100) == pytest.approx(0.05)
+    assert default_epochs(10) == 100 and default_epochs(3000) == 2 and default_epochs(500) == 6
+
+
+def test_finetune_freezes_at_the_target_and_keeps_it(trained_digits_net, digits):
+    xtr, ytr = digits[0], digits[1]
+    gm, meter = _gated(trained_digits_net)
+    target = 1.5 * meter.ratio()  # the gates must close slices to get there
+    config = CompressConfig(target=target, rank=16, epochs=2)
+    the_plan = plan(trained_digits_net, config)
+    events = []
+    run = FineTune(gm, None, TensorLoader(xtr, ytr, 64, shuffle=True), config, the_plan.dense_params, events.append)
+    slim, history = run.run()
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and "freeze" in kinds
+    assert history.frozen_at is not None and history.steps == run.total
+    assert not any(layer.gated for layer in tn_layers(slim).values())
+    assert SizeMeter(slim, the_plan.dense_params).ratio() >= target
