@@ -31,10 +31,10 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from compressor.api import select_ranks  # noqa: E402
 from compressor.config import CompressConfig  # noqa: E402
 from compressor.graph import apply, plan, set_training, tn_layers  # noqa: E402
 from compressor.io import load  # noqa: E402
+from compressor.selectors import get_selector  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 
 
@@ -48,9 +48,10 @@ def dense_model():
 
 def gated_model(dense, selector="l0", target=20.0):
     config = CompressConfig(target=target, decomp="tr", rank_select=selector)
+    chosen = get_selector(selector)
     the_plan = plan(dense, config)
-    select_ranks(the_plan, dense, config)
-    return apply(dense, the_plan, config)
+    chosen.prepare(the_plan, dense, config)
+    return apply(dense, the_plan, config, make_gate=chosen.gate_factory(config)).model
 
 
 def ungated(model):

@@ -28,9 +28,10 @@ sys.path.insert(0, str(HERE.parent))
 from compressor import compress, evaluate  # noqa: E402
 from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
+from compressor.selectors import selector_names  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 
-SELECTORS = ["l0", "uniform", "energy", "svd", "reinforce"]
+SELECTORS = list(selector_names())
 
 
 def main() -> None:

@@ -18,8 +18,9 @@ from torch import nn
 from . import graph
 from .config import CompressConfig
 from .errors import DataError, ModelError, TargetError, first_line
-from .graph import CompressionPlan, as_module, count_params, layer_size, set_training, tn_layers
-from .io import META_ATTR
+from .graph import as_module, count_params, set_training, tn_layers
+from .io import SlimInfo, mark_slim
+from .selectors import get_selector, min_params
 from .batches import run_model, split_batch
 from .train import TrainEvent, TrainHistory, finetune
 
@@ -89,50 +90,6 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
     return correct / seen
 
 
-def min_params(the_plan: CompressionPlan, decomp: str) -> int:
-    """Smallest size reachable: every factorized bond at rank 1, everything else dense."""
-    return the_plan.dense_params + sum(min(layer_size(lp, 1, decomp), lp.params_before) - lp.params_before
-                                       for lp in the_plan.layers)
-
-
-RANK_LADDER = (4, 6, 8, 12, 16, 20, 25, 32, 40, 48, 64)
-
-
-def layer_rank_cap(lp, decomp: str) -> int:
-    """Largest ladder rank whose factorization is no bigger than the dense layer.
-
-    Starting bigger than dense only costs time: those parameters would all have to be
-    pruned again before the layer saves anything.
-    """
-    fitting = [r for r in RANK_LADDER if layer_size(lp, r, decomp) <= lp.params_before]
-    return fitting[-1] if fitting else RANK_LADDER[0]
-
-
-def planned_params(the_plan: CompressionPlan, rank: int, decomp: str) -> int:
-    """Model size if every planned layer starts at ``rank`` (capped per layer)."""
-    total = the_plan.dense_params
-    for lp in the_plan.layers:
-        r = lp.rank if lp.rank is not None else min(rank, layer_rank_cap(lp, decomp))
-        total += layer_size(lp, r, decomp) - lp.params_before
-    return total
-
-
-def choose_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> None:
-    """Give every layer without an explicit rank a generous starting rank.
-
-    Generous means: the whole model starts at no more than half the target ratio (the
-    gates then choose which half to drop), but no layer starts bigger than it was.
-    """
-    chosen = RANK_LADDER[-1]
-    for r in RANK_LADDER[4:]:  # at least 16
-        if the_plan.dense_params / planned_params(the_plan, r, decomp) <= target / 2:
-            chosen = r
-            break
-    for lp in the_plan.layers:
-        if lp.rank is None:
-            lp.rank = min(chosen, layer_rank_cap(lp, decomp))
-
-
 def _expected_input(module: nn.Module) -> str:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -188,21 +145,54 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     labels) gives the accuracies in the report.  Returns the slim model and a report.
     """
     started = time.perf_counter()
-    if config is None:
-        kwargs = dict(options)
-        if decomp is not None:
-            kwargs["decomp"] = decomp
-        if target is not None:
-            kwargs["target"] = target
-        config = CompressConfig(**kwargs)
-    elif options or decomp is not None or target is not None:
-        overrides = {**options, **({"decomp": decomp} if decomp else {}),
-                     **({"target": target} if target is not None else {})}
-        config = replace(config, **overrides)
+    config = _resolve_config(config, decomp, target, options)
+    selector = get_selector(config.rank_select)
     module = as_module(model)
     the_plan = graph.plan(module, config)
+    _check_reachable(the_plan, config)
+    selector.prepare(the_plan, module, config)
+    teacher = set_training(copy.deepcopy(module), False)
+    has_labels, _ = check_batch(teacher, loader)
+    dense_acc = evaluate(teacher, eval_loader) if eval_loader is not None else None
+
+    applied = graph.apply(module, the_plan, config, make_gate=selector.gate_factory(config))
+    initial = {name: layer.ranks for name, layer in tn_layers(applied.model).items()}
+    use_teacher = teacher if (not has_labels or config.distill > 0) else None
+    evaluate_fn = (lambda m: evaluate(m, eval_loader)) if eval_loader is not None else None
+    slim, history = finetune(applied.model, use_teacher, loader, config, the_plan.dense_params, callback,
+                             evaluate_fn, keep_factorized=applied.homeless)
+
+    layers = tn_layers(slim)
+    mark_slim(slim, SlimInfo(the_plan.source, the_plan.dense_params,
+                             {s.name: s for s in applied.sites.values() if s.in_graph and s.name in layers},
+                             {"decomp": config.decomp, "target": config.target}))
+    acc = history.epochs[-1]["eval_accuracy"] if history.epochs and eval_loader is not None else None
+    if eval_loader is not None and (acc is None or not history.epochs or history.epochs[-1]["step"] != history.steps):
+        acc = evaluate(slim, eval_loader)
+    params = count_params(slim)
+    report = Report(config.decomp, config.target, the_plan.source, the_plan.dense_params, params,
+                    the_plan.dense_params / params, _layer_reports(the_plan, applied, initial, layers),
+                    [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
+                    dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
+                    history.ratio_before_force, history.epochs)
+    return CompressResult(slim, report, history)
+
+
+def _resolve_config(config: CompressConfig | None, decomp: str | None, target: Any,
+                    options: dict[str, Any]) -> CompressConfig:
+    """One validated config from ``config=`` and/or keyword options (keywords win)."""
+    overrides = {**options, **({"decomp": decomp} if decomp is not None else {}),
+                 **({"target": target} if target is not None else {})}
+    if config is None:
+        return CompressConfig(**overrides)
+    return replace(config, **overrides) if overrides else config
+
+
+def _check_reachable(the_plan: graph.CompressionPlan, config: CompressConfig) -> None:
+    """Fail before any work when nothing can be compressed or the target is out of reach."""
     if not the_plan.layers:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in the_plan.skipped[:4]) or "the model has no Linear, Conv2d or Embedding layer"
+        reasons = ("; ".join(f"{s.name}: {s.reason}" for s in the_plan.skipped[:4])
+                   or "the model has no Linear, Conv2d or Embedding layer")
         raise ModelError(f"no eligible layer to compress ({reasons})")
     smallest = min_params(the_plan, config.decomp)
     best = the_plan.dense_params / smallest
@@ -210,60 +200,17 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
         raise TargetError(
             f"target {config.target:g}x is more than this model can give: at most {best:.1f}x with every factorized "
             f"bond at rank 1 ({smallest} of {the_plan.dense_params} parameters remain)")
-    select_ranks(the_plan, module, config)
-    teacher = set_training(copy.deepcopy(module), False)
-    has_labels, _ = check_batch(teacher, loader)
-    dense_acc = evaluate(teacher, eval_loader) if eval_loader is not None else None
 
-    gated = graph.apply(module, the_plan, config)
-    initial = {name: layer.ranks for name, layer in tn_layers(gated).items()}
-    use_teacher = teacher if (not has_labels or config.distill > 0) else None
-    evaluate_fn = (lambda m: evaluate(m, eval_loader)) if eval_loader is not None else None
-    slim, history = finetune(gated, use_teacher, loader, config, the_plan.dense_params, callback, evaluate_fn,
-                             keep_factorized=getattr(gated, "_compressor_renamed", ()))
 
-    layers = tn_layers(slim)
+def _layer_reports(the_plan: graph.CompressionPlan, applied: graph.Applied, initial: dict[str, list[int]],
+                   layers: dict[str, Any]) -> list[LayerReport]:
+    """One row per planned layer, under the name it has in the slim model."""
     reports = []
     for lp in the_plan.layers:
+        name = applied.sites[lp.name].name
         tz = [list(lp.tensorization[0]), list(lp.tensorization[1])]
-        if lp.name in layers:
-            layer = layers[lp.name]
-            reports.append(LayerReport(lp.name, lp.kind, list(lp.shape), tz, initial[lp.name], layer.ranks,
-                                       lp.params_before, layer.param_count()))
-        else:
-            reports.append(LayerReport(lp.name, lp.kind, list(lp.shape), tz, initial[lp.name], [],
-                                       lp.params_before, lp.params_before, kept_dense=True))
-    params = count_params(slim)
-    setattr(slim, META_ATTR, {
-        "source": the_plan.source,
-        "dense_params": the_plan.dense_params,
-        "attrs": {lp.name: {"weight_attr": lp.weight_attr, "bias_attr": lp.bias_attr}
-                  for lp in the_plan.layers if lp.weight_attr and lp.name in layers},
-        "extra": {"decomp": config.decomp, "target": config.target},
-    })
-    acc = history.epochs[-1]["eval_accuracy"] if history.epochs and eval_loader is not None else None
-    if eval_loader is not None and (acc is None or not history.epochs or history.epochs[-1]["step"] != history.steps):
-        acc = evaluate(slim, eval_loader)
-    report = Report(config.decomp, config.target, the_plan.source, the_plan.dense_params, params,
-                    the_plan.dense_params / params, reports,
-                    [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
-                    dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
-                    history.ratio_before_force, history.epochs)
-    return CompressResult(slim, report, history)
-
-
-def select_ranks(the_plan: CompressionPlan, module: nn.Module, config: CompressConfig) -> None:
-    """Fill in each planned layer's starting ranks according to ``config.rank_select``."""
-    from . import selectors
-
-    sel = config.rank_select
-    if sel == "svd":
-        selectors.svd_layout(the_plan)
-        for lp in the_plan.layers:
-            lp.decomp = "tt"
-    if sel in ("uniform",):
-        selectors.uniform_ranks(the_plan, config.target, config.decomp)
-    elif sel in ("energy", "svd"):
-        selectors.energy_ranks(the_plan, module, config.target, config.decomp)
-    elif config.rank is None:
-        choose_ranks(the_plan, config.target, config.decomp)
+        layer = layers.get(name)
+        final, after = (layer.ranks, layer.param_count()) if layer is not None else ([], lp.params_before)
+        reports.append(LayerReport(name, lp.kind, list(lp.shape), tz, initial[name], final, lp.params_before,
+                                   after, kept_dense=layer is None))
+    return reports

@@ -14,8 +14,9 @@ import json
 import warnings
 import sys
 import time
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import click
 import torch
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .config import CompressConfig
 from .errors import CompressorError, DataError, ModelError
 
 err_console = Console(stderr=True)
@@ -178,90 +180,64 @@ def report_table(report) -> Table:
 
 
 # ------------------------------------------------------------------ compress MODEL
-@main.command("run")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--decomp", default="tr", show_default=True, help="tr (tensor ring) or tt (tensor train)")
-@click.option("--target", required=True, help="compression ratio of the whole model, e.g. 5x (dense params / compressed params)")
-@click.option("--data", "data_spec", required=True,
-              help="fashion-mnist[:DIR], digits, or a .safetensors file with 'inputs' (and optional 'labels')")
-@click.option("--eval-data", type=click.Path(path_type=Path), default=None, help=".safetensors with held-out inputs/labels")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="slim checkpoint to write (default: MODEL name + .slim.safetensors)")
-@click.option("--arch", default=None, help="package.module:factory building the architecture for a state-dict MODEL")
-@click.option("--trust-pickle", is_flag=True, help="allow MODEL to be a pickled module (runs code from the file!)")
-@click.option("--epochs", type=int, default=None, help="fine-tuning epochs (default: chosen from the data size)")
-@click.option("--lambda", "lam", type=float, default=None, help="initial l0 penalty weight (default: calibrated)")
-@click.option("--sigma", type=float, default=0.5, show_default=True, help="gate noise std")
-@click.option("--rank", type=int, default=None, help="initial rank (default: chosen from the target)")
-@click.option("--rank-select", default="l0", show_default=True,
-              help="l0 (learned gates) or a baseline: uniform, energy, svd, reinforce")
-@click.option("--lr", type=float, default=None, help="learning rate of the weights (default 1e-3)")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="overwrite an existing output file")
-@click.option("--export-pt2", is_flag=True, help="also write the slim model as a torch.export program (OUT.pt2)")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG with learned ranks and training curves")
-@click.option("--report-json", type=click.Path(path_type=Path), default=None, help="write the full report as JSON")
-def run(model: Path, decomp: str, target: str, data_spec: str, eval_data: Path | None, output: Path | None,
-        arch: str | None, trust_pickle: bool, epochs: int | None, lam: float | None, sigma: float, rank: int | None,
-        rank_select: str, lr: float | None, batch_size: int, seed: int, force: bool, export_pt2: bool, plot: Path | None,
-        report_json: Path | None) -> None:
-    """Compress MODEL to --target and write a slim safetensors checkpoint."""
-    from .api import compress
-    from .config import CompressConfig
-    from .data import TensorLoader
+class ConfigChoice(click.Choice):
+    """Shows a config field's choices in --help and completions but leaves the verdict to
+    CompressConfig, so the CLI and the API reject a bad name with the same message."""
+
+    def convert(self, value, param, ctx):  # noqa: D102 - click API
+        return value
+
+
+def config_option(name: str, *flags: str, **overrides: Any):
+    """A click option generated from the CompressConfig field ``name`` (help, default, type,
+    choices), so the CLI cannot drift from the API; ``flags`` default to ``--field-name``."""
+    field_ = next(f for f in fields(CompressConfig) if f.name == name)
+    hint = get_type_hints(CompressConfig)[name]
+    kind = next((t for t in (int, float) if t in (get_args(hint) or (hint,))), str)
+    choices = field_.metadata.get("choices")
+    kwargs: dict[str, Any] = {"help": field_.metadata["help"], "type": ConfigChoice(list(choices)) if choices else kind}
+    if field_.default is not MISSING and field_.default is not None and not overrides.get("required"):
+        kwargs.update(default=field_.default, show_default=True)  # None: "the tool chooses", said in the help
+    kwargs.update(overrides)
+    return click.option(*(flags or ("--" + name.replace("_", "-"),)), name, **kwargs)
+
+
+def _check_outputs(model: Path, outputs: list[Path], force: bool) -> None:
+    """Refuse before any work if an output would clobber the input or an existing file."""
+    for out in outputs:
+        if model.exists() and out.resolve() == model.resolve():
+            raise ModelError(f"output {out} is the input model; choose another -o path")
+        if out.exists() and not force:
+            raise ModelError(f"{out} already exists; pass --force to overwrite it")
+        if out.exists() and out.is_dir():
+            raise ModelError(f"{out} is a directory")
+
+
+def _write_outputs(result, output: Path, arch: str | None, example: torch.Tensor, export_pt2: bool,
+                   plot: Path | None, report_json: Path | None) -> list[Path]:
+    """Write the checkpoint and every extra the user asked for; returns what was written."""
     from .io import export_program, save
-    from .modelio import load_model
 
-    try:
-        config = CompressConfig(target=target, decomp=decomp, epochs=epochs, lam=lam, sigma=sigma, rank=rank, lr=lr,
-                                seed=seed, rank_select=rank_select)
-        if batch_size <= 0:
-            raise DataError(f"--batch-size must be positive, got {batch_size}")
-        output = output or Path(model.name.split(".")[0] + ".slim.safetensors")
-        outputs = [output] + ([output.with_suffix(".pt2")] if export_pt2 else []) + ([plot] if plot else [])
-        for out in outputs:
-            if model.exists() and out.resolve() == model.resolve():
-                raise ModelError(f"output {out} is the input model; choose another -o path")
-            if out.exists() and not force:
-                raise ModelError(f"{out} already exists; pass --force to overwrite it")
-            if out.exists() and out.is_dir():
-                raise ModelError(f"{out} is a directory")
-        if plot:
-            from .plot import check_available
+    rep = result.report
+    extra = {"arch": arch} if arch else {}
+    save(result.model, output, extra={**extra, "report": {"accuracy": rep.accuracy, "dense_accuracy": rep.dense_accuracy}})
+    written = [output]
+    if export_pt2:
+        export_program(result.model, example, output.with_suffix(".pt2"))
+        written.append(output.with_suffix(".pt2"))
+    if plot:
+        from .plot import plot_run
 
-            check_available()
-        original = load_model(model, arch=arch, trust_pickle=trust_pickle)
-        data = _load_data(data_spec, str(eval_data) if eval_data else None)
-        xtr, ytr = data["train"]
-        xte, yte = data["test"]
-        train = TensorLoader(xtr, ytr, batch_size, shuffle=True, seed=seed)
-        test = TensorLoader(xte, yte, 512) if yte is not None else None
-        view = ProgressView(err_console)
-        try:
-            result = compress(original, train, config=config, eval_loader=test, callback=view)
-        finally:
-            view.close()
-        rep = result.report
-        extra = {"arch": arch} if arch else {}
-        save(result.model, output, extra={**extra, "report": {"accuracy": rep.accuracy, "dense_accuracy": rep.dense_accuracy}})
-        written = [output]
-        if export_pt2:
-            export_program(result.model, xte[:8], output.with_suffix(".pt2"))
-            written.append(output.with_suffix(".pt2"))
-        if plot:
-            from .plot import plot_run
+        plot_run(rep, plot)
+        written.append(plot)
+    if report_json:
+        report_json.write_text(json.dumps(rep.to_dict(), indent=2))
+        written.append(report_json)
+    return written
 
-            plot_run(rep, plot)
-            written.append(plot)
-        if report_json:
-            report_json.write_text(json.dumps(rep.to_dict(), indent=2))
-            written.append(report_json)
-    except CompressorError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+
+def _print_summary(rep, written: list[Path]) -> None:
+    """Printed only after every file is written, so a failed run never shows a success table."""
     out_console.print(report_table(rep))
     if rep.accuracy is not None:
         out_console.print(f"test accuracy: dense {100 * rep.dense_accuracy:.2f}% → compressed {100 * rep.accuracy:.2f}%"
@@ -270,6 +246,68 @@ def run(model: Path, decomp: str, target: str, data_spec: str, eval_data: Path |
                       + (" — the controller closed extra slices to meet the target" if rep.forced else ""))
     for w in written:
         out_console.print(f"wrote {w} ({w.stat().st_size:,} bytes)")
+
+
+@main.command("run")
+@click.argument("model", type=click.Path(path_type=Path))
+@config_option("decomp")
+@config_option("target", required=True)
+@click.option("--data", "data_spec", required=True,
+              help="fashion-mnist[:DIR], digits, or a .safetensors file with 'inputs' (and optional 'labels')")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None, help=".safetensors with held-out inputs/labels")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="slim checkpoint to write (default: MODEL name + .slim.safetensors)")
+@click.option("--arch", default=None, help="package.module:factory building the architecture for a state-dict MODEL")
+@click.option("--trust-pickle", is_flag=True, help="allow MODEL to be a pickled module (runs code from the file!)")
+@config_option("epochs")
+@config_option("lam", "--lambda")
+@config_option("sigma")
+@config_option("rank")
+@config_option("rank_select")
+@config_option("lr")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="training batch size")
+@config_option("seed")
+@click.option("--force", is_flag=True, help="overwrite an existing output file")
+@click.option("--export-pt2", is_flag=True, help="also write the slim model as a torch.export program (OUT.pt2)")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG with learned ranks and training curves")
+@click.option("--report-json", type=click.Path(path_type=Path), default=None, help="write the full report as JSON")
+def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None, arch: str | None,
+        trust_pickle: bool, batch_size: int, force: bool, export_pt2: bool, plot: Path | None,
+        report_json: Path | None, **settings: Any) -> None:
+    """Compress MODEL to --target and write a slim safetensors checkpoint."""
+    from .api import compress
+    from .data import TensorLoader
+    from .modelio import load_model
+
+    try:
+        config = CompressConfig(**settings)  # the config options above: validated once, here
+        if batch_size <= 0:
+            raise DataError(f"--batch-size must be positive, got {batch_size}")
+        output = output or Path(model.name.split(".")[0] + ".slim.safetensors")
+        _check_outputs(model, [output] + ([output.with_suffix(".pt2")] if export_pt2 else []) + ([plot] if plot else []),
+                       force)
+        if plot:
+            from .plot import check_available
+
+            check_available()
+        original = load_model(model, arch=arch, trust_pickle=trust_pickle)
+        data = _load_data(data_spec, str(eval_data) if eval_data else None)
+        xtr, ytr = data["train"]
+        xte, yte = data["test"]
+        train = TensorLoader(xtr, ytr, batch_size, shuffle=True, seed=config.seed)
+        test = TensorLoader(xte, yte, 512) if yte is not None else None
+        view = ProgressView(err_console)
+        try:
+            result = compress(original, train, config=config, eval_loader=test, callback=view)
+        finally:
+            view.close()
+        written = _write_outputs(result, output, arch, xte[:8], export_pt2, plot, report_json)
+    except CompressorError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    _print_summary(result.report, written)
 
 
 # ------------------------------------------------------------------ inspect
@@ -281,7 +319,7 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
     from safetensors.torch import load_file
 
     from .io import read_metadata
-    from .tensornet import param_count
+    from .layers import TNLayer
 
     try:
         meta = read_metadata(checkpoint)
@@ -302,12 +340,10 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
         t.add_column(col)
     for name, entry in meta["layers"].items():
         s = entry["spec"]
-        modes = [m for key in ("in_modes", "vocab_modes") if key in s for m in s[key]]
-        if s["kind"] == "conv2d":
-            k = s["kernel_size"][0] * s["kernel_size"][1]
-            modes += [k] if k > 1 else []
-        modes += [m for key in ("out_modes", "dim_modes") if key in s for m in s[key]]
-        n = param_count(modes, s["ranks"])
+        try:
+            modes, n = TNLayer.spec_size(s)  # the layer class knows its own modes (merge_spatial convs too)
+        except (CompressorError, KeyError, TypeError, ValueError) as exc:
+            _fail(ModelError(f"{checkpoint}: layer {name!r} has an unreadable spec ({exc})"))
         t.add_row(name, s["kind"], s["decomp"], _fmt_ranks(modes), _fmt_ranks(s["ranks"]), f"{n:,}")
     out_console.print(t)
     acc = meta.get("extra", {}).get("report", {}).get("accuracy")

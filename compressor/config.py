@@ -7,15 +7,15 @@ fails in milliseconds with a one-line message instead of after minutes of fine-t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from .errors import ConfigError, TargetError
+from .selectors import DEFAULT_SELECTOR, RankSelector
 from .tensornet import DECOMPS
 
-RANK_SELECTORS = ("l0", "uniform", "energy", "reinforce", "svd")
 PENALTIES = ("params", "count")
 DISTILL_LOSSES = ("auto", "kl", "mse")
 
@@ -44,104 +44,133 @@ def parse_target(target: Any) -> float:
 FilterFn = Callable[[nn.Module, str], bool]
 
 
+# Checks named in a field's metadata: ``check(label, value)`` raises ConfigError, where
+# ``label`` is how the message names the option (the field name unless metadata says otherwise).
+def positive(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{label} must be a number > 0, got {value!r}")
+
+
+def positive_int(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{label} must be a positive integer, got {value!r}")
+
+
+def non_negative_int(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{label} must be a non-negative integer, got {value!r}")
+
+
+def non_negative(label: str, value: Any) -> None:
+    if value < 0:
+        raise ConfigError(f"{label} must be >= 0, got {value}")
+
+
+def finite_non_negative(label: str, value: Any) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"{label} must be >= 0, got {value}")
+
+
+def unit_fraction(label: str, value: Any) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{label} must be in (0, 1], got {value}")
+
+
+def layer_filter(label: str, value: Any) -> None:
+    if not callable(value):
+        raise ConfigError(f"{label} must be callable as {label}(module, fqn) -> bool")
+
+
+def rank_map(label: str, value: Any) -> None:
+    for name, rank in value.items():
+        ranks = [rank] if isinstance(rank, int) else list(rank)
+        if not ranks or any(not isinstance(r, int) or r <= 0 for r in ranks):
+            raise ConfigError(f"{label}[{name!r}] must be positive integers, got {rank!r}")
+
+
 @dataclass
 class CompressConfig:
     """Options of :func:`compressor.compress`; ``None`` means "the tool chooses".
 
-    target: compression ratio to reach, counted on the whole model (all parameters,
-        biases and untouched layers included): dense params / compressed params.
-    decomp: ``"tr"`` (tensor ring) or ``"tt"`` (tensor train).
-    rank: generous initial bond size (the gates then learn how much of it to keep);
-        ``None`` picks the smallest of 16..64 whose model is at most half the target size
-        ratio, so the gates always have room to choose.
-    sigma: gate noise std (METHOD.md: 0.5 works best).
-    lam: weight of the l0 penalty at the start; the target controller adapts it.
-    rank_select: ``"l0"`` (learned gates, the method), or a baseline: ``"uniform"`` (one rank
-        for all), ``"energy"`` (singular-value energy), ``"svd"`` (two low-rank factors per
-        weight), ``"reinforce"`` (Bernoulli gates trained by REINFORCE, M samples per step).
-    penalty: ``"params"`` weighs each slice by the parameters it costs (aims straight at a
-        size target); ``"count"`` is the paper's plain sum of Phi(mu/sigma).
-    epochs: total fine-tuning epochs (gate phase + weight-only phase).
-    gate_fraction: share of the budget in which the gates may move; the target is
-        enforced by the end of it at the latest.
-    lr / gate_lr: Adam learning rates of cores (and other weights) and of gate means.
-    distill: weight of distillation from the original model when labels exist (0 = off);
-        without labels the run always distils.
-    distill_loss: ``"kl"`` on logits, ``"mse"`` on outputs, or ``"auto"`` (KL for 2-D outputs).
-    min_params: layers whose weight has fewer entries stay dense.
-    filter_fn: ``filter_fn(module, fqn) -> bool`` narrows which layers are compressed.
-    tensorization: per-layer override, ``{fqn: (in_modes, out_modes)}``.
-    layer_ranks: per-layer initial rank override, ``{fqn: int or [bond sizes]}``.
+    Each field documents and validates itself through its metadata (peft-style):
+    ``help`` (also the CLI help), ``choices`` (the allowed names), ``check`` (a function
+    above), ``convert`` (normalises the value first) and ``label`` (the name used in
+    messages). Everything is checked here, before any model is touched.
     """
 
-    target: Any = 5.0
-    decomp: str = "tr"
-    rank: int | None = None
-    sigma: float = 0.5
-    lam: float | None = None
-    penalty: str = "params"
-    rank_select: str = "l0"
-    reinforce_samples: int = 5
-    epochs: int | None = None
-    max_steps: int | None = None
-    gate_fraction: float = 0.5
-    lr: float | None = None
-    gate_lr: float = 0.05
-    weight_decay: float = 0.0
-    distill: float = 0.0
-    distill_loss: str = "auto"
-    temperature: float = 1.0
-    min_params: int = 1000
-    filter_fn: FilterFn | None = None
-    tensorization: dict[str, tuple[Sequence[int], Sequence[int]]] = field(default_factory=dict)
-    layer_ranks: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    log_every: int = 20
+    target: Any = field(default=5.0, metadata={
+        "help": "compression ratio of the whole model, e.g. 5x (dense params / compressed params, "
+                "all parameters, biases and untouched layers included)",
+        "convert": parse_target})
+    decomp: str = field(default="tr", metadata={
+        "help": "tr (tensor ring) or tt (tensor train)", "choices": DECOMPS, "label": "decomposition"})
+    rank: int | None = field(default=None, metadata={
+        "help": "generous initial rank; the gates learn how much of it to keep (default: the smallest of "
+                "16..64 whose model is at most half the target ratio, so the gates have room to choose)",
+        "check": positive_int})
+    sigma: float = field(default=0.5, metadata={
+        "help": "gate noise std (0.5 works best in the IJCAI 2024 paper)", "check": positive})
+    lam: float | None = field(default=None, metadata={
+        "help": "initial l0 penalty weight; the target controller adapts it (default: calibrated)",
+        "check": finite_non_negative, "label": "lambda"})
+    penalty: str = field(default="params", metadata={
+        "help": "params weighs each gate by the parameters it costs (aims straight at a size target); "
+                "count is the paper's plain sum of Phi(mu/sigma)",
+        "choices": PENALTIES})
+    rank_select: str = field(default=DEFAULT_SELECTOR, metadata={
+        "help": "how ranks are chosen: " + "; ".join(f"{name}: {s.help}" for name, s in RankSelector.registry.items()),
+        "choices": RankSelector.registry.keys(), "label": "rank selector"})
+    reinforce_samples: int = field(default=5, metadata={
+        "help": "samples per step of the reinforce baseline"})
+    epochs: int | None = field(default=None, metadata={
+        "help": "fine-tuning epochs, gate phase + weight-only phase (default: chosen from the data size)",
+        "check": non_negative_int})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "stop after this many optimizer steps, whatever the epochs (default: no limit)",
+        "check": positive_int})
+    gate_fraction: float = field(default=0.5, metadata={
+        "help": "share of the budget in which the gates may move; the target is met by its end at the latest",
+        "check": unit_fraction})
+    lr: float | None = field(default=None, metadata={
+        "help": "Adam learning rate of the cores and other weights (default 1e-3)", "check": positive})
+    gate_lr: float = field(default=0.05, metadata={
+        "help": "Adam learning rate of the gate means", "check": positive})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "weight decay of the cores and other weights", "check": non_negative})
+    distill: float = field(default=0.0, metadata={
+        "help": "weight of distillation from the original model when labels exist (0 = off); "
+                "without labels the run always distils",
+        "check": finite_non_negative, "label": "distill weight"})
+    distill_loss: str = field(default="auto", metadata={
+        "help": "kl on logits, mse on outputs, or auto (KL for 2-D outputs)",
+        "choices": DISTILL_LOSSES, "label": "distillation loss"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "softmax temperature of the KL distillation loss", "check": positive})
+    min_params: int = field(default=1000, metadata={
+        "help": "layers whose weight has fewer entries stay dense", "check": non_negative})
+    filter_fn: FilterFn | None = field(default=None, metadata={
+        "help": "filter_fn(module, fqn) -> bool narrows which layers are compressed", "check": layer_filter})
+    tensorization: dict[str, tuple[Sequence[int], Sequence[int]]] = field(default_factory=dict, metadata={
+        "help": "per-layer tensorization override, {fqn: (in_modes, out_modes)}"})
+    layer_ranks: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "per-layer initial rank override, {fqn: int or [bond sizes]}", "check": rank_map})
+    seed: int = field(default=0, metadata={
+        "help": "random seed of the run (the CLI also shuffles the training data with it)"})
+    log_every: int = field(default=20, metadata={
+        "help": "steps between progress events"})
 
     def __post_init__(self):
-        self.target = parse_target(self.target)
-        if self.decomp not in DECOMPS:
-            raise ConfigError(f"unknown decomposition {self.decomp!r}; choose 'tr' (tensor ring) or 'tt' (tensor train)")
-        if self.rank_select not in RANK_SELECTORS:
-            raise ConfigError(f"unknown rank selector {self.rank_select!r}; choose one of {', '.join(RANK_SELECTORS)}")
-        if self.penalty not in PENALTIES:
-            raise ConfigError(f"unknown penalty {self.penalty!r}; choose one of {', '.join(PENALTIES)}")
-        if self.distill_loss not in DISTILL_LOSSES:
-            raise ConfigError(f"unknown distillation loss {self.distill_loss!r}; choose one of {', '.join(DISTILL_LOSSES)}")
-        if self.rank is not None:
-            _positive_int("rank", self.rank)
-        _positive("sigma", self.sigma)
-        _positive("gate_lr", self.gate_lr)
-        _positive("temperature", self.temperature)
-        if self.lam is not None and not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ConfigError(f"lambda must be >= 0, got {self.lam}")
-        if self.lr is not None:
-            _positive("lr", self.lr)
-        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0):
-            raise ConfigError(f"epochs must be a non-negative integer, got {self.epochs!r}")
-        if self.max_steps is not None:
-            _positive_int("max_steps", self.max_steps)
-        if not 0.0 < self.gate_fraction <= 1.0:
-            raise ConfigError(f"gate_fraction must be in (0, 1], got {self.gate_fraction}")
-        if not (self.distill >= 0 and math.isfinite(self.distill)):
-            raise ConfigError(f"distill weight must be >= 0, got {self.distill}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.min_params < 0:
-            raise ConfigError(f"min_params must be >= 0, got {self.min_params}")
-        if self.filter_fn is not None and not callable(self.filter_fn):
-            raise ConfigError("filter_fn must be callable as filter_fn(module, fqn) -> bool")
-        for name, rank in self.layer_ranks.items():
-            ranks = [rank] if isinstance(rank, int) else list(rank)
-            if not ranks or any(not isinstance(r, int) or r <= 0 for r in ranks):
-                raise ConfigError(f"layer_ranks[{name!r}] must be positive integers, got {rank!r}")
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        """Validate every field from its own metadata, so a rule is written once, next to its help."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue  # "the tool chooses"
+            meta, label = f.metadata, f.metadata.get("label", f.name)
+            if "convert" in meta:
+                value = meta["convert"](value)
+                setattr(self, f.name, value)
+            choices = meta.get("choices")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"unknown {label} {value!r}; choose one of {', '.join(choices)}")
+            if "check" in meta:
+                meta["check"](label, value)

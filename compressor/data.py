@@ -18,7 +18,8 @@ from typing import Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .errors import DataError, require_file
+from .errors import DataError, first_line
+from .files import read_safetensors
 
 __all__ = [
     "FASHION_MNIST_ENV",
@@ -109,7 +110,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         else:
             raw = path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}") from None
+        raise DataError(f"cannot read IDX file {path}: {first_line(exc)}") from None
     if len(raw) < 4:
         raise DataError(f"IDX file {path} is truncated (only {len(raw)} bytes)")
     found = int.from_bytes(raw[:4], "big")
@@ -193,6 +194,9 @@ def load_digits_data() -> Tuple[torch.Tensor, torch.Tensor]:
 _INTEGER_DTYPES = (
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
 )
+_NOT_SAFETENSORS_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".npz", ".npy", ".bin"}
+_SAVE_HINT = (" (pickled/numpy files are not read: save a dict {'inputs': ..., 'labels': ...} "
+              "with safetensors.torch.save_file)")
 
 
 def load_tensor_file(path: PathLike) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -203,20 +207,9 @@ def load_tensor_file(path: PathLike) -> Tuple[torch.Tensor, Optional[torch.Tenso
     never be able to run code (pickle can). float64 inputs (numpy's default) are turned
     into float32, the dtype models are trained in; labels become int64.
     """
-    p = require_file(path, DataError, "data file")
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - very old safetensors
-        SafetensorError = RuntimeError  # type: ignore[assignment,misc]
-    try:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(p))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        hint = ""
-        if p.suffix.lower() in {".pt", ".pth", ".pkl", ".pickle", ".npz", ".npy", ".bin"}:
-            hint = " (pickled/numpy files are not read: save a dict {'inputs': ..., 'labels': ...} with safetensors.torch.save_file)"
-        raise DataError(f"cannot read data file {p}: not a valid safetensors file ({exc}){hint}") from None
+    p = Path(path).expanduser()
+    hint = _SAVE_HINT if p.suffix.lower() in _NOT_SAFETENSORS_SUFFIXES else ""
+    tensors = read_safetensors(p, DataError, "data file", hint=hint)
     if "inputs" not in tensors:
         keys = ", ".join(sorted(tensors)) or "none"
         raise DataError(

@@ -40,13 +40,15 @@ class CheckpointError(CompressorError):
     """A slim checkpoint is missing, corrupted, or does not match the base architecture."""
 
 
-def require_file(path, error: type[CompressorError], what: str):
-    """``Path(path)`` if it names an existing regular file, else ``error`` saying which of the two failed."""
-    from pathlib import Path
+def first_line(exc: BaseException, limit: int = 300, *, with_type: bool = False) -> str:
+    """The first line of ``exc``'s message (at most ``limit`` characters), to quote in a one-line error.
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise error(f"{what} {p} does not exist")
-    if p.is_dir():
-        raise error(f"{what} {p} is a directory, not a file")
-    return p
+    Library exceptions often carry a multi-line dump; the user needs its headline. An empty
+    message falls back to the exception's type name; ``with_type`` prefixes that name.
+    """
+    text = str(exc).strip()
+    name = type(exc).__name__
+    if not text:
+        return name
+    line = text.splitlines()[0][:limit]
+    return f"{name}: {line}" if with_type else line

@@ -10,7 +10,8 @@ Two kinds of model are understood:
   ``aten.conv2d`` / ``aten.embedding`` calls on parameters are found in the graph and
   replaced by ``call_module`` nodes of the factorized layer.
 
-``plan`` never mutates anything; ``apply`` works on the copy it is given.
+``plan`` and ``apply`` mutate nothing they are given: ``apply`` returns a new model and
+where each layer went (:class:`Applied`).
 """
 
 from __future__ import annotations
@@ -20,24 +21,22 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import fx, nn
 
 from . import tensornet as tn
-from .config import CompressConfig
 from .errors import CompressorError, ModelError
-from .layers import REPLACEMENTS, TNConv2d, TNEmbedding, TNLayer
+from .layers import TNLayer, aten_layers, layer_class, layer_class_for
+
+if TYPE_CHECKING:  # the config names selectors, whose module builds on this one
+    from .config import CompressConfig
 
 log = logging.getLogger(__name__)
 
-ATEN_KINDS = {
-    torch.ops.aten.linear.default: "linear",
-    torch.ops.aten.conv2d.default: "conv2d",
-    torch.ops.aten.embedding.default: "embedding",
-}
-KIND_OF_MODULE = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+#: ``make_gate(size, dtype)``: the gate a selector puts on a bond of ``size`` slices.
+MakeGate = Callable[[int, torch.dtype], nn.Module]
 
 
 @dataclass
@@ -98,7 +97,7 @@ def set_training(module: nn.Module, mode: bool) -> nn.Module:
 def is_graph_model(module: nn.Module) -> bool:
     """True for a GraphModule whose graph calls aten ops directly (a torch.export program)."""
     return isinstance(module, fx.GraphModule) and any(
-        n.op == "call_function" and n.target in ATEN_KINDS for n in module.graph.nodes
+        n.op == "call_function" and n.target in aten_layers() for n in module.graph.nodes
     )
 
 
@@ -112,34 +111,10 @@ def count_params(module: nn.Module) -> int:
     return total
 
 
-# ------------------------------------------------------------------ dense stand-ins
-def _standin(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, args: dict[str, Any]) -> nn.Module:
-    """A real nn.Linear/Conv2d/Embedding sharing the graph's tensors (for from_dense)."""
-    if kind == "linear":
-        m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    elif kind == "conv2d":
-        m = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), stride=args.get("stride", 1),
-                      padding=args.get("padding", 0), dilation=args.get("dilation", 1),
-                      groups=args.get("groups", 1), bias=bias is not None, device="meta")
-    else:
-        pad = args.get("padding_idx", -1)
-        m = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=None if pad in (-1, None) else pad, device="meta")
-    m.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    if bias is not None:
-        m.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return m
-
-
+# ------------------------------------------------------------------ aten calls
 def _aten_args(node: fx.Node) -> dict[str, Any]:
-    kind = ATEN_KINDS[node.target]
-    names = {
-        "linear": ["input", "weight", "bias"],
-        "conv2d": ["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
-        "embedding": ["weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse"],
-    }[kind]
-    out = dict(zip(names, node.args))
-    out.update(node.kwargs)
-    return out
+    """An aten call's arguments by name (the layer class knows the op's signature)."""
+    return aten_layers()[node.target].aten_args(node)
 
 
 def _get_attr(root: nn.Module, target: str) -> torch.Tensor:
@@ -153,11 +128,15 @@ def _get_attr(root: nn.Module, target: str) -> torch.Tensor:
 @dataclass
 class _Candidate:
     name: str
-    kind: str
+    cls: type[TNLayer]  # the factorized layer that would replace it
     module: nn.Module  # real module or stand-in
     weight_attr: str | None = None
     bias_attr: str | None = None
     node: fx.Node | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.cls.kind
 
 
 def _module_candidates(model: nn.Module) -> tuple[list[_Candidate], str]:
@@ -175,20 +154,20 @@ def _module_candidates(model: nn.Module) -> tuple[list[_Candidate], str]:
         called, source = None, "module-walk"
     cands = []
     for name, mod in model.named_modules():
-        kind = KIND_OF_MODULE.get(type(mod))
-        if kind is None or (called is not None and name not in called):
+        cls = layer_class_for(mod)
+        if cls is None or (called is not None and name not in called):
             continue
-        cands.append(_Candidate(name, kind, mod))
+        cands.append(_Candidate(name, cls, mod))
     return cands, source
 
 
 def _graph_candidates(gm: fx.GraphModule) -> list[_Candidate]:
     cands = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in ATEN_KINDS:
+        if node.op != "call_function" or node.target not in aten_layers():
             continue
-        kind = ATEN_KINDS[node.target]
-        args = _aten_args(node)
+        cls = aten_layers()[node.target]
+        args = cls.aten_args(node)
         w, b = args.get("weight"), args.get("bias")
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
             continue  # weight computed at run time: nothing to factorize
@@ -197,43 +176,15 @@ def _graph_candidates(gm: fx.GraphModule) -> list[_Candidate]:
         weight = _get_attr(gm, w.target)
         bias = _get_attr(gm, b.target) if b is not None else None
         name = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target.replace(".", "_")
-        stand = _standin(kind, weight, bias, args)
-        cands.append(_Candidate(name, kind, stand, w.target, b.target if b is not None else None, node))
+        stand = cls.standin(weight, bias, args)
+        cands.append(_Candidate(name, cls, stand, w.target, b.target if b is not None else None, node))
     return cands
 
 
 # ------------------------------------------------------------------ planning
-def _tensorization(cand: _Candidate, config: CompressConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    m = cand.module
-    override = config.tensorization.get(cand.name)
-    if cand.kind == "embedding":
-        from .layers import padded_factorization
-
-        v, d = m.weight.shape
-        if override:
-            return tuple(override[0]), tn.check_modes(override[1], d, "embedding size")
-        return padded_factorization(v), tn.factorize(d)
-    if cand.kind == "linear":
-        dims = (m.weight.shape[1], m.weight.shape[0])
-    else:
-        dims = (m.weight.shape[1], m.weight.shape[0])
-    if override:
-        return tn.check_modes(override[0], dims[0], "input size"), tn.check_modes(override[1], dims[1], "output size")
-    return tn.factorize(dims[0]), tn.factorize(dims[1])
-
-
-def _modes_of(kind: str, shape: tuple[int, ...], tz: tuple[tuple[int, ...], tuple[int, ...]],
-              merge_spatial: bool = False) -> tuple[int, ...]:
-    if kind == "conv2d":
-        from .layers import conv_modes
-
-        return conv_modes(tz[0], math.prod(shape[2:]), tz[1], merge_spatial)
-    return tuple(m for m in tz[0] + tz[1] if m > 1)
-
-
 def plan_modes(lp: LayerPlan) -> tuple[int, ...]:
     """Core modes the planned layer will have."""
-    return _modes_of(lp.kind, lp.shape, lp.tensorization, lp.merge_spatial)
+    return layer_class(lp.kind).core_modes(lp.shape, lp.tensorization, lp.merge_spatial)
 
 
 def layer_size(lp: LayerPlan, ranks: Any, decomp: str) -> int:
@@ -271,8 +222,8 @@ def plan(model: Any, config: CompressConfig) -> CompressionPlan:
         skip = _skip_reason(c, config, owners)
         if skip is None:
             try:
-                tz = _tensorization(c, config)
-                modes = _modes_of(c.kind, shape, tz)
+                tz = c.cls.tensorization(shape, config.tensorization.get(c.name))
+                modes = c.cls.core_modes(shape, tz)
                 if len(modes) < 2:
                     skip = f"shape {shape} gives a single mode {modes}: nothing to factorize"
             except CompressorError as exc:
@@ -295,48 +246,79 @@ def _skip_reason(c: _Candidate, config: CompressConfig, owners: dict[int, list[s
         return "excluded by filter_fn"
     if len(owners[id(m.weight)]) > 1:
         return f"weight shared with {', '.join(n for n in owners[id(m.weight)] if n != c.name)} (tied weights stay dense)"
-    if c.kind == "conv2d":
-        if m.groups != 1:
-            return f"grouped convolution (groups={m.groups}) is not supported"
-        if m.padding_mode != "zeros":
-            return f"padding_mode={m.padding_mode!r} is not supported"
-    if c.kind == "embedding" and (m.max_norm is not None or m.sparse):
-        return "embedding with max_norm or sparse gradients is not supported"
+    unsupported = c.cls.unsupported_reason(m)
+    if unsupported is not None:
+        return unsupported
     if m.weight.numel() < config.min_params and c.name not in config.tensorization and c.name not in config.layer_ranks:
         return f"too small to gain ({m.weight.numel()} weights < min_params={config.min_params})"
     return None
 
 
 # ------------------------------------------------------------------ applying
+@dataclass(frozen=True)
+class Site:
+    """Where a factorized layer lives: its module path and, in a ``torch.export`` graph,
+    the parameter attributes its aten call read (they tell the checkpoint loader which
+    call to replace in the base program)."""
+
+    name: str
+    weight_attr: str | None = None
+    bias_attr: str | None = None
+
+    @property
+    def in_graph(self) -> bool:
+        return self.weight_attr is not None
+
+
+@dataclass
+class Applied:
+    """What :func:`apply` did: the new model, and where each planned layer went.
+
+    ``sites`` maps a plan's layer name to its site; a graph layer whose name was taken by
+    a module holding other tensors lives under a new name (``fc1_tn``). Such a layer has
+    no dense home in the model, so it must stay factorized (:attr:`homeless`).
+    """
+
+    model: nn.Module
+    sites: dict[str, Site] = field(default_factory=dict)
+
+    @property
+    def homeless(self) -> set[str]:
+        return {site.name for name, site in self.sites.items() if site.name != name}
+
+
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
 
 
-def _graph_swap(gm: fx.GraphModule, lp: LayerPlan, layer: nn.Module) -> None:
-    """Replace the aten call reading ``lp.weight_attr`` by a call to ``layer``."""
-    node = next(
-        (n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATEN_KINDS
-         and isinstance(_aten_args(n).get("weight"), fx.Node) and _aten_args(n)["weight"].target == lp.weight_attr),
-        None,
-    )
-    if node is None:
-        raise ModelError(f"layer {lp.name!r} ({lp.weight_attr}) is not in this graph")
-    args = _aten_args(node)
-    x = args["indices"] if lp.kind == "embedding" else args["input"]
-    set_submodule(gm, lp.name, layer)
+def _aten_node(gm: fx.GraphModule, weight_attr: str) -> fx.Node:
+    """The aten call that reads the parameter ``weight_attr``."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in aten_layers():
+            weight = _aten_args(n).get("weight")
+            if isinstance(weight, fx.Node) and weight.target == weight_attr:
+                return n
+    raise ModelError(f"no Linear, Conv2d or Embedding call in this graph reads {weight_attr!r}")
+
+
+def _graph_swap(gm: fx.GraphModule, site: Site, layer: TNLayer) -> None:
+    """Replace the aten call reading ``site.weight_attr`` by a call to ``layer``."""
+    node = _aten_node(gm, site.weight_attr)
+    x = _aten_args(node)[layer.aten_input]
+    set_submodule(gm, site.name, layer)
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(lp.name, (x,))
+        new = gm.graph.call_module(site.name, (x,))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     for n in list(gm.graph.nodes):
-        if n.op == "get_attr" and n.target in (lp.weight_attr, lp.bias_attr) and not n.users:
+        if n.op == "get_attr" and n.target in (site.weight_attr, site.bias_attr) and not n.users:
             gm.graph.erase_node(n)
     # The dense tensors must leave the model, or they would still be saved and counted.
-    for attr in (lp.weight_attr, lp.bias_attr):
-        if attr and attr.rpartition(".")[0] != lp.name:
+    for attr in (site.weight_attr, site.bias_attr):
+        if attr and attr.rpartition(".")[0] != site.name:
             owner_name, _, leaf = attr.rpartition(".")
             owner = gm.get_submodule(owner_name) if owner_name else gm
             if hasattr(owner, leaf) and not any(n.op == "get_attr" and n.target == attr for n in gm.graph.nodes):
@@ -345,65 +327,68 @@ def _graph_swap(gm: fx.GraphModule, lp: LayerPlan, layer: nn.Module) -> None:
     gm.recompile()
 
 
-def _module_name_free(gm: nn.Module, lp: LayerPlan) -> bool:
-    """The graph keeps ``fc1.weight`` in a plain container module ``fc1``: may we replace it?"""
+def _graph_site(gm: nn.Module, lp: LayerPlan) -> Site:
+    """``lp``'s site in a graph: its own name when the module there holds only the dense
+    layer's tensors (``fc1`` keeping ``fc1.weight``), else a fresh ``<name>_tn``."""
+    site = Site(lp.name, lp.weight_attr, lp.bias_attr)
     try:
         owner = gm.get_submodule(lp.name)
     except AttributeError:
-        return True
+        return site
     own = {n for n, _ in owner.named_parameters()} | {n for n, _ in owner.named_buffers()}
     allowed = {lp.weight_attr.rpartition(".")[2]} | ({lp.bias_attr.rpartition(".")[2]} if lp.bias_attr else set())
-    return own <= allowed and not list(owner.children())
+    if own <= allowed and not list(owner.children()):
+        return site
+    return Site(lp.name + "_tn", lp.weight_attr, lp.bias_attr)
 
 
-def build_layer(lp: LayerPlan, source_module: nn.Module | None, config: CompressConfig,
-                generator: torch.Generator | None) -> TNLayer:
-    cls = {"linear": REPLACEMENTS[nn.Linear], "conv2d": TNConv2d, "embedding": TNEmbedding}[lp.kind]
+def _dense_source(module: nn.Module, lp: LayerPlan) -> nn.Module:
+    """The dense module ``lp`` starts from (a stand-in sharing the tensors, for a graph)."""
+    if lp.weight_attr is None:
+        return module.get_submodule(lp.name)
+    args = _aten_args(_aten_node(module, lp.weight_attr))
+    bias = _get_attr(module, lp.bias_attr) if lp.bias_attr else None
+    return layer_class(lp.kind).standin(_get_attr(module, lp.weight_attr), bias, args)
+
+
+def build_layer(lp: LayerPlan, source_module: nn.Module, config: CompressConfig,
+                generator: torch.Generator | None, make_gate: MakeGate | None = None) -> TNLayer:
+    """The factorized layer for ``lp``, cores initialised from ``source_module``'s weight."""
     extra = {"merge_spatial": True} if lp.merge_spatial else {}
-    layer = cls.from_dense(source_module, lp.decomp or config.decomp, lp.rank, lp.tensorization, gated=True,
-                           sigma=config.sigma, generator=generator, **extra)
-    if config.rank_select == "reinforce":
-        from .gates import BernoulliGate
-
-        layer.set_gates_(lambda size: BernoulliGate(size, dtype=layer.cores[0].dtype))
+    layer = layer_class(lp.kind).from_dense(source_module, lp.decomp or config.decomp, lp.rank, lp.tensorization,
+                                            gated=False, sigma=config.sigma, generator=generator, **extra)
+    if make_gate is not None:
+        dtype = layer.cores[0].dtype
+        layer.set_gates_(lambda size: make_gate(size, dtype))
     return layer
 
 
-def apply(model: Any, the_plan: CompressionPlan, config: CompressConfig,
-          progress: Callable[[str, int, int], None] | None = None) -> nn.Module:
-    """Return a copy of ``model`` with every planned layer replaced by a gated factorized one."""
+def apply(model: Any, the_plan: CompressionPlan, config: CompressConfig, make_gate: MakeGate | None = None,
+          progress: Callable[[str, int, int], None] | None = None) -> Applied:
+    """A copy of ``model`` with every planned layer replaced by a factorized one.
+
+    ``make_gate(size, dtype)`` puts a gate on every bond (None: ungated layers, for
+    selectors whose ranks are final). Neither ``model`` nor ``the_plan`` is changed.
+    """
     module = copy.deepcopy(as_module(model))
     gen = torch.Generator().manual_seed(config.seed)
-    graph = the_plan.source == "graph"
+    applied = Applied(module)
     for i, lp in enumerate(the_plan.layers):
         if progress:
             progress(lp.name, i, len(the_plan.layers))
-        if graph:
-            args = {}
-            node = next(n for n in module.graph.nodes if n.op == "call_function" and n.target in ATEN_KINDS
-                        and isinstance(_aten_args(n).get("weight"), fx.Node)
-                        and _aten_args(n)["weight"].target == lp.weight_attr)
-            args = _aten_args(node)
-            weight = _get_attr(module, lp.weight_attr)
-            bias = _get_attr(module, lp.bias_attr) if lp.bias_attr else None
-            source = _standin(lp.kind, weight, bias, args)
-            layer = build_layer(lp, source, config, gen)
-            if not _module_name_free(module, lp):
-                lp.name = lp.name + "_tn"
-                module._compressor_renamed = getattr(module, "_compressor_renamed", ()) + (lp.name,)
-            swap_in(module, lp, layer, graph=True)
-        else:
-            layer = build_layer(lp, module.get_submodule(lp.name), config, gen)
-            swap_in(module, lp, layer, graph=False)
-    return module
+        layer = build_layer(lp, _dense_source(module, lp), config, gen, make_gate)
+        site = _graph_site(module, lp) if lp.weight_attr is not None else Site(lp.name)
+        swap_in(module, site, layer)
+        applied.sites[lp.name] = site
+    return applied
 
 
-def swap_in(module: nn.Module, lp: LayerPlan, layer: nn.Module, graph: bool) -> None:
-    """Put ``layer`` where the dense layer ``lp`` was (module attribute or graph node)."""
-    if graph:
-        _graph_swap(module, lp, layer)
+def swap_in(module: nn.Module, site: Site, layer: TNLayer) -> None:
+    """Put ``layer`` at ``site`` (a module attribute, or in place of a graph's aten call)."""
+    if site.in_graph:
+        _graph_swap(module, site, layer)
     else:
-        set_submodule(module, lp.name, layer)
+        set_submodule(module, site.name, layer)
 
 
 def tn_layers(module: nn.Module) -> dict[str, TNLayer]:

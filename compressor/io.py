@@ -12,61 +12,72 @@ import copy
 import io
 import json
 import os
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError, ModelError, require_file
-from .graph import LayerPlan, as_module, count_params, set_training, swap_in, tn_layers
+from .errors import CheckpointError, ModelError, first_line
+from .files import atomic_write, read_safetensors, read_safetensors_header
+from .graph import Site, as_module, count_params, set_training, swap_in, tn_layers
 from .layers import TNLayer
 
 FORMAT = "compressor.slim"
 VERSION = 1
-META_ATTR = "_compressor_meta"
+_INFO_ATTR = "_compressor_slim_info"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Run ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+@dataclass
+class SlimInfo:
+    """What a checkpoint records about a slim model besides its tensors and layer specs.
+
+    ``sites`` names, for layers that replaced an aten call of a ``torch.export`` graph,
+    the attributes that call read, so :func:`rebuild` finds the same call in the base
+    program. ``extra`` is free-form JSON (decomposition, target, report figures).
+    """
+
+    source: str = "module"
+    dense_params: int | None = None
+    sites: dict[str, Site] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def mark_slim(model: nn.Module, info: SlimInfo) -> nn.Module:
+    """Attach ``info`` to ``model`` so :func:`save` can describe it (``compress``/``load`` do this)."""
+    object.__setattr__(model, _INFO_ATTR, info)
+    return model
+
+
+def slim_info(model: nn.Module) -> SlimInfo:
+    """What :func:`mark_slim` attached, or defaults for a model that was never marked."""
+    return getattr(model, _INFO_ATTR, None) or SlimInfo()
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
     """The metadata ``save`` writes, for a slim model produced by ``compress``/``load``."""
-    info = getattr(model, META_ATTR, None) or {}
+    info = slim_info(model)
     layers = {}
     for name, layer in tn_layers(model).items():
         if layer.gated:
             raise CheckpointError(f"layer {name!r} still has gates; prune it (layer.prune_()) before saving")
         entry = {"spec": layer.spec()}
-        entry.update(info.get("attrs", {}).get(name, {}))
+        site = info.sites.get(name)
+        if site is not None:
+            entry.update(weight_attr=site.weight_attr, bias_attr=site.bias_attr)
         layers[name] = entry
     params = count_params(model)
-    dense = info.get("dense_params")
     return {
         "format": FORMAT,
         "version": VERSION,
-        "source": info.get("source", "module"),
+        "source": info.source,
         "layers": layers,
         "params": params,
-        "dense_params": dense,
-        "ratio": (dense / params) if dense else None,
-        "extra": info.get("extra", {}),
+        "dense_params": info.dense_params,
+        "ratio": (info.dense_params / params) if info.dense_params else None,
+        "extra": dict(info.extra),
     }
 
 
@@ -82,13 +93,9 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a slim checkpoint, with clear errors for anything else."""
-    path = require_file(path, CheckpointError, "checkpoint")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("compressor")
-            keys = list(f.keys())
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+    path = Path(path).expanduser()
+    header, keys = read_safetensors_header(path, CheckpointError, "checkpoint")
+    raw = header.get("compressor")
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not a compressor checkpoint (no 'compressor' metadata)")
     try:
@@ -118,33 +125,25 @@ def _build_base(base: Any) -> nn.Module:
 def rebuild(base: Any, meta: dict[str, Any]) -> nn.Module:
     """The base architecture with every factorized layer of ``meta`` swapped in (empty cores)."""
     module = _build_base(base)
-    graph = meta.get("source") == "graph"
+    sites = {}
     for name, entry in meta["layers"].items():
         try:
-            layer = TNLayer.from_spec(entry["spec"])
-            lp = LayerPlan(name, entry["spec"]["kind"], (), ((), ()), 1, 0,
-                           entry.get("weight_attr"), entry.get("bias_attr"))
-            swap_in(module, lp, layer, graph=graph)
+            site = Site(name, entry.get("weight_attr"), entry.get("bias_attr"))
+            swap_in(module, site, TNLayer.from_spec(entry["spec"]))
         except (AttributeError, KeyError, ModelError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint does not fit this base architecture at layer {name!r} "
-                                  f"({_first_line(exc)})") from None
-    info = {"source": meta.get("source", "module"), "dense_params": meta.get("dense_params"),
-            "attrs": {n: {k: e[k] for k in ("weight_attr", "bias_attr") if k in e} for n, e in meta["layers"].items()},
-            "extra": meta.get("extra", {})}
-    setattr(module, META_ATTR, info)
-    return module
+                                  f"({first_line(exc)})") from None
+        if site.in_graph:
+            sites[name] = site
+    return mark_slim(module, SlimInfo(meta.get("source", "module"), meta.get("dense_params"), sites,
+                                      meta.get("extra", {})))
 
 
 def load(path: str | os.PathLike, base: Any) -> nn.Module:
     """Rebuild the slim model saved at ``path`` on top of ``base`` (model, factory or .pt2 path)."""
-    from safetensors.torch import load_file
-
     meta = read_metadata(path)
     module = rebuild(base, meta)
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise CheckpointError(f"{path} is truncated or corrupted ({_first_line(exc)})") from None
+    tensors = read_safetensors(path, CheckpointError, "checkpoint")
     result = module.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
@@ -165,8 +164,3 @@ def export_program(model: nn.Module, example: torch.Tensor, path: str | os.PathL
     buffer = io.BytesIO()  # torch.export.save insists on a .pt2 name; our temp file has none
     torch.export.save(program, buffer)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -6,7 +6,13 @@ from a pretrained module; ``prune_`` removes closed slices and folds the gate va
 into the cores, after which the layer is ungated and smaller but computes the same thing.
 ``spec()`` / ``from_spec`` describe a layer in plain JSON so checkpoints rebuild it.
 
-How each layer computes (chosen for speed on CPU, see METHOD.md section 7):
+Every layer class declares itself (``class TNLinear(TNLayer, kind="linear", replaces=nn.Linear,
+aten=...)``) and owns everything kind-specific: which dense modules it supports, how their
+weight is tensorized, its core modes, its spec fields.  The graph pass, the rank
+selectors and the CLI go through :func:`layer_class` / :func:`layer_class_for` /
+:func:`aten_layers` and never name a kind themselves.
+
+How each layer computes (chosen for speed on CPU):
 * Linear: one einsum of the input with all cores, contraction order picked by opt_einsum
   for the actual batch size (small batches never rebuild the weight, large ones may).
 * Conv2d: rebuild the (small) kernel from the cores, then one ``F.conv2d``: a conv's
@@ -17,7 +23,8 @@ How each layer computes (chosen for speed on CPU, see METHOD.md section 7):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +42,91 @@ def _nontrivial(modes: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(m) for m in modes if int(m) > 1)
 
 
-def _auto_modes(dim: int, given: Sequence[int] | None, what: str) -> tuple[int, ...]:
-    if given is None:
-        return _nontrivial(tn.factorize(dim))
-    return _nontrivial(tn.check_modes(given, dim, what))
+def _flat(values) -> tuple[int, ...]:
+    """Spec/attribute values as one shape tuple (a conv's kernel_size is itself a pair)."""
+    out: list[int] = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            out.extend(int(x) for x in v)
+        else:
+            out.append(int(v))
+    return tuple(out)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ------------------------------------------------------------------ registry
+# Filled by ``TNLayer.__init_subclass__`` (the registry pattern of tensorly-torch's
+# ``FactorizedTensor``): adding a layer kind is writing its class, nothing else.
+_BY_KIND: dict[str, type["TNLayer"]] = {}
+_BY_DENSE: dict[type[nn.Module], type["TNLayer"]] = {}
+_BY_ATEN: dict[Any, type["TNLayer"]] = {}
+
+
+def layer_class(kind: Any) -> type["TNLayer"]:
+    """The factorized layer class registered as ``kind`` (a plan's or a spec's ``kind``)."""
+    cls = _BY_KIND.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ConfigError(f"unknown factorized layer kind {kind!r} (known: {', '.join(sorted(_BY_KIND))})")
+    return cls
+
+
+def layer_class_for(module: nn.Module) -> type["TNLayer"] | None:
+    """The class replacing ``module``, by exact type: a subclass of nn.Linear may compute something else."""
+    return _BY_DENSE.get(type(module))
+
+
+def aten_layers() -> Mapping[Any, type["TNLayer"]]:
+    """aten op -> layer class: which calls of a torch.export graph can be factorized."""
+    return MappingProxyType(_BY_ATEN)
+
+
+def layer_kinds() -> tuple[str, ...]:
+    """Every registered kind, in definition order (for messages and tests)."""
+    return tuple(_BY_KIND)
 
 
 class TNLayer(nn.Module):
-    """Shared machinery: cores, bond gates, pruning, parameter counting."""
+    """Shared machinery: cores, bond gates, pruning, parameter counting, the kind registry.
 
-    kind = "base"
+    A subclass registers itself with ``class X(TNLayer, kind=..., replaces=DenseType,
+    aten=torch.ops.aten.op.default)``; one without ``kind`` (a helper or a user's
+    variant) inherits its parent's kind and registers nothing.
+    """
+
+    kind: ClassVar[str] = "base"
+    replaces: ClassVar[type[nn.Module] | None] = None
+    aten: ClassVar[Any] = None
+    #: Positional argument names of the aten call, and the one that carries the layer's input.
+    aten_arg_names: ClassVar[tuple[str, ...]] = ()
+    aten_input: ClassVar[str] = "input"
+    #: Attributes giving the dense weight's shape, in order (flattened).
+    shape_fields: ClassVar[tuple[str, ...]] = ()
+    #: Spec keys holding the (input side, output side) modes.
+    mode_fields: ClassVar[tuple[str, str]] = ("in_modes", "out_modes")
+    #: How tensorization errors name the (input, output) dimensions.
+    _side_names: ClassVar[tuple[str, str]] = ("input size", "output size")
+    #: Spec keys in the order they are written; each is also a constructor argument.
+    spec_fields: ClassVar[tuple[str, ...]] = ()
+    #: Spec keys older checkpoints may lack: the constructor's default applies.
+    spec_optional: ClassVar[tuple[str, ...]] = ("sigma",)
+
+    def __init_subclass__(cls, kind: str | None = None, replaces: type[nn.Module] | None = None,
+                          aten: Any = None, **kwargs):
+        """Register the class, refusing a kind, dense type or op another class already claims."""
+        super().__init_subclass__(**kwargs)
+        if kind is None:
+            return
+        entries = [(_BY_KIND, kind, "kind"), (_BY_DENSE, replaces, "dense type"), (_BY_ATEN, aten, "aten op")]
+        for table, key, what in entries:
+            if key is not None and key in table:
+                raise ConfigError(f"{cls.__name__}: {what} {key!r} is already registered by {table[key].__name__}")
+        cls.kind, cls.replaces, cls.aten = kind, replaces, aten
+        for table, key, _ in entries:
+            if key is not None:
+                table[key] = cls
 
     def __init__(self, modes: Sequence[int], ranks: Sequence[int], decomp: str, gated: bool, sigma: float, dtype=None):
         super().__init__()
@@ -94,7 +176,7 @@ class TNLayer(nn.Module):
         return math.prod(self.dense_shape()) + (bias.numel() if bias is not None else 0)
 
     def dense_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        return _flat(getattr(self, f) for f in self.shape_fields)
 
     def live_param_count(self) -> int:
         """What :meth:`param_count` will be after ``prune_()``."""
@@ -165,51 +247,120 @@ class TNLayer(nn.Module):
     # ----------------------------------------------------------------- description
     def spec(self) -> dict[str, Any]:
         """JSON-able description sufficient to rebuild this layer's structure."""
+        return {"kind": self.kind, **{f: _jsonable(self._spec_value(f)) for f in self.spec_fields}}
+
+    def _spec_value(self, name: str) -> Any:
+        """A spec field's value; the bias is recorded as present/absent (its values are in the state dict)."""
+        return self.bias is not None if name == "bias" else getattr(self, name)
+
+    @classmethod
+    def _spec_class(cls, spec: dict[str, Any]) -> type["TNLayer"]:
+        klass = layer_class(spec.get("kind"))
+        if not issubclass(klass, cls):
+            raise ConfigError(f"a {spec.get('kind')!r} spec does not describe a {cls.__name__}")
+        return klass
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "TNLayer":
+        """The (ungated) layer ``spec`` describes; ``TNLayer.from_spec`` picks the class by kind."""
+        klass = cls._spec_class(spec)
+        missing = [f for f in klass.spec_fields if f not in spec and f not in klass.spec_optional]
+        if missing:
+            raise ConfigError(f"{klass.kind} layer spec lacks {', '.join(missing)}")
+        return klass(**{f: spec[f] for f in klass.spec_fields if f in spec}, gated=False)
+
+    @classmethod
+    def spec_size(cls, spec: dict[str, Any]) -> tuple[tuple[int, ...], int]:
+        """(core modes, parameters incl. bias) of a spec, without building the layer (inspect, planning)."""
+        klass = cls._spec_class(spec)
+        shape = _flat(spec[f] for f in klass.shape_fields)
+        tz = (tuple(spec[klass.mode_fields[0]]), tuple(spec[klass.mode_fields[1]]))
+        modes = klass.core_modes(shape, tz, bool(spec.get("merge_spatial", False)))
+        bias = shape[0] if spec.get("bias") else 0
+        return modes, tn.param_count(modes, spec["ranks"]) + bias
+
+    # ----------------------------------------------------------------- per-kind rules
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        """Why ``module`` cannot be factorized by this class (None: it can)."""
+        return None
+
+    @classmethod
+    def tensorization(cls, shape: tuple[int, ...], override: Any = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(input modes, output modes) of a dense weight of ``shape``: the checked override or a balanced split."""
+        (a, b), (d_in, d_out) = cls._side_names, (shape[1], shape[0])
+        if override:
+            return tn.check_modes(override[0], d_in, a), tn.check_modes(override[1], d_out, b)
+        return tn.factorize(d_in), tn.factorize(d_out)
+
+    @classmethod
+    def matrix_layout(cls, shape: tuple[int, ...]) -> tuple[tuple[tuple[int], tuple[int]], bool]:
+        """(tensorization, merge_spatial) that makes the layer a plain two-factor matrix
+        factorization (the ``svd`` baseline): one input mode, one output mode."""
+        return ((shape[1],), (shape[0],)), False
+
+    @classmethod
+    def core_modes(cls, shape: tuple[int, ...], tensorization, merge_spatial: bool = False) -> tuple[int, ...]:
+        """Mode of every core (modes of size 1 carry nothing and get no core)."""
+        return _nontrivial(tensorization[0]) + _nontrivial(tensorization[1])
+
+    @classmethod
+    def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:
+        """The dense weight laid out as (input side..., output side), reshapeable to the core modes."""
         raise NotImplementedError
 
-    @staticmethod
-    def from_spec(spec: dict[str, Any]) -> "TNLayer":
-        cls = LAYER_KINDS.get(spec.get("kind"))
-        if cls is None:
-            raise ConfigError(f"unknown factorized layer kind {spec.get('kind')!r}")
-        return cls._from_spec(spec)
+    @classmethod
+    def aten_args(cls, node) -> dict[str, Any]:
+        """The aten call's arguments by name."""
+        out = dict(zip(cls.aten_arg_names, node.args))
+        out.update(node.kwargs)
+        return out
+
+    @classmethod
+    def standin(cls, weight: torch.Tensor, bias: torch.Tensor | None, args: dict[str, Any]) -> nn.Module:
+        """A real dense module sharing an aten call's tensors, so ``from_dense`` and the checks apply to graphs."""
+        m = cls._meta_module(tuple(weight.shape), bias is not None, args)
+        m.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return m
+
+    @classmethod
+    def _meta_module(cls, shape: tuple[int, ...], bias: bool, args: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def _prepare(cls, module: nn.Module, decomp: str, rank, tensorization, merge_spatial: bool = False):
+        """The checks every ``from_dense`` starts with; returns (tensorization, bond ranks)."""
+        tn.check_decomp(decomp)
+        reason = cls.unsupported_reason(module)
+        if reason is not None:
+            raise ConfigError(reason)
+        shape = tuple(module.weight.shape)
+        tz = cls.tensorization(shape, tensorization)
+        return tz, tn.resolve_ranks(rank, cls.core_modes(shape, tz, merge_spatial), decomp)
+
+    def _load_dense_(self, module: nn.Module, tz, generator: torch.Generator | None) -> "TNLayer":
+        """Cores decomposed from the dense weight; the bias copied as is."""
+        cores = tn.decompose(self.weight_tensor(module.weight, tz).reshape(self.modes), self.decomp, self.ranks,
+                             generator)
+        with torch.no_grad():
+            for p, c in zip(self.cores, cores):
+                p.copy_(c)
+            if getattr(module, "bias", None) is not None:
+                self.bias.copy_(module.bias)
+        return self
 
     def extra_repr(self) -> str:
         return f"decomp={self.decomp}, modes={self.modes}, ranks={self.ranks}, gated={self.gated}"
 
 
-def weight_tensor(kind: str, weight: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """The dense weight laid out as (input side..., output side) like the cores expect.
-
-    Linear: W^T (in x out); Conv2d: (in, kh*kw, out); Embedding: (V, D), zero-padded to
-    ``rows`` vocabulary rows.
-    """
-    w = weight.detach()
-    if kind == "linear":
-        return w.T
-    if kind == "conv2d":
-        c_out, c_in = w.shape[:2]
-        return w.reshape(c_out, c_in, -1).permute(1, 2, 0)
-    if rows is not None and rows > w.shape[0]:
-        w = torch.cat([w, torch.zeros(rows - w.shape[0], w.shape[1], dtype=w.dtype)], dim=0)
-    return w
-
-
-def _init_cores(layer: TNLayer, tensor: torch.Tensor, generator: torch.Generator | None) -> None:
-    cores = tn.decompose(tensor.reshape(layer.modes), layer.decomp, layer.ranks, generator)
-    with torch.no_grad():
-        for p, c in zip(layer.cores, cores):
-            p.copy_(c)
-
-
-def _resolve(modes: tuple[int, ...], decomp: str, rank) -> list[int]:
-    return tn.resolve_ranks(rank, modes, decomp)
-
-
-class TNLinear(TNLayer):
+class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.linear.default):
     """``y = x W^T + b`` with W^T (in x out) tensorized as (in modes..., out modes...)."""
 
-    kind = "linear"
+    aten_arg_names = ("input", "weight", "bias")
+    shape_fields = ("out_features", "in_features")
+    spec_fields = ("decomp", "in_features", "out_features", "in_modes", "out_modes", "ranks", "bias", "sigma")
 
     def __init__(self, in_features: int, out_features: int, in_modes: Sequence[int], out_modes: Sequence[int],
                  ranks: Sequence[int], decomp: str = "tr", bias: bool = True, gated: bool = True,
@@ -228,18 +379,20 @@ class TNLinear(TNLayer):
     def from_dense(cls, module: nn.Linear, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
                    sigma: float = 0.5, generator: torch.Generator | None = None) -> "TNLinear":
-        tn.check_decomp(decomp)
+        tz, ranks = cls._prepare(module, decomp, rank, tensorization)
         out_f, in_f = module.weight.shape
-        in_modes = _auto_modes(in_f, tensorization[0] if tensorization else None, "input size")
-        out_modes = _auto_modes(out_f, tensorization[1] if tensorization else None, "output size")
-        ranks = _resolve(in_modes + out_modes, decomp, rank)
-        layer = cls(in_f, out_f, in_modes, out_modes, ranks, decomp, module.bias is not None, gated, sigma,
+        layer = cls(in_f, out_f, tz[0], tz[1], ranks, decomp, module.bias is not None, gated, sigma,
                     dtype=module.weight.dtype)
-        _init_cores(layer, weight_tensor("linear", module.weight), generator)
-        if module.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(module.bias)
-        return layer
+        return layer._load_dense_(module, tz, generator)
+
+    @classmethod
+    def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:
+        """W^T (in x out): the input modes come first in the cores."""
+        return weight.detach().T
+
+    @classmethod
+    def _meta_module(cls, shape: tuple[int, ...], bias: bool, args: dict[str, Any]) -> nn.Module:
+        return nn.Linear(shape[1], shape[0], bias=bias, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -252,9 +405,6 @@ class TNLinear(TNLayer):
         y = self._einsum(xb, *cores, shape_hint=hint).reshape(lead + (self.out_features,))
         return y + self.bias if self.bias is not None else y
 
-    def dense_shape(self) -> tuple[int, ...]:
-        return (self.out_features, self.in_features)
-
     def to_dense(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         dtype=self.cores[0].dtype)
@@ -264,38 +414,20 @@ class TNLinear(TNLayer):
                 lin.bias.copy_(self.bias)
         return lin
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "decomp": self.decomp, "in_features": self.in_features,
-                "out_features": self.out_features, "in_modes": list(self.in_modes),
-                "out_modes": list(self.out_modes), "ranks": self.ranks, "bias": self.bias is not None,
-                "sigma": self.sigma}
-
-    @classmethod
-    def _from_spec(cls, s: dict[str, Any]) -> "TNLinear":
-        return cls(s["in_features"], s["out_features"], s["in_modes"], s["out_modes"], s["ranks"], s["decomp"],
-                   s["bias"], gated=False, sigma=s.get("sigma", 0.5))
-
-
-def conv_modes(in_modes: Sequence[int], k: int, out_modes: Sequence[int], merge_spatial: bool) -> tuple[int, ...]:
-    """Core modes of a conv kernel: (in..., kh*kw, out...) or, merged, (in*kh*kw, out...).
-
-    The merged layout with one input and one output mode is a plain low-rank matrix
-    factorization of the (C_out, C_in*kh*kw) kernel (the "svd" baseline).
-    """
-    in_modes, out_modes = tuple(in_modes), tuple(out_modes)
-    if merge_spatial:
-        return _nontrivial((math.prod(in_modes) * k,) + out_modes)
-    return _nontrivial(in_modes + (k,) + out_modes)
-
 
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-class TNConv2d(TNLayer):
+class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.conv2d.default):
     """Conv2d whose kernel is a network over (in-channel modes, kh*kw, out-channel modes)."""
 
-    kind = "conv2d"
+    aten_arg_names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    shape_fields = ("out_channels", "in_channels", "kernel_size")
+    spec_fields = ("decomp", "in_channels", "out_channels", "kernel_size", "in_modes", "out_modes", "ranks", "stride",
+                   "dilation", "padding", "bias", "sigma", "merge_spatial")
+    spec_optional = ("sigma", "merge_spatial")
+    _side_names = ("input channels", "output channels")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, in_modes: Sequence[int],
                  out_modes: Sequence[int], ranks: Sequence[int], decomp: str = "tr", stride=1, padding=0,
@@ -308,38 +440,59 @@ class TNConv2d(TNLayer):
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.in_modes = _nontrivial(tn.check_modes(tuple(in_modes) or (1,), in_channels, "input channels"))
         self.out_modes = _nontrivial(tn.check_modes(tuple(out_modes) or (1,), out_channels, "output channels"))
-        k = self.kernel_size[0] * self.kernel_size[1]
-        modes = conv_modes(self.in_modes, k, self.out_modes, self.merge_spatial)
+        modes = self.core_modes(self.dense_shape(), (self.in_modes, self.out_modes), self.merge_spatial)
         super().__init__(modes, ranks, decomp, gated, sigma, dtype)
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=self.cores[0].dtype)) if bias else None
 
-    @staticmethod
-    def check_supported(module: nn.Conv2d) -> None:
+    @classmethod
+    def unsupported_reason(cls, module: nn.Conv2d) -> str | None:
         if module.groups != 1:
-            raise ConfigError(f"Conv2d with groups={module.groups} is not supported (only groups=1)")
+            return f"grouped convolution (groups={module.groups}) is not supported"
         if module.padding_mode != "zeros":
-            raise ConfigError(f"Conv2d with padding_mode={module.padding_mode!r} is not supported (only 'zeros')")
+            return f"padding_mode={module.padding_mode!r} is not supported"
+        return None
+
+    @classmethod
+    def matrix_layout(cls, shape: tuple[int, ...]) -> tuple[tuple[tuple[int], tuple[int]], bool]:
+        """The (C_in*kh*kw) x C_out kernel matrix: a kh x kw conv to r channels, then a 1 x 1 conv."""
+        return ((shape[1],), (shape[0],)), True
+
+    @classmethod
+    def core_modes(cls, shape: tuple[int, ...], tensorization, merge_spatial: bool = False) -> tuple[int, ...]:
+        """(in..., kh*kw, out...) or, merged, (in*kh*kw, out...).
+
+        The merged layout with one input and one output mode is a plain low-rank matrix
+        factorization of the (C_out, C_in*kh*kw) kernel (the "svd" baseline).
+        """
+        in_modes, out_modes, k = tuple(tensorization[0]), tuple(tensorization[1]), math.prod(shape[2:])
+        if merge_spatial:
+            return _nontrivial((math.prod(in_modes) * k,) + out_modes)
+        return _nontrivial(in_modes + (k,) + out_modes)
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
                    sigma: float = 0.5, generator: torch.Generator | None = None,
                    merge_spatial: bool = False) -> "TNConv2d":
-        tn.check_decomp(decomp)
-        cls.check_supported(module)
+        tz, ranks = cls._prepare(module, decomp, rank, tensorization, merge_spatial)
         c_out, c_in, kh, kw = module.weight.shape
-        in_modes = _auto_modes(c_in, tensorization[0] if tensorization else None, "input channels")
-        out_modes = _auto_modes(c_out, tensorization[1] if tensorization else None, "output channels")
-        modes = conv_modes(in_modes, kh * kw, out_modes, merge_spatial)
-        ranks = _resolve(modes, decomp, rank)
-        layer = cls(c_in, c_out, (kh, kw), in_modes, out_modes, ranks, decomp, module.stride, module.padding,
+        layer = cls(c_in, c_out, (kh, kw), tz[0], tz[1], ranks, decomp, module.stride, module.padding,
                     module.dilation, module.bias is not None, gated, sigma, dtype=module.weight.dtype,
                     merge_spatial=merge_spatial)
-        _init_cores(layer, weight_tensor("conv2d", module.weight), generator)
-        if module.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(module.bias)
-        return layer
+        return layer._load_dense_(module, tz, generator)
+
+    @classmethod
+    def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:
+        """(C_in, kh*kw, C_out): input channels, then the kernel window, then output channels."""
+        w = weight.detach()
+        c_out, c_in = w.shape[:2]
+        return w.reshape(c_out, c_in, -1).permute(1, 2, 0)
+
+    @classmethod
+    def _meta_module(cls, shape: tuple[int, ...], bias: bool, args: dict[str, Any]) -> nn.Module:
+        return nn.Conv2d(shape[1], shape[0], tuple(shape[2:]), stride=args.get("stride", 1),
+                         padding=args.get("padding", 0), dilation=args.get("dilation", 1),
+                         groups=args.get("groups", 1), bias=bias, device="meta")
 
     def kernel(self) -> torch.Tensor:
         kh, kw = self.kernel_size
@@ -348,9 +501,6 @@ class TNConv2d(TNLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.kernel(), self.bias, self.stride, self.padding, self.dilation)
-
-    def dense_shape(self) -> tuple[int, ...]:
-        return (self.out_channels, self.in_channels) + self.kernel_size
 
     def to_dense(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -361,39 +511,26 @@ class TNConv2d(TNLayer):
                 conv.bias.copy_(self.bias)
         return conv
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "decomp": self.decomp, "in_channels": self.in_channels,
-                "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
-                "in_modes": list(self.in_modes), "out_modes": list(self.out_modes), "ranks": self.ranks,
-                "stride": list(self.stride), "dilation": list(self.dilation),
-                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-                "bias": self.bias is not None, "sigma": self.sigma, "merge_spatial": self.merge_spatial}
 
-    @classmethod
-    def _from_spec(cls, s: dict[str, Any]) -> "TNConv2d":
-        return cls(s["in_channels"], s["out_channels"], s["kernel_size"], s["in_modes"], s["out_modes"], s["ranks"],
-                   s["decomp"], s["stride"], s["padding"], s["dilation"], s["bias"], gated=False,
-                   sigma=s.get("sigma", 0.5), merge_spatial=s.get("merge_spatial", False))
-
-
-class TNEmbedding(TNLayer):
+class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.ops.aten.embedding.default):
     """Embedding table V x D as a network over (vocab modes..., dim modes...).
 
     The vocabulary may be padded up to a rounder size (``prod(vocab_modes) >= V``) so that
     a vocabulary like 30522 still splits into small modes; padded rows are never looked up.
     """
 
-    kind = "embedding"
+    aten_arg_names = ("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse")
+    aten_input = "indices"
+    shape_fields = ("num_embeddings", "embedding_dim")
+    mode_fields = ("vocab_modes", "dim_modes")
+    spec_fields = ("decomp", "num_embeddings", "embedding_dim", "vocab_modes", "dim_modes", "ranks", "padding_idx",
+                   "sigma")
 
     def __init__(self, num_embeddings: int, embedding_dim: int, vocab_modes: Sequence[int], dim_modes: Sequence[int],
                  ranks: Sequence[int], decomp: str = "tr", padding_idx: int | None = None, gated: bool = True,
                  sigma: float = 0.5, dtype=None):
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
-        vocab_modes = tuple(int(m) for m in vocab_modes)
-        if not vocab_modes or any(m < 1 for m in vocab_modes) or math.prod(vocab_modes) < num_embeddings:
-            raise TensorizationError(
-                f"vocabulary tensorization {vocab_modes} must multiply to at least {num_embeddings}")
-        self.vocab_modes = _nontrivial(vocab_modes)
+        self.vocab_modes = _nontrivial(_check_vocab(vocab_modes, num_embeddings))
         self.dim_modes = _nontrivial(tn.check_modes(dim_modes, embedding_dim, "embedding size"))
         self.padding_idx = padding_idx
         super().__init__(self.vocab_modes + self.dim_modes, ranks, decomp, gated, sigma, dtype)
@@ -404,24 +541,47 @@ class TNEmbedding(TNLayer):
         self._strides = tuple(reversed(strides))
 
     @classmethod
+    def unsupported_reason(cls, module: nn.Embedding) -> str | None:
+        if module.max_norm is not None or module.sparse:
+            return "embedding with max_norm or sparse gradients is not supported"
+        return None
+
+    @classmethod
+    def tensorization(cls, shape: tuple[int, ...], override: Any = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(vocab modes, dim modes); the vocabulary may be padded so a prime-ish V still splits."""
+        v, d = shape
+        if override:
+            dim_modes = tn.check_modes(override[1], d, "embedding size")
+            return _check_vocab(override[0], v), dim_modes
+        return padded_factorization(v), tn.factorize(d)
+
+    @classmethod
+    def matrix_layout(cls, shape: tuple[int, ...]) -> tuple[tuple[tuple[int], tuple[int]], bool]:
+        """The V x D table itself."""
+        return ((shape[0],), (shape[1],)), False
+
+    @classmethod
     def from_dense(cls, module: nn.Embedding, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
                    sigma: float = 0.5, generator: torch.Generator | None = None) -> "TNEmbedding":
-        tn.check_decomp(decomp)
-        if module.max_norm is not None or module.sparse:
-            raise ConfigError("Embedding with max_norm or sparse=True is not supported")
+        tz, ranks = cls._prepare(module, decomp, rank, tensorization)
         v, d = module.weight.shape
-        if tensorization is not None:
-            vocab_modes = tuple(int(m) for m in tensorization[0])
-            dim_modes = tn.check_modes(tensorization[1], d, "embedding size")
-        else:
-            vocab_modes, dim_modes = padded_factorization(v), tn.factorize(d)
-        modes = _nontrivial(vocab_modes) + _nontrivial(dim_modes)
-        ranks = _resolve(modes, decomp, rank)
-        layer = cls(v, d, vocab_modes, dim_modes, ranks, decomp, module.padding_idx, gated, sigma,
-                    dtype=module.weight.dtype)
-        _init_cores(layer, weight_tensor("embedding", module.weight, math.prod(layer.vocab_modes)), generator)
-        return layer
+        layer = cls(v, d, tz[0], tz[1], ranks, decomp, module.padding_idx, gated, sigma, dtype=module.weight.dtype)
+        return layer._load_dense_(module, tz, generator)
+
+    @classmethod
+    def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:
+        """(V, D), with zero rows up to the padded vocabulary ``prod(tensorization[0])``."""
+        w = weight.detach()
+        rows = math.prod(tensorization[0]) if tensorization else None
+        if rows is not None and rows > w.shape[0]:
+            w = torch.cat([w, torch.zeros(rows - w.shape[0], w.shape[1], dtype=w.dtype)], dim=0)
+        return w
+
+    @classmethod
+    def _meta_module(cls, shape: tuple[int, ...], bias: bool, args: dict[str, Any]) -> nn.Module:
+        pad = args.get("padding_idx", -1)
+        return nn.Embedding(shape[0], shape[1], padding_idx=None if pad in (-1, None) else pad, device="meta")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         cores = self.effective_cores()
@@ -444,9 +604,6 @@ class TNEmbedding(TNLayer):
             out = out * (flat != self.padding_idx).unsqueeze(-1).to(out.dtype)
         return out.reshape(idx.shape + (self.embedding_dim,))
 
-    def dense_shape(self) -> tuple[int, ...]:
-        return (self.num_embeddings, self.embedding_dim)
-
     def to_dense(self) -> nn.Embedding:
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
                            dtype=self.cores[0].dtype)
@@ -457,16 +614,13 @@ class TNEmbedding(TNLayer):
             emb.weight.copy_(w)
         return emb
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "decomp": self.decomp, "num_embeddings": self.num_embeddings,
-                "embedding_dim": self.embedding_dim, "vocab_modes": list(self.vocab_modes),
-                "dim_modes": list(self.dim_modes), "ranks": self.ranks, "padding_idx": self.padding_idx,
-                "sigma": self.sigma}
 
-    @classmethod
-    def _from_spec(cls, s: dict[str, Any]) -> "TNEmbedding":
-        return cls(s["num_embeddings"], s["embedding_dim"], s["vocab_modes"], s["dim_modes"], s["ranks"], s["decomp"],
-                   s["padding_idx"], gated=False, sigma=s.get("sigma", 0.5))
+def _check_vocab(vocab_modes: Sequence[int], num_embeddings: int) -> tuple[int, ...]:
+    """A vocabulary split may pad (product >= V) but never drop rows."""
+    vocab_modes = tuple(int(m) for m in vocab_modes)
+    if not vocab_modes or any(m < 1 for m in vocab_modes) or math.prod(vocab_modes) < num_embeddings:
+        raise TensorizationError(f"vocabulary tensorization {vocab_modes} must multiply to at least {num_embeddings}")
+    return vocab_modes
 
 
 def padded_factorization(n: int, max_pad: float = 0.02) -> tuple[int, ...]:
@@ -480,10 +634,3 @@ def padded_factorization(n: int, max_pad: float = 0.02) -> tuple[int, ...]:
             except TensorizationError:
                 continue
         raise
-
-
-LAYER_KINDS: dict[str, type[TNLayer]] = {"linear": TNLinear, "conv2d": TNConv2d, "embedding": TNEmbedding}
-
-#: Which factorized layer replaces which dense module (the dispatch table of the graph pass).
-REPLACEMENTS: dict[type[nn.Module], type[TNLayer]] = {nn.Linear: TNLinear, nn.Conv2d: TNConv2d,
-                                                       nn.Embedding: TNEmbedding}

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError, require_file
+from .errors import ModelError, first_line
+from .files import read_safetensors, require_file
 
 PICKLE_HINT = ("it holds a pickled model, and unpickling can run arbitrary code from the file; "
                "pass --trust-pickle (Python: trust_pickle=True) only if you trust its source, "
@@ -69,14 +70,14 @@ def import_arch(spec: str) -> nn.Module:
     try:
         module = importlib.import_module(mod_name)
     except Exception as exc:
-        raise ModelError(f"cannot import {mod_name!r} for --arch ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"cannot import {mod_name!r} for --arch ({first_line(exc, with_type=True)})") from None
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelError(f"{mod_name!r} has no callable {attr!r} for --arch")
     try:
         model = factory()
     except Exception as exc:
-        raise ModelError(f"--arch {spec} failed to build the model ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"--arch {spec} failed to build the model ({first_line(exc, with_type=True)})") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"--arch {spec} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -106,15 +107,9 @@ def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: b
                 return torch.export.load(f)
         except Exception as exc:
             raise ModelError(f"{path} looks like a torch.export program but cannot be loaded "
-                             f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None
+                             f"({first_line(exc, 200, with_type=True)})") from None
     if fmt == "safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as exc:
-            raise ModelError(f"{path} is a damaged safetensors file ({str(exc).strip()[:200]})") from None
-        return _state_dict_into(arch, state, path)
+        return _state_dict_into(arch, read_safetensors(path, ModelError, "model file"), path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -123,9 +118,9 @@ def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: b
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as exc:
-            raise ModelError(f"{path} cannot be unpickled ({type(exc).__name__}: {str(exc)[:200]})") from None
+            raise ModelError(f"{path} cannot be unpickled ({first_line(exc, 200, with_type=True)})") from None
     except Exception as exc:
-        raise ModelError(f"{path} is truncated or corrupted ({type(exc).__name__}: {str(exc).strip()[:160]})") from None
+        raise ModelError(f"{path} is truncated or corrupted ({first_line(exc, 160, with_type=True)})") from None
     if isinstance(obj, nn.Module):
         return obj.eval()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ConfigError
-from .io import atomic_write
+from .files import atomic_write
 
 
 def check_available() -> None:

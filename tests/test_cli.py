@@ -126,6 +126,32 @@ def test_bad_options(files, tmp_path, extra, fragment):
     assert_user_error(invoke(args), fragment, out)
 
 
+def test_config_options_are_generated_with_help():
+    from compressor.selectors import selector_names
+
+    r = invoke(["run", "--help"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    for flag in ("--target", "--decomp", "--epochs", "--lambda", "--sigma", "--rank", "--rank-select", "--lr",
+                 "--seed", "--data", "--batch-size", "--report-json"):
+        assert flag in text
+    assert "[" + "|".join(selector_names()) + "]" in text  # the choices come from the registry
+    assert "initial l0 penalty weight" in text and "gate noise std" in text and "[default: 0.5]" in text
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--sigma", "-1"], "sigma must be a number > 0"),
+    (["--rank-select", "nope"], "unknown rank selector 'nope'"),
+    (["--rank", "0"], "rank must be a positive integer"),
+    (["--lr", "0"], "lr must be a number > 0"),
+])
+def test_bad_config_values_are_one_error_line(tmp_path, extra, fragment):
+    out = tmp_path / "o.safetensors"
+    # The config is validated before the model is even looked for.
+    args = [tmp_path / "model.pt", "--target", "4x", "--data", "digits", "-o", out] + extra
+    assert_user_error(invoke(args), fragment, out)
+
+
 @pytest.mark.parametrize("model,fragment", [
     ("missing.pt", "does not exist"), ("empty.pt", "empty"), ("random.pt", "not a model file"),
     ("truncated.pt", ""), (".", "directory"), ("tiny.pt2", "no eligible layer"),

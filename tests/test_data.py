@@ -204,11 +204,11 @@ def test_tensor_file_errors(tmp_path):
         load_tensor_file(tmp_path)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00\x01 definitely not safetensors \xff" * 4)
-    with pytest.raises(DataError, match="not a valid safetensors"):
+    with pytest.raises(DataError, match="not a readable safetensors"):
         load_tensor_file(junk)
     empty_file = tmp_path / "empty.safetensors"
     empty_file.write_bytes(b"")
-    with pytest.raises(DataError, match="not a valid safetensors"):
+    with pytest.raises(DataError, match="not a readable safetensors"):
         load_tensor_file(empty_file)
 
     cases = {

@@ -1,9 +1,13 @@
+import json
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from compressor.errors import CompressorError, ConfigError, TensorizationError
-from compressor.layers import TNConv2d, TNEmbedding, TNLayer, TNLinear
+from compressor.layers import (TNConv2d, TNEmbedding, TNLayer, TNLinear, aten_layers, layer_class, layer_class_for,
+                               layer_kinds)
 
 DECOMPS = ["tt", "tr"]
 FULL = 10_000  # larger than any useful bond: capped to the exact (full) rank
@@ -22,8 +26,7 @@ def _dense_layers():
 
 
 def _tn(module, decomp, rank=FULL, **kw):
-    cls = {nn.Linear: TNLinear, nn.Conv2d: TNConv2d, nn.Embedding: TNEmbedding}[type(module)]
-    return cls.from_dense(module, decomp, rank, **kw)
+    return layer_class_for(module).from_dense(module, decomp, rank, **kw)
 
 
 @pytest.mark.parametrize("decomp", DECOMPS)
@@ -144,3 +147,148 @@ def test_bad_arguments_raise_compressor_errors():
         TNConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), "tr", 3)
     for exc in (ConfigError, TensorizationError):
         assert issubclass(exc, CompressorError)
+
+
+# ------------------------------------------------------------------ the kind registry
+REGISTERED = [("linear", nn.Linear(4, 6), TNLinear, torch.ops.aten.linear.default),
+              ("conv2d", nn.Conv2d(2, 4, 3), TNConv2d, torch.ops.aten.conv2d.default),
+              ("embedding", nn.Embedding(10, 4), TNEmbedding, torch.ops.aten.embedding.default)]
+
+
+def test_registry_maps_every_dense_type_to_its_class_and_back():
+    assert set(layer_kinds()) == {kind for kind, *_ in REGISTERED}
+    for kind, dense, cls, op in REGISTERED:
+        assert layer_class_for(dense) is cls and cls.replaces is type(dense)
+        assert layer_class(kind) is cls and cls.kind == kind
+        assert aten_layers()[op] is cls and cls.aten is op
+    assert layer_class_for(nn.ReLU()) is None
+
+    class MyLinear(nn.Linear):  # may compute something else: matched by exact type only
+        pass
+
+    assert layer_class_for(MyLinear(4, 4)) is None
+    for bad in ("lstm", None, 3):
+        with pytest.raises(ConfigError, match="unknown factorized layer kind"):
+            layer_class(bad)
+    with pytest.raises(ConfigError, match="unknown factorized layer kind 'lstm'"):
+        TNLayer.from_spec({"kind": "lstm"})
+    with pytest.raises(ConfigError, match="does not describe a TNConv2d"):
+        TNConv2d.from_spec(TNLinear.from_dense(nn.Linear(60, 24), "tr", 3).spec())
+
+
+def test_subclass_without_kind_registers_nothing_and_a_taken_kind_is_refused():
+    class Variant(TNLinear):
+        pass
+
+    assert Variant.kind == "linear" and layer_class("linear") is TNLinear
+    with pytest.raises(ConfigError, match="already registered"):
+        class Clash(TNLinear, kind="linear"):
+            pass
+    with pytest.raises(ConfigError, match="already registered"):
+        class Clash2(TNLinear, kind="linear2", replaces=nn.Linear):
+            pass
+    assert layer_class("linear") is TNLinear and "linear2" not in layer_kinds()
+
+
+def test_unsupported_reason_is_the_one_check_of_from_dense():
+    grouped, circular = nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding_mode="circular")
+    assert TNConv2d.unsupported_reason(grouped) == "grouped convolution (groups=2) is not supported"
+    assert "padding_mode='circular'" in TNConv2d.unsupported_reason(circular)
+    assert TNConv2d.unsupported_reason(nn.Conv2d(4, 4, 3)) is None
+    assert "max_norm" in TNEmbedding.unsupported_reason(nn.Embedding(10, 4, max_norm=1.0))
+    assert TNLinear.unsupported_reason(nn.Linear(4, 4)) is None
+    for module in (grouped, circular):
+        with pytest.raises(ConfigError, match=TNConv2d.unsupported_reason(module).split(" ")[0]):
+            TNConv2d.from_dense(module, "tr", 3)
+
+
+def test_tensorization_defaults_and_overrides():
+    assert TNLinear.tensorization((24, 60)) == ((6, 10), (4, 6))
+    assert TNLinear.tensorization((24, 60), ((3, 20), (24,))) == ((3, 20), (24,))
+    with pytest.raises(TensorizationError, match="input channels"):
+        TNConv2d.tensorization((20, 6, 3, 3), ((4,), (4, 5)))
+    vocab, dim = TNEmbedding.tensorization((1009, 16))  # prime vocabulary: padded
+    assert math.prod(vocab) >= 1009 and math.prod(dim) == 16
+    with pytest.raises(TensorizationError, match="at least 100"):
+        TNEmbedding.tensorization((100, 12), ((5, 5), (3, 4)))
+    assert TNConv2d.core_modes((20, 6, 3, 3), ((6,), (4, 5))) == (6, 9, 4, 5)
+    assert TNConv2d.core_modes((20, 6, 3, 3), ((6,), (4, 5)), merge_spatial=True) == (54, 4, 5)
+    assert TNConv2d.core_modes((20, 6, 1, 1), ((6,), (4, 5))) == (6, 4, 5)  # a 1x1 kernel has no spatial core
+
+
+SPEC_CASES = {
+    "linear": lambda: TNLinear.from_dense(nn.Linear(60, 24), "tr", 4),
+    "linear_no_bias": lambda: TNLinear.from_dense(nn.Linear(60, 24, bias=False), "tt", 3),
+    "conv": lambda: TNConv2d.from_dense(nn.Conv2d(6, 20, 3, stride=2, padding=1), "tt", 4),
+    "conv_merged": lambda: TNConv2d.from_dense(nn.Conv2d(6, 20, 3, padding=1), "tt", 5, merge_spatial=True),
+    "conv_merged_tr": lambda: TNConv2d.from_dense(nn.Conv2d(4, 12, (3, 2), padding="same", bias=False), "tr", 3,
+                                                  merge_spatial=True),
+    "embedding": lambda: TNEmbedding.from_dense(nn.Embedding(120, 16, padding_idx=5), "tr", 3),
+    "embedding_padded": lambda: TNEmbedding.from_dense(nn.Embedding(1009, 16), "tt", 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_CASES))
+def test_spec_round_trip_and_size_from_spec(name):
+    layer = SPEC_CASES[name]()
+    for stage in ("gated", "pruned"):
+        if stage == "pruned":
+            _close_some(layer)
+            layer.prune_()
+        spec = layer.spec()
+        rebuilt = TNLayer.from_spec(json.loads(json.dumps(spec)))  # through JSON, as in a checkpoint
+        assert type(rebuilt) is type(layer) and not rebuilt.gated
+        assert rebuilt.spec() == spec and type(layer).from_spec(spec).spec() == spec
+        modes, params = TNLayer.spec_size(spec)
+        assert modes == layer.modes == rebuilt.modes
+        assert params == layer.param_count() == rebuilt.param_count()
+
+
+def test_format_version_1_specs_load_and_are_written_unchanged():
+    """Specs exactly as version-1 checkpoints hold them (key order included)."""
+    v1 = [
+        {"kind": "conv2d", "decomp": "tt", "in_channels": 6, "out_channels": 20, "kernel_size": [3, 3],
+         "in_modes": [6], "out_modes": [4, 5], "ranks": [5, 5, 1], "stride": [1, 1], "dilation": [1, 1],
+         "padding": [1, 1], "bias": True, "sigma": 0.5, "merge_spatial": True},
+        {"kind": "linear", "decomp": "tr", "in_features": 60, "out_features": 24, "in_modes": [6, 10],
+         "out_modes": [4, 6], "ranks": [4, 4, 4, 4], "bias": False, "sigma": 0.5},
+        {"kind": "embedding", "decomp": "tr", "num_embeddings": 1009, "embedding_dim": 16,
+         "vocab_modes": [2, 2, 11, 23], "dim_modes": [4, 4], "ranks": [2, 3, 3, 3, 3, 3], "padding_idx": 3,
+         "sigma": 0.5},
+    ]
+    made = [SPEC_CASES["conv_merged"](), TNLinear.from_dense(nn.Linear(60, 24, bias=False), "tr", 4),
+            TNEmbedding.from_dense(nn.Embedding(1009, 16, padding_idx=3), "tr", 3)]
+    for spec, layer in zip(v1, made):
+        assert json.dumps(layer.spec()) == json.dumps(spec)
+        assert json.dumps(TNLayer.from_spec(spec).spec()) == json.dumps(spec)
+    conv = SPEC_CASES["conv"]().spec()
+    old = {k: v for k, v in conv.items() if k not in ("sigma", "merge_spatial")}  # written before those keys
+    assert TNLayer.from_spec(old).sigma == 0.5 and not TNLayer.from_spec(old).merge_spatial
+    with pytest.raises(ConfigError, match="lacks ranks"):
+        TNLayer.from_spec({k: v for k, v in v1[1].items() if k != "ranks"})
+
+
+def test_inspect_reports_merge_spatial_conv_checkpoint(tmp_path):
+    """The svd layout gives convs one merged (C_in*kh*kw) mode; inspect must size them right."""
+    from click.testing import CliRunner
+
+    import compressor
+    from compressor.cli import main
+    from compressor.data import TensorLoader
+    from compressor.graph import tn_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(32, 5)).eval()
+    x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 5, (64,))
+    res = compressor.compress(model, TensorLoader(x, y, 32), "tt", "2x", rank_select="svd", epochs=1)
+    layers = tn_layers(res.model)
+    assert any(getattr(layer, "merge_spatial", False) for layer in layers.values())
+    path = compressor.save(res.model, tmp_path / "slim.safetensors")
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output + (result.stderr if result.stderr_bytes else "")
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 2}
+    for name, layer in layers.items():
+        cells = [c.strip() for c in rows[name].split("│")]
+        assert cells[4] == "(" + ",".join(map(str, layer.modes)) + ")"
+        assert cells[6] == f"{layer.param_count():,}"

@@ -2,11 +2,12 @@ import pytest
 import torch
 
 from compressor import compress
-from compressor.api import select_ranks
+from compressor.errors import CompressorError
 from compressor.config import CompressConfig
 from compressor.data import TensorLoader
 from compressor.gates import BernoulliGate
 from compressor.graph import apply, plan, tn_layers
+from compressor.selectors import get_selector, selector_names
 from compressor.tensornet import contract
 
 
@@ -22,10 +23,16 @@ def test_every_selector_reaches_the_target(trained_digits_net, digits, selector)
         assert len(set(r for r in ranks[1:-1])) <= 2  # one rank, capped only where a mode is small
 
 
-def _relative_error(config, model):
+def _build(config, model):
+    """The run's model at step 0: planned, laid out and sized by the selector, gated or not."""
+    selector = get_selector(config.rank_select)
     the_plan = plan(model, config)
-    select_ranks(the_plan, model, config)
-    gm = apply(model, the_plan, config)
+    selector.prepare(the_plan, model, config)
+    return apply(model, the_plan, config, make_gate=selector.gate_factory(config)).model
+
+
+def _relative_error(config, model):
+    gm = _build(config, model)
     layer = tn_layers(gm)["fc1"].eval()
     w = model.fc1.weight.detach().T.reshape(layer.modes)
     with torch.no_grad():
@@ -42,10 +49,7 @@ def test_energy_allocation_beats_uniform_rank_on_reconstruction(trained_digits_n
 
 
 def test_svd_selector_is_a_two_factor_matrix_decomposition(trained_digits_net):
-    config = CompressConfig(target=6, rank_select="svd")
-    the_plan = plan(trained_digits_net, config)
-    select_ranks(the_plan, trained_digits_net, config)
-    layer = tn_layers(apply(trained_digits_net, the_plan, config))["fc1"]
+    layer = tn_layers(_build(CompressConfig(target=6, rank_select="svd"), trained_digits_net))["fc1"]
     assert layer.modes == (512, 96) and layer.decomp == "tt" and len(layer.cores) == 2
     r = layer.ranks[0]
     # a rank-r TT of a matrix is its truncated SVD: same error as torch's
@@ -58,10 +62,7 @@ def test_svd_selector_is_a_two_factor_matrix_decomposition(trained_digits_net):
 
 
 def test_reinforce_gates_are_bernoulli_and_learn(trained_digits_net):
-    config = CompressConfig(target=6, rank_select="reinforce")
-    the_plan = plan(trained_digits_net, config)
-    select_ranks(the_plan, trained_digits_net, config)
-    layer = tn_layers(apply(trained_digits_net, the_plan, config))["fc1"].train()
+    layer = tn_layers(_build(CompressConfig(target=6, rank_select="reinforce"), trained_digits_net))["fc1"].train()
     gate = next(iter(layer.gates.values()))
     assert isinstance(gate, BernoulliGate) and torch.allclose(gate.mu, torch.full_like(gate.mu, 0.55))
     z = gate()
@@ -70,3 +71,40 @@ def test_reinforce_gates_are_bernoulli_and_learn(trained_digits_net):
     assert gate.mu.grad is not None and gate.mu.grad.abs().sum() > 0
     layer.eval()
     assert torch.equal(gate(), torch.ones_like(gate.mu))  # 0.55 rounds to open
+
+
+def test_registry_names_every_selector_once_and_says_if_it_is_gated():
+    assert selector_names()[0] == "l0"
+    assert set(selector_names()) == {"l0", "uniform", "energy", "svd", "reinforce"}
+    assert get_selector("l0").gated and get_selector("reinforce").gate is BernoulliGate
+    assert not any(get_selector(n).gated for n in ("uniform", "energy", "svd"))
+    with pytest.raises(CompressorError, match="unknown rank selector 'nope'; choose one of l0"):
+        get_selector("nope")
+
+
+@pytest.mark.parametrize("name", ["uniform", "energy", "svd"])
+def test_baselines_build_ungated_layers_at_their_final_ranks(trained_digits_net, name):
+    gm = _build(CompressConfig(target=6, rank_select=name), trained_digits_net)
+    layers = tn_layers(gm)
+    assert layers and all(not layer.gated for layer in layers.values())
+
+
+def test_a_new_selector_registers_itself_and_is_accepted_by_the_config(trained_digits_net):
+    from compressor.selectors import L0Selector, RankSelector
+
+    class HalfRank(L0Selector, name="test-half"):
+        help = "l0 gates from half the generous rank"
+
+        def prepare(self, the_plan, module, config):
+            super().prepare(the_plan, module, config)
+            for lp in the_plan.layers:
+                lp.rank = max(1, lp.rank // 2)
+
+    try:
+        assert "test-half" in selector_names()
+        config = CompressConfig(target=6, rank_select="test-half")
+        full = tn_layers(_build(CompressConfig(target=6), trained_digits_net))["fc1"].ranks
+        half = tn_layers(_build(config, trained_digits_net))["fc1"].ranks
+        assert max(half) < max(full)
+    finally:
+        del RankSelector.registry["test-half"]

@@ -6,6 +6,7 @@ import torch
 from compressor.config import CompressConfig
 from compressor.controller import SizeMeter, TargetController, planned_ratio
 from compressor.data import TensorLoader
+from compressor.gates import L0Gate
 from compressor.graph import apply, plan, tn_layers
 from compressor.train import FineTune, cosine_lr, default_epochs
 
@@ -13,7 +14,7 @@ from compressor.train import FineTune, cosine_lr, default_epochs
 def _gated(model, target=4.0):
     config = CompressConfig(target=target, rank=16)
     the_plan = plan(model, config)
-    gm = apply(model, the_plan, config)
+    gm = apply(model, the_plan, config, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
     return gm, SizeMeter(gm, the_plan.dense_params)
 
 
@@ -89,12 +90,12 @@ def test_finetune_freezes_at_the_target_and_keeps_it(trained_digits_net, digits)
     gm, meter = _gated(trained_digits_net)
     target = 1.5 * meter.ratio()  # the gates must close slices to get there
     config = CompressConfig(target=target, rank=16, epochs=2)
-    the_plan = plan(trained_digits_net, config)
+    dense_params = plan(trained_digits_net, config).dense_params
     events = []
-    run = FineTune(gm, None, TensorLoader(xtr, ytr, 64, shuffle=True), config, the_plan.dense_params, events.append)
+    run = FineTune(gm, None, TensorLoader(xtr, ytr, 64, shuffle=True), config, dense_params, events.append)
     slim, history = run.run()
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "end" and "freeze" in kinds
     assert history.frozen_at is not None and history.steps == run.total
     assert not any(layer.gated for layer in tn_layers(slim).values())
-    assert SizeMeter(slim, the_plan.dense_params).ratio() >= target
+    assert SizeMeter(slim, dense_params).ratio() >= target

@@ -1,0 +1,73 @@
+"""Safe file handling: every user file compressor reads or writes goes through here.
+
+Reading a safetensors file never unpickles (a file from someone else cannot run code),
+and every way a read can fail ends as the caller's :class:`CompressorError` subclass with
+one line that names the file; writing is atomic, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import CompressorError, first_line
+
+
+def require_file(path: str | os.PathLike, error: type[CompressorError], what: str) -> Path:
+    """``Path(path)`` if it names an existing regular file, else ``error`` saying which of the two failed."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise error(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise error(f"{what} {p} is a directory, not a file")
+    return p
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Run ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_safetensors_header(path: str | os.PathLike, error_cls: type[CompressorError], what: str,
+                            hint: str = "") -> tuple[dict[str, str], list[str]]:
+    """The string metadata and the tensor names of a safetensors file, without reading any tensor.
+
+    Parsing the header first is what tells "this is not a safetensors file at all" apart
+    from "it is one, but its data is damaged"; ``hint`` is appended to the first kind.
+    """
+    from safetensors import safe_open
+
+    p = require_file(path, error_cls, what)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return dict(f.metadata() or {}), list(f.keys())
+    except Exception as exc:
+        raise error_cls(f"{what} {p} is not a readable safetensors file ({first_line(exc)}){hint}") from None
+
+
+def read_safetensors(path: str | os.PathLike, error_cls: type[CompressorError], what: str,
+                     hint: str = "") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (on CPU); any failure is one ``error_cls`` line."""
+    from safetensors.torch import load_file
+
+    read_safetensors_header(path, error_cls, what, hint)
+    p = Path(path).expanduser()
+    try:
+        return load_file(str(p))
+    except Exception as exc:
+        raise error_cls(f"{what} {p} is truncated or corrupted ({first_line(exc)})") from None
