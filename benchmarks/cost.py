@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from compressor.config import CompressConfig  # noqa: E402
 from compressor.graph import apply, plan, set_training, tn_layers  # noqa: E402
-from compressor.io import load  # noqa: E402
+from compressor.checkpoint import load  # noqa: E402
 from compressor.selectors import get_selector  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 

@@ -9,7 +9,7 @@
 from .api import CompressResult, Report, compress, evaluate
 from .config import CompressConfig, parse_target
 from .errors import CompressorError
-from .io import export_program, load, read_metadata, save
+from .checkpoint import export_program, load, read_metadata, save
 
 __version__ = "0.1.0"
 

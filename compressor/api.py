@@ -19,7 +19,7 @@ from . import graph
 from .config import CompressConfig
 from .errors import DataError, ModelError, TargetError, first_line
 from .graph import as_module, count_params, set_training, tn_layers
-from .io import SlimInfo, mark_slim
+from .checkpoint import SlimInfo, mark_slim
 from .selectors import get_selector, min_params
 from .batches import run_model, split_batch
 from .train import TrainEvent, TrainHistory, finetune

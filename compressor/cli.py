@@ -25,6 +25,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .api import compress, evaluate
+from .checkpoint import export_program, load, read_metadata, save
+from .data import TensorLoader, load_tensor_file, resolve_data
+from .graph import as_module, set_training
+from .layers import TNLayer
+from .model_files import import_arch, load_model
+from .plot import check_available, plot_run
 from .config import CompressConfig
 from .errors import CompressorError, DataError, ModelError
 
@@ -91,7 +98,6 @@ def main() -> None:
 
 # ------------------------------------------------------------------ helpers
 def _load_data(spec: str, eval_spec: str | None) -> dict[str, Any]:
-    from .data import load_tensor_file, resolve_data
 
     data = resolve_data(spec)
     if eval_spec:
@@ -216,7 +222,6 @@ def _check_outputs(model: Path, outputs: list[Path], force: bool) -> None:
 def _write_outputs(result, output: Path, arch: str | None, example: torch.Tensor, export_pt2: bool,
                    plot: Path | None, report_json: Path | None) -> list[Path]:
     """Write the checkpoint and every extra the user asked for; returns what was written."""
-    from .io import export_program, save
 
     rep = result.report
     extra = {"arch": arch} if arch else {}
@@ -226,7 +231,6 @@ def _write_outputs(result, output: Path, arch: str | None, example: torch.Tensor
         export_program(result.model, example, output.with_suffix(".pt2"))
         written.append(output.with_suffix(".pt2"))
     if plot:
-        from .plot import plot_run
 
         plot_run(rep, plot)
         written.append(plot)
@@ -275,9 +279,6 @@ def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None
         trust_pickle: bool, batch_size: int, force: bool, export_pt2: bool, plot: Path | None,
         report_json: Path | None, **settings: Any) -> None:
     """Compress MODEL to --target and write a slim safetensors checkpoint."""
-    from .api import compress
-    from .data import TensorLoader
-    from .modelio import load_model
 
     try:
         config = CompressConfig(**settings)  # the config options above: validated once, here
@@ -287,7 +288,6 @@ def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None
         _check_outputs(model, [output] + ([output.with_suffix(".pt2")] if export_pt2 else []) + ([plot] if plot else []),
                        force)
         if plot:
-            from .plot import check_available
 
             check_available()
         original = load_model(model, arch=arch, trust_pickle=trust_pickle)
@@ -318,8 +318,6 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
     """Per-layer ranks, sizes and the whole-model ratio of a slim CHECKPOINT."""
     from safetensors.torch import load_file
 
-    from .io import read_metadata
-    from .layers import TNLayer
 
     try:
         meta = read_metadata(checkpoint)
@@ -363,11 +361,6 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
 def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | None, trust_pickle: bool,
              batch_size: int) -> None:
     """Accuracy of CHECKPOINT on the test split of DATA, and fidelity to the original model."""
-    from .api import evaluate
-    from .data import TensorLoader
-    from .graph import as_module, set_training
-    from .io import load, read_metadata
-    from .modelio import import_arch, load_model
 
     try:
         meta = read_metadata(checkpoint)

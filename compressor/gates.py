@@ -1,4 +1,4 @@
-"""The probabilistic ℓ0 gate on one bond of a tensor network (the paper's §3, Cao et al. 2024).
+"""The probabilistic ℓ0 gate on one bond of a tensor network (Cao et al., IJCAI 2024; docs/method.md §3).
 
 Each rank slice j has a learnable ``mu_j``.  Training uses the Gaussian relaxation
 ``z = clamp(mu + eps, 0, 1)`` with ``eps ~ N(0, sigma^2)``; evaluation uses
@@ -42,7 +42,6 @@ class Gate(nn.Module):
     #: score-function estimator (:func:`reinforce_surrogate`) with several samples.
     score_function = False
     mu: nn.Parameter
-    frozen: bool
 
     def penalty(self) -> torch.Tensor:
         """Expected number of open slices: sum_j P(z_j > 0)."""
@@ -50,11 +49,6 @@ class Gate(nn.Module):
 
     def open_count(self) -> int:
         return int(self.open_mask().sum())
-
-    def freeze(self) -> None:
-        """Stop learning this gate: it stays at its evaluation value from now on."""
-        self.frozen = True
-        self.mu.requires_grad_(False)
 
     def close(self, index: int) -> None:
         """Shut one slice for good (used by the target controller)."""
@@ -82,17 +76,16 @@ class L0Gate(Gate):
             raise ConfigError(f"sigma must be > 0, got {sigma}")
         self.sigma = float(sigma)
         self.mu = nn.Parameter(torch.full((size,), float(mu_init), dtype=dtype or torch.get_default_dtype()))
-        self.frozen = False
 
     def extra_repr(self) -> str:
-        return f"size={self.mu.numel()}, sigma={self.sigma}, frozen={self.frozen}"
+        return f"size={self.mu.numel()}, sigma={self.sigma}"
 
     def eval_value(self) -> torch.Tensor:
-        """Deterministic gate used at evaluation (and in training once frozen)."""
+        """Deterministic gate used at evaluation (and folded into the cores at pruning)."""
         return self.mu.clamp(0.0, 1.0)
 
     def forward(self) -> torch.Tensor:
-        if self.training and not self.frozen:
+        if self.training:
             eps = torch.randn_like(self.mu) * self.sigma
             return (self.mu + eps).clamp(0.0, 1.0)
         return self.eval_value()
@@ -120,7 +113,6 @@ class BernoulliGate(Gate):
         if size <= 0:
             raise ConfigError(f"gate size must be positive, got {size}")
         self.mu = nn.Parameter(torch.full((size,), float(pi_init), dtype=dtype or torch.get_default_dtype()))
-        self.frozen = False
         self.last_z: torch.Tensor | None = None
 
     def probs(self) -> torch.Tensor:
@@ -130,7 +122,7 @@ class BernoulliGate(Gate):
         return (self.mu.detach() >= 0.5).to(self.mu.dtype)
 
     def forward(self) -> torch.Tensor:
-        if self.training and not self.frozen:
+        if self.training:
             z = torch.bernoulli(self.probs().detach())
             self.last_z = z
             return z

@@ -192,7 +192,7 @@ class TNLayer(nn.Module):
         exp_ranks: list[Any] = [float(r) for r in self.ranks]
         if self.gates is not None:
             for key, gate in self.gates.items():
-                exp_ranks[int(key)] = gate.penalty() if not gate.frozen else float(gate.open_count())
+                exp_ranks[int(key)] = gate.penalty()
         n = len(self.modes)
         total = 0.0
         for k in range(n):

@@ -59,7 +59,6 @@ class TrainEvent:
 
 @dataclass
 class TrainHistory:
-    events: list[TrainEvent] = field(default_factory=list)
     frozen_at: int | None = None
     forced: bool = False
     ratio_before_force: float | None = None  # how far the gates alone got, when forced

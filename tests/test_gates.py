@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from compressor.gates import L0Gate
@@ -34,15 +35,13 @@ def test_penalty_matches_normal_cdf_and_has_gradient():
     assert g.mu.grad is not None and (g.mu.grad > 0).all()
 
 
-def test_freeze_and_open_count():
+def test_close_reopen_and_open_count():
     g = L0Gate(5, sigma=0.5)
     g.close(1)
     g.close(3)
-    assert g.open_count() == 3
-    g.freeze()
-    g.train()
-    assert torch.equal(g(), g.eval_value())
-    assert not g.mu.requires_grad
+    assert g.open_count() == 3 and g.open_mask().tolist() == [True, False, True, False, True]
+    g.reopen(3)
+    assert g.open_count() == 4 and float(g.eval_value()[3]) == pytest.approx(g.reopen_value)
 
 
 def test_starts_fully_open():

@@ -24,6 +24,7 @@ from .errors import CheckpointError, ModelError, first_line
 from .files import atomic_write, read_safetensors, read_safetensors_header
 from .graph import Site, as_module, count_params, set_training, swap_in, tn_layers
 from .layers import TNLayer
+from .model_files import load_model
 
 FORMAT = "compressor.slim"
 VERSION = 1
@@ -112,8 +113,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def _build_base(base: Any) -> nn.Module:
     if isinstance(base, (str, os.PathLike)):
-        from .modelio import load_model
-
         return as_module(load_model(base))
     if isinstance(base, (nn.Module, torch.export.ExportedProgram)):
         return copy.deepcopy(as_module(base))
