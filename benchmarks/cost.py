@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 from compressor.config import CompressConfig  # noqa: E402
 from compressor.graph import apply, plan, set_training, tn_layers  # noqa: E402
 from compressor.checkpoint import load  # noqa: E402
-from compressor.selectors import get_selector  # noqa: E402
+from compressor.selectors import DEFAULT_SELECTOR, get_selector  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def dense_model():
     return m
 
 
-def gated_model(dense, selector="l0", target=20.0):
+def gated_model(dense, selector=DEFAULT_SELECTOR, target=20.0):
     config = CompressConfig(target=target, decomp="tr", rank_select=selector)
     chosen = get_selector(selector)
     the_plan = plan(dense, config)

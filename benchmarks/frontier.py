@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 from compressor import compress, evaluate  # noqa: E402
 from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
-from compressor.selectors import selector_names  # noqa: E402
+from compressor.selectors import DEFAULT_SELECTOR, selector_names  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 
 SELECTORS = list(selector_names())
@@ -162,7 +162,7 @@ def plot(result, frontier_png: Path, ranks_png: Path) -> None:
     fig.savefig(frontier_png, dpi=110)
     plt.close(fig)
 
-    l0 = [r for r in result["runs"] if r.get("selector") == "l0" and "error" not in r and r["seed"] == 0]
+    l0 = [r for r in result["runs"] if r.get("selector") == DEFAULT_SELECTOR and "error" not in r and r["seed"] == 0]
     if not l0:
         return
     names = [l["name"] for l in l0[0]["layers"]]

@@ -33,7 +33,8 @@ from .layers import TNLayer
 from .model_files import import_arch, load_model
 from .plot import check_available, plot_run
 from .config import CompressConfig
-from .errors import CompressorError, DataError, ModelError
+from .errors import CheckpointError, CompressorError, DataError, ModelError
+from .files import read_safetensors
 
 err_console = Console(stderr=True)
 
@@ -316,15 +317,9 @@ def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None
 @click.option("--json", "as_json", is_flag=True, help="print the metadata as JSON")
 def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
     """Per-layer ranks, sizes and the whole-model ratio of a slim CHECKPOINT."""
-    from safetensors.torch import load_file
-
-
     try:
         meta = read_metadata(checkpoint)
-        try:
-            tensors = load_file(str(checkpoint))
-        except Exception as exc:
-            raise ModelError(f"{checkpoint} is truncated or corrupted ({str(exc).strip()[:200]})") from None
+        tensors = read_safetensors(checkpoint, CheckpointError, "checkpoint")
     except CompressorError as exc:
         _fail(exc)
     if as_json:

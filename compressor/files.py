@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from .errors import CompressorError, first_line
 
@@ -50,8 +52,6 @@ def read_safetensors_header(path: str | os.PathLike, error_cls: type[CompressorE
     Parsing the header first is what tells "this is not a safetensors file at all" apart
     from "it is one, but its data is damaged"; ``hint`` is appended to the first kind.
     """
-    from safetensors import safe_open
-
     p = require_file(path, error_cls, what)
     try:
         with safe_open(str(p), framework="pt") as f:
@@ -63,8 +63,6 @@ def read_safetensors_header(path: str | os.PathLike, error_cls: type[CompressorE
 def read_safetensors(path: str | os.PathLike, error_cls: type[CompressorError], what: str,
                      hint: str = "") -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file (on CPU); any failure is one ``error_cls`` line."""
-    from safetensors.torch import load_file
-
     read_safetensors_header(path, error_cls, what, hint)
     p = Path(path).expanduser()
     try:

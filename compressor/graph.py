@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from . import tensornet as tn
-from .errors import CompressorError, ModelError
+from .errors import CompressorError, ModelError, first_line
 from .layers import TNLayer, aten_layers, layer_class, layer_class_for
 
 if TYPE_CHECKING:  # the config names selectors, whose module builds on this one
@@ -145,9 +145,8 @@ def _module_candidates(model: nn.Module) -> tuple[list[_Candidate], str]:
         called = {n.target for n in traced.graph.nodes if n.op == "call_module"}
         source = "module"
     except Exception as exc:  # any tracing failure: fall back, never crash
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(
-            f"torch.fx could not trace {type(model).__name__} ({first[:200]}); falling back to walking "
+            f"torch.fx could not trace {type(model).__name__} ({first_line(exc, 200)}); falling back to walking "
             "named_modules(): layers defined but unused in forward() may be compressed too",
             stacklevel=3,
         )
