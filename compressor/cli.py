@@ -99,7 +99,7 @@ def main() -> None:
 
 # ------------------------------------------------------------------ helpers
 def _load_data(spec: str, eval_spec: str | None) -> dict[str, Any]:
-
+    """Train/test tensors of ``--data``; ``--eval-data`` replaces the held-out part."""
     data = resolve_data(spec)
     if eval_spec:
         x, y = load_tensor_file(eval_spec)
@@ -223,7 +223,6 @@ def _check_outputs(model: Path, outputs: list[Path], force: bool) -> None:
 def _write_outputs(result, output: Path, arch: str | None, example: torch.Tensor, export_pt2: bool,
                    plot: Path | None, report_json: Path | None) -> list[Path]:
     """Write the checkpoint and every extra the user asked for; returns what was written."""
-
     rep = result.report
     extra = {"arch": arch} if arch else {}
     save(result.model, output, extra={**extra, "report": {"accuracy": rep.accuracy, "dense_accuracy": rep.dense_accuracy}})
@@ -232,7 +231,6 @@ def _write_outputs(result, output: Path, arch: str | None, example: torch.Tensor
         export_program(result.model, example, output.with_suffix(".pt2"))
         written.append(output.with_suffix(".pt2"))
     if plot:
-
         plot_run(rep, plot)
         written.append(plot)
     if report_json:
@@ -289,8 +287,7 @@ def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None
         _check_outputs(model, [output] + ([output.with_suffix(".pt2")] if export_pt2 else []) + ([plot] if plot else []),
                        force)
         if plot:
-
-            check_available()
+            check_available()  # before minutes of training, not after
         original = load_model(model, arch=arch, trust_pickle=trust_pickle)
         data = _load_data(data_spec, str(eval_data) if eval_data else None)
         xtr, ytr = data["train"]
