@@ -121,7 +121,7 @@ class CompressConfig:
         "help": "how ranks are chosen: " + "; ".join(f"{name}: {s.help}" for name, s in RankSelector.registry.items()),
         "choices": RankSelector.registry.keys(), "label": "rank selector"})
     reinforce_samples: int = field(default=5, metadata={
-        "help": "samples per step of the reinforce baseline"})
+        "help": "samples per step of the reinforce baseline", "check": positive_int})
     epochs: int | None = field(default=None, metadata={
         "help": "fine-tuning epochs, gate phase + weight-only phase (default: chosen from the data size)",
         "check": non_negative_int})
@@ -157,7 +157,7 @@ class CompressConfig:
     seed: int = field(default=0, metadata={
         "help": "random seed of the run (the CLI also shuffles the training data with it)"})
     log_every: int = field(default=20, metadata={
-        "help": "steps between progress events"})
+        "help": "steps between progress events", "check": positive_int})
 
     def __post_init__(self):
         """Validate every field from its own metadata, so a rule is written once, next to its help."""

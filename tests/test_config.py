@@ -52,6 +52,8 @@ def test_choices_come_from_one_place():
     (dict(filter_fn="fc1"), "filter_fn must be callable"),
     (dict(layer_ranks={"fc1": 0}), r"layer_ranks\['fc1'\] must be positive integers"),
     (dict(layer_ranks={"fc1": []}), r"layer_ranks\['fc1'\] must be positive integers"),
+    (dict(reinforce_samples=0), "reinforce_samples must be a positive integer"),
+    (dict(log_every=0), "log_every must be a positive integer"),
 ])
 def test_invalid_values_raise_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message) as info:
