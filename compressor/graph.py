@@ -132,7 +132,6 @@ class _Candidate:
     module: nn.Module  # real module or stand-in
     weight_attr: str | None = None
     bias_attr: str | None = None
-    node: fx.Node | None = None
 
     @property
     def kind(self) -> str:
@@ -176,7 +175,7 @@ def _graph_candidates(gm: fx.GraphModule) -> list[_Candidate]:
         bias = _get_attr(gm, b.target) if b is not None else None
         name = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target.replace(".", "_")
         stand = cls.standin(weight, bias, args)
-        cands.append(_Candidate(name, cls, stand, w.target, b.target if b is not None else None, node))
+        cands.append(_Candidate(name, cls, stand, w.target, b.target if b is not None else None))
     return cands
 
 
@@ -234,7 +233,7 @@ def plan(model: Any, config: CompressConfig) -> CompressionPlan:
             continue
         bias = getattr(c.module, "bias", None)
         params = c.module.weight.numel() + (bias.numel() if bias is not None else 0)
-        rank = config.layer_ranks.get(c.name, config.rank)  # None: chosen by the api from the target
+        rank = config.layer_ranks.get(c.name, config.rank)  # None: the rank selector chooses
         result.layers.append(LayerPlan(c.name, c.kind, shape, tz, rank, params, c.weight_attr, c.bias_attr))
     return result
 
