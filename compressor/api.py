@@ -21,7 +21,7 @@ from .errors import DataError, ModelError, TargetError, first_line
 from .graph import as_module, count_params, set_training, tn_layers
 from .checkpoint import SlimInfo, mark_slim
 from .selectors import get_selector, min_params
-from .batches import run_model, split_batch
+from .batches import require_reiterable, run_model, split_batch
 from .train import TrainEvent, TrainHistory, finetune
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,9 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     """
     started = time.perf_counter()
     config = _resolve_config(config, decomp, target, options)
+    require_reiterable(loader)
+    if eval_loader is not None:
+        require_reiterable(eval_loader, "evaluation loader")
     selector = get_selector(config.rank_select)
     module = as_module(model)
     the_plan = graph.plan(module, config)

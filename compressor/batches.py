@@ -7,7 +7,8 @@ evaluation) goes through these helpers, so one convention holds everywhere: a ba
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,6 +37,21 @@ def run_model(model: nn.Module, x: Any) -> torch.Tensor:
     if not torch.is_tensor(out):
         raise DataError(f"the model returned {type(out).__name__}; compressor needs a tensor output (logits)")
     return out
+
+
+def require_reiterable(loader: Iterable, what: str = "data loader") -> Iterable:
+    """``loader`` if each ``iter()`` starts a new pass, else a one-line DataError.
+
+    A run reads its loader several times (the fit check, λ calibration, every epoch); a
+    generator or other one-shot iterator would be used up after the first batch.
+    """
+    if not isinstance(loader, Iterable):
+        raise DataError(f"the {what} is a {type(loader).__name__}, not an iterable of batches")
+    if isinstance(loader, Iterator):  # has __next__: iterating it again continues, never restarts
+        raise DataError(f"the {what} is a one-shot iterator ({type(loader).__name__}), but compression reads it "
+                        "several times; pass something re-iterable: a list of batches, a torch DataLoader, "
+                        "or compressor.data.TensorLoader")
+    return loader
 
 
 def loader_length(loader: Iterable) -> int:

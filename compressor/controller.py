@@ -46,14 +46,18 @@ class SizeMeter:
 
     def __init__(self, model: nn.Module, dense_params: int):
         self.dense = dense_params
-        inside = {id(p) for layer in tn_layers(model).values() for p in layer.parameters()}
+        self.model = model
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recount the parameters outside factorized layers; call after a layer goes dense."""
+        inside = {id(p) for layer in tn_layers(self.model).values() for p in layer.parameters()}
         seen, other = set(), 0
-        for p in model.parameters():
+        for p in self.model.parameters():
             if id(p) not in inside and id(p) not in seen:
                 seen.add(id(p))
                 other += p.numel()
         self.other = other
-        self.model = model
 
     def layers(self) -> dict[str, TNLayer]:
         return tn_layers(self.model)

@@ -107,6 +107,8 @@ class BernoulliGate(Gate):
     """
 
     score_function = True
+    #: π = 0.5: the least open a slice can be and still count as open (eval rounds π >= 0.5).
+    reopen_value = 0.5
 
     def __init__(self, size: int, pi_init: float = 0.55, dtype=None):
         super().__init__()

@@ -18,7 +18,9 @@ from typing import Sequence
 
 import numpy as np
 import opt_einsum
+import tensorly as tl
 import torch
+from tensorly.decomposition import tensor_train
 
 from .errors import ConfigError, TensorizationError
 
@@ -166,16 +168,18 @@ def param_count(modes: Sequence[int], ranks: Sequence[int]) -> int:
 def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
     """Truncated TT-SVD (tensorly's ``tensor_train``), computed in float64 on numpy.
 
-    Using numpy keeps tensorly's global backend untouched; float64 keeps the SVDs exact
-    enough that float32 weights lose nothing to the decomposition itself.
+    tensorly's backend is global: a program may have set ``"pytorch"`` (tensorly-torch
+    does), so the decomposition runs inside a numpy backend context that restores the
+    caller's choice afterwards. float64 keeps the SVDs exact enough that float32 weights
+    lose nothing to the decomposition itself.
     """
-    from tensorly.decomposition import tensor_train
 
     if ranks[-1] != 1:
         raise ConfigError("tt_svd needs a closing rank of 1")
     arr = tensor.detach().to("cpu", torch.float64).numpy()
     tl_ranks = [1] + list(ranks)
-    tt = tensor_train(arr, rank=tl_ranks)
+    with tl.backend_context("numpy"):
+        tt = tensor_train(arr, rank=tl_ranks)
     cores = [torch.from_numpy(np.ascontiguousarray(c)) for c in tt.factors]
     # tensorly may return smaller bonds than asked when the tensor itself has lower rank:
     # pad with zeros so the layout the caller asked for holds (zeros change nothing).

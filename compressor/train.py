@@ -25,7 +25,7 @@ from torch import nn
 from .batches import loader_length, run_model, split_batch
 from .config import CompressConfig
 from .controller import SizeMeter, TargetController
-from .errors import TrainingError
+from .errors import DataError, TrainingError
 from .gates import reinforce_surrogate
 from .graph import set_submodule, set_training, tn_layers
 from .losses import task_loss
@@ -164,6 +164,7 @@ class FineTune:
             if layer.param_count() >= layer.dense_param_count() and name not in self.keep_factorized:
                 set_submodule(self.model, name, layer.to_dense())
                 self.history.kept_dense.append(name)
+        self.meter.refresh()
 
     def _snapshot(self) -> None:
         self.good_state, self.good_step = copy.deepcopy(self.model.state_dict()), self.step
@@ -284,9 +285,10 @@ class FineTune:
                 if self.step >= self.total:
                     break
                 self._train_step(batch, window, tally)
+            if tally.batches == 0:
+                raise DataError(f"the data loader yielded no batch in epoch {self.epoch}; it must give a full "
+                                "pass every time it is iterated")
             self._end_epoch(tally)
-            if self.step == 0:
-                break  # zero-length budget
         if not self.frozen:  # budget ended inside the gate phase (e.g. epochs=0 or tiny max_steps)
             if not self.control.reached:
                 self.control.force()
