@@ -172,6 +172,8 @@ def _graph_candidates(gm: fx.GraphModule) -> list[_Candidate]:
         if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
             continue
         weight = _get_attr(gm, w.target)
+        if not isinstance(weight, nn.Parameter):
+            continue  # a buffer or constant (e.g. a slim embedding's bounds table): not a learned weight
         bias = _get_attr(gm, b.target) if b is not None else None
         name = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target.replace(".", "_")
         stand = cls.standin(weight, bias, args)

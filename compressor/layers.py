@@ -534,6 +534,12 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
         self.dim_modes = _nontrivial(tn.check_modes(dim_modes, embedding_dim, "embedding size"))
         self.padding_idx = padding_idx
         super().__init__(self.vocab_modes + self.dim_modes, ranks, decomp, gated, sigma, dtype)
+        dtype = self.cores[0].dtype
+        # nn.Embedding returns the padding row as stored and never trains it: keep it exactly.
+        self.register_buffer("padding_row", torch.zeros(embedding_dim, dtype=dtype) if padding_idx is not None else None)
+        # A (V, 1) lookup table whose only job is to raise IndexError on an index outside
+        # [0, V) exactly as nn.Embedding does (mode digits would silently wrap around).
+        self.register_buffer("_bounds", torch.zeros(num_embeddings, 1, dtype=dtype), persistent=False)
         strides, acc = [], 1
         for m in reversed(self.vocab_modes):
             strides.append(acc)
@@ -567,6 +573,9 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
         tz, ranks = cls._prepare(module, decomp, rank, tensorization)
         v, d = module.weight.shape
         layer = cls(v, d, tz[0], tz[1], ranks, decomp, module.padding_idx, gated, sigma, dtype=module.weight.dtype)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                layer.padding_row.copy_(module.weight[module.padding_idx])
         return layer._load_dense_(module, tz, generator)
 
     @classmethod
@@ -587,6 +596,7 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
         cores = self.effective_cores()
         a = len(self.vocab_modes)
         flat = idx.reshape(-1)
+        F.embedding(flat, self._bounds)  # IndexError for an out-of-range index, like the dense layer
         rows = None
         for k in range(a):
             digit = torch.div(flat, self._strides[k], rounding_mode="floor") % self.vocab_modes[k]
@@ -601,7 +611,7 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
             else:
                 out = torch.einsum("nab,bda->nd", rows, tail)
         if self.padding_idx is not None:
-            out = out * (flat != self.padding_idx).unsqueeze(-1).to(out.dtype)
+            out = torch.where((flat == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
         return out.reshape(idx.shape + (self.embedding_dim,))
 
     def to_dense(self) -> nn.Embedding:
@@ -610,7 +620,7 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
         with torch.no_grad():
             w = self.dense_tensor().reshape(-1, self.embedding_dim)[: self.num_embeddings]
             if self.padding_idx is not None:
-                w[self.padding_idx] = 0
+                w[self.padding_idx] = self.padding_row
             emb.weight.copy_(w)
         return emb
 

@@ -5,14 +5,14 @@ import tensorly as tl
 import torch
 from torch import nn
 
-from compressor import compress
+from compressor import compress, export_program, load, save
 from compressor.config import CompressConfig
 from compressor.controller import SizeMeter, TargetController
 from compressor.data import TensorLoader
 from compressor.errors import DataError
 from compressor.gates import BernoulliGate
 from compressor.graph import apply, count_params, plan, tn_layers
-from compressor.layers import TNLinear
+from compressor.layers import TNEmbedding, TNLinear
 from compressor.selectors import get_selector
 
 
@@ -85,3 +85,52 @@ def test_progress_ratio_counts_layers_that_went_back_to_dense(trained_digits_net
     real = res.report.dense_params / count_params(res.model)
     assert res.report.epochs[-1]["ratio"] == pytest.approx(real)
     assert events[-1].kind == "end" and events[-1].ratio == pytest.approx(real)
+
+
+def _embedding_with_padding():
+    torch.manual_seed(0)
+    emb = nn.Embedding(60, 12, padding_idx=3)
+    with torch.no_grad():
+        emb.weight[3] = torch.linspace(-1, 1, 12)  # a stored, non-zero padding row (e.g. loaded weights)
+    return emb
+
+
+def test_tn_embedding_refuses_out_of_range_indices_like_the_dense_layer():
+    emb = _embedding_with_padding()
+    layer = TNEmbedding.from_dense(emb, "tt", 64)
+    for bad in (torch.tensor([[1, 60]]), torch.tensor([-1])):
+        with pytest.raises(IndexError):
+            emb(bad)
+        with pytest.raises(IndexError):
+            layer(bad)
+
+
+def test_tn_embedding_returns_the_stored_padding_row():
+    emb = _embedding_with_padding()
+    layer = TNEmbedding.from_dense(emb, "tt", 64).eval()
+    idx = torch.tensor([[3, 5, 3], [0, 59, 3]])
+    with torch.no_grad():
+        assert torch.equal(layer(idx)[idx == 3], emb(idx)[idx == 3])
+        assert (layer(idx) - emb(idx)).abs().max() < 1e-5  # full rank elsewhere
+        assert torch.equal(layer.prune_().to_dense().weight[3], emb.weight[3])
+
+
+def test_slim_embedding_round_trips_through_a_checkpoint_and_export(tmp_path):
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = _embedding_with_padding()
+            self.head = nn.Linear(12, 4)
+
+        def forward(self, idx):
+            return self.head(self.emb(idx).mean(1))
+
+    model = Bag().eval()
+    idx = torch.randint(0, 60, (64, 7))
+    res = compress(model, TensorLoader(idx, None, 16), "tt", 1.3, min_params=0, epochs=1)
+    back = load(save(res.model, tmp_path / "slim.safetensors"), base=Bag)
+    program = torch.export.load(str(export_program(res.model, idx[:8], tmp_path / "slim.pt2"))).module()
+    with torch.no_grad():
+        ref = res.model(idx)
+        assert torch.equal(back(idx), ref)
+        assert (program(idx) - ref).abs().max() < 1e-5
