@@ -33,8 +33,8 @@ from .layers import TNLayer
 from .model_files import import_arch, load_model
 from .plot import check_available, plot_run
 from .config import CompressConfig
-from .errors import CheckpointError, CompressorError, DataError, ModelError
-from .files import read_safetensors
+from .errors import CheckpointError, CompressorError, DataError, ModelError, first_line
+from .files import read_safetensors, staged_outputs
 
 err_console = Console(stderr=True)
 
@@ -210,33 +210,38 @@ def config_option(name: str, *flags: str, **overrides: Any):
 
 
 def _check_outputs(model: Path, outputs: list[Path], force: bool) -> None:
-    """Refuse before any work if an output would clobber the input or an existing file."""
+    """Refuse before any work if an output would clobber the input, an existing file or another output."""
+    seen: set[Path] = set()
     for out in outputs:
         if model.exists() and out.resolve() == model.resolve():
-            raise ModelError(f"output {out} is the input model; choose another -o path")
-        if out.exists() and not force:
-            raise ModelError(f"{out} already exists; pass --force to overwrite it")
+            raise ModelError(f"output {out} is the input model; choose another path")
+        if out.resolve() in seen:
+            raise ModelError(f"{out} is named for two outputs; give each output its own path")
+        seen.add(out.resolve())
         if out.exists() and out.is_dir():
             raise ModelError(f"{out} is a directory")
+        if out.exists() and not force:
+            raise ModelError(f"{out} already exists; pass --force to overwrite it")
 
 
-def _write_outputs(result, output: Path, arch: str | None, example: torch.Tensor, export_pt2: bool,
-                   plot: Path | None, report_json: Path | None) -> list[Path]:
-    """Write the checkpoint and every extra the user asked for; returns what was written."""
+def _write_outputs(result, outputs: dict[str, Path], arch: str | None, example: torch.Tensor) -> list[Path]:
+    """Write the checkpoint and every extra the user asked for, all or nothing."""
     rep = result.report
     extra = {"arch": arch} if arch else {}
-    save(result.model, output, extra={**extra, "report": {"accuracy": rep.accuracy, "dense_accuracy": rep.dense_accuracy}})
-    written = [output]
-    if export_pt2:
-        export_program(result.model, example, output.with_suffix(".pt2"))
-        written.append(output.with_suffix(".pt2"))
-    if plot:
-        plot_run(rep, plot)
-        written.append(plot)
-    if report_json:
-        report_json.write_text(json.dumps(rep.to_dict(), indent=2))
-        written.append(report_json)
-    return written
+    with staged_outputs(list(outputs.values())) as tmp:
+        save(result.model, tmp[outputs["checkpoint"]],
+             extra={**extra, "report": {"accuracy": rep.accuracy, "dense_accuracy": rep.dense_accuracy}})
+        if "pt2" in outputs:
+            try:
+                export_program(result.model, example, tmp[outputs["pt2"]])
+            except Exception as exc:  # torch.export's own errors: say what failed, write nothing
+                raise ModelError(f"could not export the slim model as a torch.export program "
+                                 f"({first_line(exc, 200)}); nothing was written") from None
+        if "plot" in outputs:
+            plot_run(rep, tmp[outputs["plot"]])
+        if "report" in outputs:
+            tmp[outputs["report"]].write_text(json.dumps(rep.to_dict(), indent=2))
+    return list(outputs.values())
 
 
 def _print_summary(rep, written: list[Path]) -> None:
@@ -261,7 +266,8 @@ def _print_summary(rep, written: list[Path]) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="slim checkpoint to write (default: MODEL name + .slim.safetensors)")
 @click.option("--arch", default=None, help="package.module:factory building the architecture for a state-dict MODEL")
-@click.option("--trust-pickle", is_flag=True, help="allow MODEL to be a pickled module (runs code from the file!)")
+@click.option("--trust-pickle", is_flag=True,
+              help="allow MODEL to be a pickled module or a .pt2 with pickled parts (runs code from the file!)")
 @config_option("epochs")
 @config_option("lam", "--lambda")
 @config_option("sigma")
@@ -284,8 +290,10 @@ def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None
         if batch_size <= 0:
             raise DataError(f"--batch-size must be positive, got {batch_size}")
         output = output or Path(model.name.split(".")[0] + ".slim.safetensors")
-        _check_outputs(model, [output] + ([output.with_suffix(".pt2")] if export_pt2 else []) + ([plot] if plot else []),
-                       force)
+        outputs = {"checkpoint": output, "pt2": output.with_suffix(".pt2") if export_pt2 else None,
+                   "plot": plot, "report": report_json}
+        outputs = {kind: path for kind, path in outputs.items() if path is not None}
+        _check_outputs(model, list(outputs.values()), force)
         if plot:
             check_available()  # before minutes of training, not after
         original = load_model(model, arch=arch, trust_pickle=trust_pickle)
@@ -299,7 +307,7 @@ def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None
             result = compress(original, train, config=config, eval_loader=test, callback=view)
         finally:
             view.close()
-        written = _write_outputs(result, output, arch, xte[:8], export_pt2, plot, report_json)
+        written = _write_outputs(result, outputs, arch, xte[:8])
     except CompressorError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -348,7 +356,8 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="the original model file (to rebuild the architecture and compare outputs)")
 @click.option("--arch", default=None, help="package.module:factory (when --base is a state dict, or no --base)")
-@click.option("--trust-pickle", is_flag=True, help="allow --base to be a pickled module")
+@click.option("--trust-pickle", is_flag=True,
+              help="allow --base to be a pickled module or a .pt2 with pickled parts (runs code from the file!)")
 @click.option("--batch-size", type=int, default=512, show_default=True)
 def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | None, trust_pickle: bool,
              batch_size: int) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -43,6 +44,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+@contextmanager
+def staged_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[dict[Path, Path]]:
+    """All-or-nothing writing of several files: ``{final: temporary}`` to write into.
+
+    Each output is written to a hidden temporary file beside its final place; only when
+    every write has succeeded are they all renamed into place. If anything fails (or the
+    user presses Ctrl-C), the temporaries are removed and no output appears: a run never
+    leaves a checkpoint without the report or plot the user asked for.
+    """
+    staged: dict[Path, Path] = {}
+    try:
+        for path in map(Path, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            staged[path] = Path(tmp)
+        yield staged
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged.values():
+            if tmp.exists():
+                tmp.unlink()
 
 
 def read_safetensors_header(path: str | os.PathLike, error_cls: type[CompressorError], what: str,

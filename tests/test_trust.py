@@ -134,3 +134,69 @@ def test_slim_embedding_round_trips_through_a_checkpoint_and_export(tmp_path):
         ref = res.model(idx)
         assert torch.equal(back(idx), ref)
         assert (program(idx) - ref).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------ outputs of a CLI run: all or nothing
+@pytest.fixture
+def model_file(trained_digits_net, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in trained_digits_net.state_dict().items()}, str(path))
+    return path
+
+
+def _run(model_file, *extra):
+    from click.testing import CliRunner
+
+    from compressor.cli import main
+
+    args = [str(model_file), "--arch", "compressor.zoo:digits_net", "--data", "digits", "--target", "3x",
+            "--epochs", "1", *map(str, extra)]
+    return CliRunner().invoke(main, args)
+
+
+def _one_error_line(result):
+    assert result.exit_code == 2, result.output
+    errors = [l for l in result.output.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert result.output.rstrip().endswith(errors[0])  # progress may come first; the error ends it
+    return errors[0]
+
+
+def test_report_json_never_overwrites_the_input_or_an_existing_file(model_file, tmp_path):
+    before = model_file.read_bytes()
+    assert "is the input model" in _one_error_line(_run(model_file, "-o", tmp_path / "s.safetensors",
+                                                        "--report-json", model_file, "--force"))
+    existing = tmp_path / "report.json"
+    existing.write_text("keep me")
+    assert "already exists" in _one_error_line(_run(model_file, "-o", tmp_path / "s.safetensors",
+                                                    "--report-json", existing))
+    same = tmp_path / "same.safetensors"
+    assert "two outputs" in _one_error_line(_run(model_file, "-o", same, "--report-json", same))
+    assert model_file.read_bytes() == before and existing.read_text() == "keep me"
+    assert not (tmp_path / "s.safetensors").exists() and not same.exists()
+
+
+def test_a_failure_after_training_writes_no_output_at_all(model_file, tmp_path, monkeypatch):
+    import compressor.cli
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("export backend exploded\nwith a long dump")
+
+    monkeypatch.setattr(compressor.cli, "export_program", broken_export)
+    out = tmp_path / "out" / "slim.safetensors"
+    line = _one_error_line(_run(model_file, "-o", out, "--export-pt2", "--report-json", tmp_path / "out" / "r.json"))
+    assert "could not export" in line and "export backend exploded" in line
+    assert list((tmp_path / "out").iterdir()) == []  # no checkpoint, no report, no temporary file
+
+
+def test_a_successful_run_writes_every_output(model_file, tmp_path):
+    out = tmp_path / "slim.safetensors"
+    result = _run(model_file, "-o", out, "--export-pt2", "--report-json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ratio"] >= 3 and out.exists() and out.with_suffix(".pt2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
