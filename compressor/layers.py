@@ -490,9 +490,10 @@ class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.c
 
     @classmethod
     def _meta_module(cls, shape: tuple[int, ...], bias: bool, args: dict[str, Any]) -> nn.Module:
-        return nn.Conv2d(shape[1], shape[0], tuple(shape[2:]), stride=args.get("stride", 1),
+        groups = int(args.get("groups", 1))  # a grouped kernel holds C_in / groups input channels
+        return nn.Conv2d(shape[1] * groups, shape[0], tuple(shape[2:]), stride=args.get("stride", 1),
                          padding=args.get("padding", 0), dilation=args.get("dilation", 1),
-                         groups=args.get("groups", 1), bias=bias, device="meta")
+                         groups=groups, bias=bias, device="meta")
 
     def kernel(self) -> torch.Tensor:
         kh, kw = self.kernel_size

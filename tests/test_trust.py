@@ -200,3 +200,38 @@ def test_a_successful_run_writes_every_output(model_file, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["ratio"] >= 3 and out.exists() and out.with_suffix(".pt2").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# ------------------------------------------------------------------ the graph path skips what the module path skips
+class SmallResNet(nn.Module):
+    """BatchNorm, a residual, a depthwise (grouped) conv: what a small vision model looks like."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pointwise = nn.Conv2d(16, 32, 1)
+        self.mix = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = h + torch.relu(self.depthwise(h))
+        h = torch.relu(self.pointwise(h))
+        h = h + torch.relu(self.mix(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_grouped_convs_are_skipped_with_the_same_reason_from_a_pt2(digits):
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    x = digits[0][:256]
+    program = torch.export.export(model, (x[:4].clone(),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    config = CompressConfig(target=2, min_params=100)
+    from_module = {s.name: s.reason for s in plan(model, config).skipped}
+    from_graph = {s.name: s.reason for s in plan(program, config).skipped}
+    assert "grouped convolution (groups=16)" in from_module["depthwise"]
+    assert from_graph["depthwise"] == from_module["depthwise"]
+    res = compress(program, TensorLoader(x, None, 64), "tr", 1.5, min_params=100, epochs=1)
+    assert res.report.ratio >= 1.5 and any(s["name"] == "depthwise" for s in res.report.skipped)
