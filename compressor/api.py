@@ -155,10 +155,11 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     _check_reachable(the_plan, config)
     selector.prepare(the_plan, module, config)
     teacher = set_training(copy.deepcopy(module), False)
-    has_labels, _ = check_batch(teacher, loader)
+    has_labels, first_x = check_batch(teacher, loader)
     dense_acc = evaluate(teacher, eval_loader) if eval_loader is not None else None
 
     applied = graph.apply(module, the_plan, config, make_gate=selector.gate_factory(config))
+    _check_applied(applied.model, first_x)
     initial = {name: layer.ranks for name, layer in tn_layers(applied.model).items()}
     use_teacher = teacher if (not has_labels or config.distill > 0) else None
     evaluate_fn = (lambda m: evaluate(m, eval_loader)) if eval_loader is not None else None
@@ -179,6 +180,26 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                     dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
                     history.ratio_before_force, history.epochs)
     return CompressResult(slim, report, history)
+
+
+def _check_applied(model: nn.Module, x: Any) -> None:
+    """One batch through the factorized model before any training.
+
+    A weight the forward reads outside its layer, which no trace saw (a module-walk
+    fallback), fails here with a clear error instead of a raw one minutes later. Runs in
+    evaluation mode, so no gate noise, dropout or BatchNorm statistics are touched.
+    """
+    modes = {m: m.training for m in model.modules()}
+    set_training(model, False)
+    try:
+        with torch.no_grad():
+            run_model(model, x)
+    except Exception as exc:
+        raise ModelError(f"the model fails once its layers are factorized ({first_line(exc, 200)}); a layer's "
+                         "weight is probably used outside the layer: leave that layer out with filter_fn") from None
+    finally:
+        for m, mode in modes.items():
+            object.__setattr__(m, "training", mode)
 
 
 def _resolve_config(config: CompressConfig | None, decomp: str | None, target: Any,

@@ -130,8 +130,10 @@ class _Candidate:
     name: str
     cls: type[TNLayer]  # the factorized layer that would replace it
     module: nn.Module  # real module or stand-in
+    weight: nn.Parameter  # the model's own parameter (a stand-in holds a detached view): identity of the weight
     weight_attr: str | None = None
     bias_attr: str | None = None
+    direct_use: bool = False  # the forward also reads the weight outside this layer (e.g. F.linear(h, emb.weight))
 
     @property
     def kind(self) -> str:
@@ -150,12 +152,14 @@ def _module_candidates(model: nn.Module) -> tuple[list[_Candidate], str]:
             stacklevel=3,
         )
         called, source = None, "module-walk"
+    read = {n.target for n in traced.graph.nodes if n.op == "get_attr"} if called is not None else set()
     cands = []
     for name, mod in model.named_modules():
         cls = layer_class_for(mod)
         if cls is None or (called is not None and name not in called):
             continue
-        cands.append(_Candidate(name, cls, mod))
+        direct = any(f"{name}.{p}" in read for p, _ in mod.named_parameters())
+        cands.append(_Candidate(name, cls, mod, mod.weight, direct_use=direct))
     return cands, source
 
 
@@ -177,7 +181,8 @@ def _graph_candidates(gm: fx.GraphModule) -> list[_Candidate]:
         bias = _get_attr(gm, b.target) if b is not None else None
         name = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target.replace(".", "_")
         stand = cls.standin(weight, bias, args)
-        cands.append(_Candidate(name, cls, stand, w.target, b.target if b is not None else None))
+        direct = any(u.target not in aten_layers() for u in w.users)  # e.g. aten.t / matmul of a tied weight
+        cands.append(_Candidate(name, cls, stand, weight, w.target, b.target if b is not None else None, direct))
     return cands
 
 
@@ -211,13 +216,17 @@ def plan(model: Any, config: CompressConfig) -> CompressionPlan:
     result = CompressionPlan(source=source, dense_params=count_params(module))
     owners: dict[int, list[str]] = {}
     for c in cands:
-        owners.setdefault(id(c.module.weight), []).append(c.name)
+        owners.setdefault(id(c.weight), []).append(c.name)
     names = {c.name for c in cands}
     unknown = set(config.tensorization) | set(config.layer_ranks)
     if unknown - names:
         raise ModelError(f"per-layer options name unknown layers: {', '.join(sorted(unknown - names))} "
                          f"(eligible layers: {', '.join(sorted(names)) or 'none'})")
+    planned_weights: set[int] = set()
     for c in cands:
+        if id(c.weight) in planned_weights:
+            continue  # one weight, one decision: a weight read by several calls is not planned twice
+        planned_weights.add(id(c.weight))
         shape = tuple(c.module.weight.shape)
         skip = _skip_reason(c, config, owners)
         if skip is None:
@@ -244,8 +253,13 @@ def _skip_reason(c: _Candidate, config: CompressConfig, owners: dict[int, list[s
     m = c.module
     if config.filter_fn is not None and not config.filter_fn(m, c.name):
         return "excluded by filter_fn"
-    if len(owners[id(m.weight)]) > 1:
-        return f"weight shared with {', '.join(n for n in owners[id(m.weight)] if n != c.name)} (tied weights stay dense)"
+    users = owners[id(c.weight)]
+    if len(users) > 1:
+        others = sorted(set(users) - {c.name})
+        shared = f"shared with {', '.join(others)}" if others else f"used by {len(users)} calls"
+        return f"weight {shared} (shared weights stay dense)"
+    if c.direct_use:
+        return "the forward also uses its weight directly, outside the layer (shared weights stay dense)"
     unsupported = c.cls.unsupported_reason(m)
     if unsupported is not None:
         return unsupported
@@ -381,6 +395,23 @@ def apply(model: Any, the_plan: CompressionPlan, config: CompressConfig, make_ga
         swap_in(module, site, layer)
         applied.sites[lp.name] = site
     return applied
+
+
+def site_in(module: nn.Module, name: str, weight_attr: str | None = None, bias_attr: str | None = None) -> Site:
+    """Where the layer a checkpoint recorded as ``name`` goes in ``module``, whatever the source.
+
+    A checkpoint made from an ``nn.Module`` names module paths; one made from a
+    ``torch.export`` program also names the attributes its aten call read. Either kind may
+    be loaded onto either kind of base: on a graph, a module path ``fc1`` means the call
+    reading ``fc1.weight``; on a module, the recorded attributes are not needed.
+    """
+    if not is_graph_model(module):
+        return Site(name)
+    if weight_attr is None:
+        weight_attr = f"{name}.weight"
+        bias = _aten_args(_aten_node(module, weight_attr)).get("bias")
+        bias_attr = bias.target if isinstance(bias, fx.Node) else None
+    return Site(name, weight_attr, bias_attr)
 
 
 def swap_in(module: nn.Module, site: Site, layer: TNLayer) -> None:
