@@ -4,6 +4,10 @@ The file holds every tensor of the slim model plus JSON metadata (format version
 factorized layer's spec, how to find it in the base architecture, parameter counts).
 ``load`` rebuilds the factorized layers from that metadata *before* loading tensors, so
 changed ranks never cause size-mismatch errors, and nothing is ever unpickled.
+
+The metadata is never trusted: :func:`read_metadata` checks every layer spec against the
+tensor shapes in the file's header before anything is built, so a doctored checkpoint
+cannot make ``load`` allocate more than the file holds.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError, ModelError, first_line
+from . import tensornet as tn
+from .errors import CheckpointError, CompressorError, ModelError, first_line
 from .files import atomic_write, read_safetensors, read_safetensors_header
-from .graph import Site, as_module, count_params, set_training, swap_in, tn_layers
-from .layers import TNLayer
+from .graph import Site, as_module, count_params, set_training, site_in, swap_in, tn_layers
+from .layers import TNLayer, layer_class
 from .model_files import load_model
 
 FORMAT = "compressor.slim"
@@ -101,19 +107,123 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a safetensors file but not a compressor checkpoint (no 'compressor' metadata)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path} has corrupted compressor metadata") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has corrupted compressor metadata")
     if meta.get("format") != FORMAT or not isinstance(meta.get("layers"), dict):
-        raise CheckpointError(f"{path} has unknown checkpoint format {meta.get('format')!r}")
-    if meta.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} was written by a newer compressor (format version {meta['version']})")
+        raise CheckpointError(f"{path} has unknown checkpoint format {str(meta.get('format'))[:60]!r}")
+    version = meta.get("version", 0)
+    if not _is_int(version):
+        raise CheckpointError(f"{path} has a malformed format version {repr(version)[:60]}")
+    if version > VERSION:
+        raise CheckpointError(f"{path} was written by a newer compressor (format version {version})")
+    _check_fields(path, meta)
+    shapes = _tensor_shapes(path)
+    for name, entry in meta["layers"].items():
+        check_layer(path, name, entry, shapes)
     meta["tensor_names"] = keys
     return meta
 
 
-def _build_base(base: Any) -> nn.Module:
+def _is_int(value: Any, low: int = 0) -> bool:
+    """A JSON integer (not a bool, not a float) of at least ``low``."""
+    return type(value) is int and value >= low
+
+
+def _check_fields(path: Path, meta: dict[str, Any]) -> None:
+    """The metadata fields other than layers that code reads have the types it expects."""
+    extra = meta.get("extra", {})
+    report = extra.get("report", {}) if isinstance(extra, dict) else None
+    accuracy = report.get("accuracy") if isinstance(report, dict) else None
+    problems = [
+        ("source", isinstance(meta.get("source", ""), str)),
+        ("dense_params", meta.get("dense_params") is None or _is_int(meta.get("dense_params"), 1)),
+        ("extra", isinstance(extra, dict)),
+        ("extra.arch", isinstance(extra, dict) and isinstance(extra.get("arch", ""), str)),
+        ("extra.report", report is None or isinstance(report, dict)),
+        ("extra.report.accuracy", accuracy is None or (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool))),
+    ]
+    bad = [field for field, ok in problems if not ok]
+    if bad:
+        raise CheckpointError(f"{path} has malformed metadata field {bad[0]!r}")
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor, from the header alone (no tensor data is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({first_line(exc)})") from None
+    if not shapes:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    return shapes
+
+
+def _check_spec_values(spec: dict[str, Any], klass: type[TNLayer]) -> None:
+    """Sizes are positive ints, modes and ranks lists of them, flags bools (before any arithmetic)."""
+    missing = [f for f in klass.spec_fields if f not in spec and f not in klass.spec_optional]
+    if missing:
+        raise ValueError(f"it lacks {', '.join(missing)}")
+    tn.check_decomp(spec["decomp"])
+    for f in klass.shape_fields:
+        value = spec[f]
+        if not (_is_int(value, 1) or (isinstance(value, list) and value and all(_is_int(v, 1) for v in value))):
+            raise ValueError(f"{f} must be a positive integer, not {repr(value)[:60]}")
+    for f in (*klass.mode_fields, "ranks"):
+        value = spec[f]
+        if not (isinstance(value, list) and len(value) <= 64 and all(_is_int(v, 1) for v in value)):
+            raise ValueError(f"{f} must be a list of positive integers, not {repr(value)[:60]}")
+    for f in ("bias", "merge_spatial"):
+        if f in spec and not isinstance(spec[f], bool):
+            raise ValueError(f"{f} must be true or false, not {repr(spec[f])[:60]}")
+
+
+def expected_tensors(name: str, entry: Any) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that the layer ``entry`` (a metadata ``layers`` value) implies."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("spec"), dict):
+        raise ValueError("its entry is not an object with a 'spec'")
+    if any(entry.get(a) is not None and not isinstance(entry.get(a), str) for a in ("weight_attr", "bias_attr")):
+        raise ValueError("weight_attr/bias_attr must be strings")
+    spec = entry["spec"]
+    klass = layer_class(spec.get("kind"))
+    _check_spec_values(spec, klass)
+    try:
+        modes, _ = TNLayer.spec_size(spec)
+    except IndexError:  # core k reads ranks[k]
+        raise ValueError(f"it has fewer ranks ({len(spec['ranks'])}) than cores") from None
+    ranks = spec["ranks"]
+    if len(ranks) != len(modes):
+        raise ValueError(f"it has {len(ranks)} ranks for {len(modes)} cores")
+    shapes = {f"{name}.cores.{k}": tuple(s) for k, s in enumerate(tn.core_shapes(modes, ranks))}
+    if spec.get("bias"):
+        shapes[f"{name}.bias"] = (spec[klass.shape_fields[0]],)
+    return shapes
+
+
+def check_layer(path: Path, name: str, entry: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The layer's spec is well-formed and its cores (and bias) are in the file with exactly
+    the shapes the spec implies: rebuilding it then allocates only what the file holds."""
+    try:
+        expected = expected_tensors(name, entry)
+    except (CompressorError, KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{path}: layer {name!r} has a malformed spec ({first_line(exc, 160)})") from None
+    for key, shape in expected.items():
+        if key not in shapes:
+            raise CheckpointError(f"{path}: layer {name!r} lacks tensor {key!r} that its spec declares")
+        if shapes[key] != shape:
+            raise CheckpointError(f"{path}: layer {name!r} declares {key!r} of shape {list(shape)[:8]} "
+                                  f"but the file holds {list(shapes[key])}")
+    stray = sorted(k for k in shapes if k.startswith(f"{name}.cores.") and k not in expected)
+    if stray:
+        raise CheckpointError(f"{path}: layer {name!r} has tensor {stray[0]!r} that its spec does not declare")
+
+
+def _build_base(base: Any, trust_pickle: bool = False) -> nn.Module:
+    """A fresh module from ``base``; a path loads through ``load_model`` (code runs only if trusted)."""
     if isinstance(base, (str, os.PathLike)):
-        return as_module(load_model(base))
+        return as_module(load_model(base, trust_pickle=trust_pickle))
     if isinstance(base, (nn.Module, torch.export.ExportedProgram)):
         return copy.deepcopy(as_module(base))
     if callable(base):
@@ -121,15 +231,18 @@ def _build_base(base: Any) -> nn.Module:
     raise CheckpointError("base must be a model, a torch.export program, a .pt2 path, or a factory returning a model")
 
 
-def rebuild(base: Any, meta: dict[str, Any]) -> nn.Module:
-    """The base architecture with every factorized layer of ``meta`` swapped in (empty cores)."""
-    module = _build_base(base)
+def rebuild(base: Any, meta: dict[str, Any], trust_pickle: bool = False) -> nn.Module:
+    """The base architecture with every factorized layer of ``meta`` swapped in (empty cores).
+
+    ``meta`` must come from :func:`read_metadata`, which checked it against the file's tensors.
+    """
+    module = _build_base(base, trust_pickle)
     sites = {}
     for name, entry in meta["layers"].items():
         try:
-            site = Site(name, entry.get("weight_attr"), entry.get("bias_attr"))
+            site = site_in(module, name, entry.get("weight_attr"), entry.get("bias_attr"))
             swap_in(module, site, TNLayer.from_spec(entry["spec"]))
-        except (AttributeError, KeyError, ModelError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, ModelError, RuntimeError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint does not fit this base architecture at layer {name!r} "
                                   f"({first_line(exc)})") from None
         if site.in_graph:
@@ -138,12 +251,20 @@ def rebuild(base: Any, meta: dict[str, Any]) -> nn.Module:
                                       meta.get("extra", {})))
 
 
-def load(path: str | os.PathLike, base: Any) -> nn.Module:
-    """Rebuild the slim model saved at ``path`` on top of ``base`` (model, factory or .pt2 path)."""
-    meta = read_metadata(path)
-    module = rebuild(base, meta)
+def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.Module:
+    """Rebuild the slim model saved at ``path`` on top of ``base`` (model, factory or .pt2 path).
+
+    ``trust_pickle`` lets a ``base`` path run code when loaded (see ``model_files.load_model``).
+    """
+    meta = read_metadata(path)  # validated against the file before anything is allocated
+    module = rebuild(base, meta, trust_pickle)
     tensors = read_safetensors(path, CheckpointError, "checkpoint")
-    result = module.load_state_dict(tensors, strict=False)
+    try:
+        result = module.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # size mismatches of the dense layers, listed one per line
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        raise CheckpointError(f"the checkpoint {path} does not fit the base architecture: "
+                              f"{' '.join(lines[1:3] or lines[:1])[:300]}") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"the checkpoint does not match the base architecture: missing {sorted(result.missing_keys)[:5]}, "

@@ -235,3 +235,82 @@ def test_grouped_convs_are_skipped_with_the_same_reason_from_a_pt2(digits):
     assert from_graph["depthwise"] == from_module["depthwise"]
     res = compress(program, TensorLoader(x, None, 64), "tr", 1.5, min_params=100, epochs=1)
     assert res.report.ratio >= 1.5 and any(s["name"] == "depthwise" for s in res.report.skipped)
+
+
+# ------------------------------------------------------------------ a checkpoint loads onto either kind of base
+def _program_of(model, x):
+    return torch.export.export(model, (x[:4].clone(),), dynamic_shapes=({0: torch.export.Dim("b")},))
+
+
+def test_a_checkpoint_from_a_module_loads_onto_its_pt2_and_back(trained_digits_net, digits, tmp_path):
+    from compressor.zoo import DigitsNet
+
+    xtr, ytr, xte = digits[0], digits[1], digits[2][:64]
+    program = _program_of(trained_digits_net, xte)
+    pt2 = tmp_path / "model.pt2"
+    torch.export.save(program, str(pt2))
+    for source in (trained_digits_net, program):
+        res = compress(source, TensorLoader(xtr, ytr, 64, shuffle=True), "tr", 4, epochs=1)
+        path = save(res.model, tmp_path / f"slim_{res.report.source}.safetensors")
+        with torch.no_grad():
+            ref = res.model(xte)
+            for base in (DigitsNet, program, pt2):
+                assert (load(path, base=base)(xte) - ref).abs().max() < 1e-5, (res.report.source, base)
+
+
+def test_eval_with_a_pt2_base_for_a_module_checkpoint(trained_digits_net, digits, tmp_path):
+    from click.testing import CliRunner
+
+    from compressor.cli import main
+
+    xtr, ytr, xte = digits[0], digits[1], digits[2]
+    pt2 = tmp_path / "model.pt2"
+    torch.export.save(_program_of(trained_digits_net, xte), str(pt2))
+    res = compress(trained_digits_net, TensorLoader(xtr, ytr, 64, shuffle=True), "tr", 4, epochs=1)
+    path = save(res.model, tmp_path / "slim.safetensors")
+    result = CliRunner().invoke(main, ["eval", str(path), "--data", "digits", "--base", str(pt2)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "top-1 agreement" in result.output
+
+
+# ------------------------------------------------------------------ shared and tied weights: never planned twice, never a crash
+class TiedLM(nn.Module):
+    """A tiny language model: embedding, a block, and an output head tied to the embedding."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(100, 48)
+        self.block = nn.Linear(48, 48)
+        self.mix = nn.Linear(48, 48)
+        self.lm_head = nn.Linear(48, 100, bias=False)
+        if how == "identity":
+            self.lm_head.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = torch.tanh(self.block(self.emb(idx)))
+        h = torch.tanh(self.block(h))  # the same Linear called twice
+        h = torch.tanh(self.mix(h))
+        if self.how == "functional":
+            return torch.nn.functional.linear(h, self.emb.weight)
+        return self.lm_head(h)
+
+
+@pytest.mark.parametrize("how", ["identity", "functional"])
+@pytest.mark.parametrize("as_program", [False, True])
+def test_tied_and_reused_weights_are_planned_once_and_never_crash(how, as_program):
+    torch.manual_seed(0)
+    model = TiedLM(how).eval()
+    idx = torch.randint(0, 100, (64, 6))
+    source = (torch.export.export(model, (idx[:4],), dynamic_shapes=({0: torch.export.Dim("b")},))
+              if as_program else model)
+    config = CompressConfig(target=1.1, min_params=100)
+    the_plan = plan(source, config)
+    names = [lp.name for lp in the_plan.layers] + [s.name for s in the_plan.skipped]
+    assert len(names) == len(set(names))  # nothing planned or reported twice
+    tied = [s for s in the_plan.skipped if s.name in ("emb", "lm_head")]  # export keeps one name for a tied weight
+    assert tied and all("shared" in s.reason for s in tied)
+    res = compress(source, TensorLoader(idx, None, 16), "tr", 1.1, min_params=100, epochs=1)
+    assert "mix" in {l.name for l in res.report.layers}
+    with torch.no_grad():
+        assert res.model(idx).shape == (64, 6, 100)
