@@ -362,16 +362,19 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
 def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | None, trust_pickle: bool,
              batch_size: int) -> None:
     """Accuracy of CHECKPOINT on the test split of DATA, and fidelity to the original model."""
-
     try:
         meta = read_metadata(checkpoint)
-        arch = arch or meta.get("extra", {}).get("arch")
         if base is not None:
             original = load_model(base, arch=arch, trust_pickle=trust_pickle)
         elif arch:
             original = None
         else:
-            raise ModelError("say which architecture the checkpoint belongs to: --base ORIGINAL_MODEL or --arch")
+            # The recorded factory is only a hint: importing and calling code named by a file
+            # someone else made is the user's decision, so it must come from the command line.
+            recorded = meta.get("extra", {}).get("arch")
+            hint = f" (it was made with --arch {recorded})" if recorded else ""
+            raise ModelError(f"say which architecture the checkpoint belongs to{hint}: --base ORIGINAL_MODEL "
+                             "or --arch package.module:factory")
         slim = load(checkpoint, base=original if original is not None else (lambda: import_arch(arch)))
         data = _load_data(data_spec, None)
         x, y = data["test"]

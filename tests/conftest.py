@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -32,3 +35,34 @@ def trained_digits_net(digits):
 def digits_loaders(digits):
     xtr, ytr, xte, yte = digits
     return TensorLoader(xtr, ytr, 64, shuffle=True, seed=0), TensorLoader(xte, yte, 256)
+
+
+# Real Fashion-MNIST (Debian's dataset-fashion-mnist, which .ci/run installs). Tests that
+# need it must not skip silently: a CI machine without the package would then pass without
+# ever reading the real files. So a missing dataset FAILS those tests with a message saying
+# how to install it; set COMPRESSOR_SKIP_FASHION_MNIST=1 to skip them on purpose instead
+# (e.g. on a laptop without the package). The skip reason names the variable, so the
+# summary (`pytest -rs`) shows the skip was asked for.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+SKIP_FASHION_MNIST_ENV = "COMPRESSOR_SKIP_FASHION_MNIST"
+_FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def missing_fashion_mnist_files(root: Path = DEBIAN_FASHION_MNIST) -> list[str]:
+    """The IDX files (raw or .gz) that ``root`` lacks; all four when it is no folder."""
+    return [stem for stem in _FASHION_MNIST_FILES
+            if not ((root / stem).is_file() or (root / (stem + ".gz")).is_file())]
+
+
+@pytest.fixture
+def real_fashion_mnist() -> Path:
+    """Debian's Fashion-MNIST folder; fails (never skips silently) when it is absent."""
+    missing = missing_fashion_mnist_files(DEBIAN_FASHION_MNIST)
+    if not missing:
+        return DEBIAN_FASHION_MNIST
+    if os.environ.get(SKIP_FASHION_MNIST_ENV) == "1":
+        pytest.skip(f"Fashion-MNIST not installed and {SKIP_FASHION_MNIST_ENV}=1 asked to skip tests that need it")
+    pytest.fail(f"real Fashion-MNIST is missing from {DEBIAN_FASHION_MNIST} ({', '.join(missing)}): install it with "
+                f"`apt-get install dataset-fashion-mnist` (.ci/run does), or set {SKIP_FASHION_MNIST_ENV}=1 "
+                "to skip the tests that need it on purpose", pytrace=False)

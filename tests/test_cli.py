@@ -1,6 +1,8 @@
 """Real runs of the `compress` command on tiny models and small data."""
 
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,12 +10,54 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from compressor import evaluate, load, read_metadata
 from compressor.cli import main
+from compressor.data import TensorLoader, resolve_data
+from compressor.zoo import digits_net
 
 QUICK = ["--epochs", "2", "--batch-size", "64"]
+# DigitsNet by hand: conv 1*8*3*3 + 8, fc1 512*96 + 96, fc2 96*10 + 10.
+DIGITS_NET_PARAMS = (8 * 9 + 8) + (512 * 96 + 96) + (96 * 10 + 10)
+
+
+def file_numel(path):
+    """Number of values a safetensors file stores, read from the file itself."""
+    with safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def ring_params(modes, ranks):
+    """Cores (r_{k-1}, n_k, r_k) of a tensor ring (a train's closing bond is 1)."""
+    return sum(ranks[k - 1] * modes[k] * ranks[k] for k in range(len(modes)))
+
+
+def flat(text):
+    """Rich output on one line, runs of spaces collapsed (tables wrap at the console width)."""
+    return " ".join(text.split())
+
+
+def number_after(label, text, unit=""):
+    """The number printed after ``label`` (a table cell or running text) in ``text``."""
+    m = re.search(re.escape(label) + r"[\s│:]*([-+]?[\d,]+(?:\.\d+)?)" + re.escape(unit), flat(text))
+    assert m, f"{label!r} not followed by a number in:\n{text}"
+    return m.group(1)
+
+
+def pct(x):
+    return f"{100 * x:.2f}"
+
+
+@pytest.fixture
+def wide_output(monkeypatch):
+    """Rich folds table cells at the console width (80 columns when not a terminal, or
+    $COLUMNS): make it wide enough that every table row the tests read is one line."""
+    from compressor import cli
+
+    monkeypatch.setattr(cli.out_console, "_width", 200)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +97,7 @@ def assert_user_error(result, fragment, not_written=None):
         assert not list(Path(not_written).parent.glob(".*.tmp"))
 
 
-def test_pt2_named_pt_compress_inspect_eval(files, tmp_path):
+def test_pt2_named_pt_compress_inspect_eval(files, trained_digits_net, tmp_path, wide_output):
     out = tmp_path / "slim.safetensors"
     r = invoke([files / "model.pt", "--target", "4x", "--data", files / "data.safetensors", "-o", out,
                 "--export-pt2", "--plot", tmp_path / "run.png", *QUICK])
@@ -62,23 +106,110 @@ def test_pt2_named_pt_compress_inspect_eval(files, tmp_path):
     assert out.exists() and out.with_suffix(".pt2").exists() and (tmp_path / "run.png").stat().st_size > 1000
     ratio = float(r.stdout.split("ratio ")[-1].split("x")[0])
     assert ratio >= 4
+    # the ratio printed is the one of the file written: dense params by hand / values stored
+    stored = file_numel(out)
+    meta = read_metadata(out)
+    assert meta["dense_params"] == DIGITS_NET_PARAMS and meta["params"] == stored
+    assert f"{ratio:.2f}" == f"{DIGITS_NET_PARAMS / stored:.2f}" and DIGITS_NET_PARAMS / stored >= 4
+
     r = invoke(["inspect", out])
-    assert r.exit_code == 0 and "fc1" in r.stdout and "x" in r.stdout
+    assert r.exit_code == 0 and "fc1" in r.stdout, r.stdout + r.stderr
+    assert number_after("—", r.stdout, " parameters") == f"{stored:,}"
+    assert number_after("dense", r.stdout) == f"{DIGITS_NET_PARAMS:,}"
+    assert number_after("→", r.stdout, "x") == f"{DIGITS_NET_PARAMS / stored:.2f}"
+    for name, entry in meta["layers"].items():  # one row per factorized layer: its ranks and size by hand
+        spec = entry["spec"]
+        modes = [m for m in spec["in_modes"] + spec["out_modes"] if m > 1]
+        assert spec["kind"] == "linear"  # DigitsNet's conv is too small to factorize
+        size = ring_params(modes, spec["ranks"]) + (spec["out_features"] if spec["bias"] else 0)
+        row = f"{name} │ {spec['kind']} │ {spec['decomp']} │ ({','.join(map(str, modes))}) │ " \
+              f"({','.join(map(str, spec['ranks']))}) │ {size:,} │"
+        assert row in flat(r.stdout), (row, r.stdout)
+
+    # eval prints what compressor.evaluate and a direct comparison give on the same held-out split
     r = invoke(["eval", out, "--data", files / "data.safetensors", "--base", files / "model.pt"])
     assert r.exit_code == 0, r.stderr
     assert "agreement" in r.stdout and "accuracy" in r.stdout
-    prog = torch.export.load(str(out.with_suffix(".pt2"))).module()
-    assert prog(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    x, y = resolve_data(str(files / "data.safetensors"))["test"]
+    slim = load(out, base=files / "model.pt")
+    acc_slim, acc_dense = evaluate(slim, TensorLoader(x, y, 64)), evaluate(trained_digits_net, TensorLoader(x, y, 64))
+    with torch.no_grad():
+        a, b = slim(x), trained_digits_net(x)
+    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    worst = float((a - b).abs().max())
+    shown = {k: float(number_after(k, r.stdout)) for k in ("accuracy (compressed)", "accuracy (original)",
+                                                           "top-1 agreement with original", "max |logit difference|")}
+    assert number_after("accuracy (compressed)", r.stdout, "%") == pct(acc_slim)
+    assert number_after("accuracy (original)", r.stdout, "%") == pct(acc_dense)
+    assert number_after("top-1 agreement with original", r.stdout, "%") == pct(agree)
+    assert shown["max |logit difference|"] == pytest.approx(worst, abs=2e-4) and worst > 0
+    # consistent with each other: accuracies can differ only on samples where the models disagree
+    assert abs(shown["accuracy (compressed)"] - shown["accuracy (original)"]) \
+        <= 100 - shown["top-1 agreement with original"] + 0.01
+    assert f"({x.shape[0]:,} samples" in flat(r.stdout)
+
+    # the exported program is the slim model: same logits (any batch size), same stored values
+    ep = torch.export.load(str(out.with_suffix(".pt2")))
+    assert sum(t.numel() for t in ep.state_dict.values()) == stored
+    prog = ep.module()
+    with torch.no_grad():
+        assert prog(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+        assert (prog(x) - a).abs().max() <= 1e-5
+        assert (prog(x[:1]) - a[:1]).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def state_dict_runs(files, tmp_path_factory):
+    """The same weights as a safetensors file and as a torch.save state dict, each compressed
+    with --arch: {name: (result, checkpoint)}."""
+    from compressor import cli
+
+    d = tmp_path_factory.mktemp("state_dict_runs")
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli.out_console, "_width", 200)  # as wide_output does
+        for name in ("weights.pt", "state_dict.pt"):
+            out = d / (name.split(".")[0] + ".safetensors")
+            runs[name] = invoke([files / name, "--arch", "compressor.zoo:digits_net", "--target", "3", "--data",
+                                 "digits", "-o", out, "--decomp", "tt", *QUICK]), out
+    return runs
 
 
 @pytest.mark.parametrize("name", ["weights.pt", "state_dict.pt"])
-def test_state_dict_with_arch(files, tmp_path, name):
-    out = tmp_path / "s.safetensors"
-    r = invoke([files / name, "--arch", "compressor.zoo:digits_net", "--target", "3", "--data", "digits",
-                "-o", out, "--decomp", "tt", *QUICK])
+def test_state_dict_with_arch(state_dict_runs, trained_digits_net, digits, name, wide_output):
+    r, out = state_dict_runs[name]
     assert r.exit_code == 0, r.stderr
-    r = invoke(["eval", out, "--data", "digits"])  # architecture recorded in the checkpoint
+    # the weights file was really loaded into the architecture: the dense accuracy printed is
+    # the trained net's (a fresh digits_net() scores ~10 %)
+    x, y = digits[2], digits[3]
+    dense_acc = evaluate(trained_digits_net, TensorLoader(x, y, 64))
+    assert number_after("test accuracy: dense", r.stdout, "%") == pct(dense_acc)
+    # the checkpoint reached the target in stored values, and records the architecture
+    meta = read_metadata(out)
+    stored = file_numel(out)
+    assert meta["extra"]["arch"] == "compressor.zoo:digits_net" and meta["dense_params"] == DIGITS_NET_PARAMS
+    assert DIGITS_NET_PARAMS / stored >= 3
+    assert number_after("ratio", r.stdout, "x") == f"{DIGITS_NET_PARAMS / stored:.2f}"
+    assert {e["spec"]["decomp"] for e in meta["layers"].values()} == {"tt"} and "fc1" in meta["layers"]
+    # it loads back to the very model that was reported: every tensor comes from the file
+    slim = load(out, base=digits_net)
+    with torch.no_grad():
+        logits = slim(x)
+        assert torch.equal(load(out, base=trained_digits_net)(x), logits)
+    acc = evaluate(slim, TensorLoader(x, y, 64))
+    assert number_after("compressed", r.stdout, "%") == pct(acc) and acc >= dense_acc - 0.05
+    # both files hold the same weights, so the two runs give the same model
+    other_r, other = state_dict_runs["state_dict.pt" if name == "weights.pt" else "weights.pt"]
+    assert other_r.exit_code == 0, other_r.stderr
+    with torch.no_grad():
+        assert (load(other, base=digits_net)(x) - logits).abs().max() <= 1e-5
+    # The checkpoint records its factory, but code named by a file is imported only when the
+    # user names it: without --arch the error says which one to pass.
+    r = invoke(["eval", out, "--data", "digits"])
+    assert r.exit_code == 2 and "made with --arch compressor.zoo:digits_net" in r.stderr, r.stderr
+    r = invoke(["eval", out, "--data", "digits", "--arch", "compressor.zoo:digits_net"])
     assert r.exit_code == 0, r.stderr
+    assert number_after("accuracy (compressed)", r.stdout, "%") == pct(acc)
 
 
 def test_rank_select_baseline_from_cli(files, tmp_path):
@@ -154,7 +285,9 @@ def test_bad_config_values_are_one_error_line(tmp_path, extra, fragment):
 
 @pytest.mark.parametrize("model,fragment", [
     ("missing.pt", "does not exist"), ("empty.pt", "empty"), ("random.pt", "not a model file"),
-    ("truncated.pt", ""), (".", "directory"), ("tiny.pt2", "no eligible layer"),
+    # half a torch.export zip has no central directory: not recognisable as any model format
+    ("truncated.pt", "truncated.pt is not a model file compressor can read"), (".", "directory"),
+    ("tiny.pt2", "no eligible layer"),
 ])
 def test_bad_model_files(files, tmp_path, model, fragment):
     out = tmp_path / "o.safetensors"
