@@ -18,7 +18,7 @@ from torch import nn
 from . import graph
 from .config import CompressConfig
 from .errors import DataError, ModelError, TargetError, first_line
-from .graph import as_module, count_params, set_training, tn_layers
+from .graph import as_module, count_params, count_state, set_training, tn_layers
 from .checkpoint import SlimInfo, mark_slim
 from .selectors import get_selector, min_params
 from .batches import require_reiterable, run_model, split_batch
@@ -42,7 +42,12 @@ class LayerReport:
 
 @dataclass
 class Report:
-    """What happened to the model; ``ratio`` = dense params / compressed params (whole model)."""
+    """What happened to the model.
+
+    ``ratio`` = tensor elements of the dense model's state / those of the slim checkpoint
+    (every tensor, buffers included, a shared tensor once): what ``target`` is met on.
+    ``param_ratio`` counts parameters only, for comparison with papers.
+    """
 
     decomp: str
     target: float
@@ -59,6 +64,7 @@ class Report:
     forced: bool = False
     ratio_before_force: float | None = None
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    param_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,12 +179,12 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     acc = history.epochs[-1]["eval_accuracy"] if history.epochs and eval_loader is not None else None
     if eval_loader is not None and (acc is None or not history.epochs or history.epochs[-1]["step"] != history.steps):
         acc = evaluate(slim, eval_loader)
-    params = count_params(slim)
+    params = count_state(slim)
     report = Report(config.decomp, config.target, the_plan.source, the_plan.dense_params, params,
                     the_plan.dense_params / params, _layer_reports(the_plan, applied, initial, layers),
                     [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
                     dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
-                    history.ratio_before_force, history.epochs)
+                    history.ratio_before_force, history.epochs, count_params(module) / count_params(slim))
     return CompressResult(slim, report, history)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from . import tensornet as tn
 from .errors import CheckpointError, CompressorError, ModelError, first_line
 from .files import atomic_write, read_safetensors, read_safetensors_header
-from .graph import Site, as_module, count_params, set_training, site_in, swap_in, tn_layers
+from .graph import Site, tensor_key, as_module, count_state, set_training, site_in, swap_in, tn_layers
 from .layers import TNLayer, layer_class
 from .model_files import load_model
 
@@ -75,7 +75,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
         if site is not None:
             entry.update(weight_attr=site.weight_attr, bias_attr=site.bias_attr)
         layers[name] = entry
-    params = count_params(model)
+    params = count_state(model)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -93,9 +93,27 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None
     meta = describe(model)
     if extra:
         meta["extra"] = {**meta["extra"], **extra}
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tensors, aliases = _unique_tensors(model)
+    if aliases:
+        meta["aliases"] = aliases
     header = {"compressor": json.dumps(meta)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state to write, a tensor shared under several names (tied weights) once, and
+    ``{other name: written name}`` so :func:`load` can give it back every name."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = tensor_key(t)
+        if key in first:
+            aliases[name] = first[key]
+            continue
+        first[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous().clone()
+    return tensors, aliases
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -118,11 +136,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} has a malformed format version {repr(version)[:60]}")
     if version > VERSION:
         raise CheckpointError(f"{path} was written by a newer compressor (format version {version})")
+    meta["tensor_names"] = keys
     _check_fields(path, meta)
     shapes = _tensor_shapes(path)
     for name, entry in meta["layers"].items():
         check_layer(path, name, entry, shapes)
-    meta["tensor_names"] = keys
     return meta
 
 
@@ -144,6 +162,10 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
         ("extra.report", report is None or isinstance(report, dict)),
         ("extra.report.accuracy", accuracy is None or (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool))),
     ]
+    aliases = meta.get("aliases", {})
+    problems.append(("aliases", isinstance(aliases, dict) and all(
+        isinstance(k, str) and isinstance(v, str) and v in meta["tensor_names"] and k not in meta["tensor_names"]
+        for k, v in aliases.items())))
     bad = [field for field, ok in problems if not ok]
     if bad:
         raise CheckpointError(f"{path} has malformed metadata field {bad[0]!r}")
@@ -259,6 +281,8 @@ def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.M
     meta = read_metadata(path)  # validated against the file before anything is allocated
     module = rebuild(base, meta, trust_pickle)
     tensors = read_safetensors(path, CheckpointError, "checkpoint")
+    for name, written in meta.get("aliases", {}).items():
+        tensors[name] = tensors[written]
     try:
         result = module.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # size mismatches of the dense layers, listed one per line

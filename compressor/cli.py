@@ -250,7 +250,8 @@ def _print_summary(rep, written: list[Path]) -> None:
     if rep.accuracy is not None:
         out_console.print(f"test accuracy: dense {100 * rep.dense_accuracy:.2f}% → compressed {100 * rep.accuracy:.2f}%"
                           f" ({100 * (rep.accuracy - rep.dense_accuracy):+.2f} points)")
-    out_console.print(f"ratio {rep.ratio:.2f}x (target {rep.target:g}x) in {rep.seconds:.0f} s"
+    out_console.print(f"ratio {rep.ratio:.2f}x on disk (target {rep.target:g}x; parameters alone "
+                      f"{rep.param_ratio:.2f}x) in {rep.seconds:.0f} s"
                       + (" — the controller closed extra slices to meet the target" if rep.forced else ""))
     for w in written:
         out_console.print(f"wrote {w} ({w.stat().st_size:,} bytes)")

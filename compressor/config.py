@@ -99,8 +99,9 @@ class CompressConfig:
     """
 
     target: Any = field(default=5.0, metadata={
-        "help": "compression ratio of the whole model, e.g. 5x (dense params / compressed params, "
-                "all parameters, biases and untouched layers included)",
+        "help": "compression ratio of the whole model as saved, e.g. 5x: tensor elements of the dense "
+                "model's state / those of the slim checkpoint (buffers, biases and untouched layers "
+                "included, a tied tensor once)",
         "convert": parse_target})
     decomp: str = field(default="tr", metadata={
         "help": "tr (tensor ring) or tt (tensor train)", "choices": DECOMPS, "label": "decomposition"})

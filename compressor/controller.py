@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .graph import tn_layers
+from .graph import count_state, tn_layers
 from .layers import TNLayer
 
 #: How often (in steps) λ is adjusted; the ratio itself is checked every step.
@@ -50,14 +50,9 @@ class SizeMeter:
         self.refresh()
 
     def refresh(self) -> None:
-        """Recount the parameters outside factorized layers; call after a layer goes dense."""
-        inside = {id(p) for layer in tn_layers(self.model).values() for p in layer.parameters()}
-        seen, other = set(), 0
-        for p in self.model.parameters():
-            if id(p) not in inside and id(p) not in seen:
-                seen.add(id(p))
-                other += p.numel()
-        self.other = other
+        """Recount the state outside factorized layers; call after a layer goes dense."""
+        prefixes = tuple(f"{name}." for name in tn_layers(self.model))
+        self.other = count_state(self.model, exclude=lambda key: key.startswith(prefixes))
 
     def layers(self) -> dict[str, TNLayer]:
         return tn_layers(self.model)
@@ -70,7 +65,7 @@ class SizeMeter:
 
     def params(self) -> int:
         # A layer whose factorized form would not be smaller goes back to dense at pruning.
-        return self.other + sum(min(layer.live_param_count(), layer.dense_param_count())
+        return self.other + sum(min(layer.live_param_count() + layer.buffer_count(), layer.dense_param_count())
                                 for layer in self.layers().values())
 
     def ratio(self) -> float:

@@ -67,7 +67,7 @@ class CompressionPlan:
     source: str  # "module", "module-walk" (fx failed) or "graph"
     layers: list[LayerPlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
-    dense_params: int = 0
+    dense_params: int = 0  # tensor elements of the dense model's state (see count_state)
 
 
 # ------------------------------------------------------------------ model normalisation
@@ -99,6 +99,24 @@ def is_graph_model(module: nn.Module) -> bool:
     return isinstance(module, fx.GraphModule) and any(
         n.op == "call_function" and n.target in aten_layers() for n in module.graph.nodes
     )
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's data: a tensor shared under several names (tied weights) is one."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())
+
+
+def count_state(module: nn.Module, exclude: Callable[[str], bool] = lambda name: False) -> int:
+    """Elements of everything a checkpoint of ``module`` holds: every state tensor (parameters
+    and persistent buffers such as BatchNorm statistics), a tensor shared under several names
+    once. This is what a compression ratio is counted on."""
+    seen, total = set(), 0
+    for name, t in module.state_dict(keep_vars=True).items():
+        key = tensor_key(t)
+        if key not in seen and not exclude(name):
+            seen.add(key)
+            total += t.numel()
+    return total
 
 
 def count_params(module: nn.Module) -> int:
@@ -213,7 +231,7 @@ def plan(model: Any, config: CompressConfig) -> CompressionPlan:
         cands, source = _graph_candidates(module), "graph"
     else:
         cands, source = _module_candidates(module)
-    result = CompressionPlan(source=source, dense_params=count_params(module))
+    result = CompressionPlan(source=source, dense_params=count_state(module))
     owners: dict[int, list[str]] = {}
     for c in cands:
         owners.setdefault(id(c.weight), []).append(c.name)

@@ -183,6 +183,11 @@ class TNLayer(nn.Module):
         bias = getattr(self, "bias", None)
         return tn.param_count(self.modes, self.open_ranks()) + (bias.numel() if bias is not None else 0)
 
+    def buffer_count(self) -> int:
+        """Elements of the layer's saved buffers (an embedding's padding row), beyond its parameters."""
+        return sum(b.numel() for name, b in self.named_buffers(recurse=False)
+                   if name not in self._non_persistent_buffers_set)
+
     def expected_param_count(self) -> torch.Tensor:
         """Differentiable expected parameter count under the gate distribution.
 
