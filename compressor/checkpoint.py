@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -119,7 +118,7 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a slim checkpoint, with clear errors for anything else."""
     path = Path(path).expanduser()
-    header, keys = read_safetensors_header(path, CheckpointError, "checkpoint")
+    header, shapes = read_safetensors_header(path, CheckpointError, "checkpoint")
     raw = header.get("compressor")
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not a compressor checkpoint (no 'compressor' metadata)")
@@ -136,9 +135,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} has a malformed format version {repr(version)[:60]}")
     if version > VERSION:
         raise CheckpointError(f"{path} was written by a newer compressor (format version {version})")
-    meta["tensor_names"] = keys
+    if not shapes:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    meta["tensor_names"] = list(shapes)
     _check_fields(path, meta)
-    shapes = _tensor_shapes(path)
     for name, entry in meta["layers"].items():
         check_layer(path, name, entry, shapes)
     return meta
@@ -169,18 +169,6 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
     bad = [field for field, ok in problems if not ok]
     if bad:
         raise CheckpointError(f"{path} has malformed metadata field {bad[0]!r}")
-
-
-def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor, from the header alone (no tensor data is read)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({first_line(exc)})") from None
-    if not shapes:
-        raise CheckpointError(f"checkpoint {path} holds no tensors")
-    return shapes
 
 
 def _check_spec_values(spec: dict[str, Any], klass: type[TNLayer]) -> None:

@@ -72,8 +72,8 @@ def staged_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[dict[Path, Pa
 
 
 def read_safetensors_header(path: str | os.PathLike, error_cls: type[CompressorError], what: str,
-                            hint: str = "") -> tuple[dict[str, str], list[str]]:
-    """The string metadata and the tensor names of a safetensors file, without reading any tensor.
+                            hint: str = "") -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The string metadata and ``{tensor name: shape}`` of a safetensors file, without reading any tensor.
 
     Parsing the header first is what tells "this is not a safetensors file at all" apart
     from "it is one, but its data is damaged"; ``hint`` is appended to the first kind.
@@ -81,7 +81,7 @@ def read_safetensors_header(path: str | os.PathLike, error_cls: type[CompressorE
     p = require_file(path, error_cls, what)
     try:
         with safe_open(str(p), framework="pt") as f:
-            return dict(f.metadata() or {}), list(f.keys())
+            return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:
         raise error_cls(f"{what} {p} is not a readable safetensors file ({first_line(exc)}){hint}") from None
 

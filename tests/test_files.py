@@ -31,7 +31,7 @@ def test_read_safetensors_round_trip(tmp_path):
     path = tmp_path / "t.safetensors"
     save_file({"a": torch.arange(3)}, str(path), metadata={"k": "v"})
     assert torch.equal(read_safetensors(path, DataError, "data file")["a"], torch.arange(3))
-    assert read_safetensors_header(path, DataError, "data file") == ({"k": "v"}, ["a"])
+    assert read_safetensors_header(path, DataError, "data file") == ({"k": "v"}, {"a": (3,)})
 
 
 @pytest.mark.parametrize("error_cls", [DataError, ModelError, CheckpointError])
