@@ -10,6 +10,7 @@ from .api import CompressResult, Report, compress, evaluate
 from .config import CompressConfig, parse_target
 from .errors import CompressorError
 from .checkpoint import export_program, load, read_metadata, save
+from .resume import ResumeError, RunInterrupted
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,8 @@ __all__ = [
     "CompressResult",
     "CompressorError",
     "Report",
+    "ResumeError",
+    "RunInterrupted",
     "compress",
     "evaluate",
     "export_program",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
@@ -17,11 +18,12 @@ from torch import nn
 
 from . import graph
 from .config import CompressConfig
-from .errors import DataError, ModelError, TargetError, first_line
+from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .graph import as_module, count_params, count_state, set_training, tn_layers
 from .checkpoint import SlimInfo, mark_slim
 from .selectors import get_selector, min_params
 from .batches import require_reiterable, run_model, split_batch
+from .resume import load_state
 from .train import TrainEvent, TrainHistory, finetune
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Report:
     ratio_before_force: float | None = None
     epochs: list[dict[str, Any]] = field(default_factory=list)
     param_ratio: float | None = None
+    resumed_from: int | None = None  # the step a resumed run continued from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,16 +145,23 @@ def check_batch(teacher: nn.Module, loader: Iterable) -> tuple[bool, torch.Tenso
 
 def compress(model: Any, loader: Iterable, decomp: str | None = None, target: Any = None, *,
              config: CompressConfig | None = None, eval_loader: Iterable | None = None,
-             callback: Callable[[TrainEvent], None] | None = None, **options: Any) -> CompressResult:
+             callback: Callable[[TrainEvent], None] | None = None, state_file: str | Path | None = None,
+             resume: bool = False, **options: Any) -> CompressResult:
     """Compress ``model`` to at least ``target`` times fewer parameters.
 
     ``loader`` yields ``(x, y)`` (cross-entropy on the labels) or ``x`` alone (distillation
     from the original model).  ``decomp`` is ``"tr"`` or ``"tt"``; ``target`` like ``"5x"``.
     Any :class:`CompressConfig` field may be passed as a keyword.  ``eval_loader`` (with
     labels) gives the accuracies in the report.  Returns the slim model and a report.
+
+    ``state_file``: where the run keeps its resumable state (every ``checkpoint_every``
+    steps, and when Ctrl-C or SIGTERM stops it with :class:`~compressor.resume.RunInterrupted`);
+    ``resume=True`` continues the run saved there, which must have the same model, data
+    and options. The file is left in place; delete it once the result is safe.
     """
     started = time.perf_counter()
     config = _resolve_config(config, decomp, target, options)
+    saved = _resume_state(config, state_file, resume)
     require_reiterable(loader)
     if eval_loader is not None:
         require_reiterable(eval_loader, "evaluation loader")
@@ -170,7 +180,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     use_teacher = teacher if (not has_labels or config.distill > 0) else None
     evaluate_fn = (lambda m: evaluate(m, eval_loader)) if eval_loader is not None else None
     slim, history = finetune(applied.model, use_teacher, loader, config, the_plan.dense_params, callback,
-                             evaluate_fn, keep_factorized=applied.homeless)
+                             evaluate_fn, applied.homeless, state_file, saved)
 
     layers = tn_layers(slim)
     mark_slim(slim, SlimInfo(the_plan.source, the_plan.dense_params,
@@ -184,8 +194,16 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                     the_plan.dense_params / params, _layer_reports(the_plan, applied, initial, layers),
                     [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
                     dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
-                    history.ratio_before_force, history.epochs, count_params(module) / count_params(slim))
+                    history.ratio_before_force, history.epochs, count_params(module) / count_params(slim),
+                    history.resumed_from)
     return CompressResult(slim, report, history)
+
+
+def _resume_state(config: CompressConfig, state_file: str | Path | None, resume: bool) -> dict[str, Any] | None:
+    """The saved state to continue from (read and checked before any work), or None."""
+    if state_file is None and (resume or config.checkpoint_every):
+        raise ConfigError("resume and checkpoint_every need state_file=, the path the run's state is kept in")
+    return load_state(state_file) if resume else None
 
 
 def _check_applied(model: nn.Module, x: Any) -> None:

@@ -34,7 +34,8 @@ from .model_files import import_arch, load_model
 from .plot import check_available, plot_run
 from .config import CompressConfig
 from .errors import CheckpointError, CompressorError, DataError, ModelError, first_line
-from .files import read_safetensors, staged_outputs
+from .files import read_safetensors, stale_temporaries, staged_outputs
+from .resume import RunInterrupted
 
 err_console = Console(stderr=True)
 
@@ -209,8 +210,29 @@ def config_option(name: str, *flags: str, **overrides: Any):
     return click.option(*(flags or ("--" + name.replace("_", "-"),)), name, **kwargs)
 
 
-def _check_outputs(model: Path, outputs: list[Path], force: bool) -> None:
-    """Refuse before any work if an output would clobber the input, an existing file or another output."""
+def _check_files(model: Path, outputs: dict[str, Path], state_file: Path | None, force: bool, resume: bool) -> Path:
+    """Check every path a run will write before any work; returns the state file's path."""
+    state_file = state_file or outputs["checkpoint"].with_suffix(".resume.pt")
+    _check_outputs(model, list(outputs.values()) + [state_file], force, skip_existing=[state_file])
+    _check_state_file(state_file, resume, force)
+    for path in [*outputs.values(), state_file]:
+        for leftover in stale_temporaries(path):  # from a run killed while writing
+            leftover.unlink(missing_ok=True)
+    return state_file
+
+
+def _check_state_file(state_file: Path, resume: bool, force: bool) -> None:
+    """A fresh run must not silently discard an interrupted run's state, nor --resume start from nothing."""
+    if resume and not state_file.exists():
+        raise ModelError(f"there is no saved state at {state_file} to resume from (give its path with --state)")
+    if not resume and state_file.exists() and not force:
+        raise ModelError(f"{state_file} holds the state of an interrupted run: add --resume to continue it, "
+                         "or --force to start over")
+
+
+def _check_outputs(model: Path, outputs: list[Path], force: bool, skip_existing: list[Path] = ()) -> None:
+    """Refuse before any work if an output would clobber the input, an existing file or another output
+    (``skip_existing``: outputs whose existence is judged elsewhere)."""
     seen: set[Path] = set()
     for out in outputs:
         if model.exists() and out.resolve() == model.resolve():
@@ -220,7 +242,7 @@ def _check_outputs(model: Path, outputs: list[Path], force: bool) -> None:
         seen.add(out.resolve())
         if out.exists() and out.is_dir():
             raise ModelError(f"{out} is a directory")
-        if out.exists() and not force:
+        if out.exists() and not force and out not in skip_existing:
             raise ModelError(f"{out} already exists; pass --force to overwrite it")
 
 
@@ -257,6 +279,29 @@ def _print_summary(rep, written: list[Path]) -> None:
         out_console.print(f"wrote {w} ({w.stat().st_size:,} bytes)")
 
 
+def output_options(command):
+    """The options about what a run writes and keeps: outputs, overwriting, resumable state."""
+    options = [
+        click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+                     help="slim checkpoint to write (default: MODEL name + .slim.safetensors)"),
+        click.option("--force", is_flag=True, help="overwrite an existing output file"),
+        click.option("--export-pt2", is_flag=True,
+                     help="also write the slim model as a torch.export program (OUT.pt2)"),
+        click.option("--plot", type=click.Path(path_type=Path), default=None,
+                     help="PNG with learned ranks and training curves"),
+        click.option("--report-json", type=click.Path(path_type=Path), default=None,
+                     help="write the full report as JSON"),
+        config_option("checkpoint_every"),
+        click.option("--state", "state_file", type=click.Path(path_type=Path), default=None,
+                     help="where the run's resumable state is kept (default: OUTPUT with suffix .resume.pt)"),
+        click.option("--resume", is_flag=True,
+                     help="continue the interrupted run saved in --state; give the same model, data and options"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("run")
 @click.argument("model", type=click.Path(path_type=Path))
 @config_option("decomp")
@@ -264,8 +309,6 @@ def _print_summary(rep, written: list[Path]) -> None:
 @click.option("--data", "data_spec", required=True,
               help="fashion-mnist[:DIR], digits, or a .safetensors file with 'inputs' (and optional 'labels')")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help=".safetensors with held-out inputs/labels")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="slim checkpoint to write (default: MODEL name + .slim.safetensors)")
 @click.option("--arch", default=None, help="package.module:factory building the architecture for a state-dict MODEL")
 @click.option("--trust-pickle", is_flag=True,
               help="allow MODEL to be a pickled module or a .pt2 with pickled parts (runs code from the file!)")
@@ -277,15 +320,15 @@ def _print_summary(rep, written: list[Path]) -> None:
 @config_option("lr")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="training batch size")
 @config_option("seed")
-@click.option("--force", is_flag=True, help="overwrite an existing output file")
-@click.option("--export-pt2", is_flag=True, help="also write the slim model as a torch.export program (OUT.pt2)")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG with learned ranks and training curves")
-@click.option("--report-json", type=click.Path(path_type=Path), default=None, help="write the full report as JSON")
+@output_options
 def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None, arch: str | None,
         trust_pickle: bool, batch_size: int, force: bool, export_pt2: bool, plot: Path | None,
-        report_json: Path | None, **settings: Any) -> None:
-    """Compress MODEL to --target and write a slim safetensors checkpoint."""
+        report_json: Path | None, state_file: Path | None, resume: bool, **settings: Any) -> None:
+    """Compress MODEL to --target and write a slim safetensors checkpoint.
 
+    Ctrl-C (or SIGTERM) stops after the current step and saves the run's state; the same
+    command with --resume continues it from there.
+    """
     try:
         config = CompressConfig(**settings)  # the config options above: validated once, here
         if batch_size <= 0:
@@ -294,7 +337,7 @@ def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None
         outputs = {"checkpoint": output, "pt2": output.with_suffix(".pt2") if export_pt2 else None,
                    "plot": plot, "report": report_json}
         outputs = {kind: path for kind, path in outputs.items() if path is not None}
-        _check_outputs(model, list(outputs.values()), force)
+        state_file = _check_files(model, outputs, state_file, force, resume)
         if plot:
             check_available()  # before minutes of training, not after
         original = load_model(model, arch=arch, trust_pickle=trust_pickle)
@@ -305,16 +348,27 @@ def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None
         test = TensorLoader(xte, yte, 512) if yte is not None else None
         view = ProgressView(err_console)
         try:
-            result = compress(original, train, config=config, eval_loader=test, callback=view)
+            result = compress(original, train, config=config, eval_loader=test, callback=view,
+                              state_file=state_file, resume=resume)
         finally:
             view.close()
         written = _write_outputs(result, outputs, arch, xte[:8])
+        state_file.unlink(missing_ok=True)  # the result is safe: nothing left to resume
     except CompressorError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        _interrupted(stop, state_file)
     _print_summary(result.report, written)
+
+
+def _interrupted(stop: KeyboardInterrupt, state_file: Path | None) -> None:
+    """Ctrl-C: say what was kept and how to go on; exit 128 + the signal number."""
+    if isinstance(stop, RunInterrupted):
+        click.echo(f"{stop}; run the same command with --resume to continue", err=True)
+        sys.exit(stop.exit_code)
+    saved = " (the last saved state is kept for --resume)" if state_file and state_file.exists() else ""
+    click.echo(f"interrupted: no output was written{saved}", err=True)
+    sys.exit(130)
 
 
 # ------------------------------------------------------------------ inspect

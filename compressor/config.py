@@ -159,6 +159,9 @@ class CompressConfig:
         "help": "random seed of the run (the CLI also shuffles the training data with it)"})
     log_every: int = field(default=20, metadata={
         "help": "steps between progress events", "check": positive_int})
+    checkpoint_every: int | None = field(default=None, metadata={
+        "help": "save the run's resumable state every N optimizer steps (it is always saved on Ctrl-C); "
+                "resume with --resume", "check": positive_int})
 
     def __post_init__(self):
         """Validate every field from its own metadata, so a rule is written once, next to its help."""

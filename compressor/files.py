@@ -34,8 +34,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Run ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_for(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -44,6 +43,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def temporary_for(path: Path) -> Path:
+    """A fresh hidden file beside ``path`` to write into before renaming (see :func:`stale_temporaries`)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Hidden half-written files a killed process (``kill -9``, power loss) left beside ``path``.
+
+    Nothing can clean up after SIGKILL, but a write never renames a partial file into
+    place, so what is left is only these hidden temporaries; the next run sweeps them.
+    """
+    p = Path(path)
+    return sorted(p.parent.glob(f".{p.name}.*.tmp")) if p.parent.is_dir() else []
 
 
 @contextmanager
@@ -59,9 +75,7 @@ def staged_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[dict[Path, Pa
     try:
         for path in map(Path, paths):
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            staged[path] = Path(tmp)
+            staged[path] = temporary_for(path)
         yield staged
         for path, tmp in staged.items():
             os.replace(tmp, path)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
 import torch
@@ -29,6 +30,8 @@ from .errors import DataError, TrainingError
 from .gates import reinforce_surrogate
 from .graph import set_submodule, set_training, tn_layers
 from .losses import task_loss
+from .resume import (ResumeError, RunInterrupted, StopRequest, check_same_run, fingerprint, restore_structure,
+                     rng_state, save_state, set_rng_state)
 
 #: Optimiser steps a default budget aims at (at least 2, at most 100 epochs).
 DEFAULT_STEPS = 3000
@@ -65,6 +68,7 @@ class TrainHistory:
     kept_dense: list[str] = field(default_factory=list)
     reopened: int = 0  # slices given back after the gates overshot the target
     steps: int = 0
+    resumed_from: int | None = None  # the step a resumed run started from
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -112,8 +116,11 @@ class FineTune:
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None, loader: Iterable, config: CompressConfig,
                  dense_params: int, callback: Callable[[TrainEvent], None] | None = None,
-                 evaluate: Callable[[nn.Module], float] | None = None, keep_factorized: Collection[str] = ()):
+                 evaluate: Callable[[nn.Module], float] | None = None, keep_factorized: Collection[str] = (),
+                 state_file: str | Path | None = None, resume_state: dict[str, Any] | None = None):
         torch.manual_seed(config.seed)
+        self.state_file = Path(state_file) if state_file is not None else None
+        self.resume_state = resume_state
         self.model, self.teacher, self.loader, self.config = model, teacher, loader, config
         self.emit = callback or (lambda e: None)
         self.evaluate = evaluate
@@ -132,6 +139,12 @@ class FineTune:
         self.score_function = any(g.score_function for g in self.meter.gates())
         self.step = self.epoch = 0
         self.weight_phase_start: int | None = None  # the weight phase's learning rate decays from here
+        self.fingerprint = fingerprint(config, total_steps=self.total, batches_per_epoch=per_epoch,
+                                       dense=dense_params, layers={n: l.ranks for n, l in self.meter.layers().items()})
+        self.batch_in_epoch = 0  # batches of the current epoch already trained on
+        self.epoch_rng: dict[str, Any] | None = None  # random state as the current epoch began
+        self.tallies = (_Tally(), _Tally())  # (progress window, current epoch)
+        self._resume_at: dict[str, Any] | None = None  # where a resumed run re-enters its epoch
 
     # ----------------------------------------------------------------- pieces
     def _teacher_out(self, x: Any, y: torch.Tensor | None) -> torch.Tensor | None:
@@ -265,30 +278,34 @@ class FineTune:
         self.history.epochs.append(record)
         self._event("epoch", accuracy=record["train_accuracy"], eval_accuracy=eval_acc)
 
-    def run(self) -> tuple[nn.Module, TrainHistory]:
-        """Train until the budget is spent; return the pruned (ungated) model and the history."""
-        lam = self._calibrate()
+    def _start(self) -> None:
+        """A fresh run calibrates λ (and prunes at once if the target already holds); a
+        resumed one takes everything from its state."""
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+            return
+        self._calibrate()
         if self.frozen:
             self._prune_all()
             self.weight_phase_start = 0
         self._make_optimizers()
-        self.emit(TrainEvent("start", 0, self.total, 0, ratio=self.control.start_ratio, lam=lam, frozen=self.frozen))
+
+    def run(self) -> tuple[nn.Module, TrainHistory]:
+        """Train until the budget is spent; return the pruned (ungated) model and the history.
+
+        With a ``state_file``, Ctrl-C or SIGTERM stops at the next step boundary, saves the
+        state there and raises :class:`~compressor.resume.RunInterrupted`.
+        """
+        self._start()
+        self.emit(TrainEvent("start", self.step, self.total, self.epoch,
+                             ratio=self.control.start_ratio if self.step == 0 else self.meter.ratio(),
+                             lam=self.control.lam, frozen=self.frozen))
         if self.teacher is not None:
             set_training(self.teacher, False)
         self._snapshot()
-        window = _Tally()
-        while self.step < self.total:
-            self.epoch += 1
-            set_training(self.model, True)
-            tally = _Tally()
-            for batch in self.loader:
-                if self.step >= self.total:
-                    break
-                self._train_step(batch, window, tally)
-            if tally.batches == 0:
-                raise DataError(f"the data loader yielded no batch in epoch {self.epoch}; it must give a full "
-                                "pass every time it is iterated")
-            self._end_epoch(tally)
+        with StopRequest(enabled=self.state_file is not None) as stop:
+            while self.step < self.total:
+                self._run_epoch(stop)
         if not self.frozen:  # budget ended inside the gate phase (e.g. epochs=0 or tiny max_steps)
             if not self.control.reached:
                 self.control.force()
@@ -301,16 +318,115 @@ class FineTune:
         self.emit(TrainEvent("end", self.step, self.total, self.epoch, ratio=self.meter.ratio(), frozen=True))
         return self.model, self.history
 
+    def _epoch_batches(self) -> Iterable:
+        """This epoch's batches, from where a resumed run left off.
+
+        The loader is told the epoch (``set_epoch``, as for a DistributedSampler), so its
+        order depends on the epoch alone. A resumed epoch replays the random state the
+        epoch began with, draws the batches already trained on without using them, then
+        takes the random state of the step it stopped at: the same batches in the same
+        order as the uninterrupted run, whatever shuffles the loader does.
+        """
+        resume, self._resume_at = self._resume_at, None
+        if resume is None:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.tallies = (self.tallies[0], _Tally())
+            self.epoch_rng = rng_state()
+        else:
+            set_rng_state(self.epoch_rng)
+        _set_loader_epoch(self.loader, self.epoch - 1)
+        batches = iter(self.loader)
+        for _ in range(self.batch_in_epoch if resume is not None else 0):
+            if next(batches, None) is None:
+                raise ResumeError("the data loader gives fewer batches than when the state was saved")
+        if resume is not None:
+            set_rng_state(resume)
+        return batches
+
+    def _run_epoch(self, stop: StopRequest) -> None:
+        batches = self._epoch_batches()
+        set_training(self.model, True)
+        window, tally = self.tallies
+        for batch in batches:
+            if self.step >= self.total:
+                break
+            if stop.requested:
+                raise RunInterrupted(self.step, self.total, self.save_state(), stop.signum)
+            self._train_step(batch, window, tally)
+            self.batch_in_epoch += 1
+            every = self.config.checkpoint_every
+            if every and self.state_file is not None and self.step % every == 0 and self.step < self.total:
+                self.save_state()
+        if tally.batches == 0:
+            raise DataError(f"the data loader yielded no batch in epoch {self.epoch}; it must give a full "
+                            "pass every time it is iterated")
+        self._end_epoch(tally)
+
+    # ----------------------------------------------------------------- saved state
+    def save_state(self) -> Path:
+        """Write everything a resumed run needs to continue from this step boundary."""
+        if self.state_file is None:
+            raise ResumeError("no state file was given to save the run's state in")
+        state = {
+            "fingerprint": self.fingerprint, "step": self.step, "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch, "frozen": self.frozen,
+            "weight_phase_start": self.weight_phase_start, "model": self.model.state_dict(),
+            "opt_w": self.opt_w.state_dict(), "opt_g": self.opt_g.state_dict() if self.opt_g is not None else None,
+            "controller": {"lam": self.control.lam, "forced": self.control.forced,
+                           "ratio_before_force": self.control.ratio_before_force,
+                           "start_ratio": self.control.start_ratio},
+            "history": asdict(self.history), "tallies": [asdict(t) for t in self.tallies],
+            "epoch_rng": self.epoch_rng, "rng": rng_state(),
+        }
+        return save_state(self.state_file, state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Rebuild the saved run's model, optimisers, controller and position."""
+        check_same_run(state, self.fingerprint, self.state_file or "the state")
+        self.history = TrainHistory(**state["history"])
+        try:
+            restore_structure(self.model, state["model"], self.history.kept_dense)
+            self.model.load_state_dict(state["model"])
+        except (KeyError, RuntimeError) as exc:
+            raise ResumeError(f"the saved model does not fit this run ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from None
+        self.meter.refresh()
+        self.frozen, self.weight_phase_start = state["frozen"], state["weight_phase_start"]
+        self._make_optimizers()
+        self.opt_w.load_state_dict(state["opt_w"])
+        if self.opt_g is not None and state["opt_g"] is not None:
+            self.opt_g.load_state_dict(state["opt_g"])
+        for key, value in state["controller"].items():
+            setattr(self.control, key, value)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.tallies = tuple(_Tally(**t) for t in state["tallies"])
+        self.epoch_rng = state["epoch_rng"]
+        self.history.resumed_from = self.step
+        self._resume_at = state["rng"]  # states are saved inside an epoch, never before the first
+
+
+def _set_loader_epoch(loader: Iterable, epoch: int) -> None:
+    """Tell a loader (or its DistributedSampler-like sampler) which epoch it serves."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if obj is not None and callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(epoch)
+            return
+
 
 def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, config: CompressConfig,
              dense_params: int, callback: Callable[[TrainEvent], None] | None = None,
              evaluate: Callable[[nn.Module], float] | None = None,
-             keep_factorized: Collection[str] = ()) -> tuple[nn.Module, TrainHistory]:
+             keep_factorized: Collection[str] = (), state_file: str | Path | None = None,
+             resume_state: dict[str, Any] | None = None) -> tuple[nn.Module, TrainHistory]:
     """Train the gated model until the target holds, then fine-tune the pruned model.
 
     ``teacher`` is the original model (used for distillation); ``evaluate(model) ->
     accuracy`` is called after each epoch; layers named in ``keep_factorized`` never go
-    back to dense (they have no dense home in the model). Returns the pruned model and
-    the history.
+    back to dense (they have no dense home in the model). ``state_file`` is where the
+    resumable state goes (every ``config.checkpoint_every`` steps and on Ctrl-C);
+    ``resume_state`` (from :func:`compressor.resume.load_state`) continues a saved run.
+    Returns the pruned model and the history.
     """
-    return FineTune(model, teacher, loader, config, dense_params, callback, evaluate, keep_factorized).run()
+    return FineTune(model, teacher, loader, config, dense_params, callback, evaluate, keep_factorized,
+                    state_file, resume_state).run()
