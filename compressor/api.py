@@ -22,7 +22,8 @@ from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .graph import as_module, count_params, count_state, set_training, tn_layers
 from .checkpoint import SlimInfo, mark_slim
 from .selectors import get_selector, min_params
-from .batches import require_reiterable, run_model, split_batch
+from .batches import ForwardFn, check_labels, describe_inputs, forward, require_reiterable, split_batch
+from .losses import count_correct
 from .resume import load_state
 from .train import TrainEvent, TrainHistory, finetune
 
@@ -80,19 +81,18 @@ class CompressResult:
     history: TrainHistory
 
 
-def evaluate(model: nn.Module, loader: Iterable) -> float:
-    """Top-1 accuracy of ``model`` on a loader of ``(x, y)`` batches."""
+def evaluate(model: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = None) -> float:
+    """Top-1 accuracy of ``model`` on a loader of labelled batches (per token for sequences)."""
     was_training = model.training
     set_training(model, False)
     correct = seen = 0
     with torch.no_grad():
         for batch in loader:
-            x, y = split_batch(batch)
-            if y is None:
+            ran = forward(model, batch, forward_fn)
+            if ran.labels is None:
                 raise DataError("accuracy needs labels: the evaluation loader yields inputs only")
-            out = run_model(model, x)
-            correct += int((out.argmax(-1) == y).sum())
-            seen += y.numel()
+            right, counted = count_correct(ran)
+            correct, seen = correct + right, seen + counted
     set_training(model, was_training)
     if seen == 0:
         raise DataError("the evaluation loader is empty")
@@ -114,33 +114,24 @@ def _expected_input(module: nn.Module) -> str:
     return "the model's input shape"
 
 
-def check_batch(teacher: nn.Module, loader: Iterable) -> tuple[bool, torch.Tensor]:
+def check_batch(teacher: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = None) -> tuple[bool, Any]:
     """Run one batch through the original model: does the data fit? Are there labels?"""
-    it = iter(loader)
     try:
-        batch = next(it)
+        batch = next(iter(loader))
     except StopIteration:
         raise DataError("the data loader is empty: it yielded no batch") from None
-    x, y = split_batch(batch)
-    shape = tuple(x.shape) if torch.is_tensor(x) else "?"
     try:
         with torch.no_grad():
-            out = run_model(teacher, x)
+            ran = forward(teacher, batch, forward_fn)
     except DataError:
         raise
     except Exception as exc:
-        msg = first_line(exc, 200)
-        raise DataError(f"a batch of shape {shape} does not fit the model; expected {_expected_input(teacher)} ({msg})") from None
-    if y is not None:
-        if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dim() != 1:
-            raise DataError("labels must be a 1-D integer tensor of class indices")
-        if y.shape[0] != out.shape[0]:
-            raise DataError(f"{y.shape[0]} labels for a batch of {out.shape[0]} inputs")
-        if out.dim() != 2:
-            raise DataError(f"labels given but the model outputs shape {tuple(out.shape)}, not (batch, classes)")
-        if int(y.max()) >= out.shape[1] or int(y.min()) < 0:
-            raise DataError(f"label {int(y.max())} is out of range for a model with {out.shape[1]} outputs")
-    return y is not None, x
+        inputs = describe_inputs(split_batch(batch)[0]) if forward_fn is None else "given to forward_fn"
+        raise DataError(f"a batch {inputs} does not fit the model; expected {_expected_input(teacher)} "
+                        f"({first_line(exc, 200)})") from None
+    if ran.labels is not None:
+        check_labels(ran)
+    return ran.labels is not None, batch
 
 
 def compress(model: Any, loader: Iterable, decomp: str | None = None, target: Any = None, *,
@@ -171,14 +162,14 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     _check_reachable(the_plan, config)
     selector.prepare(the_plan, module, config)
     teacher = set_training(copy.deepcopy(module), False)
-    has_labels, first_x = check_batch(teacher, loader)
-    dense_acc = evaluate(teacher, eval_loader) if eval_loader is not None else None
+    has_labels, first_batch = check_batch(teacher, loader, config.forward_fn)
+    dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
     applied = graph.apply(module, the_plan, config, make_gate=selector.gate_factory(config))
-    _check_applied(applied.model, first_x)
+    _check_applied(applied.model, first_batch, config.forward_fn)
     initial = {name: layer.ranks for name, layer in tn_layers(applied.model).items()}
     use_teacher = teacher if (not has_labels or config.distill > 0) else None
-    evaluate_fn = (lambda m: evaluate(m, eval_loader)) if eval_loader is not None else None
+    evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
     slim, history = finetune(applied.model, use_teacher, loader, config, the_plan.dense_params, callback,
                              evaluate_fn, applied.homeless, state_file, saved)
 
@@ -188,7 +179,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                              {"decomp": config.decomp, "target": config.target}))
     acc = history.epochs[-1]["eval_accuracy"] if history.epochs and eval_loader is not None else None
     if eval_loader is not None and (acc is None or not history.epochs or history.epochs[-1]["step"] != history.steps):
-        acc = evaluate(slim, eval_loader)
+        acc = evaluate(slim, eval_loader, config.forward_fn)
     params = count_state(slim)
     report = Report(config.decomp, config.target, the_plan.source, the_plan.dense_params, params,
                     the_plan.dense_params / params, _layer_reports(the_plan, applied, initial, layers),
@@ -206,7 +197,7 @@ def _resume_state(config: CompressConfig, state_file: str | Path | None, resume:
     return load_state(state_file) if resume else None
 
 
-def _check_applied(model: nn.Module, x: Any) -> None:
+def _check_applied(model: nn.Module, batch: Any, forward_fn: ForwardFn | None) -> None:
     """One batch through the factorized model before any training.
 
     A weight the forward reads outside its layer, which no trace saw (a module-walk
@@ -217,7 +208,7 @@ def _check_applied(model: nn.Module, x: Any) -> None:
     set_training(model, False)
     try:
         with torch.no_grad():
-            run_model(model, x)
+            forward(model, batch, forward_fn)
     except Exception as exc:
         raise ModelError(f"the model fails once its layers are factorized ({first_line(exc, 200)}); a layer's "
                          "weight is probably used outside the layer: leave that layer out with filter_fn") from None

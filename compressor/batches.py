@@ -1,42 +1,155 @@
 """What a batch is and what a model's output is, in one place.
 
 Every stage that touches data (the up-front check, λ calibration, the training loop,
-evaluation) goes through these helpers, so one convention holds everywhere: a batch is
-``(x, y)`` or ``x`` alone, and the output used for losses is a tensor.
+evaluation) goes through :func:`forward`, so one convention holds everywhere:
+
+* a batch is ``x``, ``(x,)`` or ``(x, y)``, where ``x`` is a tensor or a tuple of
+  positional inputs; or a mapping (a tokenizer's output, a ``BatchEncoding``) passed as
+  keyword arguments, whose ``labels`` entry is taken out and used as the labels;
+* the output used for losses is a tensor: the output itself, the first element of a tuple,
+  or of a mapping / ``ModelOutput`` its ``logits`` (else ``last_hidden_state``);
+* anything else goes through the user's ``forward_fn(model, batch) -> (output, labels)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .errors import DataError
 
+#: ``forward_fn(model, batch) -> (output, labels)``: how to run a model on a batch of any shape.
+ForwardFn = Callable[[nn.Module, Any], "tuple[Any, torch.Tensor | None]"]
+#: Mapping keys that hold labels (taken out of the model's keyword inputs).
+LABEL_KEY = "labels"
+#: Output keys tried in order when a model returns a mapping or a ``ModelOutput``.
+OUTPUT_KEYS = (("logits", "logits"), ("last_hidden_state", "hidden"))
+
+
+@dataclass
+class Ran:
+    """One batch through a model: what the losses need.
+
+    ``kind`` says what ``out`` is: ``"logits"`` (scores over classes or a vocabulary, so a
+    KL between softmaxes means something), ``"hidden"`` (features: compared by MSE) or
+    ``"tensor"`` (a bare tensor: logits when 2-D, else treated as features). ``mask`` marks
+    the real tokens of a padded batch (its ``attention_mask``), so padding is not learned.
+    """
+
+    out: torch.Tensor
+    labels: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    kind: str = "tensor"
+    next_token: bool = False  # position t scores token t + 1 (a causal LM): labels shift by one
+
+
+def predicts_next_token(model: nn.Module) -> bool:
+    """A Hugging Face causal LM (``...ForCausalLM``, ``...LMHeadModel``): by its convention the
+    labels are the input ids, unshifted, and the loss compares position t with token t + 1."""
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
-    """``(x, y)`` -> (x, y); ``x`` alone -> (x, None)."""
+    """(inputs, labels) of a batch; inputs are a tensor, a tuple (positional) or a dict (keywords)."""
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k != LABEL_KEY}
+        if not inputs:
+            raise DataError("a dict batch must hold the model's inputs (e.g. input_ids), not only labels")
+        return inputs, batch.get(LABEL_KEY)
     if isinstance(batch, (tuple, list)):
         if len(batch) == 2:
             return batch[0], batch[1]
         if len(batch) == 1:
             return batch[0], None
-        raise DataError(f"a batch must be x or (x, y); got a sequence of {len(batch)} items")
-    if isinstance(batch, dict):
-        raise DataError("dict batches are not supported; yield x or (x, y)")
+        raise DataError(f"a batch must be x, (x,) or (x, y), or a dict of keyword inputs; got a sequence of "
+                        f"{len(batch)} items (several inputs go in a tuple: ((a, b), y))")
     return batch, None
 
 
-def run_model(model: nn.Module, x: Any) -> torch.Tensor:
-    """Call ``model`` on ``x`` (a tuple is several inputs) and return its tensor output."""
-    out = model(*x) if isinstance(x, tuple) else model(x)
-    if isinstance(out, (tuple, list)):
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple, else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def output_tensor(out: Any) -> tuple[torch.Tensor, str]:
+    """The tensor a model's output stands for, and its kind (see :class:`Ran`)."""
+    if isinstance(out, Mapping):  # dicts and transformers' ModelOutput
+        for key, kind in OUTPUT_KEYS:
+            if torch.is_tensor(out.get(key)):
+                return out[key], kind
+        keys = ", ".join(k for k, v in out.items() if v is not None) or "none"
+        raise DataError(f"the model returned a {type(out).__name__} without 'logits' or 'last_hidden_state' "
+                        f"(keys: {keys}); pass forward_fn(model, batch) -> (output, labels) to say which to use")
+    if isinstance(out, (tuple, list)) and out:
         out = out[0]
     if not torch.is_tensor(out):
-        raise DataError(f"the model returned {type(out).__name__}; compressor needs a tensor output (logits)")
-    return out
+        raise DataError(f"the model returned {type(out).__name__}; compressor needs a tensor output (logits), "
+                        "a tuple starting with one, or a dict/ModelOutput with 'logits' or 'last_hidden_state'")
+    return out, "tensor"
+
+
+def attention_mask(inputs: Any) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` (1 = real token), when its inputs are keywords that carry one."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    return mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+
+def forward(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = None) -> Ran:
+    """Run ``model`` on one raw batch, the same way at every stage of a run."""
+    if forward_fn is not None:
+        result = forward_fn(model, batch)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise DataError("forward_fn(model, batch) must return a pair (output, labels); labels may be None")
+        raw, labels = result
+        inputs = split_batch(batch)[0] if isinstance(batch, Mapping) else None
+    else:
+        inputs, labels = split_batch(batch)
+        raw = call_model(model, inputs)
+    out, kind = output_tensor(raw)
+    return Ran(out, labels, attention_mask(inputs), kind, predicts_next_token(model))
+
+
+def describe_inputs(inputs: Any) -> str:
+    """How a batch's inputs look, for an error message."""
+    if isinstance(inputs, Mapping):
+        return "with keys " + ", ".join(f"{k} {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}"
+                                        for k, v in inputs.items())
+    if isinstance(inputs, (tuple, list)):
+        return "of inputs " + ", ".join(str(tuple(v.shape)) if torch.is_tensor(v) else type(v).__name__
+                                        for v in inputs)
+    return f"of shape {tuple(inputs.shape)}" if torch.is_tensor(inputs) else f"of {type(inputs).__name__}"
+
+
+def check_labels(ran: Ran) -> None:
+    """Labels must be class indices that fit the output: one per example for ``(batch, classes)``,
+    one per token for ``(batch, tokens, vocabulary)`` (``-100`` marks a token to ignore)."""
+    out, y = ran.out, ran.labels
+    if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise DataError("labels must be an integer tensor of class indices")
+    if out.dim() == 2:
+        if y.dim() != 1 or y.shape[0] != out.shape[0]:
+            raise DataError(f"labels of shape {tuple(y.shape)} for outputs {tuple(out.shape)}: expected one class "
+                            f"index per example, shape ({out.shape[0]},)")
+    elif out.dim() == 3:
+        if tuple(y.shape) != tuple(out.shape[:2]):
+            raise DataError(f"labels of shape {tuple(y.shape)} for outputs {tuple(out.shape)}: expected one index "
+                            f"per token, shape {tuple(out.shape[:2])}")
+    else:
+        raise DataError(f"labels given but the model outputs shape {tuple(out.shape)}, not (batch, classes) or "
+                        "(batch, tokens, vocabulary)")
+    real = y[y != -100]
+    if real.numel() and (int(real.max()) >= out.shape[-1] or int(real.min()) < 0):
+        bad = int(real.max()) if int(real.max()) >= out.shape[-1] else int(real.min())
+        raise DataError(f"label {bad} is out of range for a model with {out.shape[-1]} outputs")
 
 
 def require_reiterable(loader: Iterable, what: str = "data loader") -> Iterable:

@@ -81,6 +81,11 @@ def layer_filter(label: str, value: Any) -> None:
         raise ConfigError(f"{label} must be callable as {label}(module, fqn) -> bool")
 
 
+def forward_function(label: str, value: Any) -> None:
+    if not callable(value):
+        raise ConfigError(f"{label} must be callable as {label}(model, batch) -> (output, labels)")
+
+
 def rank_map(label: str, value: Any) -> None:
     for name, rank in value.items():
         ranks = [rank] if isinstance(rank, int) else list(rank)
@@ -151,6 +156,10 @@ class CompressConfig:
         "help": "layers whose weight has fewer entries stay dense", "check": non_negative})
     filter_fn: FilterFn | None = field(default=None, metadata={
         "help": "filter_fn(module, fqn) -> bool narrows which layers are compressed", "check": layer_filter})
+    forward_fn: Callable[[nn.Module, Any], Any] | None = field(default=None, metadata={
+        "help": "forward_fn(model, batch) -> (output, labels): how to run the model on a batch the built-in "
+                "conventions do not cover (x, (x, y), a dict of keyword inputs with optional 'labels')",
+        "check": forward_function})
     tensorization: dict[str, tuple[Sequence[int], Sequence[int]]] = field(default_factory=dict, metadata={
         "help": "per-layer tensorization override, {fqn: (in_modes, out_modes)}"})
     layer_ranks: dict[str, Any] = field(default_factory=dict, metadata={

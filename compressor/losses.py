@@ -2,6 +2,7 @@
 
 With labels: cross-entropy, plus optional distillation from the original model. Without
 labels: distillation only, which needs nothing but the inputs the user already has.
+Sequence outputs (``[batch, tokens, ...]``) are compared token by token, padding excluded.
 """
 
 from __future__ import annotations
@@ -9,30 +10,75 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .batches import Ran
 from .config import CompressConfig
 
+#: Label value that marks a position to ignore (the PyTorch and Hugging Face convention).
+IGNORE_INDEX = -100
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    """KL between softened output distributions, or MSE between outputs.
 
-    ``"auto"`` picks KL for (batch, classes) logits and MSE otherwise (regression heads,
-    feature maps), where a softmax would mean nothing.
+def _rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``t`` as one row per example (2-D) or per real token (``[B, T, ...]`` with a ``[B, T]`` mask)."""
+    if t.dim() <= 2:
+        return t
+    if mask is not None and tuple(mask.shape) == tuple(t.shape[:2]):
+        return t[mask.bool()]
+    return t.reshape(-1, t.shape[-1])
+
+
+def distill_loss(student: Ran, teacher: Ran, kind: str, temperature: float) -> torch.Tensor:
+    """KL between softened output distributions, or MSE between outputs, per example or token.
+
+    ``"auto"`` picks KL for logits (a ``logits`` output, or a bare 2-D ``(batch, classes)``
+    tensor) and MSE otherwise (hidden states, regression heads, feature maps), where a
+    softmax would mean nothing. On sequences the KL is averaged over real tokens.
     """
     if kind == "auto":
-        kind = "kl" if student.dim() == 2 and student.shape[-1] > 1 else "mse"
+        logits = student.kind == "logits" or (student.kind == "tensor" and student.out.dim() == 2)
+        kind = "kl" if logits and student.out.shape[-1] > 1 else "mse"
+    s, t = _rows(student.out, student.mask), _rows(teacher.out, student.mask)
     if kind == "mse":
-        return F.mse_loss(student, teacher)
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
-                    reduction="batchmean") * t * t
+        return F.mse_loss(s, t)
+    tau = temperature
+    return F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True,
+                    reduction="batchmean") * tau * tau
 
 
-def task_loss(out: torch.Tensor, y: torch.Tensor | None, t_out: torch.Tensor | None,
-              config: CompressConfig) -> torch.Tensor:
+def label_loss(ran: Ran) -> torch.Tensor:
+    """Cross-entropy on class labels, or on token labels (``IGNORE_INDEX`` and padding skipped;
+    shifted by one for a causal LM, as Hugging Face models do)."""
+    out, y = ran.out, ran.labels
+    if out.dim() <= 2:
+        return F.cross_entropy(out, y)
+    mask = ran.mask
+    if ran.next_token:
+        out, y = out[:, :-1], y[:, 1:]
+        mask = mask[:, 1:] if mask is not None else None
+    if mask is not None and tuple(mask.shape) == tuple(y.shape):
+        y = y.masked_fill(mask == 0, IGNORE_INDEX)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def count_correct(ran: Ran) -> tuple[int, int]:
+    """(correct top-1 predictions, labels counted): per example, or per real token of a sequence."""
+    out, y = ran.out, ran.labels
+    if out.dim() <= 2:
+        return int((out.argmax(-1) == y).sum()), y.numel()
+    mask = ran.mask
+    if ran.next_token:
+        out, y = out[:, :-1], y[:, 1:]
+        mask = mask[:, 1:] if mask is not None else None
+    keep = y != IGNORE_INDEX
+    if mask is not None and tuple(mask.shape) == tuple(y.shape):
+        keep &= mask.bool()
+    return int(((out.argmax(-1) == y) & keep).sum()), int(keep.sum())
+
+
+def task_loss(student: Ran, teacher: Ran | None, config: CompressConfig) -> torch.Tensor:
     """Cross-entropy on labels (+ optional distillation), or pure distillation without labels."""
-    if y is None:
-        return distill_loss(out, t_out, config.distill_loss, config.temperature)
-    loss = F.cross_entropy(out, y)
-    if t_out is not None and config.distill > 0:
-        loss = loss + config.distill * distill_loss(out, t_out, config.distill_loss, config.temperature)
+    if student.labels is None:
+        return distill_loss(student, teacher, config.distill_loss, config.temperature)
+    loss = label_loss(student)
+    if teacher is not None and config.distill > 0:
+        loss = loss + config.distill * distill_loss(student, teacher, config.distill_loss, config.temperature)
     return loss

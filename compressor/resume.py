@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 FORMAT = "compressor-resume"
 VERSION = 1
 #: Config fields that may differ between a run and its resumption (they change no result).
-NOT_IN_FINGERPRINT = ("filter_fn", "log_every", "checkpoint_every")
+NOT_IN_FINGERPRINT = ("filter_fn", "forward_fn", "log_every", "checkpoint_every")
 
 
 class ResumeError(CompressorError):

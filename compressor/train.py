@@ -23,7 +23,7 @@ from typing import Any, Callable, Collection, Iterable
 import torch
 from torch import nn
 
-from .batches import loader_length, run_model, split_batch
+from .batches import Ran, forward, loader_length
 from .config import CompressConfig
 from .controller import SizeMeter, TargetController
 from .errors import DataError, TrainingError
@@ -93,12 +93,12 @@ class _Tally:
     correct: int = 0
     seen: int = 0
 
-    def add(self, task: torch.Tensor, out: torch.Tensor, y: torch.Tensor | None) -> None:
+    def add(self, task: torch.Tensor, ran: Ran) -> None:
         self.loss += float(task.detach())
         self.batches += 1
-        if y is not None and out.dim() == 2:
-            self.correct += int((out.detach().argmax(-1) == y).sum())
-            self.seen += y.numel()
+        if ran.labels is not None and ran.out.dim() == 2:
+            self.correct += int((ran.out.detach().argmax(-1) == ran.labels).sum())
+            self.seen += ran.labels.numel()
 
     def reset(self) -> None:
         self.loss, self.batches, self.correct, self.seen = 0.0, 0, 0, 0
@@ -147,11 +147,15 @@ class FineTune:
         self._resume_at: dict[str, Any] | None = None  # where a resumed run re-enters its epoch
 
     # ----------------------------------------------------------------- pieces
-    def _teacher_out(self, x: Any, y: torch.Tensor | None) -> torch.Tensor | None:
-        if self.teacher is None or (y is not None and self.config.distill <= 0):
+    def _forward(self, batch: Any) -> Ran:
+        return forward(self.model, batch, self.config.forward_fn)
+
+    def _teacher_out(self, batch: Any, labels: torch.Tensor | None) -> Ran | None:
+        """The original model's output on ``batch``, when a loss will use it."""
+        if self.teacher is None or (labels is not None and self.config.distill <= 0):
             return None
         with torch.no_grad():
-            return run_model(self.teacher, x)
+            return forward(self.teacher, batch, self.config.forward_fn)
 
     def _calibrate(self) -> float:
         if self.config.lam is not None:
@@ -159,9 +163,12 @@ class FineTune:
             return self.control.lam
         if self.frozen:
             return self.control.lam
-        x, y = split_batch(next(iter(self.loader)))
-        t_out = self._teacher_out(x, y) if self.teacher is not None else None
-        return self.control.calibrate(lambda: task_loss(run_model(self.model, x), y, t_out, self.config))
+        batch = next(iter(self.loader))
+
+        def loss() -> torch.Tensor:
+            ran = self._forward(batch)
+            return task_loss(ran, self._teacher_out(batch, ran.labels), self.config)
+        return self.control.calibrate(loss)
 
     def _make_optimizers(self) -> None:
         gates = [p for g in self.meter.gates() for p in g.parameters()]
@@ -182,24 +189,26 @@ class FineTune:
     def _snapshot(self) -> None:
         self.good_state, self.good_step = copy.deepcopy(self.model.state_dict()), self.step
 
-    def _objective(self, x: Any, y: torch.Tensor | None, t_out: torch.Tensor | None):
+    def _objective(self, batch: Any):
         """(output, task loss, penalty, total loss) of one batch; REINFORCE backpropagates itself."""
         if self.score_function and not self.frozen:
-            return self._reinforce(x, y, t_out)
-        out = run_model(self.model, x)
-        task = task_loss(out, y, t_out, self.config)
+            return self._reinforce(batch)
+        out = self._forward(batch)
+        task = task_loss(out, self._teacher_out(batch, out.labels), self.config)
         if self.frozen:
             return out, task, torch.zeros(()), task
         pen = self.control.penalty()
         return out, task, pen, task + self.control.lam * pen
 
-    def _reinforce(self, x: Any, y: torch.Tensor | None, t_out: torch.Tensor | None):
+    def _reinforce(self, batch: Any):
         """M Bernoulli samples of the gates, score-function gradient (supplementary §2.1)."""
         gates, lam = self.meter.gates(), self.control.lam
         outs, tasks, sizes, logps = [], [], [], []
-        for _ in range(self.config.reinforce_samples):
-            outs.append(run_model(self.model, x))
-            tasks.append(task_loss(outs[-1], y, t_out, self.config))
+        teacher = None
+        for i in range(self.config.reinforce_samples):
+            outs.append(self._forward(batch))
+            teacher = self._teacher_out(batch, outs[-1].labels) if i == 0 else teacher
+            tasks.append(task_loss(outs[-1], teacher, self.config))
             sizes.append(self.meter.sampled_penalty(self.config.penalty))
             logps.append(sum(g.log_prob() for g in gates))
         reinforce_surrogate(tasks, sizes, logps, lam).backward()
@@ -241,12 +250,10 @@ class FineTune:
 
     # ----------------------------------------------------------------- the loop
     def _train_step(self, batch: Any, window: _Tally, epoch: _Tally) -> None:
-        x, y = split_batch(batch)
-        t_out = self._teacher_out(x, y)
         self.opt_w.zero_grad(set_to_none=True)
         if self.opt_g is not None:
             self.opt_g.zero_grad(set_to_none=True)
-        out, task, pen, loss = self._objective(x, y, t_out)
+        out, task, pen, loss = self._objective(batch)
         self._check_finite(loss)
         if loss.requires_grad:
             loss.backward()
@@ -259,8 +266,8 @@ class FineTune:
             lr = cosine_lr(self.lr, self.step - self.weight_phase_start, self.total - self.weight_phase_start)
             for group in self.opt_w.param_groups:
                 group["lr"] = lr
-        window.add(task, out, y)
-        epoch.add(task, out, y)
+        window.add(task, out)
+        epoch.add(task, out)
         if not self.frozen and (decision := self.control.update(self.step)) is not None:
             self._freeze(decision)
         if self.step % self.config.log_every == 0 or self.step == self.total:
