@@ -9,7 +9,8 @@
 from .api import CompressResult, Report, compress, evaluate
 from .config import CompressConfig, parse_target
 from .errors import CompressorError
-from .checkpoint import export_program, load, read_metadata, save
+from .checkpoint import export_program, read_metadata, save
+from .hf_folders import load
 from .resume import ResumeError, RunInterrupted
 
 __version__ = "0.1.0"

@@ -158,11 +158,13 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
         require_reiterable(eval_loader, "evaluation loader")
     selector = get_selector(config.rank_select)
     module = as_module(model)
-    the_plan = graph.plan(module, config)
-    _check_reachable(the_plan, config)
-    selector.prepare(the_plan, module, config)
     teacher = set_training(copy.deepcopy(module), False)
     has_labels, first_batch = check_batch(teacher, loader, config.forward_fn)
+    # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
+    example = split_batch(first_batch)[0] if config.forward_fn is None else None
+    the_plan = graph.plan(module, config, example=example)
+    _check_reachable(the_plan, config)
+    selector.prepare(the_plan, module, config)
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
     applied = graph.apply(module, the_plan, config, make_gate=selector.gate_factory(config))
@@ -171,7 +173,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     use_teacher = teacher if (not has_labels or config.distill > 0) else None
     evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
     slim, history = finetune(applied.model, use_teacher, loader, config, the_plan.dense_params, callback,
-                             evaluate_fn, applied.homeless, state_file, saved)
+                             evaluate_fn, applied.keep_factorized, state_file, saved)
 
     layers = tn_layers(slim)
     mark_slim(slim, SlimInfo(the_plan.source, the_plan.dense_params,

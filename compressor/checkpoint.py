@@ -27,12 +27,16 @@ from torch import nn
 from . import tensornet as tn
 from .errors import CheckpointError, CompressorError, ModelError, first_line
 from .files import atomic_write, read_safetensors, read_safetensors_header
-from .graph import Site, tensor_key, as_module, count_state, set_training, site_in, swap_in, tn_layers
-from .layers import TNLayer, layer_class
+from .graph import (Site, as_module, count_state, is_graph_model, set_submodule, set_training, site_in, swap_in,
+                    tensor_key, tied_layers, tn_layers)
+from .layers import TiedTNLinear, TNLayer, layer_class
 from .model_files import load_model
 
 FORMAT = "compressor.slim"
-VERSION = 1
+VERSION = 2
+#: Version 2 added ``tied`` (layers computing from another layer's cores); a file without
+#: ties is still written as version 1, so older readers keep reading it.
+TIED_VERSION = 2
 _INFO_ATTR = "_compressor_slim_info"
 
 
@@ -74,10 +78,11 @@ def describe(model: nn.Module) -> dict[str, Any]:
         if site is not None:
             entry.update(weight_attr=site.weight_attr, bias_attr=site.bias_attr)
         layers[name] = entry
+    tied = describe_tied(model)
     params = count_state(model)
-    return {
+    meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": TIED_VERSION if tied else 1,
         "source": info.source,
         "layers": layers,
         "params": params,
@@ -85,6 +90,25 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "ratio": (info.dense_params / params) if info.dense_params else None,
         "extra": dict(info.extra),
     }
+    if tied:
+        meta["tied"] = tied
+    return meta
+
+
+def describe_tied(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{name: entry}`` of every module computing from another layer's cores: a tied Linear
+    (``{"kind": "tied_linear", "source", "bias"}``) or the factorized layer met again under
+    another name (``{"kind": "alias", "source"}``). Its cores are written once, under the source."""
+    out = {}
+    for name, (source, module) in tied_layers(model).items():
+        if not source:
+            raise CheckpointError(f"{name!r} computes from the cores of a factorized layer that is no longer in the "
+                                  "model (did that layer go back to dense?); it cannot be saved")
+        if isinstance(module, TiedTNLinear):
+            out[name] = {"kind": module.kind, "source": source, "bias": module.bias is not None}
+        else:
+            out[name] = {"kind": "alias", "source": source}
+    return out
 
 
 def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -141,7 +165,27 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     _check_fields(path, meta)
     for name, entry in meta["layers"].items():
         check_layer(path, name, entry, shapes)
+    for name, entry in meta.get("tied", {}).items():
+        check_tied(path, name, entry, meta["layers"], shapes)
     return meta
+
+
+def check_tied(path: Path, name: str, entry: Any, layers: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """A tied entry names a layer of the file and, for a tied Linear, a bias of the right size."""
+    kind = entry.get("kind") if isinstance(entry, dict) else None
+    source = entry.get("source") if isinstance(entry, dict) else None
+    well_named = bool(name) and all(name.split(".")) and name not in layers
+    if kind not in (TiedTNLinear.kind, "alias") or not isinstance(source, str) or source not in layers or not well_named:
+        raise CheckpointError(f"{path}: tied layer {name!r} has a malformed entry")
+    if kind == "alias":
+        return
+    spec = layers[source]["spec"]
+    if spec["kind"] not in ("embedding", "linear") or not isinstance(entry.get("bias"), bool):
+        raise CheckpointError(f"{path}: tied layer {name!r} has a malformed entry")
+    out = spec["num_embeddings"] if spec["kind"] == "embedding" else spec["out_features"]
+    key = f"{name}.bias"
+    if entry["bias"] and shapes.get(key) != (out,):
+        raise CheckpointError(f"{path}: tied layer {name!r} needs a bias {key!r} of shape [{out}]")
 
 
 def _is_int(value: Any, low: int = 0) -> bool:
@@ -162,6 +206,7 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
         ("extra.report", report is None or isinstance(report, dict)),
         ("extra.report.accuracy", accuracy is None or (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool))),
     ]
+    problems.append(("tied", isinstance(meta.get("tied", {}), dict)))
     aliases = meta.get("aliases", {})
     problems.append(("aliases", isinstance(aliases, dict) and all(
         isinstance(k, str) and isinstance(v, str) and v in meta["tensor_names"] and k not in meta["tensor_names"]
@@ -257,8 +302,23 @@ def rebuild(base: Any, meta: dict[str, Any], trust_pickle: bool = False) -> nn.M
                                   f"({first_line(exc)})") from None
         if site.in_graph:
             sites[name] = site
+    _rebuild_tied(module, meta.get("tied", {}))
     return mark_slim(module, SlimInfo(meta.get("source", "module"), meta.get("dense_params"), sites,
                                       meta.get("extra", {})))
+
+
+def _rebuild_tied(module: nn.Module, tied: dict[str, Any]) -> None:
+    """Swap in the modules that compute from another layer's cores (after those layers)."""
+    if tied and is_graph_model(module):
+        raise CheckpointError("this checkpoint has tied layers (" + ", ".join(sorted(tied)) + "): load it onto "
+                              "the nn.Module it was made from, not a torch.export program")
+    for name, entry in tied.items():
+        try:
+            source, dense = module.get_submodule(entry["source"]), module.get_submodule(name)  # both must exist
+            set_submodule(module, name, source if entry["kind"] == "alias" else TiedTNLinear.from_dense(dense, source))
+        except (AttributeError, CompressorError, RuntimeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"the checkpoint does not fit this base architecture at tied layer {name!r} "
+                                  f"({first_line(exc)})") from None
 
 
 def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.Module:

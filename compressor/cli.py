@@ -34,6 +34,8 @@ from .model_files import import_arch, load_model
 from .plot import check_available, plot_run
 from .config import CompressConfig
 from .errors import CheckpointError, CompressorError, DataError, ModelError, first_line
+from .hf_folders import (SLIM_CHECKPOINT, folder_copies, is_model_folder, load_model_folder, slim_checkpoint_in,
+                         text_data)
 from .files import read_safetensors, stale_temporaries, staged_outputs
 from .resume import RunInterrupted
 
@@ -246,6 +248,43 @@ def _check_outputs(model: Path, outputs: list[Path], force: bool, skip_existing:
             raise ModelError(f"{out} already exists; pass --force to overwrite it")
 
 
+def _plan_outputs(model: Path, output: Path | None, export_pt2: bool, plot: Path | None,
+                  report_json: Path | None) -> dict[str, Path]:
+    """Every file a run will write, by kind. A model folder in gives a model folder out:
+    its config and tokenizer files beside the slim checkpoint (``copy:NAME`` kinds)."""
+    if is_model_folder(model):
+        if export_pt2:
+            raise ModelError("--export-pt2 is for single-file models; a model folder is written as a folder")
+        folder = output or Path(model.name.rstrip("/") + "-slim")
+        if folder.resolve() == model.resolve():
+            raise ModelError(f"output {folder} is the input model folder; choose another folder")
+        outputs = {"checkpoint": folder / SLIM_CHECKPOINT}
+        outputs.update({f"copy:{src}": folder / src.name for src in folder_copies(model)})
+    else:
+        output = output or Path(model.name.split(".")[0] + ".slim.safetensors")
+        outputs = {"checkpoint": output, "pt2": output.with_suffix(".pt2") if export_pt2 else None}
+    outputs.update({"plot": plot, "report": report_json})
+    return {kind: path for kind, path in outputs.items() if path is not None}
+
+
+def _read_inputs(model: Path, data_spec: str, eval_data: Path | None, arch: str | None, trust_pickle: bool,
+                 batch_size: int, seed: int, max_length: int):
+    """(original model, training loader, evaluation loader or None, example input) of a run."""
+    if is_model_folder(model):
+        original = load_model_folder(model, trust_pickle=trust_pickle)
+        if eval_data or data_spec.lower() in ("digits", "fashion-mnist") or data_spec.endswith(".safetensors"):
+            raise DataError("a model folder takes --data as text: a text file (one example per line) or a folder "
+                            "of .txt files")
+        train, _ = text_data(data_spec, model, max_length, seed)
+        return original, TensorLoader(train, None, batch_size, shuffle=True, seed=seed), None, None
+    original = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    data = _load_data(data_spec, str(eval_data) if eval_data else None)
+    xtr, ytr = data["train"]
+    xte, yte = data["test"]
+    train = TensorLoader(xtr, ytr, batch_size, shuffle=True, seed=seed)
+    return original, train, (TensorLoader(xte, yte, 512) if yte is not None else None), xte[:8]
+
+
 def _write_outputs(result, outputs: dict[str, Path], arch: str | None, example: torch.Tensor) -> list[Path]:
     """Write the checkpoint and every extra the user asked for, all or nothing."""
     rep = result.report
@@ -263,6 +302,9 @@ def _write_outputs(result, outputs: dict[str, Path], arch: str | None, example: 
             plot_run(rep, tmp[outputs["plot"]])
         if "report" in outputs:
             tmp[outputs["report"]].write_text(json.dumps(rep.to_dict(), indent=2))
+        for kind, path in outputs.items():
+            if kind.startswith("copy:"):
+                tmp[path].write_bytes(Path(kind[len("copy:"):]).read_bytes())
     return list(outputs.values())
 
 
@@ -307,7 +349,10 @@ def output_options(command):
 @config_option("decomp")
 @config_option("target", required=True)
 @click.option("--data", "data_spec", required=True,
-              help="fashion-mnist[:DIR], digits, or a .safetensors file with 'inputs' (and optional 'labels')")
+              help="fashion-mnist[:DIR], digits, or a .safetensors file with 'inputs' (and optional 'labels'); "
+                   "for a model folder: a text file (one example per line) or a folder of .txt files")
+@click.option("--max-length", type=int, default=128, show_default=True,
+              help="tokens per text example (model folders; longer lines are truncated)")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help=".safetensors with held-out inputs/labels")
 @click.option("--arch", default=None, help="package.module:factory building the architecture for a state-dict MODEL")
 @click.option("--trust-pickle", is_flag=True,
@@ -321,8 +366,8 @@ def output_options(command):
 @click.option("--batch-size", type=int, default=128, show_default=True, help="training batch size")
 @config_option("seed")
 @output_options
-def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None, arch: str | None,
-        trust_pickle: bool, batch_size: int, force: bool, export_pt2: bool, plot: Path | None,
+def run(model: Path, data_spec: str, max_length: int, eval_data: Path | None, output: Path | None,
+        arch: str | None, trust_pickle: bool, batch_size: int, force: bool, export_pt2: bool, plot: Path | None,
         report_json: Path | None, state_file: Path | None, resume: bool, **settings: Any) -> None:
     """Compress MODEL to --target and write a slim safetensors checkpoint.
 
@@ -333,26 +378,19 @@ def run(model: Path, data_spec: str, eval_data: Path | None, output: Path | None
         config = CompressConfig(**settings)  # the config options above: validated once, here
         if batch_size <= 0:
             raise DataError(f"--batch-size must be positive, got {batch_size}")
-        output = output or Path(model.name.split(".")[0] + ".slim.safetensors")
-        outputs = {"checkpoint": output, "pt2": output.with_suffix(".pt2") if export_pt2 else None,
-                   "plot": plot, "report": report_json}
-        outputs = {kind: path for kind, path in outputs.items() if path is not None}
+        outputs = _plan_outputs(model, output, export_pt2, plot, report_json)
         state_file = _check_files(model, outputs, state_file, force, resume)
         if plot:
             check_available()  # before minutes of training, not after
-        original = load_model(model, arch=arch, trust_pickle=trust_pickle)
-        data = _load_data(data_spec, str(eval_data) if eval_data else None)
-        xtr, ytr = data["train"]
-        xte, yte = data["test"]
-        train = TensorLoader(xtr, ytr, batch_size, shuffle=True, seed=config.seed)
-        test = TensorLoader(xte, yte, 512) if yte is not None else None
+        original, train, test, example = _read_inputs(model, data_spec, eval_data, arch, trust_pickle,
+                                                      batch_size, config.seed, max_length)
         view = ProgressView(err_console)
         try:
             result = compress(original, train, config=config, eval_loader=test, callback=view,
                               state_file=state_file, resume=resume)
         finally:
             view.close()
-        written = _write_outputs(result, outputs, arch, xte[:8])
+        written = _write_outputs(result, outputs, arch, example)
         state_file.unlink(missing_ok=True)  # the result is safe: nothing left to resume
     except CompressorError as exc:
         _fail(exc)
@@ -378,6 +416,8 @@ def _interrupted(stop: KeyboardInterrupt, state_file: Path | None) -> None:
 def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
     """Per-layer ranks, sizes and the whole-model ratio of a slim CHECKPOINT."""
     try:
+        if checkpoint.is_dir():  # a compressed model folder
+            checkpoint = slim_checkpoint_in(checkpoint)
         meta = read_metadata(checkpoint)
         tensors = read_safetensors(checkpoint, CheckpointError, "checkpoint")
     except CompressorError as exc:

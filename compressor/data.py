@@ -246,7 +246,8 @@ def load_tensor_file(path: PathLike) -> Tuple[torch.Tensor, Optional[torch.Tenso
 
 
 class TensorLoader:
-    """Batches over tensors already in memory: ``(x, y)`` or ``x`` when ``labels`` is None.
+    """Batches over tensors already in memory: ``(x, y)`` or ``x`` when ``labels`` is None;
+    with a dict of input tensors (a tokenizer's output), dict batches of keyword inputs.
 
     A torch DataLoader collates sample by sample; for in-memory tensors that overhead is
     larger than a small model's forward pass. Here a batch is one slice (no shuffle) or
@@ -266,18 +267,19 @@ class TensorLoader:
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0 or inputs.shape[0] == 0:
-            raise DataError("no data: inputs must be a non-empty tensor with samples on dim 0")
+        tensors = list(inputs.values()) if isinstance(inputs, dict) else [inputs]
+        if not tensors or any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] == 0 for t in tensors):
+            raise DataError("no data: inputs must be a non-empty tensor (or a dict of them) with samples on dim 0")
+        n = tensors[0].shape[0]
+        if any(t.shape[0] != n for t in tensors):
+            raise DataError("every input tensor must have the same number of samples on dim 0")
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.dim() == 0:
                 raise DataError("labels must be a tensor with one entry per sample")
-            if labels.shape[0] != inputs.shape[0]:
-                raise DataError(f"{inputs.shape[0]} inputs but {labels.shape[0]} labels")
-        if drop_last and inputs.shape[0] < batch_size:
-            raise DataError(
-                f"no batches: {inputs.shape[0]} samples is fewer than batch size {batch_size} "
-                "with drop_last"
-            )
+            if labels.shape[0] != n:
+                raise DataError(f"{n} inputs but {labels.shape[0]} labels")
+        if drop_last and n < batch_size:
+            raise DataError(f"no batches: {n} samples is fewer than batch size {batch_size} with drop_last")
         self.inputs = inputs
         self.labels = labels
         self.batch_size = batch_size
@@ -288,7 +290,8 @@ class TensorLoader:
 
     @property
     def num_samples(self) -> int:
-        return int(self.inputs.shape[0])
+        first = next(iter(self.inputs.values())) if isinstance(self.inputs, dict) else self.inputs
+        return int(first.shape[0])
 
     def __len__(self) -> int:
         n, b = self.num_samples, self.batch_size
@@ -309,16 +312,21 @@ class TensorLoader:
         perm = None
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(n, generator=gen).to(self.inputs.device)
+            perm = torch.randperm(n, generator=gen)
         for start in range(0, stop, b):
             if perm is None:
-                x = self.inputs[start:start + b]
-                y = None if self.labels is None else self.labels[start:start + b]
+                def take(t, start=start):
+                    return t[start:start + b]
             else:
-                idx = perm[start:start + b]
-                x = self.inputs.index_select(0, idx)
-                y = None if self.labels is None else self.labels.index_select(0, idx.to(self.labels.device))
-            yield x if y is None else (x, y)
+                def take(t, idx=perm[start:start + b]):
+                    return t.index_select(0, idx.to(t.device))
+            y = None if self.labels is None else take(self.labels)
+            if isinstance(self.inputs, dict):  # keyword inputs: a dict batch, labels under "labels"
+                batch = {k: take(v) for k, v in self.inputs.items()}
+                yield batch if y is None else {**batch, "labels": y}
+            else:
+                x = take(self.inputs)
+                yield x if y is None else (x, y)
 
 
 # --------------------------------------------------------------------------- splits / specs

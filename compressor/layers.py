@@ -62,7 +62,23 @@ def _jsonable(value: Any) -> Any:
 # ``FactorizedTensor``): adding a layer kind is writing its class, nothing else.
 _BY_KIND: dict[str, type["TNLayer"]] = {}
 _BY_DENSE: dict[type[nn.Module], type["TNLayer"]] = {}
+#: Dense types named by import path (``transformers.pytorch_utils.Conv1D``): the package
+#: imports without the library that defines them.
+_BY_DENSE_PATH: dict[str, type["TNLayer"]] = {}
 _BY_ATEN: dict[Any, type["TNLayer"]] = {}
+
+
+def _type_path(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _registered_base(module: nn.Module) -> tuple[type[nn.Module], type["TNLayer"]] | None:
+    """(the registered dense type ``module`` is or derives from, the class replacing it)."""
+    for t in type(module).__mro__:
+        cls = _BY_DENSE.get(t) or _BY_DENSE_PATH.get(_type_path(t))
+        if cls is not None:
+            return t, cls
+    return None
 
 
 def layer_class(kind: Any) -> type["TNLayer"]:
@@ -74,8 +90,10 @@ def layer_class(kind: Any) -> type["TNLayer"]:
 
 
 def layer_class_for(module: nn.Module) -> type["TNLayer"] | None:
-    """The class replacing ``module``, by exact type: a subclass of nn.Linear may compute something else."""
-    return _BY_DENSE.get(type(module))
+    """The class replacing ``module``: its type's or the nearest registered base's (a subclass of
+    nn.Linear included; :meth:`TNLayer.support_reason` says whether it can really be replaced)."""
+    found = _registered_base(module)
+    return found[1] if found is not None else None
 
 
 def aten_layers() -> Mapping[Any, type["TNLayer"]]:
@@ -98,6 +116,8 @@ class TNLayer(nn.Module):
 
     kind: ClassVar[str] = "base"
     replaces: ClassVar[type[nn.Module] | None] = None
+    #: Import path of the dense type when it lives in an optional library (set instead of ``replaces``).
+    replaces_path: ClassVar[str | None] = None
     aten: ClassVar[Any] = None
     #: Positional argument names of the aten call, and the one that carries the layer's input.
     aten_arg_names: ClassVar[tuple[str, ...]] = ()
@@ -114,16 +134,17 @@ class TNLayer(nn.Module):
     spec_optional: ClassVar[tuple[str, ...]] = ("sigma",)
 
     def __init_subclass__(cls, kind: str | None = None, replaces: type[nn.Module] | None = None,
-                          aten: Any = None, **kwargs):
+                          aten: Any = None, replaces_path: str | None = None, **kwargs):
         """Register the class, refusing a kind, dense type or op another class already claims."""
         super().__init_subclass__(**kwargs)
         if kind is None:
             return
-        entries = [(_BY_KIND, kind, "kind"), (_BY_DENSE, replaces, "dense type"), (_BY_ATEN, aten, "aten op")]
+        entries = [(_BY_KIND, kind, "kind"), (_BY_DENSE, replaces, "dense type"), (_BY_ATEN, aten, "aten op"),
+                   (_BY_DENSE_PATH, replaces_path, "dense type")]
         for table, key, what in entries:
             if key is not None and key in table:
                 raise ConfigError(f"{cls.__name__}: {what} {key!r} is already registered by {table[key].__name__}")
-        cls.kind, cls.replaces, cls.aten = kind, replaces, aten
+        cls.kind, cls.replaces, cls.aten, cls.replaces_path = kind, replaces, aten, replaces_path
         for table, key, _ in entries:
             if key is not None:
                 table[key] = cls
@@ -223,6 +244,44 @@ class TNLayer(nn.Module):
     def dense_tensor(self) -> torch.Tensor:
         return tn.contract(self.effective_cores())
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight the dense layer would hold, rebuilt from the cores (differentiable)."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """:meth:`dense_weight`, for code that reads ``layer.weight`` itself (the fast path of
+        ``nn.TransformerEncoderLayer``, a dtype check): it works, at the cost of a rebuild."""
+        return self.dense_weight()
+
+    # ----------------------------------------------------------------- cores shared with tied layers
+    #: Set when a :class:`TiedTNLinear` computes from these cores (a tied LM head).
+    shares_cores: bool = False
+
+    def forward_cores(self) -> list[torch.Tensor]:
+        """:meth:`effective_cores` for this layer's forward. In training, a layer whose cores are
+        shared keeps its gate sample so the tied layer uses the same one (one weight, one sample)."""
+        cores = self.effective_cores()
+        if self.shares_cores and self.training and self.gates is not None:
+            self._sample = (self._core_versions(), cores)
+        return cores
+
+    def take_cores(self) -> list[torch.Tensor]:
+        """The cores a tied layer computes with: this step's gate sample when the forward drew one."""
+        versions, cores = self.__dict__.pop("_sample", (None, None))
+        if cores is not None and self.training and versions == self._core_versions():
+            return cores
+        return self.effective_cores()
+
+    def _core_versions(self) -> tuple[int, ...]:
+        """Changes at every optimizer step: a sample from an earlier step is never reused."""
+        return tuple(c._version for c in self.cores)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_sample", None)  # autograd results cannot be copied, and belong to one step
+        return state
+
     # ----------------------------------------------------------------- pruning
     @torch.no_grad()
     def prune_(self) -> "TNLayer":
@@ -242,6 +301,7 @@ class TNLayer(nn.Module):
             cores[nxt] = cores[nxt][keep, :, :]
         self.cores = nn.ParameterList([nn.Parameter(c.contiguous()) for c in cores])
         self.gates = None
+        self.__dict__.pop("_sample", None)
         return self
 
     def set_gates_(self, make_gate) -> "TNLayer":
@@ -286,9 +346,23 @@ class TNLayer(nn.Module):
 
     # ----------------------------------------------------------------- per-kind rules
     @classmethod
+    def support_reason(cls, module: nn.Module) -> str | None:
+        """Why ``module`` cannot be replaced (None: it can): a subclass whose ``forward`` is its
+        own computes something else; then the kind's own limits (:meth:`unsupported_reason`)."""
+        found = _registered_base(module)
+        if found is not None and type(module).forward is not found[0].forward:
+            return f"subclass {type(module).__name__} of {found[0].__name__} overrides forward"
+        return cls.unsupported_reason(cls.dense_view(module))
+
+    @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
         """Why ``module`` cannot be factorized by this class (None: it can)."""
         return None
+
+    @classmethod
+    def dense_view(cls, module: nn.Module) -> nn.Module:
+        """``module`` as the dense layer this class reads (``.weight`` in its layout); itself by default."""
+        return module
 
     @classmethod
     def tensorization(cls, shape: tuple[int, ...], override: Any = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -375,10 +449,7 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
         self.out_modes = _nontrivial(tn.check_modes(out_modes, out_features, "output size")) if out_features > 1 else ()
         super().__init__(self.in_modes + self.out_modes, ranks, decomp, gated, sigma, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=self.cores[0].dtype)) if bias else None
-        letters, bonds = tn.network_letters(len(self.modes))
-        a = len(self.in_modes)
-        cores = [bonds[k - 1] + letters[k] + bonds[k] for k in range(len(self.modes))]
-        self._einsum = tn.Contraction(f"Z{''.join(letters[:a])}," + ",".join(cores) + f"->Z{''.join(letters[a:])}")
+        self._einsum = linear_contraction(len(self.in_modes), len(self.out_modes))
 
     @classmethod
     def from_dense(cls, module: nn.Linear, decomp: str = "tr", rank: int | Sequence[int] = 25,
@@ -400,24 +471,42 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
         return nn.Linear(shape[1], shape[0], bias=bias, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        xb = x.reshape((-1,) + self.in_modes)
-        cores = self.effective_cores()
-        batch = xb.shape[0]
-        hint = None
-        if not isinstance(batch, int):
-            hint = [(EXPORT_BATCH_HINT,) + self.in_modes] + [tuple(c.shape) for c in cores]
-        y = self._einsum(xb, *cores, shape_hint=hint).reshape(lead + (self.out_features,))
+        y = self.contract_input(x, self.forward_cores())
         return y + self.bias if self.bias is not None else y
+
+    def contract_input(self, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``x W^T`` with W given by ``cores`` (no bias)."""
+        return apply_linear(self._einsum, x, cores, self.in_modes, self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.dense_tensor().reshape(self.in_features, self.out_features).T
 
     def to_dense(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         dtype=self.cores[0].dtype)
         with torch.no_grad():
-            lin.weight.copy_(self.dense_tensor().reshape(self.in_features, self.out_features).T)
+            lin.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
+
+
+def linear_contraction(n_in: int, n_out: int) -> tn.Contraction:
+    """``x (Z, in modes...) . ring of cores -> (Z, out modes...)``: the input modes' cores come first."""
+    letters, bonds = tn.network_letters(n_in + n_out)
+    cores = [bonds[k - 1] + letters[k] + bonds[k] for k in range(n_in + n_out)]
+    return tn.Contraction(f"Z{''.join(letters[:n_in])}," + ",".join(cores) + f"->Z{''.join(letters[n_in:])}")
+
+
+def apply_linear(einsum: tn.Contraction, x: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: tuple[int, ...],
+                 out_size: int) -> torch.Tensor:
+    """``x`` (..., prod in_modes) through the network of ``cores`` (input modes first) -> (..., out_size)."""
+    lead = x.shape[:-1]
+    xb = x.reshape((-1,) + in_modes)
+    hint = None
+    if not isinstance(xb.shape[0], int):  # a symbolic batch while exporting
+        hint = [(EXPORT_BATCH_HINT,) + in_modes] + [tuple(c.shape) for c in cores]
+    return einsum(xb, *cores, shape_hint=hint).reshape(lead + (out_size,))
 
 
 def _pair(v) -> tuple[int, int]:
@@ -499,6 +588,9 @@ class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.c
         return nn.Conv2d(shape[1] * groups, shape[0], tuple(shape[2:]), stride=args.get("stride", 1),
                          padding=args.get("padding", 0), dilation=args.get("dilation", 1),
                          groups=groups, bias=bias, device="meta")
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.kernel()
 
     def kernel(self) -> torch.Tensor:
         kh, kw = self.kernel_size
@@ -599,7 +691,7 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
         return nn.Embedding(shape[0], shape[1], padding_idx=None if pad in (-1, None) else pad, device="meta")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        cores = self.effective_cores()
+        cores = self.forward_cores()
         a = len(self.vocab_modes)
         flat = idx.reshape(-1)
         F.embedding(flat, self._bounds)  # IndexError for an out-of-range index, like the dense layer
@@ -620,14 +712,20 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
             out = torch.where((flat == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
         return out.reshape(idx.shape + (self.embedding_dim,))
 
+    def dense_weight(self, cores: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The V x D table (the stored padding row included), from ``cores`` or the layer's own."""
+        w = tn.contract(self.effective_cores() if cores is None else cores)
+        w = w.reshape(-1, self.embedding_dim)[: self.num_embeddings]
+        if self.padding_idx is None:
+            return w
+        rows = torch.arange(self.num_embeddings, device=w.device).unsqueeze(-1)
+        return torch.where(rows == self.padding_idx, self.padding_row.to(w.dtype), w)
+
     def to_dense(self) -> nn.Embedding:
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
                            dtype=self.cores[0].dtype)
         with torch.no_grad():
-            w = self.dense_tensor().reshape(-1, self.embedding_dim)[: self.num_embeddings]
-            if self.padding_idx is not None:
-                w[self.padding_idx] = self.padding_row
-            emb.weight.copy_(w)
+            emb.weight.copy_(self.dense_weight())
         return emb
 
 
@@ -650,3 +748,138 @@ def padded_factorization(n: int, max_pad: float = 0.02) -> tuple[int, ...]:
             except TensorizationError:
                 continue
         raise
+
+
+# ------------------------------------------------------------------ GPT-2's Conv1D and tied layers
+class TNConv1D(TNLinear, kind="conv1d", replaces_path="transformers.pytorch_utils.Conv1D"):
+    """``transformers``' ``Conv1D`` (GPT-2): a Linear whose weight is stored transposed, (in, out).
+
+    It is planned, tensorized and counted as the Linear it is (weight shape (out, in)): only
+    reading the dense layer (:meth:`dense_view`) and giving it back (:meth:`dense_weight`,
+    :meth:`to_dense`) use the stored layout, so a layer that goes back to dense is a ``Conv1D``
+    again and the model still loads in ``transformers``. Named by path: ``transformers`` is
+    imported only when such a layer goes back to dense.
+    """
+
+    @classmethod
+    def dense_view(cls, module: nn.Module) -> nn.Module:
+        """A Linear stand-in sharing the Conv1D's tensors (the weight as its transpose, a view)."""
+        if isinstance(module, nn.Linear):  # already a view
+            return module
+        return TNLinear.standin(module.weight.T, module.bias, {})
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, decomp: str = "tr", rank: int | Sequence[int] = 25,
+                   tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
+                   sigma: float = 0.5, generator: torch.Generator | None = None) -> "TNConv1D":
+        return super().from_dense(cls.dense_view(module), decomp, rank, tensorization, gated=gated, sigma=sigma,
+                                  generator=generator)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.dense_tensor().reshape(self.in_features, self.out_features)
+
+    def to_dense(self) -> nn.Module:
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D(self.out_features, self.in_features).to(self.cores[0].dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            conv.bias.copy_(self.bias if self.bias is not None else torch.zeros_like(conv.bias))
+        return conv
+
+
+class TiedTNLinear(nn.Module):
+    """A Linear that computes with another factorized layer's cores: a tied weight
+    (``lm_head.weight is embed_tokens.weight``) factorized once.
+
+    ``source`` is referenced, not registered as a submodule, so the shared cores are trained,
+    counted and saved once, under the source's name; only the layer's own bias (if any) is a
+    parameter here. With a :class:`TNEmbedding` source (the V x D table) the output is
+    ``x table^T``, contracted from the dimension cores to the vocabulary cores (the ring read
+    from the other side) without building the table; with a :class:`TNLinear` source it is that
+    layer's product. In training both users see the same gate sample (:meth:`TNLayer.take_cores`).
+    """
+
+    kind = "tied_linear"
+
+    def __init__(self, source: TNLayer, bias: nn.Parameter | bool = False):
+        super().__init__()
+        if type(source) not in (TNEmbedding, TNLinear):
+            raise ConfigError(f"a tied Linear shares the cores of an embedding or a Linear, not of {type(source).__name__}")
+        self.__dict__["_source"] = source  # not a submodule: see the class docstring
+        self.transposed = isinstance(source, TNEmbedding)
+        if self.transposed:
+            self.in_features, self.out_features = source.embedding_dim, source.num_embeddings
+            self._einsum = linear_contraction(len(source.dim_modes), len(source.vocab_modes))
+        else:
+            self.in_features, self.out_features = source.in_features, source.out_features
+        if isinstance(bias, nn.Parameter):
+            self.bias = bias
+        else:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=source.cores[0].dtype)) if bias else None
+        source.shares_cores = True
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, source: TNLayer) -> "TiedTNLinear":
+        """The layer replacing ``module``, whose weight is ``source``'s. Its bias Parameter is kept
+        as is, so whatever else holds it (BERT's ``cls.predictions.bias``) still does."""
+        layer = cls(source, module.bias if module.bias is not None else False)
+        if tuple(module.weight.shape) != (layer.out_features, layer.in_features):
+            raise ConfigError(f"a {tuple(module.weight.shape)} Linear cannot share the weight of a "
+                              f"{layer.out_features} x {layer.in_features} {source.kind} layer")
+        return layer
+
+    @property
+    def source(self) -> TNLayer:
+        return self.__dict__["_source"]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (out x in) weight, rebuilt from the shared cores (see :attr:`TNLayer.weight`)."""
+        return self.source.dense_weight()
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cores = self.source.take_cores()
+        y = self._logits(x, cores) if self.transposed else self.source.contract_input(x, cores)
+        return y + self.bias if self.bias is not None else y
+
+    def _logits(self, x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
+        """``x table^T`` for an embedding source; the padding column from its stored padding row."""
+        src = self.source
+        a = len(src.vocab_modes)
+        if a == 0 or a == len(cores):  # a vocabulary or a dimension of 1: nothing to contract
+            return F.linear(x, src.dense_weight(cores))
+        y = apply_linear(self._einsum, x, cores[a:] + cores[:a], src.dim_modes, math.prod(src.vocab_modes))
+        y = y[..., : self.out_features]
+        if src.padding_idx is None:
+            return y
+        p = src.padding_idx
+        pad = (x @ src.padding_row.to(x.dtype)).unsqueeze(-1)
+        return torch.cat([y[..., :p], pad, y[..., p + 1:]], -1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"tied to a {self.source.kind} layer")
+
+
+def tie_reason(owner_kind: str, owner: nn.Module, user_kind: str, user: nn.Module) -> str | None:
+    """Why ``user``, whose weight is ``owner``'s, cannot compute from the cores ``owner`` will
+    be factorized into (None: it can, through :func:`tied_layer`)."""
+    if user_kind == "linear" and owner_kind in ("embedding", "linear"):
+        return None
+    if user_kind == owner_kind == "embedding":
+        same = (user.padding_idx, user.max_norm, user.sparse) == (owner.padding_idx, owner.max_norm, owner.sparse)
+        return None if same else "the embeddings differ in padding_idx, max_norm or sparse"
+    return f"a {user_kind} layer cannot compute from the cores of a {owner_kind} layer"
+
+
+def tied_layer(dense: nn.Module, source: TNLayer) -> nn.Module:
+    """What replaces ``dense``, whose weight is ``source``'s: the factorized embedding itself for
+    an identical embedding, else a :class:`TiedTNLinear` keeping ``dense``'s bias."""
+    if isinstance(source, TNEmbedding) and isinstance(dense, nn.Embedding):
+        return source
+    return TiedTNLinear.from_dense(dense, source)

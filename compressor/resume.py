@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import CompressorError, first_line
 from .files import atomic_write, require_file
-from .graph import set_submodule, tn_layers
+from .graph import replace_module, tn_layers
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def restore_structure(model: nn.Module, saved: dict[str, torch.Tensor], kept_den
     no knowledge of how the run decided it.
     """
     for name in kept_dense:
-        set_submodule(model, name, tn_layers(model)[name].to_dense())
+        replace_module(model, name, tn_layers(model)[name].to_dense())
     for name, layer in tn_layers(model).items():
         if layer.gates is not None and not any(k.startswith(f"{name}.gates.") for k in saved):
             layer.gates = None

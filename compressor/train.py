@@ -28,7 +28,7 @@ from .config import CompressConfig
 from .controller import SizeMeter, TargetController
 from .errors import DataError, TrainingError
 from .gates import reinforce_surrogate
-from .graph import set_submodule, set_training, tn_layers
+from .graph import replace_module, set_training, tn_layers
 from .losses import task_loss
 from .resume import (ResumeError, RunInterrupted, StopRequest, check_same_run, fingerprint, restore_structure,
                      rng_state, save_state, set_rng_state)
@@ -182,7 +182,7 @@ class FineTune:
         for name, layer in tn_layers(self.model).items():
             layer.prune_()
             if layer.param_count() >= layer.dense_param_count() and name not in self.keep_factorized:
-                set_submodule(self.model, name, layer.to_dense())
+                replace_module(self.model, name, layer.to_dense())
                 self.history.kept_dense.append(name)
         self.meter.refresh()
 

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -6,8 +7,8 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError, ConfigError, TensorizationError
-from compressor.layers import (TNConv2d, TNEmbedding, TNLayer, TNLinear, aten_layers, layer_class, layer_class_for,
-                               layer_kinds)
+from compressor.layers import (TiedTNLinear, TNConv1D, TNConv2d, TNEmbedding, TNLayer, TNLinear, aten_layers,
+                               layer_class, layer_class_for, layer_kinds)
 
 DECOMPS = ["tt", "tr"]
 FULL = 10_000  # larger than any useful bond: capped to the exact (full) rank
@@ -156,17 +157,27 @@ REGISTERED = [("linear", nn.Linear(4, 6), TNLinear, torch.ops.aten.linear.defaul
 
 
 def test_registry_maps_every_dense_type_to_its_class_and_back():
-    assert set(layer_kinds()) == {kind for kind, *_ in REGISTERED}
+    assert set(layer_kinds()) == {kind for kind, *_ in REGISTERED} | {"conv1d"}
     for kind, dense, cls, op in REGISTERED:
         assert layer_class_for(dense) is cls and cls.replaces is type(dense)
         assert layer_class(kind) is cls and cls.kind == kind
         assert aten_layers()[op] is cls and cls.aten is op
     assert layer_class_for(nn.ReLU()) is None
+    assert TNConv1D.replaces_path == "transformers.pytorch_utils.Conv1D" and TNConv1D.replaces is None
 
-    class MyLinear(nn.Linear):  # may compute something else: matched by exact type only
+
+def test_a_subclass_is_replaced_unless_it_computes_something_else():
+    class Plain(nn.Linear):  # same forward: the same computation
         pass
 
-    assert layer_class_for(MyLinear(4, 4)) is None
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert layer_class_for(Plain(4, 4)) is TNLinear and TNLinear.support_reason(Plain(4, 4)) is None
+    assert layer_class_for(Scaled(4, 4)) is TNLinear
+    assert TNLinear.support_reason(Scaled(4, 4)) == "subclass Scaled of Linear overrides forward"
+    assert "grouped" in TNConv2d.support_reason(nn.Conv2d(4, 4, 3, groups=2))
     for bad in ("lstm", None, 3):
         with pytest.raises(ConfigError, match="unknown factorized layer kind"):
             layer_class(bad)
@@ -292,3 +303,83 @@ def test_inspect_reports_merge_spatial_conv_checkpoint(tmp_path):
         cells = [c.strip() for c in rows[name].split("│")]
         assert cells[4] == "(" + ",".join(map(str, layer.modes)) + ")"
         assert cells[6] == f"{layer.param_count():,}"
+
+
+# ------------------------------------------------------------------ tied layers and GPT-2's Conv1D
+@pytest.mark.parametrize("decomp", DECOMPS)
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_a_head_tied_to_an_embedding_computes_x_times_the_table(decomp, padding_idx):
+    torch.manual_seed(0)
+    emb = nn.Embedding(103, 24, padding_idx=padding_idx)  # 103 is prime: the vocabulary is padded to split
+    with torch.no_grad():
+        emb.weight[3] = torch.linspace(-1, 1, 24)
+    head = nn.Linear(24, 103)
+    head.weight = emb.weight
+    layer = TNEmbedding.from_dense(emb, decomp, FULL, gated=False)
+    assert math.prod(layer.vocab_modes) > 103
+    tied = TiedTNLinear.from_dense(head, layer)
+    assert tied.bias is head.bias and [p for p in tied.parameters()] == [head.bias]
+    x = torch.randn(4, 5, 24)
+    with torch.no_grad():
+        assert (tied(x) - head(x)).abs().max() < 1e-4
+        assert (tied.weight - emb.weight).abs().max() < 1e-5
+    low = TNEmbedding.from_dense(emb, decomp, 3, gated=False)  # any rank: the head reads the table the embedding holds
+    with torch.no_grad():
+        table = low(torch.arange(103))
+        assert (TiedTNLinear(low)(x) - x @ table.T).abs().max() < 1e-4
+
+
+def test_a_linear_tied_to_a_linear_shares_its_cores_with_a_bias_of_its_own():
+    torch.manual_seed(0)
+    a, b = nn.Linear(24, 36), nn.Linear(24, 36)
+    b.weight = a.weight
+    layer = TNLinear.from_dense(a, "tr", FULL, gated=False)
+    tied = TiedTNLinear.from_dense(b, layer)
+    x = torch.randn(7, 24)
+    with torch.no_grad():
+        assert (tied(x) - b(x)).abs().max() < 1e-4
+    with pytest.raises(ConfigError, match="cannot share"):
+        TiedTNLinear.from_dense(nn.Linear(36, 24), layer)
+    with pytest.raises(ConfigError, match="shares the cores of an embedding or a Linear"):
+        TiedTNLinear(TNConv2d.from_dense(nn.Conv2d(4, 6, 3), "tr", 4))
+
+
+def test_in_training_the_tied_layer_uses_the_gate_sample_of_the_same_step():
+    torch.manual_seed(0)
+    layer = TNEmbedding.from_dense(nn.Embedding(60, 24), "tr", 6)  # gated
+    tied = TiedTNLinear(layer)
+    layer.train()
+    with torch.no_grad():
+        for gate in layer.gates.values():
+            gate.mu.fill_(0.5)  # noise then changes every sample
+    x = torch.randn(3, 24)
+    layer(torch.arange(5))
+    _, sampled = layer.__dict__["_sample"]
+    expected = x @ layer.dense_weight(sampled).T
+    assert (tied(x) - expected).abs().max() < 1e-5  # the embedding's sample, not a fresh one
+    assert "_sample" not in layer.__dict__  # used once
+    assert (tied(x) - expected).abs().max() > 1e-3  # no embedding forward since: a new sample
+    layer(torch.arange(5))
+    stale = x @ layer.dense_weight(layer.__dict__["_sample"][1]).T
+    copy_of = copy.deepcopy(nn.ModuleDict({"emb": layer, "head": tied}))  # a pending sample is not copied
+    assert copy_of["head"].source is copy_of["emb"] and "_sample" not in copy_of["emb"].__dict__
+    with torch.no_grad():
+        layer.cores[0].add_(0.0)  # an optimizer step in between: that sample is not reused
+    assert (tied(x) - stale).abs().max() > 1e-3
+
+
+def test_conv1d_is_a_linear_stored_transposed():
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    conv = pytorch_utils.Conv1D(36, 24)  # nf=out, nx=in: weight (24, 36)
+    assert layer_class_for(conv) is TNConv1D and TNConv1D.support_reason(conv) is None
+    assert tuple(TNConv1D.dense_view(conv).weight.shape) == (36, 24)
+    layer = TNConv1D.from_dense(conv, "tt", FULL, gated=False)
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        assert (layer(x) - conv(x)).abs().max() < 1e-5
+        assert (layer.weight - conv.weight).abs().max() < 1e-5
+    back = TNLayer.from_spec(json.loads(json.dumps(layer.spec())))
+    assert type(back) is TNConv1D and back.spec() == layer.spec()
+    dense = layer.to_dense()
+    assert type(dense) is pytorch_utils.Conv1D and (dense(x) - conv(x)).abs().max() < 1e-5

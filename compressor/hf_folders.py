@@ -1,0 +1,191 @@
+"""Hugging Face model folders in, and text tokenized with the folder's own tokenizer.
+
+A folder is what ``save_pretrained`` writes: ``config.json``, the weights as safetensors,
+optionally tokenizer files. Reading one never runs code from it: remote code is refused,
+and pickled weights (``pytorch_model.bin``) only load with ``trust_pickle``.
+``transformers`` is an optional dependency (``pip install "compressor[hf]"``), imported
+only here and only when a folder is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .errors import CheckpointError, DataError, ModelError, first_line
+
+HF_HINT = 'install the Hugging Face extra: pip install "compressor[hf]"'
+#: The slim checkpoint inside a compressed model folder.
+SLIM_CHECKPOINT = "model.slim.safetensors"
+#: Files a model folder's tokenizer may consist of (copied next to a compressed model).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+
+
+def transformers_module(what: str) -> Any:
+    """The ``transformers`` package, or a one-line error saying how to get it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(f"{what} needs the transformers package; {HF_HINT}") from None
+    return transformers
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir()
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{folder} is a directory without config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not readable JSON ({first_line(exc, 160)})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} does not hold a model configuration")
+    if config.get("auto_map"):
+        raise ModelError(f"{folder} needs custom code from the folder (auto_map in config.json); compressor "
+                         "never runs code from a model folder")
+    return config
+
+
+def model_class(folder: Path, transformers: Any) -> tuple[Any, Any]:
+    """(configuration, model class) of a folder, chosen by its ``architectures`` entry."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"transformers cannot build the model in {folder} ({first_line(exc, 200)})") from None
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None or not issubclass(cls, transformers.PreTrainedModel):
+        cls = transformers.AutoModel
+    return config, cls
+
+
+def load_model_folder(folder: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
+    """The model a Hugging Face folder holds, in evaluation mode."""
+    folder = Path(folder)
+    _config(folder)
+    safe = sorted(folder.glob("*.safetensors"))
+    pickled = sorted(folder.glob("pytorch_model*.bin"))
+    if not safe and not pickled:
+        raise ModelError(f"{folder} has a config.json but no weights (*.safetensors)")
+    if not safe and not trust_pickle:
+        raise ModelError(f"{folder} holds its weights pickled ({pickled[0].name}); unpickling runs code from the "
+                         "file: pass --trust-pickle (trust_pickle=True) only for files you trust, or convert them "
+                         "to safetensors")
+    transformers = transformers_module("reading a Hugging Face model folder")
+    config, cls = model_class(folder, transformers)
+    try:
+        model = cls.from_pretrained(str(folder), config=config, local_files_only=True, trust_remote_code=False,
+                                    use_safetensors=bool(safe))
+    except Exception as exc:
+        raise ModelError(f"the weights in {folder} do not load into {cls.__name__} ({first_line(exc, 200)})") from None
+    return model.eval()
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Any:
+    transformers = transformers_module("tokenizing text")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                               trust_remote_code=False)
+    except Exception as exc:
+        raise DataError(f"the model folder {folder} has no usable tokenizer to read text data with "
+                        f"({first_line(exc, 160)})") from None
+    if tokenizer.pad_token is None:  # LLaMA-style tokenizers: pad with end-of-sequence, masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def read_texts(spec: str | os.PathLike) -> list[str]:
+    """Examples from a text file (one per non-empty line) or a folder of ``.txt`` files."""
+    path = Path(spec)
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise DataError(f"text data {path} is neither a text file nor a folder of .txt files")
+    texts = []
+    for f in files:
+        try:
+            texts += [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise DataError(f"{f} is not UTF-8 text") from None
+    if not texts:
+        raise DataError(f"text data {path} holds no non-empty line")
+    return texts
+
+
+def tokenize(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+    """Token ids and attention masks of ``texts``, padded to the longest (at most ``max_length``)."""
+    try:
+        enc = tokenizer(texts, max_length=max_length, truncation=True, padding="longest", return_tensors="pt")
+    except Exception as exc:
+        raise DataError(f"the text cannot be tokenized with the model's tokenizer ({first_line(exc, 160)})") from None
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if int(inputs["attention_mask"].sum()) == 0:
+        raise DataError("the text data tokenizes to no tokens at all")
+    return inputs
+
+
+def text_data(spec: str, folder: str | os.PathLike, max_length: int, seed: int = 0,
+              holdout: float = 0.1) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Training and held-out keyword inputs from ``--data`` text, tokenized with the folder's tokenizer.
+
+    A tenth of the examples (at least one, when there are ten or more) is held out, chosen
+    by ``seed``, so fidelity can be measured on text the fine-tune never saw.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise DataError(f"--max-length must be an integer >= 2, got {max_length!r}")
+    texts = read_texts(spec)
+    tokenizer = load_tokenizer(folder)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = int(len(texts) * holdout) if len(texts) >= 10 else 0
+    test = [texts[i] for i in order[:n_test]]
+    train = [texts[i] for i in order[n_test:]]
+    return tokenize(train, tokenizer, max_length), (tokenize(test, tokenizer, max_length) if test else None)
+
+
+def folder_copies(folder: str | os.PathLike) -> list[Path]:
+    """The files of a model folder a compressed folder carries over: config and tokenizer."""
+    folder = Path(folder)
+    return [folder / "config.json"] + [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+
+
+def slim_checkpoint_in(folder: str | os.PathLike) -> Path:
+    """The slim checkpoint of a compressed model folder (one error line if it is not one)."""
+    path = Path(folder) / SLIM_CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is a folder without {SLIM_CHECKPOINT}: not a compressed model folder")
+    return path
+
+
+def load_slim_folder(folder: str | os.PathLike) -> nn.Module:
+    """A compressed model folder as a working model, rebuilt from its config alone.
+
+    Every tensor of the compressed model is in the checkpoint, so no pretrained base is
+    needed: the architecture comes from ``config.json`` and starts uninitialised.
+    """
+    folder = Path(folder)
+    ckpt = slim_checkpoint_in(folder)
+    _config(folder)
+    config, cls = model_class(folder, transformers_module("loading a compressed model folder"))
+    base = cls(config)  # initialised at random: the checkpoint replaces every tensor
+    return checkpoint.load(ckpt, base=base).eval()
+
+
+def load(path: str | os.PathLike, base: Any = None, trust_pickle: bool = False) -> nn.Module:
+    """A compressed model: a folder written by ``compress`` (rebuilt from its config), or a slim
+    checkpoint rebuilt on ``base`` (a model, a factory, or a ``.pt2`` path)."""
+    if Path(path).is_dir():
+        return load_slim_folder(path)
+    if base is None:
+        raise CheckpointError("a slim checkpoint file needs base= (the original model, a factory or a .pt2 path); "
+                              "only a compressed model folder rebuilds from its config alone")
+    return checkpoint.load(path, base=base, trust_pickle=trust_pickle)

@@ -1,0 +1,118 @@
+"""Hugging Face model folders in and out: tokenized text data, a compressed folder that loads alone."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from click.testing import CliRunner  # noqa: E402
+
+from compressor import compress, load  # noqa: E402
+from compressor.cli import main  # noqa: E402
+from compressor.data import TensorLoader  # noqa: E402
+from compressor.errors import DataError, ModelError  # noqa: E402
+from compressor.hf_folders import load_model_folder, text_data  # noqa: E402
+
+WORDS = ("the cat dog sat on a mat and ran to house big small red blue tree under over quickly slowly "
+         "bird fish eats sleeps sees near far green old young").split()
+
+
+def sentences(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(4, 12, (1,), generator=g)),),
+                                                          generator=g)) for _ in range(n)]
+
+
+def word_tokenizer():
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def low_rank_(model, rank=6, seed=0):
+    """Give a random model's matrices low rank plus a little noise, as trained weights tend to have."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and min(p.shape) > rank:
+                a, b = torch.randn(p.shape[0], rank, generator=g), torch.randn(rank, p.shape[1], generator=g)
+                p.copy_((a @ b) / rank ** 0.5 * 0.1 + 0.002 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
+    low_rank_(transformers.BertModel(cfg)).eval().save_pretrained(d / "model")
+    word_tokenizer().save_pretrained(d / "model")
+    (d / "train.txt").write_text("\n".join(sentences(200)) + "\n")
+    return d
+
+
+def test_folder_reads_safetensors_and_refuses_pickles_and_remote_code(bert_folder, tmp_path):
+    model = load_model_folder(bert_folder / "model")
+    assert type(model).__name__ == "BertModel" and not model.training
+    with pytest.raises(ModelError, match="without config.json"):
+        load_model_folder(tmp_path)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((bert_folder / "model" / "config.json").read_text())
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="--trust-pickle"):
+        load_model_folder(pickled)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    cfg = json.loads((bert_folder / "model" / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "evil.Model"}}))
+    with pytest.raises(ModelError, match="never runs code"):
+        load_model_folder(remote)
+
+
+def test_text_data_is_tokenized_with_the_folder_tokenizer(bert_folder, tmp_path):
+    train, test = text_data(str(bert_folder / "train.txt"), bert_folder / "model", max_length=16)
+    assert train["input_ids"].shape[0] == 180 and test["input_ids"].shape[0] == 20
+    assert train["input_ids"].shape[1] <= 16 and set(train) == {"input_ids", "attention_mask"}
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(DataError, match="no non-empty line"):
+        text_data(str(empty), bert_folder / "model", max_length=16)
+
+
+def test_cli_folder_in_folder_out_and_load_alone(bert_folder, tmp_path):
+    out = tmp_path / "slim"
+    r = CliRunner().invoke(main, [str(bert_folder / "model"), "--data", str(bert_folder / "train.txt"),
+                                  "--target", "2x", "--epochs", "1", "--max-length", "16", "--batch-size", "32",
+                                  "-o", str(out), "--report-json", str(tmp_path / "report.json")])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.slim.safetensors", "tokenizer.json"}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ratio"] >= 2.0
+    slim = load(out)  # from the folder alone: no base model given
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    batch = tok(sentences(4, seed=9), padding=True, return_tensors="pt")
+    again = load(out)
+    with torch.no_grad():
+        a, b = slim(**batch).last_hidden_state, again(**batch).last_hidden_state
+    assert torch.equal(a, b) and a.shape[-1] == 64
+    inspect = CliRunner().invoke(main, ["inspect", str(out)])
+    assert inspect.exit_code == 0, inspect.stderr
+
+
+def test_cli_folder_bad_inputs(bert_folder, tmp_path):
+    r = CliRunner().invoke(main, [str(tmp_path), "--data", str(bert_folder / "train.txt"), "--target", "2x"])
+    assert r.exit_code == 2 and "without config.json" in r.stderr
+    r = CliRunner().invoke(main, [str(bert_folder / "model"), "--data", "digits", "--target", "2x"])
+    assert r.exit_code == 2 and "text" in r.stderr
+    r = CliRunner().invoke(main, [str(bert_folder / "model"), "--data", str(bert_folder / "train.txt"),
+                                  "--target", "2x", "-o", str(bert_folder / "model")])
+    assert r.exit_code == 2 and "input model folder" in r.stderr
