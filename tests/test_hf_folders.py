@@ -1,8 +1,7 @@
 """Hugging Face model folders in and out: tokenized text data, a compressed folder that loads alone."""
 
 import json
-import subprocess
-import sys
+import math
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from click.testing import CliRunner  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from compressor import compress, load  # noqa: E402
 from compressor.cli import main  # noqa: E402
@@ -116,3 +116,50 @@ def test_cli_folder_bad_inputs(bert_folder, tmp_path):
     r = CliRunner().invoke(main, [str(bert_folder / "model"), "--data", str(bert_folder / "train.txt"),
                                   "--target", "2x", "-o", str(bert_folder / "model")])
     assert r.exit_code == 2 and "input model folder" in r.stderr
+
+
+def tokenized_batches(tokenizer, n_batches, seed, labels=False):
+    texts = sentences(16 * n_batches, seed=seed)
+    out = []
+    for i in range(n_batches):
+        b = dict(tokenizer(texts[16 * i:16 * (i + 1)], padding=True, return_tensors="pt"))
+        if labels:
+            b["labels"] = b["input_ids"].clone()
+        out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal-lm"])
+def test_api_on_tiny_transformers_with_tokenizer_dicts(kind, tmp_path):
+    from compressor import save
+    from compressor.graph import count_state
+
+    torch.manual_seed(0)
+    tok = word_tokenizer()
+    if kind == "encoder":
+        cfg = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
+        model = low_rank_(transformers.BertModel(cfg)).eval()
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=len(WORDS) + 5, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       tie_word_embeddings=True, pad_token_id=0)
+        model = low_rank_(transformers.LlamaForCausalLM(cfg)).eval()
+    causal = kind == "causal-lm"
+    train = tokenized_batches(tok, 8, seed=0, labels=causal)
+    result = compress(model, train, target="2x", epochs=2, min_params=500)
+    assert result.report.source == "export"
+    assert 2.0 <= result.report.ratio <= 2.1  # 2.003 measured for both
+    path = save(result.model, tmp_path / "slim.safetensors")
+    if causal:  # the tied embedding/head: one set of cores, stored once
+        assert result.model.lm_head.source is result.model.model.embed_tokens
+    with safe_open(str(path), framework="pt") as f:
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert stored == count_state(result.model) == result.report.params
+    base = (transformers.LlamaForCausalLM if causal else transformers.BertModel)(cfg)
+    back = load(path, base=base).eval()
+    batch = tokenized_batches(tok, 1, seed=5)[0]
+    with torch.no_grad():
+        a, b = result.model.eval()(**batch), back(**batch)
+    key = "logits" if causal else "last_hidden_state"
+    assert float((a[key] - b[key]).abs().max()) <= 1e-5
