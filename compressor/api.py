@@ -69,6 +69,9 @@ class Report:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     param_ratio: float | None = None
     resumed_from: int | None = None  # the step a resumed run continued from
+    # How the gated layers started: "faithful" (from the weights, within "error") or "ladder",
+    # the start ratio, and the layers that could not start faithfully within their dense size.
+    start: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,7 +167,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
     the_plan = graph.plan(module, config, example=example)
     _check_reachable(the_plan, config)
-    selector.prepare(the_plan, module, config)
+    start = selector.prepare(the_plan, module, config)
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
     applied = graph.apply(module, the_plan, config, make_gate=selector.gate_factory(config))
@@ -188,8 +191,17 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                     [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
                     dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
                     history.ratio_before_force, history.epochs, count_params(module) / count_params(slim),
-                    history.resumed_from)
+                    history.resumed_from, _start_summary(start))
     return CompressResult(slim, report, history)
+
+
+def _start_summary(start: Any) -> dict[str, Any] | None:
+    """How the gated layers started (see ``selectors.faithful_start``), for the report."""
+    if start is None:
+        return None
+    return {"chosen": start.chosen, "ratio": start.ratio, "error": start.used_eps, "gates_idle": start.gates_idle,
+            "unfaithful": [{"name": s.name, "error": s.error, "params": s.params, "dense": s.dense}
+                           for s in start.unfaithful]}
 
 
 def _resume_state(config: CompressConfig, state_file: str | Path | None, resume: bool) -> dict[str, Any] | None:

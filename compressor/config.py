@@ -13,11 +13,12 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from .errors import ConfigError, TargetError
-from .selectors import DEFAULT_SELECTOR, RankSelector
+from .selectors import DEFAULT_SELECTOR, START_ERROR, RankSelector
 from .tensornet import DECOMPS
 
 PENALTIES = ("params", "count")
 DISTILL_LOSSES = ("auto", "kl", "mse")
+STARTS = ("auto", "faithful", "ladder")
 
 
 def parse_target(target: Any) -> float:
@@ -111,9 +112,17 @@ class CompressConfig:
     decomp: str = field(default="tr", metadata={
         "help": "tr (tensor ring) or tt (tensor train)", "choices": DECOMPS, "label": "decomposition"})
     rank: int | None = field(default=None, metadata={
-        "help": "generous initial rank; the gates learn how much of it to keep (default: the smallest of "
-                "16..64 whose model is at most half the target ratio, so the gates have room to choose)",
+        "help": "initial rank of every bond; the gates learn how much of it to keep (default: chosen from "
+                "the weights, see --start)",
         "check": positive_int})
+    start: str = field(default="auto", metadata={
+        "help": "how gated selectors start: faithful (each layer's layout and ranks chosen from its weights "
+                "to reproduce them within --start-error, no layer larger than dense), ladder (one generous "
+                "rank of 16..64), or auto (faithful when every layer can start faithfully, else ladder)",
+        "choices": STARTS})
+    start_error: float = field(default=START_ERROR, metadata={
+        "help": "relative error (Frobenius) each layer's starting factorization may have", "check": unit_fraction,
+        "label": "start error"})
     sigma: float = field(default=0.5, metadata={
         "help": "gate noise std (0.5 works best in the IJCAI 2024 paper)", "check": positive})
     lam: float | None = field(default=None, metadata={

@@ -164,6 +164,97 @@ def param_count(modes: Sequence[int], ranks: Sequence[int]) -> int:
     return sum(a * b * c for a, b, c in core_shapes(modes, ranks))
 
 
+# --------------------------------------------------------------------------- truncation
+#: Squared singular values below this share of ||W||^2 count as zero (float32 round-off).
+NUMERICAL_ZERO = 1e-12
+
+
+def squared_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """sigma_i^2 of ``matrix`` in float64, largest first.
+
+    Eigenvalues of the Gram matrix on the shorter side: the same values to ~1e-14 of the
+    largest (all a truncation bound needs) and several times faster than an SVD, most of
+    all for the long thin unfoldings of a tensorized weight.
+    """
+    m = matrix.detach().to("cpu", torch.float64)
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+
+
+def clip_tt_ranks(modes: Sequence[int], inner: Sequence[int]) -> list[int]:
+    """TT bond sizes with each bond at most (left bond x mode): TT-SVD can never fill more,
+    so the result is the same tensor without zero slices. Closing bond 1 appended."""
+    out, prev = [], 1
+    for k, r in enumerate(inner):
+        prev = max(1, min(int(r), prev * int(modes[k])))
+        out.append(prev)
+    return out + [1]
+
+
+class TruncationPath:
+    """TT-SVD bond sizes from numerically full down to 1, one slice at a time.
+
+    ``spectra[k]`` holds the squared singular values of unfolding k (modes[:k+1] x rest)
+    relative to ||W||^2. TT-SVD at ranks r has a squared relative error of at most the sum
+    over bonds of the energy beyond r_k (Oseledets 2011, Thm 2.2), so each step drops the
+    slice losing the least energy per parameter saved. Step i's state is a prefix of one
+    fixed order: any error budget or size cap is then a lookup (:meth:`within_error`,
+    :meth:`within_size`), however often a caller asks.
+    """
+
+    def __init__(self, modes: Sequence[int], spectra: Sequence[torch.Tensor]):
+        self.modes = tuple(int(m) for m in modes)
+        spectra = [s.detach().double().tolist() for s in spectra]  # indexed one value at a time below
+        tails = [np.cumsum(s[::-1])[::-1].tolist() + [0.0] for s in spectra]
+        start = [max(1, sum(v > NUMERICAL_ZERO for v in s)) for s in spectra]
+        self.start = start
+        lost = sum(t[r] for t, r in zip(tails, start))
+        ranks, removed = list(start), []
+        losses, sizes = [lost], [param_count(self.modes, clip_tt_ranks(self.modes, ranks))]
+        while True:
+            k = self._cheapest(ranks, spectra)
+            if k is None:
+                break
+            ranks[k] -= 1
+            lost = sum(t[r] for t, r in zip(tails, ranks))
+            removed.append(k)
+            losses.append(lost)
+            sizes.append(param_count(self.modes, clip_tt_ranks(self.modes, ranks)))
+        self.removed = np.asarray(removed, dtype=np.int64)
+        self.lost = np.maximum.accumulate(np.asarray(losses))  # guard against round-off dips
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+
+    def _cheapest(self, ranks: list[int], spectra: list[list[float]]) -> int | None:
+        best, best_score = None, math.inf
+        for k, r in enumerate(ranks):
+            if r <= 1:
+                continue
+            left = ranks[k - 1] if k > 0 else 1
+            right = ranks[k + 1] if k + 1 < len(ranks) else 1
+            score = spectra[k][r - 1] / (left * self.modes[k] + self.modes[k + 1] * right)
+            if score < best_score:
+                best, best_score = k, score
+        return best
+
+    def ranks(self, step: int) -> list[int]:
+        """Bond sizes (closing bond 1 included) after ``step`` removals."""
+        dropped = np.bincount(self.removed[:step], minlength=len(self.start))
+        return clip_tt_ranks(self.modes, [r - int(d) for r, d in zip(self.start, dropped)])
+
+    def error(self, step: int) -> float:
+        """Relative Frobenius error bound of TT-SVD after ``step`` removals."""
+        return math.sqrt(max(float(self.lost[step]), 0.0))
+
+    def within_error(self, eps: float) -> int:
+        """The last step (fewest parameters) whose error bound is at most ``eps``; 0 if none is."""
+        return max(0, int(np.searchsorted(self.lost, eps * eps, side="right")) - 1)
+
+    def within_size(self, size: int) -> int | None:
+        """The first step (smallest error) with at most ``size`` parameters, or None."""
+        hits = np.nonzero(self.sizes <= size)[0]
+        return int(hits[0]) if hits.size else None
+
+
 # --------------------------------------------------------------------------- decompositions
 def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
     """Truncated TT-SVD (tensorly's ``tensor_train``), computed in float64 on numpy.

@@ -98,7 +98,8 @@ def test_a_new_selector_registers_itself_and_is_accepted_by_the_config(trained_d
         def prepare(self, the_plan, module, config):
             super().prepare(the_plan, module, config)
             for lp in the_plan.layers:
-                lp.rank = max(1, lp.rank // 2)
+                lp.rank = ([max(1, r // 2) for r in lp.rank] if isinstance(lp.rank, list)
+                           else max(1, lp.rank // 2))  # a faithful start's bonds, or one ladder rank
 
     try:
         assert "test-half" in selector_names()

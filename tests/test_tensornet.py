@@ -102,3 +102,62 @@ def test_errors_share_one_base_and_are_one_line():
         assert issubclass(exc, CompressorError)
     e = TensorizationError("two\nlines")
     assert "\n" not in str(e)
+
+
+# --------------------------------------------------------------------------- truncation paths
+def _decaying_tensor(modes, seed, rate=3.0):
+    """A tensor whose unfoldings all have decaying spectra (a random TT with scaled slices)."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = [1] + [min(math.prod(modes[: k + 1]), math.prod(modes[k + 1:])) for k in range(len(modes) - 1)] + [1]
+    cores = []
+    for k, n in enumerate(modes):
+        c = torch.randn(ranks[k], n, ranks[k + 1], generator=g, dtype=torch.float64)
+        cores.append(c * torch.exp(-torch.arange(ranks[k + 1], dtype=torch.float64) / rate))
+    return tn.contract(cores)
+
+
+def _spectra(w, modes):
+    total = float((w ** 2).sum())
+    return [tn.squared_singular_values(w.reshape(math.prod(modes[: k + 1]), -1)) / total
+            for k in range(len(modes) - 1)]
+
+
+def test_squared_singular_values_equal_the_svd_on_either_side():
+    torch.manual_seed(5)
+    for shape in ((7, 300), (300, 7), (40, 40)):
+        m = torch.randn(shape, dtype=torch.float64)
+        assert torch.allclose(tn.squared_singular_values(m), torch.linalg.svdvals(m) ** 2, atol=1e-9)
+
+
+def test_clip_tt_ranks_caps_each_bond_by_what_its_left_side_can_fill():
+    assert tn.clip_tt_ranks((4, 8, 8, 4), [9, 40, 3]) == [4, 32, 3, 1]
+    assert tn.clip_tt_ranks((2, 3), [0]) == [1, 1]
+
+
+@pytest.mark.parametrize("modes", [(6, 8, 5, 7), (30, 40), (4, 4, 4, 4, 4)])
+def test_truncation_path_bound_holds_for_tt_svd_and_sizes_fall(modes):
+    w = _decaying_tensor(modes, seed=len(modes))
+    path = tn.TruncationPath(modes, _spectra(w, modes))
+    assert np.all(np.diff(path.sizes) <= 0) and np.all(np.diff(path.lost) >= 0)
+    assert path.ranks(len(path.removed)) == [1] * (len(modes) - 1) + [1]
+    for eps in (1e-4, 0.01, 0.05, 0.2):
+        step = path.within_error(eps)
+        ranks = path.ranks(step)
+        actual = _rel(tn.contract(tn.decompose(w, "tt", ranks)), w)
+        assert path.error(step) <= eps and actual <= path.error(step) + 1e-9
+        assert path.sizes[step] == tn.param_count(modes, ranks)
+        if step + 1 < len(path.sizes):
+            assert path.error(step + 1) > eps  # the last step within the budget
+    cap = int(path.sizes[0]) // 3
+    step = path.within_size(cap)
+    assert path.sizes[step] <= cap < path.sizes[step - 1]
+    assert path.within_size(0) is None
+
+
+def test_truncation_path_finds_the_exact_rank_of_a_low_rank_matrix():
+    torch.manual_seed(6)
+    w = torch.randn(60, 4, dtype=torch.float64) @ torch.randn(4, 50, dtype=torch.float64)
+    path = tn.TruncationPath((60, 50), _spectra(w, (60, 50)))
+    assert path.start == [4]  # numerically zero values are not counted as rank
+    step = path.within_error(1e-8)
+    assert path.ranks(step) == [4, 1] and path.sizes[step] == 4 * 110
