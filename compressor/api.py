@@ -175,6 +175,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     initial = {name: layer.ranks for name, layer in tn_layers(applied.model).items()}
     use_teacher = teacher if (not has_labels or config.distill > 0) else None
     evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
+    start_acc = evaluate_fn(applied.model) if evaluate_fn is not None and saved is None else None  # step 0
     slim, history = finetune(applied.model, use_teacher, loader, config, the_plan.dense_params, callback,
                              evaluate_fn, applied.keep_factorized, state_file, saved)
 
@@ -191,15 +192,17 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                     [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
                     dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
                     history.ratio_before_force, history.epochs, count_params(module) / count_params(slim),
-                    history.resumed_from, _start_summary(start))
+                    history.resumed_from, _start_summary(start, start_acc))
     return CompressResult(slim, report, history)
 
 
-def _start_summary(start: Any) -> dict[str, Any] | None:
-    """How the gated layers started (see ``selectors.faithful_start``), for the report."""
+def _start_summary(start: Any, accuracy: float | None) -> dict[str, Any] | None:
+    """How the factorized model started (see ``selectors.faithful_start``), for the report:
+    its accuracy at step 0 (before any training) says how faithful the start was."""
     if start is None:
-        return None
+        return {"accuracy": accuracy} if accuracy is not None else None
     return {"chosen": start.chosen, "ratio": start.ratio, "error": start.used_eps, "gates_idle": start.gates_idle,
+            "accuracy": accuracy,
             "unfaithful": [{"name": s.name, "error": s.error, "params": s.params, "dense": s.dense}
                            for s in start.unfaithful]}
 

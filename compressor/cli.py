@@ -314,6 +314,12 @@ def _print_summary(rep, written: list[Path]) -> None:
     if rep.accuracy is not None:
         out_console.print(f"test accuracy: dense {100 * rep.dense_accuracy:.2f}% → compressed {100 * rep.accuracy:.2f}%"
                           f" ({100 * (rep.accuracy - rep.dense_accuracy):+.2f} points)")
+    start = rep.start or {}
+    if start.get("accuracy") is not None:
+        how = (f"each layer within {start['error']:.3g} of its weights" if start.get("chosen") == "faithful" else
+               "the generous ladder (no faithful start within dense size)" if start.get("chosen") == "ladder" else "")
+        out_console.print(f"step 0, before training: accuracy {100 * start['accuracy']:.2f}%"
+                          + (f" ({start['ratio']:.2f}x, {how})" if how else ""))
     out_console.print(f"ratio {rep.ratio:.2f}x on disk (target {rep.target:g}x; parameters alone "
                       f"{rep.param_ratio:.2f}x) in {rep.seconds:.0f} s"
                       + (" — the controller closed extra slices to meet the target" if rep.forced else ""))

@@ -233,3 +233,16 @@ def test_auto_falls_back_to_the_ladder_when_a_layer_cannot_start_faithfully():
     get_selector("l0").prepare(ladder, model, CompressConfig(target=2, start="ladder"))
     assert [(lp.tensorization, lp.rank) for lp in the_plan.layers] == [(lp.tensorization, lp.rank) for lp in ladder.layers]
     assert isinstance(the_plan.layers[0].rank, int)  # one ladder rank, not a bond list from the weights
+
+
+def test_the_report_says_how_the_run_started(trained_digits_net, digits_loaders):
+    from compressor import compress, evaluate
+
+    train, test = digits_loaders
+    ladder = compress(trained_digits_net, train, target="6x", epochs=1, eval_loader=test)
+    assert ladder.report.start["chosen"] == "ladder" and ladder.report.start["unfaithful"]  # fc1 is noise-dominated
+    faithful = compress(trained_digits_net, train, target="6x", epochs=1, eval_loader=test, start="faithful")
+    start = faithful.report.start
+    assert start["chosen"] == "faithful" and start["ratio"] < 6
+    dense = evaluate(trained_digits_net, test)
+    assert abs(start["accuracy"] - dense) <= 0.01  # within a point of the dense model before any training
