@@ -464,6 +464,9 @@ def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | No
              batch_size: int) -> None:
     """Accuracy of CHECKPOINT on the test split of DATA, and fidelity to the original model."""
     try:
+        if checkpoint.is_dir():
+            raise ModelError(f"{checkpoint} is a model folder: compress eval does not read those yet; "
+                             "load it from Python with compressor.load(folder)")
         meta = read_metadata(checkpoint)
         if base is not None:
             original = load_model(base, arch=arch, trust_pickle=trust_pickle)

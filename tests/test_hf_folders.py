@@ -106,6 +106,9 @@ def test_cli_folder_in_folder_out_and_load_alone(bert_folder, tmp_path):
     assert torch.equal(a, b) and a.shape[-1] == 64
     inspect = CliRunner().invoke(main, ["inspect", str(out)])
     assert inspect.exit_code == 0, inspect.stderr
+    assert f"{report['params']:,} parameters" in " ".join(inspect.output.split())
+    evaluated = CliRunner().invoke(main, ["eval", str(out), "--data", str(bert_folder / "train.txt")])
+    assert evaluated.exit_code == 2 and "does not read those yet" in evaluated.stderr
 
 
 def test_cli_folder_bad_inputs(bert_folder, tmp_path):
