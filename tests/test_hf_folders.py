@@ -14,7 +14,6 @@ from safetensors import safe_open  # noqa: E402
 
 from compressor import compress, load  # noqa: E402
 from compressor.cli import main  # noqa: E402
-from compressor.data import TensorLoader  # noqa: E402
 from compressor.errors import DataError, ModelError  # noqa: E402
 from compressor.hf_folders import load_model_folder, text_data  # noqa: E402
 

@@ -13,7 +13,7 @@ from compressor.controller import SizeMeter, TargetController
 from compressor.data import TensorLoader
 from compressor.errors import DataError
 from compressor.gates import BernoulliGate
-from compressor.graph import apply, count_params, plan, tn_layers
+from compressor.graph import apply, count_params, plan
 from compressor.layers import TNEmbedding, TNLinear
 from compressor.selectors import get_selector
 
