@@ -40,6 +40,8 @@ from .files import read_safetensors, stale_temporaries, staged_outputs
 from .resume import RunInterrupted
 
 err_console = Console(stderr=True)
+#: A delivered ratio above this multiple of the target is pointed out in the summary.
+OVERSHOOT = 1.05
 
 # torch.export programs warn about a pytree API change when copied; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -322,7 +324,9 @@ def _print_summary(rep, written: list[Path]) -> None:
                           + (f" ({start['ratio']:.2f}x, {how})" if how else ""))
     out_console.print(f"ratio {rep.ratio:.2f}x on disk (target {rep.target:g}x; parameters alone "
                       f"{rep.param_ratio:.2f}x) in {rep.seconds:.0f} s"
-                      + (" — the controller closed extra slices to meet the target" if rep.forced else ""))
+                      + (" — the controller closed extra slices to meet the target" if rep.forced else "")
+                      + (" — more than 5 % past the target: the slices that closed last were large"
+                         if rep.ratio > OVERSHOOT * rep.target else ""))
     for w in written:
         out_console.print(f"wrote {w} ({w.stat().st_size:,} bytes)")
 

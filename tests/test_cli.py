@@ -334,3 +334,21 @@ def test_console_script_runs_as_subprocess(files):
     r = subprocess.run([sys.executable, "-m", "compressor.cli", "inspect", str(files / "random.pt")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_summary_points_out_a_ratio_far_past_the_target(monkeypatch, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from compressor import cli
+    from compressor.api import Report
+
+    shown = io.StringIO()
+    monkeypatch.setattr(cli, "out_console", Console(file=shown, width=300))
+    rep = Report("tr", 2.0, "module", 1000, 400, 2.5, param_ratio=2.5)
+    cli._print_summary(rep, [])
+    assert "more than 5 % past the target" in shown.getvalue()
+    shown.truncate(0)
+    cli._print_summary(Report("tr", 2.0, "module", 1000, 490, 1000 / 490, param_ratio=2.0), [])
+    assert "past the target" not in shown.getvalue() and "ratio 2.04x" in shown.getvalue()
