@@ -34,12 +34,14 @@ from .model_files import import_arch, load_model
 from .plot import check_available, plot_run
 from .config import CompressConfig
 from .errors import CheckpointError, CompressorError, DataError, ModelError, first_line
-from .hf_folders import (SLIM_CHECKPOINT, folder_copies, is_model_folder, load_model_folder, slim_checkpoint_in,
-                         text_data)
+from .hf_folders import (SLIM_CHECKPOINT, folder_copies, folder_fidelity, is_model_folder, load_model_folder,
+                         slim_checkpoint_in, text_data)
 from .files import read_safetensors, stale_temporaries, staged_outputs
 from .resume import RunInterrupted
 
 err_console = Console(stderr=True)
+#: Tokens per example when `compress eval` reads text for a model folder.
+EVAL_MAX_LENGTH = 128
 #: A delivered ratio above this multiple of the target is pointed out in the summary.
 OVERSHOOT = 1.05
 
@@ -457,9 +459,10 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
 # ------------------------------------------------------------------ eval
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--data", "data_spec", required=True, help="fashion-mnist[:DIR], digits, or a .safetensors file")
+@click.option("--data", "data_spec", required=True,
+              help="fashion-mnist[:DIR], digits, or a .safetensors file; for a model folder, a text file")
 @click.option("--base", type=click.Path(path_type=Path), default=None,
-              help="the original model file (to rebuild the architecture and compare outputs)")
+              help="the original model file or folder (to rebuild the architecture and compare outputs)")
 @click.option("--arch", default=None, help="package.module:factory (when --base is a state dict, or no --base)")
 @click.option("--trust-pickle", is_flag=True,
               help="allow --base to be a pickled module or a .pt2 with pickled parts (runs code from the file!)")
@@ -467,10 +470,9 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
 def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | None, trust_pickle: bool,
              batch_size: int) -> None:
     """Accuracy of CHECKPOINT on the test split of DATA, and fidelity to the original model."""
+    if checkpoint.is_dir():
+        return _eval_folder(checkpoint, data_spec, base, trust_pickle, batch_size)
     try:
-        if checkpoint.is_dir():
-            raise ModelError(f"{checkpoint} is a model folder: compress eval does not read those yet; "
-                             "load it from Python with compressor.load(folder)")
         meta = read_metadata(checkpoint)
         if base is not None:
             original = load_model(base, arch=arch, trust_pickle=trust_pickle)
@@ -509,6 +511,21 @@ def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | No
         _fail(exc)
     t = Table(title=f"{checkpoint} on {data_spec} ({x.shape[0]:,} samples, {time.perf_counter() - t0:.1f} s)",
               title_justify="left")
+    t.add_column("metric")
+    t.add_column("value")
+    for r in rows:
+        t.add_row(*r)
+    out_console.print(t)
+
+
+def _eval_folder(folder: Path, text: str, base: Path | None, trust_pickle: bool, batch_size: int) -> None:
+    """A compressed model folder on text: perplexity (causal LMs) and fidelity to --base."""
+    try:
+        t0 = time.perf_counter()
+        n, rows = folder_fidelity(folder, text, base, EVAL_MAX_LENGTH, min(batch_size, 64), trust_pickle)
+    except CompressorError as exc:
+        _fail(exc)
+    t = Table(title=f"{folder} on {text} ({n:,} examples, {time.perf_counter() - t0:.1f} s)", title_justify="left")
     t.add_column("metric")
     t.add_column("value")
     for r in rows:

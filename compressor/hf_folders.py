@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .batches import predicts_next_token
 from .errors import CheckpointError, DataError, ModelError, first_line
 
 HF_HINT = 'install the Hugging Face extra: pip install "compressor[hf]"'
@@ -189,3 +190,57 @@ def load(path: str | os.PathLike, base: Any = None, trust_pickle: bool = False) 
         raise CheckpointError("a slim checkpoint file needs base= (the original model, a factory or a .pt2 path); "
                               "only a compressed model folder rebuilds from its config alone")
     return checkpoint.load(path, base=base, trust_pickle=trust_pickle)
+
+
+def _batches(inputs: dict[str, torch.Tensor], batch_size: int):
+    n = inputs["input_ids"].shape[0]
+    for start in range(0, n, batch_size):
+        yield {k: v[start:start + batch_size] for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, inputs: dict[str, torch.Tensor], batch_size: int = 16) -> float:
+    """exp(mean negative log-likelihood of each next real token) of a causal LM on ``inputs``."""
+    nll, count = 0.0, 0
+    for batch in _batches(inputs, batch_size):
+        logits = model(**batch).logits[:, :-1]
+        target = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                       target.reshape(-1), ignore_index=-100, reduction="sum"))
+        count += int((target != -100).sum())
+    if count == 0:
+        raise DataError("the text has no token to predict (every example is one token long)")
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+@torch.no_grad()
+def mean_cosine(model: nn.Module, reference: nn.Module, inputs: dict[str, torch.Tensor], batch_size: int = 16) -> float:
+    """Mean cosine between two models' mean-pooled last hidden states (sentence embeddings)."""
+    total, n = 0.0, 0
+    for batch in _batches(inputs, batch_size):
+        mask = batch["attention_mask"][..., None].float()
+        a, b = (m(**batch, output_hidden_states=True).hidden_states[-1] for m in (model, reference))
+        pooled = [(h * mask).sum(1) / mask.sum(1).clamp(min=1) for h in (a, b)]
+        total += float(torch.nn.functional.cosine_similarity(*pooled, dim=-1).sum())
+        n += a.shape[0]
+    return total / n
+
+
+def folder_fidelity(folder: str | os.PathLike, text: str, base: str | os.PathLike | None, max_length: int,
+                    batch_size: int, trust_pickle: bool = False) -> tuple[int, list[tuple[str, str]]]:
+    """(examples, metric rows) of a compressed folder on ``text``: perplexity for a causal LM,
+    and against the original folder (``base``) its perplexity or the embeddings' cosine."""
+    slim = load_slim_folder(folder)
+    inputs = tokenize(read_texts(text), load_tokenizer(folder), max_length)
+    original = load_model_folder(base, trust_pickle) if base is not None else None
+    rows = []
+    if predicts_next_token(slim):
+        rows.append(("perplexity (compressed)", f"{perplexity(slim, inputs, batch_size):.3f}"))
+        if original is not None:
+            rows.append(("perplexity (original)", f"{perplexity(original, inputs, batch_size):.3f}"))
+    if original is not None:
+        rows.append(("mean cosine of sentence embeddings with original",
+                     f"{mean_cosine(slim, original, inputs, batch_size):.4f}"))
+    if not rows:
+        raise ModelError("nothing to measure: give --base ORIGINAL_FOLDER to compare a model that is not a causal LM")
+    return inputs["input_ids"].shape[0], rows

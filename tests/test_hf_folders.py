@@ -15,7 +15,7 @@ from safetensors import safe_open  # noqa: E402
 from compressor import compress, load  # noqa: E402
 from compressor.cli import main  # noqa: E402
 from compressor.errors import DataError, ModelError  # noqa: E402
-from compressor.hf_folders import load_model_folder, text_data  # noqa: E402
+from compressor.hf_folders import load_model_folder, mean_cosine, perplexity, text_data  # noqa: E402
 
 WORDS = ("the cat dog sat on a mat and ran to house big small red blue tree under over quickly slowly "
          "bird fish eats sleeps sees near far green old young").split()
@@ -107,7 +107,16 @@ def test_cli_folder_in_folder_out_and_load_alone(bert_folder, tmp_path):
     assert inspect.exit_code == 0, inspect.stderr
     assert f"{report['params']:,} parameters" in " ".join(inspect.output.split())
     evaluated = CliRunner().invoke(main, ["eval", str(out), "--data", str(bert_folder / "train.txt")])
-    assert evaluated.exit_code == 2 and "does not read those yet" in evaluated.stderr
+    assert evaluated.exit_code == 2 and "--base" in evaluated.stderr  # an encoder: nothing to measure alone
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(sentences(12, seed=7)))
+    evaluated = CliRunner().invoke(main, ["eval", str(out), "--data", str(held_out), "--base", str(bert_folder / "model")],
+                                   env={"COLUMNS": "200"})
+    assert evaluated.exit_code == 0, evaluated.stderr
+    cosine = float(" ".join(evaluated.output.split()).split("with original")[1].split()[1])
+    original = load_model_folder(bert_folder / "model")
+    inputs = tok(sentences(12, seed=7), padding=True, truncation=True, max_length=128, return_tensors="pt")
+    assert cosine == pytest.approx(mean_cosine(slim, original, dict(inputs)), abs=1e-4) and 0.5 < cosine <= 1.0
 
 
 def test_cli_folder_bad_inputs(bert_folder, tmp_path):
@@ -165,3 +174,15 @@ def test_api_on_tiny_transformers_with_tokenizer_dicts(kind, tmp_path):
         a, b = result.model.eval()(**batch), back(**batch)
     key = "logits" if causal else "last_hidden_state"
     assert float((a[key] - b[key]).abs().max()) <= 1e-5
+
+
+def test_perplexity_is_the_models_own_loss(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 40, (3, 8))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        loss = model(**inputs, labels=ids).loss
+    assert perplexity(model, inputs) == pytest.approx(float(torch.exp(loss)), rel=1e-5)
