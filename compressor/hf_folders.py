@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .batches import predicts_next_token
+from .batches import forward, predicts_next_token
+from .data import TensorLoader
 from .errors import CheckpointError, DataError, ModelError, first_line
+from .losses import count_correct, label_loss
 
 HF_HINT = 'install the Hugging Face extra: pip install "compressor[hf]"'
 #: The slim checkpoint inside a compressed model folder.
@@ -192,22 +194,19 @@ def load(path: str | os.PathLike, base: Any = None, trust_pickle: bool = False) 
     return checkpoint.load(path, base=base, trust_pickle=trust_pickle)
 
 
-def _batches(inputs: dict[str, torch.Tensor], batch_size: int):
-    n = inputs["input_ids"].shape[0]
-    for start in range(0, n, batch_size):
-        yield {k: v[start:start + batch_size] for k, v in inputs.items()}
-
-
 @torch.no_grad()
 def perplexity(model: nn.Module, inputs: dict[str, torch.Tensor], batch_size: int = 16) -> float:
-    """exp(mean negative log-likelihood of each next real token) of a causal LM on ``inputs``."""
+    """exp(mean negative log-likelihood of each next real token) of a causal LM on ``inputs``.
+
+    The shift and the padding mask are the training loss's own (``losses.label_loss``), so
+    the figure is what fine-tuning with these labels would minimise.
+    """
     nll, count = 0.0, 0
-    for batch in _batches(inputs, batch_size):
-        logits = model(**batch).logits[:, :-1]
-        target = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                       target.reshape(-1), ignore_index=-100, reduction="sum"))
-        count += int((target != -100).sum())
+    for batch in TensorLoader(inputs, None, batch_size):
+        ran = forward(model, {**batch, "labels": batch["input_ids"]})
+        tokens = count_correct(ran)[1]
+        nll += float(label_loss(ran)) * tokens
+        count += tokens
     if count == 0:
         raise DataError("the text has no token to predict (every example is one token long)")
     return float(torch.exp(torch.tensor(nll / count)))
@@ -217,7 +216,7 @@ def perplexity(model: nn.Module, inputs: dict[str, torch.Tensor], batch_size: in
 def mean_cosine(model: nn.Module, reference: nn.Module, inputs: dict[str, torch.Tensor], batch_size: int = 16) -> float:
     """Mean cosine between two models' mean-pooled last hidden states (sentence embeddings)."""
     total, n = 0.0, 0
-    for batch in _batches(inputs, batch_size):
+    for batch in TensorLoader(inputs, None, batch_size):
         mask = batch["attention_mask"][..., None].float()
         a, b = (m(**batch, output_hidden_states=True).hidden_states[-1] for m in (model, reference))
         pooled = [(h * mask).sum(1) / mask.sum(1).clamp(min=1) for h in (a, b)]
