@@ -509,8 +509,11 @@ def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | No
             rows.append(("max |logit difference|", f"{worst:.4f}"))
     except CompressorError as exc:
         _fail(exc)
-    t = Table(title=f"{checkpoint} on {data_spec} ({x.shape[0]:,} samples, {time.perf_counter() - t0:.1f} s)",
-              title_justify="left")
+    _print_metrics(f"{checkpoint} on {data_spec} ({x.shape[0]:,} samples, {time.perf_counter() - t0:.1f} s)", rows)
+
+
+def _print_metrics(title: str, rows: list[tuple[str, str]]) -> None:
+    t = Table(title=title, title_justify="left")
     t.add_column("metric")
     t.add_column("value")
     for r in rows:
@@ -525,12 +528,7 @@ def _eval_folder(folder: Path, text: str, base: Path | None, trust_pickle: bool,
         n, rows = folder_fidelity(folder, text, base, EVAL_MAX_LENGTH, min(batch_size, 64), trust_pickle)
     except CompressorError as exc:
         _fail(exc)
-    t = Table(title=f"{folder} on {text} ({n:,} examples, {time.perf_counter() - t0:.1f} s)", title_justify="left")
-    t.add_column("metric")
-    t.add_column("value")
-    for r in rows:
-        t.add_row(*r)
-    out_console.print(t)
+    _print_metrics(f"{folder} on {text} ({n:,} examples, {time.perf_counter() - t0:.1f} s)", rows)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -159,16 +159,8 @@ def start(args, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(path, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
-def wait_for_new_state(path, before, proc, timeout=120):
-    """Until ``path`` exists with another modification time than ``before`` (a step was saved)."""
+def wait_for(path, proc, before=None, timeout=120):
+    """Until ``path`` exists (with another modification time than ``before``: a step was saved)."""
     deadline = time.monotonic() + timeout
     while not (path.exists() and path.stat().st_mtime_ns != before):
         assert proc.poll() is None, proc.communicate()
@@ -223,7 +215,7 @@ def test_kill_9_leaves_no_partial_output(model_file, cli_reference, tmp_path):
     for attempt in range(3):
         before = state.stat().st_mtime_ns if state.exists() else None
         proc = start(args + (["--resume"] if before is not None else []), tmp_path)
-        wait_for_new_state(state, before, proc)  # training is under way ...
+        wait_for(state, proc, before)  # training is under way ...
         time.sleep(rng.uniform(0.0, 0.03))  # ... and the kill lands at some moment of a step or a write
         proc.kill()
         proc.communicate()
