@@ -46,10 +46,11 @@ def dense_model():
     return m
 
 
-def gated_model(dense, selector=DEFAULT_SELECTOR, target=20.0):
-    config = CompressConfig(target=target, decomp="tr", rank_select=selector)
+def gated_model(dense, selector=DEFAULT_SELECTOR, target=20.0, example=None, **options):
+    """``dense`` factorized and gated as ``compress`` starts it (``options``: more config fields)."""
+    config = CompressConfig(target=target, decomp="tr", rank_select=selector, **options)
     chosen = get_selector(selector)
-    the_plan = plan(dense, config)
+    the_plan = plan(dense, config, example=example)
     chosen.prepare(the_plan, dense, config)
     return apply(dense, the_plan, config, make_gate=chosen.gate_factory(config)).model
 
@@ -76,11 +77,11 @@ def train_step(model, opt, x, y):
     opt.step()
 
 
-def interleaved(fns: dict, repeats: int, inner: int) -> dict:
+def interleaved(fns: dict, repeats: int, inner: int, warmup: int = 3) -> dict:
     """Median seconds per call of each fn, measured in alternation."""
     times = {k: [] for k in fns}
     for f in fns.values():
-        for _ in range(3):
+        for _ in range(warmup):
             f()
     for _ in range(repeats):
         for k, f in fns.items():

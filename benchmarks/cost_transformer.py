@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,10 +33,10 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from compressor.config import CompressConfig  # noqa: E402
-from compressor.graph import apply, count_state, plan, set_training, tn_layers  # noqa: E402
+from compressor.graph import count_state, set_training, tn_layers  # noqa: E402
 from compressor.layers import TNLinear  # noqa: E402
-from compressor.selectors import get_selector  # noqa: E402
+
+from cost import gated_model, interleaved, ungated  # noqa: E402  (the LeNet-5 cost script's helpers)
 
 
 def encoder(vocab=30522, width=384, layers=2):
@@ -62,23 +60,6 @@ def encoder(vocab=30522, width=384, layers=2):
     return model
 
 
-def gated(model, batch, start, target=2.0):
-    config = CompressConfig(target=target, decomp="tr", start=start, rank=64 if start == "ladder" else None)
-    the_plan = plan(model, config, example=batch)
-    selector = get_selector("l0")
-    selector.prepare(the_plan, model, config)
-    return apply(model, the_plan, config, make_gate=selector.gate_factory(config)).model
-
-
-def ungated(model):
-    import copy
-
-    m = copy.deepcopy(model)
-    for layer in tn_layers(m).values():
-        layer.gates = None
-    return m
-
-
 def path_kind(layer: TNLinear, tokens: int) -> str:
     shapes = [(tokens,) + layer.in_modes] + [tuple(c.shape) for c in layer.cores]
     first = layer._einsum.path(shapes)[0]
@@ -96,18 +77,6 @@ def step_fn(model, teacher_out, batch):
     return step
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
@@ -120,11 +89,11 @@ def main() -> None:
     tokens = 32 * 64
     result = {"batch": [32, 64], "dense_params": count_state(dense), "starts": {}}
     for start in ("faithful", "ladder"):
-        g = gated(dense, batch, start)
+        g = gated_model(dense, "l0", 2.0, example=batch, start=start, rank=64 if start == "ladder" else None)
         models = {"dense": dense, "tr": ungated(g), "gated_tr": g}
         for m in models.values():
             set_training(m, True)
-        t = interleaved({k: step_fn(m, teacher_out, batch) for k, m in models.items()}, args.repeats)
+        t = interleaved({k: step_fn(m, teacher_out, batch) for k, m in models.items()}, args.repeats, 1, warmup=1)
         layers = {n: {"ranks": l.ranks, "modes": list(l.modes), "path": path_kind(l, tokens)}
                   for n, l in tn_layers(g).items() if isinstance(l, TNLinear)}
         row = {"seconds": t, "tr_vs_dense": t["tr"] / t["dense"], "gated_vs_dense": t["gated_tr"] / t["dense"],
