@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import graph
+from . import calibration, graph
 from .config import CompressConfig
 from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .graph import as_module, count_params, count_state, set_training, tn_layers
@@ -165,11 +165,20 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     has_labels, first_batch = check_batch(teacher, loader, config.forward_fn)
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
+    stage = _stage_reporter(callback)
+    stage("planning which layers to factorize")
     the_plan = graph.plan(module, config, example=example)
     _check_reachable(the_plan, config)
-    start = selector.prepare(the_plan, module, config)
+    whiten = None
+    if config.init == "activations":
+        stage(f"calibration: the inputs of {len(the_plan.layers)} layers on {config.calibration_batches} batches")
+        grams = calibration.input_grams(teacher, the_plan, loader, config.calibration_batches, config.forward_fn)
+        whiten = {name: calibration.whitening(g) for name, g in grams.items()}
+    stage(f"choosing the starting layout and ranks of {len(the_plan.layers)} layers ({the_plan.source} plan)")
+    start = selector.prepare(the_plan, module, config, whiten)
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
+    stage("building the factorized model")
     applied = graph.apply(module, the_plan, config, make_gate=selector.gate_factory(config))
     _check_applied(applied.model, first_batch, config.forward_fn)
     initial = {name: layer.ranks for name, layer in tn_layers(applied.model).items()}
@@ -196,13 +205,22 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     return CompressResult(slim, report, history)
 
 
+def _stage_reporter(callback: Callable[[TrainEvent], None] | None) -> Callable[[str], None]:
+    """``stage(message)``: one set-up step before fine-tuning, logged and sent to ``callback``."""
+    def stage(message: str) -> None:
+        log.info(message)
+        if callback is not None:
+            callback(TrainEvent("stage", 0, 0, 0, message=message))
+    return stage
+
+
 def _start_summary(start: Any, accuracy: float | None) -> dict[str, Any] | None:
     """How the factorized model started (see ``selectors.faithful_start``), for the report:
     its accuracy at step 0 (before any training) says how faithful the start was."""
     if start is None:
         return {"accuracy": accuracy} if accuracy is not None else None
     return {"chosen": start.chosen, "ratio": start.ratio, "error": start.used_eps, "gates_idle": start.gates_idle,
-            "accuracy": accuracy,
+            "accuracy": accuracy, "whitened": sum(s.whitened for s in start.layers),
             "unfaithful": [{"name": s.name, "error": s.error, "params": s.params, "dense": s.dense}
                            for s in start.unfaithful]}
 

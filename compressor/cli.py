@@ -129,6 +129,9 @@ class ProgressView:
         self.callback = None
 
     def __call__(self, event) -> None:
+        if event.kind == "stage":  # set-up before fine-tuning: a timestamped line each
+            (self.progress.console if self.progress is not None else self.console).log(event.message)
+            return
         if self.progress is None:
             self.progress = Progress(*self.columns, console=self.console, transient=False)
             self.progress.start()
@@ -374,6 +377,13 @@ def output_options(command):
 @config_option("sigma")
 @config_option("rank")
 @config_option("rank_select")
+@config_option("init")
+@config_option("calibration_batches")
+@config_option("start")
+@config_option("start_error")
+@config_option("max_steps")
+@config_option("gate_fraction")
+@config_option("distill_loss")
 @config_option("lr")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="training batch size")
 @config_option("seed")

@@ -19,6 +19,7 @@ from .tensornet import DECOMPS
 PENALTIES = ("params", "count")
 DISTILL_LOSSES = ("auto", "kl", "mse")
 STARTS = ("auto", "faithful", "ladder")
+INITS = ("weights", "activations")
 
 
 def parse_target(target: Any) -> float:
@@ -118,11 +119,20 @@ class CompressConfig:
     start: str = field(default="auto", metadata={
         "help": "how gated selectors start: faithful (each layer's layout and ranks chosen from its weights "
                 "to reproduce them within --start-error, no layer larger than dense), ladder (one generous "
-                "rank of 16..64), or auto (faithful when every layer can start faithfully, else ladder)",
+                "rank of 16..64), or auto (faithful when every layer can start faithfully or the start is fitted to "
+                "activations, else ladder)",
         "choices": STARTS})
     start_error: float = field(default=START_ERROR, metadata={
-        "help": "relative error (Frobenius) each layer's starting factorization may have", "check": unit_fraction,
+        "help": "relative error (Frobenius) each layer's starting factorization may have (of its outputs on "
+                "calibration inputs with --init activations)", "check": unit_fraction,
         "label": "start error"})
+    init: str = field(default="weights", metadata={
+        "help": "what a gated start is fitted to: weights (TT-SVD of each pretrained weight) or activations "
+                "(each Linear's output on --calibration-batches training batches: the weight whitened by its "
+                "inputs, as SVD-LLM does; far more faithful on trained transformers)",
+        "choices": INITS})
+    calibration_batches: int = field(default=8, metadata={
+        "help": "training batches whose layer inputs fit an activations start", "check": positive_int})
     sigma: float = field(default=0.5, metadata={
         "help": "gate noise std (0.5 works best in the IJCAI 2024 paper)", "check": positive})
     lam: float | None = field(default=None, metadata={
@@ -157,7 +167,7 @@ class CompressConfig:
                 "without labels the run always distils",
         "check": finite_non_negative, "label": "distill weight"})
     distill_loss: str = field(default="auto", metadata={
-        "help": "kl on logits, mse on outputs, or auto (KL for 2-D outputs)",
+        "help": "kl on logits, mse on outputs, or auto (KL for logits, also per token; MSE for hidden states)",
         "choices": DISTILL_LOSSES, "label": "distillation loss"})
     temperature: float = field(default=1.0, metadata={
         "help": "softmax temperature of the KL distillation loss", "check": positive})
@@ -196,3 +206,9 @@ class CompressConfig:
                 raise ConfigError(f"unknown {label} {value!r}; choose one of {', '.join(choices)}")
             if "check" in meta:
                 meta["check"](label, value)
+        if self.init == "activations" and not RankSelector.registry[self.rank_select].gated:
+            raise ConfigError(f"init 'activations' shapes a gated start; rank selector {self.rank_select!r} "
+                              "sets its ranks from the weights")
+        if self.init == "activations" and (self.rank is not None or self.start == "ladder"):
+            raise ConfigError("init 'activations' fits each layer's start to its inputs; it cannot be combined "
+                              "with a fixed rank or start 'ladder'")

@@ -63,6 +63,7 @@ class LayerPlan:
     merge_spatial: bool = False  # conv only: one (C_in*kh*kw) mode instead of a spatial core
     decomp: str | None = None  # None: the run's decomposition
     tied: tuple[str, ...] = ()  # modules sharing this weight: they will compute from the same cores
+    whiten: torch.Tensor | None = None  # input factor L (G = L L^T): cores fitted to outputs (calibration.py)
 
 
 @dataclass
@@ -677,6 +678,8 @@ def build_layer(lp: LayerPlan, source_module: nn.Module, config: CompressConfig,
                 generator: torch.Generator | None, make_gate: MakeGate | None = None) -> TNLayer:
     """The factorized layer for ``lp``, cores initialised from ``source_module``'s weight."""
     extra = {"merge_spatial": True} if lp.merge_spatial else {}
+    if lp.whiten is not None:
+        extra["whiten"] = lp.whiten
     layer = layer_class(lp.kind).from_dense(source_module, lp.decomp or config.decomp, lp.rank, lp.tensorization,
                                             gated=False, sigma=config.sigma, generator=generator, **extra)
     if make_gate is not None:

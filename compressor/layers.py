@@ -419,10 +419,27 @@ class TNLayer(nn.Module):
         tz = cls.tensorization(shape, tensorization)
         return tz, tn.resolve_ranks(rank, cls.core_modes(shape, tz, merge_spatial), decomp)
 
-    def _load_dense_(self, module: nn.Module, tz, generator: torch.Generator | None) -> "TNLayer":
-        """Cores decomposed from the dense weight; the bias copied as is."""
-        cores = tn.decompose(self.weight_tensor(module.weight, tz).reshape(self.modes), self.decomp, self.ranks,
-                             generator)
+    def _load_dense_(self, module: nn.Module, tz, generator: torch.Generator | None,
+                     whiten: torch.Tensor | None = None) -> "TNLayer":
+        """Cores decomposed from the dense weight; the bias copied as is.
+
+        With an input factor ``whiten`` (``L``, ``G = L L^T`` of the layer's inputs, see
+        calibration.py) the cores are fitted to ``L^T W^T``, whose error is the output error,
+        and ``L^-T`` is multiplied back into the input core: exact when the whole input is
+        that one core (a ring or a train alike), so the layer computes ``W`` again up to the
+        truncation.
+        """
+        tensor = self.weight_tensor(module.weight, tz)
+        if whiten is not None:
+            if len(_nontrivial(tz[0])) != 1:
+                raise ConfigError(f"a whitened start needs the whole input in one core, not modes {tuple(tz[0])}")
+            tensor = whiten.T @ tensor.to(torch.float64)
+        cores = tn.decompose(tensor.reshape(self.modes), self.decomp, self.ranks, generator)
+        if whiten is not None:
+            first = cores[0]  # (r0, in, r1)
+            folded = torch.linalg.solve_triangular(whiten.T, first.permute(1, 0, 2).reshape(first.shape[1], -1),
+                                                   upper=True)
+            cores[0] = folded.reshape(first.shape[1], first.shape[0], first.shape[2]).permute(1, 0, 2)
         with torch.no_grad():
             for p, c in zip(self.cores, cores):
                 p.copy_(c)
@@ -454,12 +471,14 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
     @classmethod
     def from_dense(cls, module: nn.Linear, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
-                   sigma: float = 0.5, generator: torch.Generator | None = None) -> "TNLinear":
+                   sigma: float = 0.5, generator: torch.Generator | None = None,
+                   whiten: torch.Tensor | None = None) -> "TNLinear":
+        """``whiten``: the input factor of a data-aware start (see :meth:`TNLayer._load_dense_`)."""
         tz, ranks = cls._prepare(module, decomp, rank, tensorization)
         out_f, in_f = module.weight.shape
         layer = cls(in_f, out_f, tz[0], tz[1], ranks, decomp, module.bias is not None, gated, sigma,
                     dtype=module.weight.dtype)
-        return layer._load_dense_(module, tz, generator)
+        return layer._load_dense_(module, tz, generator, whiten)
 
     @classmethod
     def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:
@@ -771,9 +790,10 @@ class TNConv1D(TNLinear, kind="conv1d", replaces_path="transformers.pytorch_util
     @classmethod
     def from_dense(cls, module: nn.Module, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
-                   sigma: float = 0.5, generator: torch.Generator | None = None) -> "TNConv1D":
+                   sigma: float = 0.5, generator: torch.Generator | None = None,
+                   whiten: torch.Tensor | None = None) -> "TNConv1D":
         return super().from_dense(cls.dense_view(module), decomp, rank, tensorization, gated=gated, sigma=sigma,
-                                  generator=generator)
+                                  generator=generator, whiten=whiten)
 
     def dense_weight(self) -> torch.Tensor:
         return self.dense_tensor().reshape(self.in_features, self.out_features)

@@ -34,7 +34,7 @@ import copy
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -104,8 +104,9 @@ class LayerStart:
     ranks: tuple[int, ...]  # every bond, closing bond (1) included
     params: int  # core parameters (bias excluded)
     dense: int  # weight elements of the dense layer
-    error: float  # bound on ||W - W_start|| / ||W||
+    error: float  # bound on ||W - W_start|| / ||W|| (of the whitened weight when ``whitened``)
     faithful: bool  # error within the run's tolerance (the size is within dense either way)
+    whitened: bool = False  # fitted to the layer's outputs on calibration inputs (see calibration.py)
 
 
 @dataclass
@@ -172,14 +173,28 @@ def candidate_layouts(lp: LayerPlan) -> list[Layout]:
     return list(found.values())
 
 
-def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout]) -> list[tuple[Layout, tn.TruncationPath]]:
-    """Each layout's TT-SVD truncation path from the layer's pretrained weight.
+def single_input_core(lay: Layout) -> bool:
+    """Whether the layout keeps the whole input in one core, where a whitening folds back exactly."""
+    return len([m for m in lay.tensorization[0] if m > 1]) == 1
+
+
+def whitened_tensor(weight_t: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """``L^T W^T`` (float64) for a Linear's ``W^T`` (in x out): its error is the output error."""
+    return whiten.T @ weight_t.to(torch.float64)
+
+
+def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout],
+                     whiten: torch.Tensor | None = None) -> list[tuple[Layout, tn.TruncationPath]]:
+    """Each layout's TT-SVD truncation path from the layer's pretrained weight (whitened by the
+    input factor ``whiten`` when given: then the errors are relative output errors).
 
     Layouts share unfoldings (the in|out split is the weight matrix itself for all of
     them), so each unfolding's spectrum is computed once per layer.
     """
     cls = layer_class(lp.kind)
     weight = layer_weight(module, lp)
+    if whiten is not None:
+        weight = whitened_tensor(cls.weight_tensor(weight), whiten).T  # weight_tensor transposes back
     spectra: dict[tuple[int, int], torch.Tensor] = {}
     flats: dict[int, torch.Tensor] = {}  # by padded size: an embedding's layouts may pad its vocabulary
     out = []
@@ -196,10 +211,13 @@ def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout]) ->
     return out
 
 
-def pick_start(lp: LayerPlan, paths: list[tuple[Layout, tn.TruncationPath]], eps: float) -> LayerStart:
+def pick_start(lp: LayerPlan, paths: list[tuple[Layout, tn.TruncationPath]], eps: float,
+               whitened: bool = False, least_error: bool = False) -> LayerStart:
     """The smallest start within ``eps`` and the dense size (ties: fewer modes).
 
-    When no layout gets there, the layer keeps the plan's own layout (``paths[0]``) at
+    When no layout gets there and ``least_error`` is set (a start fitted to activations,
+    which aims at output fidelity throughout), the layer takes the layout with the least
+    error within dense; otherwise it keeps the plan's own layout (``paths[0]``) at
     its most faithful size within dense, marked unfaithful. Such a weight is far from
     every layout, so reconstruction error no longer tells them apart; what matters then
     is where the gates end. Measured on the digits net (fc1 noise-dominated), the matrix
@@ -214,12 +232,18 @@ def pick_start(lp: LayerPlan, paths: list[tuple[Layout, tn.TruncationPath]], eps
         if path.error(step) <= eps and path.sizes[step] <= dense and (best is None or key < best[0]):
             best = (key, lay, path, step)
     if best is None:
-        lay, path = paths[0]
-        step = path.within_size(dense)
-        best = (None, lay, path, len(path.sizes) - 1 if step is None else step)
+        best = min((_within_dense(lay, path, dense) for lay, path in (paths if least_error else paths[:1])),
+                   key=lambda b: b[0])
     _, lay, path, step = best
     return LayerStart(lp.name, lay, tuple(path.ranks(step)), int(path.sizes[step]), dense, path.error(step),
-                      path.error(step) <= eps)
+                      path.error(step) <= eps, whitened)
+
+
+def _within_dense(lay: Layout, path: tn.TruncationPath, dense: int) -> tuple[tuple[float, int], Layout, Any, int]:
+    """(sort key: error, modes), layout, path and step of ``path``'s most faithful size within dense."""
+    step = path.within_size(dense)
+    step = len(path.sizes) - 1 if step is None else step
+    return (path.error(step), len(lay.modes)), lay, path, step
 
 
 def _start_params(the_plan: CompressionPlan, starts: dict[str, LayerStart], decomp: str) -> int:
@@ -234,7 +258,8 @@ def _start_params(the_plan: CompressionPlan, starts: dict[str, LayerStart], deco
 
 
 def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, decomp: str,
-                   eps: float = START_ERROR, fixed_layouts: Iterable[str] = ()) -> FaithfulStart:
+                   eps: float = START_ERROR, fixed_layouts: Iterable[str] = (),
+                   whiten: Mapping[str, torch.Tensor] | None = None) -> FaithfulStart:
     """Lay out and size every planned layer without a rank so it reproduces its weight.
 
     Each layer gets, over :func:`candidate_layouts` (only the plan's own for names in
@@ -248,25 +273,35 @@ def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, 
     """
     fixed = set(fixed_layouts)
     by_name = {lp.name: lp for lp in the_plan.layers}
-    paths = {lp.name: truncation_paths(lp, module, [own_layout(lp)] if lp.name in fixed else candidate_layouts(lp))
-             for lp in the_plan.layers if lp.rank is None}
-    starts = {name: pick_start(by_name[name], p, eps) for name, p in paths.items()}
+    layouts = {lp.name: [own_layout(lp)] if lp.name in fixed else candidate_layouts(lp)
+               for lp in the_plan.layers if lp.rank is None}
+    factors = {name: f for name, f in (whiten or {}).items()
+               if name in layouts and any(single_input_core(lay) for lay in layouts[name])}
+    for name in factors:
+        layouts[name] = [lay for lay in layouts[name] if single_input_core(lay)]
+    paths = {name: truncation_paths(by_name[name], module, lays, factors.get(name)) for name, lays in layouts.items()}
+
+    def pick(name: str, p: list[tuple[Layout, tn.TruncationPath]], e: float) -> LayerStart:
+        return pick_start(by_name[name], p, e, name in factors, least_error=bool(factors))
+
+    starts = {name: pick(name, p, eps) for name, p in paths.items()}
     used = eps
     if starts and the_plan.dense_params / _start_params(the_plan, starts, decomp) >= target:
         chosen = {name: [next(pair for pair in paths[name] if pair[0] == st.layout)] for name, st in starts.items()}
 
         def ratio_at(e: float) -> float:
-            trial = {name: pick_start(by_name[name], p, e) for name, p in chosen.items()}
+            trial = {name: pick(name, p, e) for name, p in chosen.items()}
             return the_plan.dense_params / _start_params(the_plan, trial, decomp)
 
         used = _loosest_below(ratio_at, target, TIGHTEST_ERROR, eps)
-        starts = {name: pick_start(by_name[name], p, used) for name, p in chosen.items()}
+        starts = {name: pick(name, p, used) for name, p in chosen.items()}
     # Faithful means within the error asked for, even when the start was tightened below it.
     starts = {name: replace(st, faithful=st.error <= eps) for name, st in starts.items()}
     for name, st in starts.items():
         lp = by_name[name]
         lp.tensorization, lp.merge_spatial = st.layout.tensorization, st.layout.merge_spatial
         lp.rank, lp.decomp = list(st.ranks), "tt"
+        lp.whiten = factors.get(name)
     ratio = the_plan.dense_params / _start_params(the_plan, starts, decomp)
     return FaithfulStart(eps, used, target, ratio, list(starts.values()))
 
@@ -401,9 +436,12 @@ class RankSelector:
     def gated(self) -> bool:
         return self.gate is not None
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any) -> FaithfulStart | None:
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
+                whiten: Mapping[str, torch.Tensor] | None = None) -> FaithfulStart | None:
         """Fill in every planned layer's layout and starting ranks; a gated selector returns
-        the :class:`FaithfulStart` it chose (None when the user set the rank)."""
+        the :class:`FaithfulStart` it chose (None when the user set the rank). ``whiten``
+        holds the input factors of the layers observed on calibration data (init
+        ``activations``)."""
         raise NotImplementedError
 
     def gate_factory(self, config: Any) -> Callable[[int, torch.dtype], Gate] | None:
@@ -415,14 +453,17 @@ class L0Selector(RankSelector, name="l0"):
     help = "learned ℓ0 gates on every rank slice (the paper)"
     gate = L0Gate
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any) -> FaithfulStart | None:
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
+                whiten: Mapping[str, torch.Tensor] | None = None) -> FaithfulStart | None:
         """A faithful start when the weights allow one (``start="auto"``), else the ladder.
 
-        Trained transformer weights are close to low rank: every layer starts within
-        ``start_error`` of its pretrained weight and the gates choose what to give up.
-        Small CNN/MLP weights often are not (a noise-dominated layer cannot be reproduced
-        within its dense size); there a faithful start only buys a full-size matrix whose
-        forced cuts hurt more, so ``auto`` falls back to the generous ladder.
+        When every layer can start within ``start_error`` of its pretrained weight, it does
+        and the gates choose what to give up. Small CNN/MLP weights often cannot (a
+        noise-dominated layer is not reproduced within its dense size); there a faithful
+        start only buys a full-size matrix whose forced cuts hurt more, so ``auto`` falls
+        back to the generous ladder. A start fitted to activations (``whiten``) is always
+        kept: trained transformer weights are near full rank, but what their layers do on
+        real inputs is not, and a ladder would throw that away.
         """
         if config.rank is not None:
             return None  # the plan carries the user's rank
@@ -430,8 +471,8 @@ class L0Selector(RankSelector, name="l0"):
         if config.start != "ladder":
             trial = copy.deepcopy(the_plan)
             start = faithful_start(trial, module, config.target, config.decomp, config.start_error,
-                                   fixed_layouts=config.tensorization)
-            if config.start == "faithful" or not start.unfaithful:
+                                   fixed_layouts=config.tensorization, whiten=whiten)
+            if config.start == "faithful" or not start.unfaithful or whiten:
                 the_plan.layers[:] = trial.layers
                 return start
         generous_ranks(the_plan, config.target, config.decomp)
@@ -454,21 +495,24 @@ class ReinforceSelector(L0Selector, name="reinforce"):
 class UniformSelector(RankSelector, name="uniform"):
     help = "one rank for every bond, the largest that meets the target (TRN)"
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any) -> None:
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
+                whiten: Mapping[str, torch.Tensor] | None = None) -> None:
         uniform_ranks(the_plan, config.target, config.decomp)
 
 
 class EnergySelector(RankSelector, name="energy"):
     help = "singular values of the pretrained weights, allocated greedily over all layers"
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any) -> None:
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
+                whiten: Mapping[str, torch.Tensor] | None = None) -> None:
         energy_ranks(the_plan, module, config.target, config.decomp)
 
 
 class SVDSelector(RankSelector, name="svd"):
     help = "no tensor network: each weight as two low-rank factors, ranks allocated like energy"
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any) -> None:
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
+                whiten: Mapping[str, torch.Tensor] | None = None) -> None:
         svd_layout(the_plan)
         energy_ranks(the_plan, module, config.target, config.decomp)
 

@@ -43,7 +43,8 @@ SNAPSHOT_EVERY = 100
 
 @dataclass
 class TrainEvent:
-    """What a progress display needs; ``kind`` is start/step/epoch/freeze/force/end."""
+    """What a progress display needs; ``kind`` is start/step/epoch/freeze/force/end, or
+    ``stage`` (a set-up step before fine-tuning, described in ``message``)."""
 
     kind: str
     step: int

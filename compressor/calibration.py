@@ -1,0 +1,93 @@
+"""What a layer sees: input statistics from a calibration pass, for a data-aware start.
+
+A trained transformer's weights are close to full rank, so a factorization fitted to the
+raw weight throws away directions the layer's inputs actually use (SVD of SmolLM2-135M's
+attention projections at half their rank loses 18-39 % of the weight). What matters is the
+layer's *output* on real inputs: with X the inputs (rows) and ``G = X^T X = L L^T``,
+
+    ||X (W - W')^T||_F = ||L^T (W - W')^T||_F,
+
+so fitting the cores to the *whitened* weight ``L^T W^T`` and multiplying ``L^-T`` back
+into the input core minimises the output error exactly (SVD-LLM's truncation-aware
+whitening, Wang et al. 2024). On the same projections the whitened error at half rank is
+1-2 %. Only layers with a plain matrix input (Linear, GPT-2's Conv1D) are observed; the
+others start from their weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import ForwardFn, attention_mask, forward, split_batch
+from .graph import CompressionPlan, LayerPlan, set_training
+
+log = logging.getLogger(__name__)
+
+#: Layer kinds whose input is a (..., in_features) matrix the whitening applies to.
+OBSERVED_KINDS = ("linear", "conv1d")
+#: Ridge added to a singular Gram matrix, relative to its mean diagonal; raised tenfold until
+#: the Cholesky factorization succeeds (a dead input channel makes G singular).
+RIDGE = 1e-6
+
+
+def observable(lp: LayerPlan) -> bool:
+    """Whether ``lp``'s inputs can be watched: a module (not a graph call) with a matrix input."""
+    return lp.kind in OBSERVED_KINDS and lp.weight_attr is None
+
+
+def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, batches: int,
+                forward_fn: ForwardFn | None = None) -> dict[str, torch.Tensor]:
+    """``{layer: X^T X}`` (float64) over the inputs each observable planned layer receives in the
+    first ``batches`` batches of ``loader``; padding tokens (``attention_mask`` 0) left out."""
+    names = [lp.name for lp in the_plan.layers if observable(lp)]
+    if not names or batches <= 0:
+        return {}
+    grams: dict[str, torch.Tensor] = {}
+    current: dict[str, Any] = {"mask": None}
+
+    def watch(name: str):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            mask = current["mask"]
+            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                x = x[mask.bool()]
+            x = x.reshape(-1, x.shape[-1]).float()
+            gram = (x.T @ x).double()  # one batch in float32 (fast), the sum over batches in float64
+            grams[name] = grams[name] + gram if name in grams else gram
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(watch(name)) for name in names]
+    was_training = model.training
+    set_training(model, False)
+    try:
+        with torch.no_grad():
+            for batch in itertools.islice(iter(loader), batches):
+                current["mask"] = attention_mask(split_batch(batch)[0]) if forward_fn is None else None
+                forward(model, batch, forward_fn)
+    finally:
+        for h in handles:
+            h.remove()
+        set_training(model, was_training)
+    log.info("calibration: input statistics of %d layers from %d batches", len(grams), batches)
+    return grams
+
+
+def whitening(gram: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular ``L`` with ``L L^T = G + ridge I`` (float64); the ridge starts at
+    :data:`RIDGE` times the mean diagonal and grows until ``G`` is positive definite."""
+    gram = gram.to(torch.float64)
+    scale = float(gram.diagonal().mean()) or 1.0
+    eye = torch.eye(gram.shape[0], dtype=torch.float64)
+    ridge = RIDGE * scale
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+        if int(info) == 0:
+            return factor
+        ridge *= 10.0
+    return torch.sqrt(torch.tensor(scale, dtype=torch.float64)) * eye  # no usable statistics: plain start

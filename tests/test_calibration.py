@@ -1,0 +1,171 @@
+"""A start fitted to activations (--init activations): input statistics from a calibration
+pass, the whitened truncation folded back exactly, and what it buys on anisotropic inputs."""
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from compressor import compress
+from compressor.calibration import input_grams, whitening
+from compressor.cli import main
+from compressor.config import CompressConfig
+from compressor.data import TensorLoader
+from compressor.errors import ConfigError
+from compressor.graph import apply, plan, tn_layers
+from compressor.layers import TNLinear
+from compressor.selectors import get_selector
+
+
+def _anisotropic(n: int, dim: int, seed: int, live: int | None = None) -> torch.Tensor:
+    """Inputs whose directions differ in scale by 100x (or: ``live`` directions at 1, the rest
+    at 1e-3), mixed over all channels, as transformer activations are."""
+    g = torch.Generator().manual_seed(seed)
+    mix, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+    scales = torch.logspace(0, -2, dim) if live is None else (torch.arange(dim) < live) + 1e-3
+    return (torch.randn(n, dim, generator=g) * scales) @ mix.T
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, dim: int = 48, hidden: int = 64, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _output_error(layer: nn.Module, dense: nn.Linear, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((layer(x) - dense(x)).norm() / (dense(x) - dense.bias).norm())
+
+
+def test_whitening_factors_the_gram_matrix_and_survives_a_dead_channel():
+    x = _anisotropic(500, 16, seed=1).double()
+    gram = x.T @ x
+    factor = whitening(gram)
+    assert torch.allclose(factor @ factor.T, gram, rtol=0, atol=1e-5 * float(gram.diagonal().mean()))
+    assert torch.equal(factor, torch.tril(factor))
+    x[:, 3] = 0  # a channel that never fires: G is singular, a ridge makes it positive definite
+    dead = whitening(x.T @ x)
+    assert torch.isfinite(dead).all() and float(dead[3, 3]) > 0
+
+
+def test_input_grams_are_the_inputs_gram_matrices_with_padding_left_out():
+    model = TwoLayers(dim=8, hidden=6)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+
+    class Keyword(nn.Module):  # a dict batch: inputs by keyword, an attention_mask beside them
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, inputs, attention_mask=None):
+            return self.inner(inputs)
+
+    wrapped = Keyword()
+    the_plan = plan(wrapped, CompressConfig(min_params=1))
+    grams = input_grams(wrapped, the_plan, [{"inputs": x, "attention_mask": mask}], batches=1)
+    real = x[mask.bool()].double()
+    assert torch.allclose(grams["inner.fc1"], real.T @ real, atol=1e-10)
+    hidden = torch.tanh(model.fc1(real.float())).double()
+    assert torch.allclose(grams["inner.fc2"], hidden.T @ hidden, atol=1e-5)
+
+
+@pytest.mark.parametrize("decomp", ["tt", "tr"])
+def test_the_whitening_folds_back_exactly_at_full_rank(decomp):
+    torch.manual_seed(0)
+    dense = nn.Linear(24, 20)
+    x = _anisotropic(400, 24, seed=2)
+    factor = whitening(x.double().T @ x.double())
+    layer = TNLinear.from_dense(dense, decomp, rank=[20, 5, 1 if decomp == "tt" else 2],
+                                tensorization=((24,), (4, 5)), gated=False, whiten=factor)
+    with torch.no_grad():
+        assert torch.allclose(layer.dense_weight(), dense.weight, atol=1e-5)
+
+
+def test_a_whitened_truncation_has_the_least_output_error_on_the_calibration_inputs():
+    torch.manual_seed(0)
+    dense = nn.Linear(32, 32)
+    x = _anisotropic(1000, 32, seed=3)
+    factor = whitening(x.double().T @ x.double())
+    for rank in (2, 4, 8):
+        white = TNLinear.from_dense(dense, "tt", rank=[rank, 1], tensorization=((32,), (32,)), gated=False,
+                                    whiten=factor)
+        plain = TNLinear.from_dense(dense, "tt", rank=[rank, 1], tensorization=((32,), (32,)), gated=False)
+        # The Eckart-Young bound of the whitened weight is the output error the layer achieves.
+        s = torch.linalg.svdvals(factor.T @ dense.weight.detach().T.double())
+        bound = math.sqrt(float((s[rank:] ** 2).sum() / (s ** 2).sum()))
+        assert _output_error(white, dense, x) == pytest.approx(bound, rel=1e-3)
+        assert _output_error(white, dense, x) < 0.9 * _output_error(plain, dense, x)
+
+
+def test_a_whitened_multi_mode_input_is_refused_with_one_line():
+    dense = nn.Linear(24, 20)
+    with pytest.raises(ConfigError, match="whole input in one core"):
+        TNLinear.from_dense(dense, "tt", rank=4, tensorization=((4, 6), (20,)), gated=False,
+                            whiten=torch.eye(24, dtype=torch.float64))
+
+
+def _start(model: nn.Module, x: torch.Tensor, config: CompressConfig):
+    the_plan = plan(model, config)
+    loader = TensorLoader(x, None, 100)
+    whiten = None
+    if config.init == "activations":
+        grams = input_grams(model, the_plan, loader, config.calibration_batches)
+        whiten = {n: whitening(g) for n, g in grams.items()}
+    start = get_selector("l0").prepare(the_plan, model, config, whiten)
+    gm = apply(model, the_plan, config, make_gate=get_selector("l0").gate_factory(config)).model.eval()
+    return the_plan, start, gm
+
+
+def test_an_activations_start_keeps_each_layer_output_within_its_recorded_error():
+    model = TwoLayers()
+    x = _anisotropic(800, 48, seed=4, live=8)
+    config = CompressConfig(target=2, init="activations", start_error=0.05, min_params=1)
+    the_plan, start, gm = _start(model, x, config)
+    layers = tn_layers(gm)
+    assert {s.name for s in start.layers if s.whitened} == {"fc1", "fc2"}
+    st = next(s for s in start.layers if s.name == "fc1")
+    assert st.layout.modes[0] == 48  # the whole input in the first core, where the whitening folds back
+    assert _output_error(layers["fc1"], model.fc1, x) <= st.error + 1e-4
+    assert st.faithful and st.params < st.dense  # the inputs live in few directions: a small start suffices
+    plain_plan, plain, _ = _start(model, x, CompressConfig(target=2, start="faithful", start_error=0.05,
+                                                            min_params=1))
+    assert next(s for s in plain.layers if s.name == "fc1").params > st.params
+
+
+def test_compress_with_an_activations_start_reports_it_and_meets_the_target():
+    model = TwoLayers()
+    x = _anisotropic(600, 48, seed=5, live=8)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    loader = TensorLoader(x, y, 50, shuffle=True)
+    result = compress(model, loader, "tr", "3x", init="activations", calibration_batches=4, epochs=2,
+                      min_params=1, eval_loader=TensorLoader(x, y, 200))
+    rep = result.report
+    assert rep.start["chosen"] == "faithful" and rep.start["whitened"] == 2
+    assert 3.0 <= rep.ratio <= 3.15
+    assert rep.start["accuracy"] >= 0.9  # the start reproduces what the layers do on these inputs
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"start": "ladder"}, "cannot be combined"),
+    ({"rank": 8}, "cannot be combined"),
+    ({"rank_select": "energy"}, "sets its ranks from the weights"),
+])
+def test_activations_with_options_it_cannot_honour_is_one_config_error(options, message):
+    with pytest.raises(ConfigError, match=message):
+        CompressConfig(init="activations", **options)
+
+
+def test_the_cli_takes_init_and_refuses_a_contradiction_with_exit_2(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "m.pt2"), "--target", "2x", "--data", "digits",
+                                       "--init", "activations", "--start", "ladder"])
+    assert result.exit_code == 2
+    assert "cannot be combined" in result.output and "Traceback" not in result.output
