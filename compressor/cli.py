@@ -132,6 +132,12 @@ class ProgressView:
         if event.kind == "stage":  # set-up before fine-tuning: a timestamped line each
             (self.progress.console if self.progress is not None else self.console).log(event.message)
             return
+        if not self.console.is_terminal:  # a log file or a CI job: plain lines instead of a live bar
+            if event.kind == "step":
+                self.console.log(_step_line(event))
+            elif event.kind in ("freeze", "force", "epoch"):
+                self.console.log(_event_line(event))
+            return
         if self.progress is None:
             self.progress = Progress(*self.columns, console=self.console, transient=False)
             self.progress.start()
@@ -162,14 +168,26 @@ def _progress_callback(progress: Progress, task_id):
             fields["phase"] = "weights" if event.frozen else "gates+weights"
             progress.update(task_id, total=event.total_steps or None, completed=event.step, **fields)
         if event.kind in ("freeze", "force", "epoch"):
-            msg = {
-                "freeze": f"target reached at step {event.step}: gates frozen, slices pruned ({event.ratio:.2f}x)",
-                "force": f"step {event.step}: {event.message} ({event.ratio:.2f}x)",
-                "epoch": f"epoch {event.epoch}: ratio {event.ratio:.2f}x"
-                         + (f", test accuracy {100 * event.eval_accuracy:.2f}%" if event.eval_accuracy is not None else ""),
-            }[event.kind]
-            progress.console.log(msg)
+            progress.console.log(_event_line(event))
     return callback
+
+
+def _event_line(event) -> str:
+    """The one line a freeze, a forced closing or an epoch's end is logged as."""
+    if event.kind == "freeze":
+        return f"target reached at step {event.step}: gates frozen, slices pruned ({event.ratio:.2f}x)"
+    if event.kind == "force":
+        return f"step {event.step}: {event.message} ({event.ratio:.2f}x)"
+    test = f", test accuracy {100 * event.eval_accuracy:.2f}%" if event.eval_accuracy is not None else ""
+    return f"epoch {event.epoch}: ratio {event.ratio:.2f}x{test}"
+
+
+def _step_line(event) -> str:
+    """A progress event as one plain line (for output that is not a terminal)."""
+    acc = f" acc {100 * event.accuracy:.1f}%" if event.accuracy is not None else ""
+    phase = "weights" if event.frozen else "gates+weights"
+    return (f"step {event.step}/{event.total_steps} {phase}: loss {event.task_loss:.4f} ratio {event.ratio:.3f}x"
+            f" lambda {event.lam:.3g}{acc}")
 
 
 def _fmt_ranks(r: list[int]) -> str:
@@ -384,6 +402,7 @@ def output_options(command):
 @config_option("max_steps")
 @config_option("gate_fraction")
 @config_option("distill_loss")
+@config_option("log_every")
 @config_option("lr")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="training batch size")
 @config_option("seed")

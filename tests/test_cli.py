@@ -352,3 +352,15 @@ def test_summary_points_out_a_ratio_far_past_the_target(monkeypatch, tmp_path):
     shown.truncate(0)
     cli._print_summary(Report("tr", 2.0, "module", 1000, 490, 1000 / 490, param_ratio=2.0), [])
     assert "past the target" not in shown.getvalue() and "ratio 2.04x" in shown.getvalue()
+
+
+def test_progress_goes_to_a_log_as_plain_lines(files, tmp_path):
+    """Output that is not a terminal (a log file, CI) gets one plain line per progress event
+    and per set-up stage, instead of a live bar that would print only at the end."""
+    r = invoke([files / "model.pt", "--target", "4x", "--data", "digits", "-o", tmp_path / "s.safetensors",
+                "--log-every", "3", *QUICK])
+    assert r.exit_code == 0, r.stderr
+    steps = re.findall(r"step (\d+)/(\d+) (gates\+weights|weights): loss [\d.]+ ratio [\d.]+x", r.stderr)
+    assert len(steps) >= 2 and all(int(s) % 3 == 0 or s == total for s, total, _ in steps)
+    assert "planning which layers to factorize" in r.stderr and "building the factorized model" in r.stderr
+    assert "\x1b[" not in r.stderr  # no terminal control codes in a log

@@ -99,3 +99,34 @@ def test_finetune_freezes_at_the_target_and_keeps_it(trained_digits_net, digits)
     assert history.frozen_at is not None and history.steps == run.total
     assert not any(layer.gated for layer in tn_layers(slim).values())
     assert SizeMeter(slim, dense_params).ratio() >= target
+
+
+class _Wide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(1024, 1024)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_force_on_thousands_of_slices_closes_the_least_valuable_in_rounds_and_lands_on_the_target():
+    """An LLM has ~10^5 slices: forced closing re-ranks them in rounds, not once per slice,
+    yet still closes the weakest slices first and stops right past the target."""
+    torch.manual_seed(0)
+    model = _Wide()
+    config = CompressConfig(target=2.0, decomp="tt", layer_ranks={"fc": [512, 1]},
+                            tensorization={"fc": ((1024,), (1024,))}, min_params=1)
+    the_plan = plan(model, config)
+    gm = apply(model, the_plan, config, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+    layer = tn_layers(gm)["fc"]
+    weak = torch.arange(0, 512, 2)  # every other slice made 100x weaker: these must go first
+    with torch.no_grad():
+        layer.cores[0][:, :, weak] *= 0.01
+    meter = SizeMeter(gm, the_plan.dense_params)
+    target = 1.5 * meter.ratio()
+    control = TargetController(meter, target, 100)
+    closed = control.force()
+    assert target <= meter.ratio() <= 1.01 * target
+    shut = torch.nonzero(~layer.gates["0"].open_mask()).flatten()
+    assert len(shut) == closed and set(shut.tolist()) <= set(weak.tolist())
