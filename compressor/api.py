@@ -170,7 +170,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     the_plan = graph.plan(module, config, example=example)
     _check_reachable(the_plan, config)
     whiten = None
-    if config.init == "activations":
+    if selector.needs_calibration(config):
         stage(f"calibration: the inputs of {len(the_plan.layers)} layers on {config.calibration_batches} batches")
         grams = calibration.input_grams(teacher, the_plan, loader, config.calibration_batches, config.forward_fn)
         whiten = {name: calibration.whitening(g) for name, g in grams.items()}

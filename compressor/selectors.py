@@ -372,6 +372,40 @@ def svd_layout(the_plan: CompressionPlan) -> None:
         lp.decomp = "tt"  # a two-core ring would be a trace of a product, not a matrix factorization
 
 
+def matrix_spectrum(lp: LayerPlan, module: nn.Module, whiten: torch.Tensor | None = None) -> torch.Tensor:
+    """Relative squared singular values of a layer in its matrix layout (of the whitened
+    weight, whose truncation error is the output error, when ``whiten`` is given)."""
+    cls = layer_class(lp.kind)
+    w = cls.weight_tensor(layer_weight(module, lp), lp.tensorization)
+    if whiten is not None:
+        w = whitened_tensor(w, whiten)
+    return unfolding_spectrum(w, plan_modes(lp)[0])
+
+
+def threshold_ranks(the_plan: CompressionPlan, spectra: Mapping[str, torch.Tensor], target: float) -> dict[str, int]:
+    """Matrix ranks keeping every slice whose relative energy per parameter is above one
+    global threshold, the loosest that meets ``target`` (bisection: the size shrinks as the
+    threshold rises). A layer is never cut below rank 1; one not smaller than dense counts dense."""
+    value = {lp.name: spectra[lp.name] / sum(plan_modes(lp)) for lp in the_plan.layers}
+
+    def ranks_at(tau: float) -> dict[str, int]:
+        return {name: max(1, int((v >= tau).sum())) for name, v in value.items()}
+
+    def ratio(tau: float) -> float:
+        return the_plan.dense_params / plan_params(the_plan, {n: [r, 1] for n, r in ranks_at(tau).items()}, "tt")
+
+    positive = [float(v[v > 0].min()) for v in value.values() if bool((v > 0).any())]
+    low, high = (min(positive), max(float(v.max()) for v in value.values()) * 2) if positive else (0.0, 1.0)
+    if ratio(high) < target:
+        raise TargetError(f"no allocation of matrix ranks reaches {target:g}x")
+    if ratio(low) >= target:
+        return ranks_at(low)
+    for _ in range(60):
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if ratio(mid) < target else (low, mid)
+    return ranks_at(high)
+
+
 # ------------------------------------------------------------------ the registry
 # ------------------------------------------------------------------ the ladder (starts with no structure to keep)
 #: Starting ranks tried when the weights hold no low-rank structure a faithful start could keep.
@@ -425,6 +459,9 @@ class RankSelector:
     name: ClassVar[str]
     help: ClassVar[str] = ""
     gate: ClassVar[type[Gate] | None] = None
+    #: Whether ``prepare`` always needs the layers' input statistics (a calibration pass);
+    #: gated selectors need them only with ``init="activations"``.
+    calibrates: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -447,6 +484,10 @@ class RankSelector:
     def gate_factory(self, config: Any) -> Callable[[int, torch.dtype], Gate] | None:
         """``make_gate(size, dtype)`` for the layers' bonds, or None for an ungated model."""
         return None
+
+    def needs_calibration(self, config: Any) -> bool:
+        """Whether a run with ``config`` must observe the layers' inputs before ``prepare``."""
+        return self.calibrates or (self.gated and config.init == "activations")
 
 
 class L0Selector(RankSelector, name="l0"):
@@ -515,6 +556,24 @@ class SVDSelector(RankSelector, name="svd"):
                 whiten: Mapping[str, torch.Tensor] | None = None) -> None:
         svd_layout(the_plan)
         energy_ranks(the_plan, module, config.target, config.decomp)
+
+
+class WhitenedSVDSelector(RankSelector, name="whitened-svd"):
+    help = ("no tensor network: each weight as two factors fitted to its outputs on calibration inputs "
+            "(SVD-LLM's whitening), ranks allocated over all layers")
+    calibrates = True
+
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
+                whiten: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Matrix layout; each layer's whitened spectrum (its weight's, when it was not
+        observed); one global threshold on relative output energy per parameter."""
+        whiten = whiten or {}
+        svd_layout(the_plan)
+        spectra = {lp.name: matrix_spectrum(lp, module, whiten.get(lp.name)) for lp in the_plan.layers}
+        ranks = threshold_ranks(the_plan, spectra, config.target)
+        for lp in the_plan.layers:
+            lp.rank = [ranks[lp.name], 1]
+            lp.whiten = whiten.get(lp.name)
 
 
 #: The selector a run uses unless told otherwise: the paper's method.

@@ -157,7 +157,7 @@ def test_compress_with_an_activations_start_reports_it_and_meets_the_target():
 @pytest.mark.parametrize("options, message", [
     ({"start": "ladder"}, "cannot be combined"),
     ({"rank": 8}, "cannot be combined"),
-    ({"rank_select": "energy"}, "sets its ranks from the weights"),
+    ({"rank_select": "energy"}, "chooses its ranks itself"),
 ])
 def test_activations_with_options_it_cannot_honour_is_one_config_error(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -169,3 +169,23 @@ def test_the_cli_takes_init_and_refuses_a_contradiction_with_exit_2(tmp_path):
                                        "--init", "activations", "--start", "ladder"])
     assert result.exit_code == 2
     assert "cannot be combined" in result.output and "Traceback" not in result.output
+
+
+def _fidelity(model: nn.Module, slim: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((slim(x) - model(x)).norm() / model(x).norm())
+
+
+def test_whitened_svd_fits_outputs_better_than_svd_at_the_same_ratio_without_fine_tuning():
+    model = TwoLayers()
+    x = _anisotropic(600, 48, seed=6, live=12)
+    loader = TensorLoader(x, None, 100)
+    results = {name: compress(model, loader, "tt", "2x", rank_select=name, epochs=0, min_params=1)
+               for name in ("svd", "whitened-svd")}
+    for name, res in results.items():
+        assert 2.0 <= res.report.ratio <= 2.1, (name, res.report.ratio)
+        assert res.history.steps == 0
+    white, plain = (_fidelity(model, results[n].model, x) for n in ("whitened-svd", "svd"))
+    assert white < 0.5 * plain, (white, plain)
+    layer = tn_layers(results["whitened-svd"].model)["fc1"]
+    assert layer.modes == (48, 64) and layer.ranks[-1] == 1  # two factors: input core x output core
