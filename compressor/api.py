@@ -18,6 +18,7 @@ from torch import nn
 
 from . import calibration, graph
 from .config import CompressConfig
+from .distributed import World
 from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .graph import as_module, count_params, count_state, set_training, tn_layers
 from .checkpoint import SlimInfo, mark_slim
@@ -72,6 +73,8 @@ class Report:
     # How the gated layers started: "faithful" (from the weights, within "error") or "ladder",
     # the start ratio, and the layers that could not start faithfully within their dense size.
     start: dict[str, Any] | None = None
+    # Training examples each process saw (one entry per rank; several under torchrun).
+    samples_per_rank: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,7 +88,10 @@ class CompressResult:
 
 
 def evaluate(model: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = None) -> float:
-    """Top-1 accuracy of ``model`` on a loader of labelled batches (per token for sequences)."""
+    """Top-1 accuracy of ``model`` on a loader of labelled batches (per token for sequences).
+
+    Under several processes each counts its own batches and the counts are summed, so every
+    rank gets the accuracy over all of them."""
     was_training = model.training
     set_training(model, False)
     correct = seen = 0
@@ -97,6 +103,7 @@ def evaluate(model: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = 
             right, counted = count_correct(ran)
             correct, seen = correct + right, seen + counted
     set_training(model, was_training)
+    correct, seen = World.current().sum([correct, seen])
     if seen == 0:
         raise DataError("the evaluation loader is empty")
     return correct / seen
@@ -160,8 +167,18 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     if eval_loader is not None:
         require_reiterable(eval_loader, "evaluation loader")
     selector = get_selector(config.rank_select)
+    world = World.current()
+    if world.parallel:
+        if selector.gate is not None and selector.gate.score_function:
+            raise ConfigError(f"rank selector {config.rank_select!r} samples several forwards per step, which "
+                              "data-parallel training cannot average; use l0")
+        loader = world.shard(loader)
+        eval_loader = world.shard(eval_loader) if eval_loader is not None else None
     module = as_module(model)
+    device = _run_device(config)
     teacher = set_training(copy.deepcopy(module), False)
+    if device is not None:
+        teacher.to(device)
     has_labels, first_batch = check_batch(teacher, loader, config.forward_fn)
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
@@ -180,6 +197,8 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
 
     stage("building the factorized model")
     applied = graph.apply(module, the_plan, config, make_gate=selector.gate_factory(config))
+    if device is not None:
+        applied.model.to(device)
     _check_applied(applied.model, first_batch, config.forward_fn)
     initial = {name: layer.ranks for name, layer in tn_layers(applied.model).items()}
     use_teacher = teacher if (not has_labels or config.distill > 0) else None
@@ -201,8 +220,18 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                     [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
                     dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
                     history.ratio_before_force, history.epochs, count_params(module) / count_params(slim),
-                    history.resumed_from, _start_summary(start, start_acc))
+                    history.resumed_from, _start_summary(start, start_acc), history.samples_per_rank)
     return CompressResult(slim, report, history)
+
+
+def _run_device(config: CompressConfig) -> torch.device | None:
+    """The device ``config`` asks for (None: wherever the model is), checked to exist."""
+    if config.device is None:
+        return None
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {config.device!r} was asked for but torch sees no CUDA device")
+    return device
 
 
 def _stage_reporter(callback: Callable[[TrainEvent], None] | None) -> Callable[[str], None]:

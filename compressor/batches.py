@@ -50,8 +50,10 @@ class Ran:
 def predicts_next_token(model: nn.Module) -> bool:
     """A Hugging Face causal LM (``...ForCausalLM``, ``...LMHeadModel``): by its convention the
     labels are the input ids, unshifted, and the loss compares position t with token t + 1."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     name = type(model).__name__
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+    return name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
@@ -103,8 +105,30 @@ def attention_mask(inputs: Any) -> torch.Tensor | None:
     return mask if torch.is_tensor(mask) and mask.dim() == 2 else None
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it on ``device`` (tensors already there are not copied)."""
+    if torch.is_tensor(batch):
+        return batch if batch.device == device else batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """Where ``model``'s parameters live (None for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else None
+
+
 def forward(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = None) -> Ran:
-    """Run ``model`` on one raw batch, the same way at every stage of a run."""
+    """Run ``model`` on one raw batch, the same way at every stage of a run.
+
+    The batch goes where the model is (data loaders yield CPU tensors; the model may be on
+    a GPU); a ``forward_fn`` is given the batch as it came."""
+    if forward_fn is None and (device := model_device(model)) is not None:
+        batch = to_device(batch, device)
     if forward_fn is not None:
         result = forward_fn(model, batch)
         if not (isinstance(result, tuple) and len(result) == 2):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .batches import ForwardFn, attention_mask, forward, split_batch
+from .distributed import World
 from .graph import CompressionPlan, LayerPlan, set_training
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,10 @@ def observable(lp: LayerPlan) -> bool:
 
 
 def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, batches: int,
-                forward_fn: ForwardFn | None = None) -> dict[str, torch.Tensor]:
+                forward_fn: ForwardFn | None = None, world: World | None = None) -> dict[str, torch.Tensor]:
     """``{layer: X^T X}`` (float64) over the inputs each observable planned layer receives in the
-    first ``batches`` batches of ``loader``; padding tokens (``attention_mask`` 0) left out."""
+    first ``batches`` batches of ``loader``; padding tokens (``attention_mask`` 0) left out.
+    Under several processes the sums cover every rank's batches, so all start alike."""
     names = [lp.name for lp in the_plan.layers if observable(lp)]
     if not names or batches <= 0:
         return {}
@@ -74,6 +76,10 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
         for h in handles:
             h.remove()
         set_training(model, was_training)
+    world = world or World.current()
+    for name in names:  # the same order on every rank (the same layers run on any batch)
+        if name in grams:
+            world.sum_tensor_(grams[name])
     log.info("calibration: input statistics of %d layers from %d batches", len(grams), batches)
     return grams
 
@@ -81,7 +87,7 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
 def whitening(gram: torch.Tensor) -> torch.Tensor:
     """Lower-triangular ``L`` with ``L L^T = G + ridge I`` (float64); the ridge starts at
     :data:`RIDGE` times the mean diagonal and grows until ``G`` is positive definite."""
-    gram = gram.to(torch.float64)
+    gram = gram.to("cpu", torch.float64)  # the start is chosen on the CPU, where the weights are read
     scale = float(gram.diagonal().mean()) or 1.0
     eye = torch.eye(gram.shape[0], dtype=torch.float64)
     ridge = RIDGE * scale

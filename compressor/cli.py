@@ -28,6 +28,7 @@ from . import __version__
 from .api import compress, evaluate
 from .checkpoint import export_program, load, read_metadata, save
 from .data import TensorLoader, load_tensor_file, resolve_data
+from .distributed import init_from_env
 from .graph import as_module, set_training
 from .layers import TNLayer
 from .model_files import import_arch, load_model
@@ -237,12 +238,14 @@ def config_option(name: str, *flags: str, **overrides: Any):
     return click.option(*(flags or ("--" + name.replace("_", "-"),)), name, **kwargs)
 
 
-def _check_files(model: Path, outputs: dict[str, Path], state_file: Path | None, force: bool, resume: bool) -> Path:
-    """Check every path a run will write before any work; returns the state file's path."""
+def _check_files(model: Path, outputs: dict[str, Path], state_file: Path | None, force: bool, resume: bool,
+                 sweep: bool = True) -> Path:
+    """Check every path a run will write before any work; returns the state file's path.
+    ``sweep`` removes what a killed run left half-written (rank 0 alone does)."""
     state_file = state_file or outputs["checkpoint"].with_suffix(".resume.pt")
     _check_outputs(model, list(outputs.values()) + [state_file], force, skip_existing=[state_file])
     _check_state_file(state_file, resume, force)
-    for path in [*outputs.values(), state_file]:
+    for path in [*outputs.values(), state_file] if sweep else []:
         for leftover in stale_temporaries(path):  # from a run killed while writing
             leftover.unlink(missing_ok=True)
     return state_file
@@ -377,6 +380,21 @@ def output_options(command):
     return command
 
 
+#: The CompressConfig fields the main command offers, in --help order.
+RUN_CONFIG = ("epochs", ("lam", "--lambda"), "sigma", "rank", "rank_select", "init", "calibration_batches", "start",
+              "start_error", "max_steps", "gate_fraction", "distill_loss", "log_every", "lr", "device")
+
+
+def config_options(command):
+    """Every :data:`RUN_CONFIG` field as an option of ``command``."""
+    bf16 = next(f for f in fields(CompressConfig) if f.name == "bf16")
+    command = click.option("--bf16", "bf16", is_flag=True, help=bf16.metadata["help"])(command)
+    for entry in reversed(RUN_CONFIG):
+        name, *flags = (entry,) if isinstance(entry, str) else entry
+        command = config_option(name, *flags)(command)
+    return command
+
+
 @main.command("run")
 @click.argument("model", type=click.Path(path_type=Path))
 @config_option("decomp")
@@ -390,21 +408,9 @@ def output_options(command):
 @click.option("--arch", default=None, help="package.module:factory building the architecture for a state-dict MODEL")
 @click.option("--trust-pickle", is_flag=True,
               help="allow MODEL to be a pickled module or a .pt2 with pickled parts (runs code from the file!)")
-@config_option("epochs")
-@config_option("lam", "--lambda")
-@config_option("sigma")
-@config_option("rank")
-@config_option("rank_select")
-@config_option("init")
-@config_option("calibration_batches")
-@config_option("start")
-@config_option("start_error")
-@config_option("max_steps")
-@config_option("gate_fraction")
-@config_option("distill_loss")
-@config_option("log_every")
-@config_option("lr")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="training batch size")
+@config_options
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help="training batch size, per process (under torchrun each of N processes takes this many)")
 @config_option("seed")
 @output_options
 def run(model: Path, data_spec: str, max_length: int, eval_data: Path | None, output: Path | None,
@@ -413,31 +419,37 @@ def run(model: Path, data_spec: str, max_length: int, eval_data: Path | None, ou
     """Compress MODEL to --target and write a slim safetensors checkpoint.
 
     Ctrl-C (or SIGTERM) stops after the current step and saves the run's state; the same
-    command with --resume continues it from there.
+    command with --resume continues it from there. Under torchrun the processes fine-tune
+    data-parallel; rank 0 prints and writes the files.
     """
+    world = init_from_env()
     try:
         config = CompressConfig(**settings)  # the config options above: validated once, here
         if batch_size <= 0:
             raise DataError(f"--batch-size must be positive, got {batch_size}")
         outputs = _plan_outputs(model, output, export_pt2, plot, report_json)
-        state_file = _check_files(model, outputs, state_file, force, resume)
+        state_file = _check_files(model, outputs, state_file, force, resume, sweep=world.main)
         if plot:
             check_available()  # before minutes of training, not after
         original, train, test, example = _read_inputs(model, data_spec, eval_data, arch, trust_pickle,
                                                       batch_size, config.seed, max_length)
-        view = ProgressView(err_console)
+        view = ProgressView(err_console) if world.main else None
         try:
             result = compress(original, train, config=config, eval_loader=test, callback=view,
                               state_file=state_file, resume=resume)
         finally:
-            view.close()
-        written = _write_outputs(result, outputs, arch, example)
-        state_file.unlink(missing_ok=True)  # the result is safe: nothing left to resume
+            if view is not None:
+                view.close()
+        written = _write_outputs(result, outputs, arch, example) if world.main else []
+        world.barrier()  # every rank ends once the files are written
+        if world.main:
+            state_file.unlink(missing_ok=True)  # the result is safe: nothing left to resume
     except CompressorError as exc:
         _fail(exc)
     except KeyboardInterrupt as stop:
-        _interrupted(stop, state_file)
-    _print_summary(result.report, written)
+        _interrupted(stop, state_file if world.main else None)
+    if world.main:
+        _print_summary(result.report, written)
 
 
 def _interrupted(stop: KeyboardInterrupt, state_file: Path | None) -> None:

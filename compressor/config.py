@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from .errors import ConfigError, TargetError
@@ -86,6 +87,13 @@ def layer_filter(label: str, value: Any) -> None:
 def forward_function(label: str, value: Any) -> None:
     if not callable(value):
         raise ConfigError(f"{label} must be callable as {label}(model, batch) -> (output, labels)")
+
+
+def _device(label: str, value: Any) -> None:
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{label} {value!r} is not a device; write it like cpu, cuda or cuda:1") from None
 
 
 def rank_map(label: str, value: Any) -> None:
@@ -183,6 +191,11 @@ class CompressConfig:
         "help": "per-layer tensorization override, {fqn: (in_modes, out_modes)}"})
     layer_ranks: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "per-layer initial rank override, {fqn: int or [bond sizes]}", "check": rank_map})
+    device: str | None = field(default=None, metadata={
+        "help": "where the run computes, e.g. cpu, cuda, cuda:1 (default: where the model is)",
+        "check": lambda label, value: _device(label, value)})
+    bf16: bool = field(default=False, metadata={
+        "help": "fine-tune under bfloat16 autocast (weights stay in their dtype)"})
     seed: int = field(default=0, metadata={
         "help": "random seed of the run (the CLI also shuffles the training data with it)"})
     log_every: int = field(default=20, metadata={

@@ -8,6 +8,8 @@ The library never prints; callers (CLI, examples) decide what to show.
 
 from __future__ import annotations
 
+import copy
+
 import gzip
 import math
 import os
@@ -287,11 +289,27 @@ class TensorLoader:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.epoch = 0
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> "TensorLoader":
+        """This loader for rank ``rank`` of ``world``: each epoch's order (the same on every
+        rank) dealt out sample by sample, as a DistributedSampler does, the few samples that
+        would leave the ranks uneven dropped."""
+        if self.num_samples // world == 0:
+            raise DataError(f"{self.total_samples} samples cannot be shared by {world} processes")
+        out = copy.copy(self)
+        out.rank, out.world = int(rank), int(world)
+        return out
+
+    @property
+    def total_samples(self) -> int:
+        first = next(iter(self.inputs.values())) if isinstance(self.inputs, dict) else self.inputs
+        return int(first.shape[0])
 
     @property
     def num_samples(self) -> int:
-        first = next(iter(self.inputs.values())) if isinstance(self.inputs, dict) else self.inputs
-        return int(first.shape[0])
+        """Samples this loader yields per pass (its rank's share when sharded)."""
+        return self.total_samples // self.world
 
     def __len__(self) -> int:
         n, b = self.num_samples, self.batch_size
@@ -312,7 +330,10 @@ class TensorLoader:
         perm = None
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(n, generator=gen)
+            perm = torch.randperm(self.total_samples, generator=gen)
+        if self.world > 1:
+            order = perm if perm is not None else torch.arange(self.total_samples)
+            perm = order[self.rank: n * self.world: self.world]
         for start in range(0, stop, b):
             if perm is None:
                 def take(t, start=start):

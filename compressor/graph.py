@@ -685,7 +685,7 @@ def build_layer(lp: LayerPlan, source_module: nn.Module, config: CompressConfig,
     if make_gate is not None:
         dtype = layer.cores[0].dtype
         layer.set_gates_(lambda size: make_gate(size, dtype))
-    return layer
+    return layer.to(source_module.weight.device)  # cores and gates live where the weight did
 
 
 def apply(model: Any, the_plan: CompressionPlan, config: CompressConfig, make_gate: MakeGate | None = None,

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "compressor-resume"
 VERSION = 1
-#: Config fields that may differ between a run and its resumption (they change no result).
-NOT_IN_FINGERPRINT = ("filter_fn", "forward_fn", "log_every", "checkpoint_every")
+#: Config fields that may differ between a run and its resumption (they change no result;
+#: a run saved on one device may go on on another).
+NOT_IN_FINGERPRINT = ("filter_fn", "forward_fn", "log_every", "checkpoint_every", "device")
 
 
 class ResumeError(CompressorError):

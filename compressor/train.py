@@ -14,8 +14,10 @@ budget in the weight phase. The library never prints: progress goes to
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
@@ -26,6 +28,7 @@ from torch import nn
 from .batches import Ran, forward, loader_length
 from .config import CompressConfig
 from .controller import SizeMeter, TargetController
+from .distributed import World
 from .errors import DataError, TrainingError
 from .gates import reinforce_surrogate
 from .graph import replace_module, set_training, tn_layers
@@ -71,6 +74,8 @@ class TrainHistory:
     steps: int = 0
     resumed_from: int | None = None  # the step a resumed run started from
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0  # training examples this process saw (a resumed run counts its own)
+    samples_per_rank: list[int] = field(default_factory=list)  # every process's, at the end
 
 
 # ------------------------------------------------------------------ schedules (pure functions)
@@ -123,7 +128,9 @@ class FineTune:
         self.state_file = Path(state_file) if state_file is not None else None
         self.resume_state = resume_state
         self.model, self.teacher, self.loader, self.config = model, teacher, loader, config
-        self.emit = callback or (lambda e: None)
+        self.world = World.current()
+        self.runner = self.world.wrap(model)  # what a training step calls: DDP with several processes
+        self.emit = (callback if self.world.main else None) or (lambda e: None)
         self.evaluate = evaluate
         self.keep_factorized = set(keep_factorized)  # layers that must not go back to dense
         self.history = TrainHistory()
@@ -149,7 +156,7 @@ class FineTune:
 
     # ----------------------------------------------------------------- pieces
     def _forward(self, batch: Any) -> Ran:
-        return forward(self.model, batch, self.config.forward_fn)
+        return forward(self.runner, batch, self.config.forward_fn)
 
     def _teacher_out(self, batch: Any, labels: torch.Tensor | None) -> Ran | None:
         """The original model's output on ``batch``, when a loss will use it."""
@@ -167,9 +174,11 @@ class FineTune:
         batch = next(iter(self.loader))
 
         def loss() -> torch.Tensor:
-            ran = self._forward(batch)
+            ran = forward(self.model, batch, self.config.forward_fn)  # no DDP: nothing to synchronise
             return task_loss(ran, self._teacher_out(batch, ran.labels), self.config)
-        return self.control.calibrate(loss)
+        lam = self.control.calibrate(loss)
+        self.control.lam = self.world.sum([lam])[0] / self.world.size  # every rank starts from the same λ
+        return self.control.lam
 
     def _make_optimizers(self) -> None:
         gates = [p for g in self.meter.gates() for p in g.parameters()]
@@ -186,6 +195,7 @@ class FineTune:
                 replace_module(self.model, name, layer.to_dense())
                 self.history.kept_dense.append(name)
         self.meter.refresh()
+        self.runner = self.world.wrap(self.model)  # DDP must see the pruned parameters
 
     def _snapshot(self) -> None:
         self.good_state, self.good_step = copy.deepcopy(self.model.state_dict()), self.step
@@ -216,6 +226,13 @@ class FineTune:
         task = sum(j.detach() for j in tasks) / len(tasks)
         pen = torch.tensor(sum(sizes) / len(sizes))
         return outs[-1], task, pen, (task + lam * pen).detach()
+
+    def _autocast(self):
+        """bfloat16 autocast for the forward (``config.bf16``), on the model's device type."""
+        if not self.config.bf16:
+            return contextlib.nullcontext()
+        device = next(self.model.parameters()).device
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if torch.isfinite(loss):
@@ -254,7 +271,8 @@ class FineTune:
         self.opt_w.zero_grad(set_to_none=True)
         if self.opt_g is not None:
             self.opt_g.zero_grad(set_to_none=True)
-        out, task, pen, loss = self._objective(batch)
+        with self._autocast():
+            out, task, pen, loss = self._objective(batch)
         self._check_finite(loss)
         if loss.requires_grad:
             loss.backward()
@@ -269,6 +287,7 @@ class FineTune:
                 group["lr"] = lr
         window.add(task, out)
         epoch.add(task, out)
+        self.history.samples += int(out.out.shape[0])
         if not self.frozen and (decision := self.control.update(self.step)) is not None:
             self._freeze(decision)
         if self.step % self.config.log_every == 0 or self.step == self.total:
@@ -320,6 +339,7 @@ class FineTune:
             self.history.frozen_at = self.step
         self._prune_all()
         self.history.steps = self.step
+        self.history.samples_per_rank = [int(n) for n in self.world.gather(self.history.samples)]
         self.history.forced = self.control.forced
         self.history.ratio_before_force = self.control.ratio_before_force
         set_training(self.model, False)
@@ -359,8 +379,8 @@ class FineTune:
         for batch in batches:
             if self.step >= self.total:
                 break
-            if stop.requested:
-                raise RunInterrupted(self.step, self.total, self.save_state(), stop.signum)
+            if self.world.any(stop.requested):  # all ranks stop at the same step boundary
+                raise RunInterrupted(self.step, self.total, self.save_state(), stop.signum or signal.SIGINT)
             self._train_step(batch, window, tally)
             self.batch_in_epoch += 1
             every = self.config.checkpoint_every
@@ -373,9 +393,12 @@ class FineTune:
 
     # ----------------------------------------------------------------- saved state
     def save_state(self) -> Path:
-        """Write everything a resumed run needs to continue from this step boundary."""
+        """Write everything a resumed run needs to continue from this step boundary (rank 0
+        writes it; the ranks hold the same model, gates and optimiser state)."""
         if self.state_file is None:
             raise ResumeError("no state file was given to save the run's state in")
+        if not self.world.main:
+            return self.state_file
         state = {
             "fingerprint": self.fingerprint, "step": self.step, "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch, "frozen": self.frozen,
@@ -400,6 +423,7 @@ class FineTune:
             raise ResumeError(f"the saved model does not fit this run ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]})") from None
         self.meter.refresh()
+        self.runner = self.world.wrap(self.model)
         self.frozen, self.weight_phase_start = state["frozen"], state["weight_phase_start"]
         self._make_optimizers()
         self.opt_w.load_state_dict(state["opt_w"])
