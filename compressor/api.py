@@ -155,10 +155,9 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     Any :class:`CompressConfig` field may be passed as a keyword.  ``eval_loader`` (with
     labels) gives the accuracies in the report.  Returns the slim model and a report.
 
-    ``state_file``: where the run keeps its resumable state (every ``checkpoint_every``
-    steps, and when Ctrl-C or SIGTERM stops it with :class:`~compressor.resume.RunInterrupted`);
-    ``resume=True`` continues the run saved there, which must have the same model, data
-    and options. The file is left in place; delete it once the result is safe.
+    ``state_file``: where the run keeps its resumable state (every ``checkpoint_every`` steps,
+    and on Ctrl-C/SIGTERM, raising :class:`~compressor.resume.RunInterrupted`); ``resume=True``
+    continues the run saved there (same model, data and options). Delete it once safe.
     """
     started = time.perf_counter()
     config = _resolve_config(config, decomp, target, options)
@@ -167,13 +166,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     if eval_loader is not None:
         require_reiterable(eval_loader, "evaluation loader")
     selector = get_selector(config.rank_select)
-    world = World.current()
-    if world.parallel:
-        if selector.gate is not None and selector.gate.score_function:
-            raise ConfigError(f"rank selector {config.rank_select!r} samples several forwards per step, which "
-                              "data-parallel training cannot average; use l0")
-        loader = world.shard(loader)
-        eval_loader = world.shard(eval_loader) if eval_loader is not None else None
+    loader, eval_loader = _shard(config, selector, loader, eval_loader)
     module = as_module(model)
     device = _run_device(config)
     teacher = set_training(copy.deepcopy(module), False)
@@ -183,16 +176,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
     stage = _stage_reporter(callback)
-    stage("planning which layers to factorize")
-    the_plan = graph.plan(module, config, example=example)
-    _check_reachable(the_plan, config)
-    whiten = None
-    if selector.needs_calibration(config):
-        stage(f"calibration: the inputs of {len(the_plan.layers)} layers on {config.calibration_batches} batches")
-        grams = calibration.input_grams(teacher, the_plan, loader, config.calibration_batches, config.forward_fn)
-        whiten = {name: calibration.whitening(g) for name, g in grams.items()}
-    stage(f"choosing the starting layout and ranks of {len(the_plan.layers)} layers ({the_plan.source} plan)")
-    start = selector.prepare(the_plan, module, config, whiten)
+    the_plan, start = _choose_start(module, teacher, loader, example, config, selector, stage)
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
     stage("building the factorized model")
@@ -211,9 +195,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     mark_slim(slim, SlimInfo(the_plan.source, the_plan.dense_params,
                              {s.name: s for s in applied.sites.values() if s.in_graph and s.name in layers},
                              {"decomp": config.decomp, "target": config.target}))
-    acc = history.epochs[-1]["eval_accuracy"] if history.epochs and eval_loader is not None else None
-    if eval_loader is not None and (acc is None or not history.epochs or history.epochs[-1]["step"] != history.steps):
-        acc = evaluate(slim, eval_loader, config.forward_fn)
+    acc = _final_accuracy(slim, history, eval_loader, config.forward_fn)
     params = count_state(slim)
     report = Report(config.decomp, config.target, the_plan.source, the_plan.dense_params, params,
                     the_plan.dense_params / params, _layer_reports(the_plan, applied, initial, layers),
@@ -222,6 +204,44 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                     history.ratio_before_force, history.epochs, count_params(module) / count_params(slim),
                     history.resumed_from, _start_summary(start, start_acc), history.samples_per_rank)
     return CompressResult(slim, report, history)
+
+
+def _final_accuracy(slim: nn.Module, history: TrainHistory, eval_loader: Iterable | None,
+                    forward_fn: ForwardFn | None) -> float | None:
+    """The slim model's accuracy: the last epoch's, unless steps ran after it (then measured)."""
+    if eval_loader is None:
+        return None
+    last = history.epochs[-1] if history.epochs else None
+    if last is not None and last["eval_accuracy"] is not None and last["step"] == history.steps:
+        return last["eval_accuracy"]
+    return evaluate(slim, eval_loader, forward_fn)
+
+
+def _shard(config: CompressConfig, selector: Any, loader: Iterable,
+           eval_loader: Iterable | None) -> tuple[Iterable, Iterable | None]:
+    """This process's share of the data under torchrun (the loaders as given in a single process)."""
+    world = World.current()
+    if not world.parallel:
+        return loader, eval_loader
+    if selector.gate is not None and selector.gate.score_function:
+        raise ConfigError(f"rank selector {config.rank_select!r} samples several forwards per step, which "
+                          "data-parallel training cannot average; use l0")
+    return world.shard(loader), (world.shard(eval_loader) if eval_loader is not None else None)
+
+
+def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, example: Any, config: CompressConfig,
+                  selector: Any, stage: Callable[[str], None]) -> tuple[graph.CompressionPlan, Any]:
+    """Plan the layers, observe their inputs if the selector needs it, and choose how each starts."""
+    stage("planning which layers to factorize")
+    the_plan = graph.plan(module, config, example=example)
+    _check_reachable(the_plan, config)
+    whiten = None
+    if selector.needs_calibration(config):
+        stage(f"calibration: the inputs of {len(the_plan.layers)} layers on {config.calibration_batches} batches")
+        grams = calibration.input_grams(teacher, the_plan, loader, config.calibration_batches, config.forward_fn)
+        whiten = {name: calibration.whitening(g) for name, g in grams.items()}
+    stage(f"choosing the starting layout and ranks of {len(the_plan.layers)} layers ({the_plan.source} plan)")
+    return the_plan, selector.prepare(the_plan, module, config, whiten)
 
 
 def _run_device(config: CompressConfig) -> torch.device | None:
