@@ -128,10 +128,27 @@ class ProgressView:
         self.console = console
         self.progress: Progress | None = None
         self.callback = None
+        self.stage: tuple[str, float] | None = None  # the set-up step under way, since when
+        self.spinner = None
+
+    def _stage_done(self) -> None:
+        """Log the set-up step that just ended, with its duration. A step that fails is never
+        logged, so a bad input still prints its one error line alone."""
+        if self.stage is not None:
+            message, since = self.stage
+            if self.spinner is not None:
+                self.spinner.stop()
+                self.spinner = None
+            self.console.log(f"{message} ({time.perf_counter() - since:.1f} s)")
+            self.stage = None
 
     def __call__(self, event) -> None:
-        if event.kind == "stage":  # set-up before fine-tuning: a timestamped line each
-            (self.progress.console if self.progress is not None else self.console).log(event.message)
+        self._stage_done()
+        if event.kind == "stage":  # set-up before fine-tuning: a spinner while it runs, a line when done
+            self.stage = (event.message, time.perf_counter())
+            if self.console.is_terminal:
+                self.spinner = self.console.status(event.message)
+                self.spinner.start()
             return
         if not self.console.is_terminal:  # a log file or a CI job: plain lines instead of a live bar
             if event.kind == "step":
@@ -149,6 +166,9 @@ class ProgressView:
             self.close()
 
     def close(self) -> None:
+        if self.spinner is not None:  # a set-up step that failed: it vanishes, the error speaks
+            self.spinner.stop()
+            self.spinner = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
