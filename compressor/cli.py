@@ -467,16 +467,20 @@ def run(model: Path, data_spec: str, max_length: int, eval_data: Path | None, ou
     except CompressorError as exc:
         _fail(exc)
     except KeyboardInterrupt as stop:
-        _interrupted(stop, state_file if world.main else None)
+        _interrupted(stop, state_file, quiet=not world.main)
     if world.main:
         _print_summary(result.report, written)
 
 
-def _interrupted(stop: KeyboardInterrupt, state_file: Path | None) -> None:
-    """Ctrl-C: say what was kept and how to go on; exit 128 + the signal number."""
+def _interrupted(stop: KeyboardInterrupt, state_file: Path | None, quiet: bool = False) -> None:
+    """Ctrl-C: say what was kept and how to go on (rank 0 only: ``quiet`` on the others);
+    exit 128 + the signal number."""
     if isinstance(stop, RunInterrupted):
-        click.echo(f"{stop}; run the same command with --resume to continue", err=True)
+        if not quiet:
+            click.echo(f"{stop}; run the same command with --resume to continue", err=True)
         sys.exit(stop.exit_code)
+    if quiet:
+        sys.exit(130)
     saved = " (the last saved state is kept for --resume)" if state_file and state_file.exists() else ""
     click.echo(f"interrupted: no output was written{saved}", err=True)
     sys.exit(130)

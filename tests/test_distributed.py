@@ -117,3 +117,40 @@ def test_a_run_on_the_gpu_keeps_every_core_there(trained_digits_net, digits):  #
     result = compress(trained_digits_net, train, "tr", "4x", epochs=1, eval_loader=test, device="cuda")
     assert all(p.device.type == "cuda" for p in result.model.parameters())
     assert 4.0 <= result.report.ratio <= 4.2
+
+
+def test_ctrl_c_under_torchrun_saves_once_and_resume_finishes_like_an_uninterrupted_run(digits_pt2, tmp_path):
+    """torchrun passes Ctrl-C to every rank; the ranks agree on the step to stop at, rank 0
+    saves the state, and --resume under torchrun ends where the uninterrupted run does."""
+    import signal
+    import time
+
+    common = [digits_pt2, "--target", "4x", "--data", "digits", "--epochs", "4", "--batch-size", "16"]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    r = _torchrun([*common, "-o", ref / "slim.safetensors", "--report-json", ref / "report.json"], 2, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    args = [*common, "-o", out / "slim.safetensors", "--report-json", out / "report.json", "--checkpoint-every", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "compressor", *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "slim.resume.pt"
+    deadline = time.monotonic() + 300
+    while not state.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and state.exists(), err[-3000:]
+    assert not (out / "slim.safetensors").exists()
+    assert err.count("run the same command with --resume") == 1, err[-3000:]  # rank 0 alone says it
+    r = _torchrun([*args, "--resume"], 2, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = (json.loads((d / "report.json").read_text()) for d in (out, ref))
+    assert got["resumed_from"] is not None and got["steps"] == want["steps"]
+    assert [l["final_ranks"] for l in got["layers"]] == [l["final_ranks"] for l in want["layers"]]
+    assert got["ratio"] == want["ratio"] and abs(got["accuracy"] - want["accuracy"]) < 1e-9
+    assert not state.exists()
