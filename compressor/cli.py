@@ -186,11 +186,16 @@ def _progress_callback(progress: Progress, task_id):
                     fields["acc"] = f"{100 * event.accuracy:.1f}%"
             if event.kind == "epoch" and event.eval_accuracy is not None:
                 fields["test"] = f"{100 * event.eval_accuracy:.2f}%"
-            fields["phase"] = "weights" if event.frozen else "gates+weights"
+            fields["phase"] = _phase(event)
             progress.update(task_id, total=event.total_steps or None, completed=event.step, **fields)
         if event.kind in ("freeze", "force", "epoch"):
             progress.console.log(_event_line(event))
     return callback
+
+
+def _phase(event) -> str:
+    """Which parameters the run is training at this event."""
+    return "weights" if event.frozen else "gates+weights"
 
 
 def _event_line(event) -> str:
@@ -206,8 +211,7 @@ def _event_line(event) -> str:
 def _step_line(event) -> str:
     """A progress event as one plain line (for output that is not a terminal)."""
     acc = f" acc {100 * event.accuracy:.1f}%" if event.accuracy is not None else ""
-    phase = "weights" if event.frozen else "gates+weights"
-    return (f"step {event.step}/{event.total_steps} {phase}: loss {event.task_loss:.4f} ratio {event.ratio:.3f}x"
+    return (f"step {event.step}/{event.total_steps} {_phase(event)}: loss {event.task_loss:.4f} ratio {event.ratio:.3f}x"
             f" lambda {event.lam:.3g}{acc}")
 
 

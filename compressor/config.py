@@ -89,7 +89,7 @@ def forward_function(label: str, value: Any) -> None:
         raise ConfigError(f"{label} must be callable as {label}(model, batch) -> (output, labels)")
 
 
-def _device(label: str, value: Any) -> None:
+def device_name(label: str, value: Any) -> None:
     try:
         torch.device(value)
     except (RuntimeError, TypeError):
@@ -193,7 +193,7 @@ class CompressConfig:
         "help": "per-layer initial rank override, {fqn: int or [bond sizes]}", "check": rank_map})
     device: str | None = field(default=None, metadata={
         "help": "where the run computes, e.g. cpu, cuda, cuda:1 (default: where the model is)",
-        "check": lambda label, value: _device(label, value)})
+        "check": device_name})
     bf16: bool = field(default=False, metadata={
         "help": "fine-tune under bfloat16 autocast (weights stay in their dtype)"})
     seed: int = field(default=0, metadata={

@@ -38,6 +38,12 @@ from .gates import L0Gate
 EXPORT_BATCH_HINT = 256
 
 
+def whitened_tensor(weight_t: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """``L^T W^T`` (float64) for a Linear's ``W^T`` (in x out) and its input factor ``L``
+    (``G = L L^T``): the truncation error of this matrix is the layer's output error."""
+    return whiten.T @ weight_t.to(torch.float64)
+
+
 def _nontrivial(modes: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(m) for m in modes if int(m) > 1)
 
@@ -433,7 +439,7 @@ class TNLayer(nn.Module):
         if whiten is not None:
             if len(_nontrivial(tz[0])) != 1:
                 raise ConfigError(f"a whitened start needs the whole input in one core, not modes {tuple(tz[0])}")
-            tensor = whiten.T @ tensor.to(torch.float64)
+            tensor = whitened_tensor(tensor, whiten)
         cores = tn.decompose(tensor.reshape(self.modes), self.decomp, self.ranks, generator)
         if whiten is not None:
             first = cores[0]  # (r0, in, r1)

@@ -43,7 +43,7 @@ from . import tensornet as tn
 from .errors import CompressorError, ConfigError, TargetError
 from .gates import BernoulliGate, Gate, L0Gate
 from .graph import CompressionPlan, LayerPlan, layer_size, layer_weight, plan_modes
-from .layers import layer_class
+from .layers import layer_class, whitened_tensor
 
 #: The baselines (uniform, energy, svd) never use a bond above this: beyond it training
 #: cost grows with no gain on small models. The gated selectors start where the weights say.
@@ -178,11 +178,6 @@ def single_input_core(lay: Layout) -> bool:
     return len([m for m in lay.tensorization[0] if m > 1]) == 1
 
 
-def whitened_tensor(weight_t: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
-    """``L^T W^T`` (float64) for a Linear's ``W^T`` (in x out): its error is the output error."""
-    return whiten.T @ weight_t.to(torch.float64)
-
-
 def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout],
                      whiten: torch.Tensor | None = None) -> list[tuple[Layout, tn.TruncationPath]]:
     """Each layout's TT-SVD truncation path from the layer's pretrained weight (whitened by the
@@ -193,13 +188,13 @@ def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout],
     """
     cls = layer_class(lp.kind)
     weight = layer_weight(module, lp)
-    if whiten is not None:
-        weight = whitened_tensor(cls.weight_tensor(weight), whiten).T  # weight_tensor transposes back
+    # Whitened layers are Linear kinds, whose matrix does not depend on the layout: whiten it once.
+    whitened = whitened_tensor(cls.weight_tensor(weight), whiten) if whiten is not None else None
     spectra: dict[tuple[int, int], torch.Tensor] = {}
     flats: dict[int, torch.Tensor] = {}  # by padded size: an embedding's layouts may pad its vocabulary
     out = []
     for lay in layouts:
-        flat = cls.weight_tensor(weight, lay.tensorization).detach().reshape(-1)
+        flat = (whitened if whitened is not None else cls.weight_tensor(weight, lay.tensorization)).detach().reshape(-1)
         flat = flats.setdefault(flat.numel(), flat.to(torch.float64))
         bonds = []
         for k in range(len(lay.modes) - 1):
