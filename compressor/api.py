@@ -23,6 +23,7 @@ from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .graph import as_module, count_params, count_state, set_training, tn_layers
 from .checkpoint import SlimInfo, mark_slim
 from .selectors import get_selector, min_params
+from .blocks import shared_blocks
 from .batches import ForwardFn, check_labels, describe_inputs, forward, require_reiterable, split_batch
 from .losses import count_correct
 from .resume import load_state
@@ -173,6 +174,8 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     if device is not None:
         teacher.to(device)
     has_labels, first_batch = check_batch(teacher, loader, config.forward_fn)
+    if config.distill_hidden > 0:
+        shared_blocks(module, teacher)  # a model without repeated blocks fails now, not after calibration
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
     stage = _stage_reporter(callback)
@@ -180,12 +183,12 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
     stage("building the factorized model")
-    applied = graph.apply(module, the_plan, config, make_gate=selector.gate_factory(config))
+    applied = graph.apply(module, the_plan, config, make_gate=selector.gate_factory(config, len(the_plan.layers)))
     if device is not None:
         applied.model.to(device)
     _check_applied(applied.model, first_batch, config.forward_fn)
     initial = {name: layer.ranks for name, layer in tn_layers(applied.model).items()}
-    use_teacher = teacher if (not has_labels or config.distill > 0) else None
+    use_teacher = teacher if (not has_labels or config.distill > 0 or config.distill_hidden > 0) else None
     evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
     start_acc = evaluate_fn(applied.model) if evaluate_fn is not None and saved is None else None  # step 0
     slim, history = finetune(applied.model, use_teacher, loader, config, the_plan.dense_params, callback,

@@ -38,6 +38,7 @@ class Ran:
     KL between softmaxes means something), ``"hidden"`` (features: compared by MSE) or
     ``"tensor"`` (a bare tensor: logits when 2-D, else treated as features). ``mask`` marks
     the real tokens of a padded batch (its ``attention_mask``), so padding is not learned.
+    ``hidden`` holds the blocks' outputs when a :class:`~compressor.blocks.BlockRecorder` took them.
     """
 
     out: torch.Tensor
@@ -45,6 +46,7 @@ class Ran:
     mask: torch.Tensor | None = None
     kind: str = "tensor"
     next_token: bool = False  # position t scores token t + 1 (a causal LM): labels shift by one
+    hidden: list[torch.Tensor] | None = None  # each block's output, when hidden-state distillation records them
 
 
 def predicts_next_token(model: nn.Module) -> bool:

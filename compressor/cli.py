@@ -405,8 +405,8 @@ def output_options(command):
 
 
 #: The CompressConfig fields the main command offers, in --help order.
-RUN_CONFIG = ("epochs", ("lam", "--lambda"), "sigma", "rank", "rank_select", "init", "calibration_batches", "start",
-              "start_error", "max_steps", "gate_fraction", "distill_loss", "log_every", "lr", "device")
+RUN_CONFIG = ("epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "rank_select", "init", "calibration_batches", "start",
+              "start_error", "max_steps", "gate_fraction", "distill_loss", "distill_hidden", "log_every", "lr", "device")
 
 
 def config_options(command):

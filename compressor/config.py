@@ -143,6 +143,10 @@ class CompressConfig:
         "help": "training batches whose layer inputs fit an activations start", "check": positive_int})
     sigma: float = field(default=0.5, metadata={
         "help": "gate noise std (0.5 works best in the IJCAI 2024 paper)", "check": positive})
+    gate_margin: float | None = field(default=None, metadata={
+        "help": "gate means start this many sigmas above 1, so training noise spares the start (default: 0 "
+                "for up to 16 factorized layers, 2 for deeper stacks, whose layers multiply each other's noise)",
+        "check": finite_non_negative, "label": "gate margin"})
     lam: float | None = field(default=None, metadata={
         "help": "initial l0 penalty weight; the target controller adapts it (default: calibrated)",
         "check": finite_non_negative, "label": "lambda"})
@@ -174,6 +178,11 @@ class CompressConfig:
         "help": "weight of distillation from the original model when labels exist (0 = off); "
                 "without labels the run always distils",
         "check": finite_non_negative, "label": "distill weight"})
+    distill_hidden: float = field(default=0.0, metadata={
+        "help": "weight of matching every block's hidden states to the original model's (CoFi-style, per "
+                "channel, padding excluded), with or without labels; for models built of repeated blocks "
+                "such as transformers (0 = off)",
+        "check": finite_non_negative, "label": "distill-hidden weight"})
     distill_loss: str = field(default="auto", metadata={
         "help": "kl on logits, mse on outputs, or auto (KL for logits, also per token; MSE for hidden states)",
         "choices": DISTILL_LOSSES, "label": "distillation loss"})

@@ -37,7 +37,7 @@ PLAN_REACHES_TARGET_AT = 0.8
 LAMBDA_UP, LAMBDA_DOWN, LAMBDA_FLOOR = 1.15, 0.93, 1e-4
 #: Calibrated λ starts this far below the balance of task and penalty gradients.
 CALIBRATION_SHARE = 0.05
-#: Gate means are kept in [MU_LOW, 1 + sigma] (see :meth:`TargetController.bound_gates`).
+#: Gate means are kept in [MU_LOW, gate.ceiling] (see :meth:`TargetController.bound_gates`).
 MU_LOW = -1.0
 #: Forced closing re-ranks the slices after closing 1/FORCE_ROUNDS of the open ones (at
 #: least one): a small net is closed one slice at a time, an LLM's ~10^5 slices in a few
@@ -146,12 +146,25 @@ class TargetController:
         backward of ``task()`` (the task loss on the first batch) sets the scale for any
         model and data. Starting well below the balance point lets only the least useful
         slices close at first; :meth:`update` raises λ from there as the plan demands.
+
+        Both gradients are taken as if every gate stood at most at 1, where it starts to
+        matter: gates parked higher (a deep stack's start margin) have next to no gradient
+        of either kind, and a ratio of two vanishing numbers would set λ at random.
         """
         mus = [g.mu for g in self.meter.gates()]
         if not mus:
             return self.lam
-        g_task = torch.autograd.grad(task(), mus, allow_unused=True)
-        g_pen = torch.autograd.grad(self.penalty(), mus, allow_unused=True)
+        parked = [mu.detach().clone() for mu in mus]
+        with torch.no_grad():
+            for mu in mus:
+                mu.clamp_(max=1.0)
+        try:
+            g_task = torch.autograd.grad(task(), mus, allow_unused=True)
+            g_pen = torch.autograd.grad(self.penalty(), mus, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for mu, value in zip(mus, parked):
+                    mu.copy_(value)
         t = sum(float(g.abs().sum()) for g in g_task if g is not None)
         p = sum(float(g.abs().sum()) for g in g_pen if g is not None)
         if p > 0 and math.isfinite(t) and t > 0:
@@ -175,16 +188,16 @@ class TargetController:
         return None
 
     def bound_gates(self) -> None:
-        """Keep gate means in [-1, 1 + sigma].
+        """Keep gate means in [-1, ceiling] (1 + sigma, or a higher start).
 
-        Beyond 1 + sigma a slice is open in every sample and its penalty gradient,
+        Beyond 1 + sigma a slice is open in nearly every sample and its penalty gradient,
         Φ'(μ/σ), vanishes: the task loss would park useful slices out of the penalty's
         reach, and the controller could no longer trade them off. Nothing observable
         changes: eval gates are clamp(μ, 0, 1) = 1 there.
         """
         with torch.no_grad():
             for g in self.meter.gates():
-                g.mu.clamp_(MU_LOW, 1.0 + getattr(g, "sigma", 0.0))
+                g.mu.clamp_(MU_LOW, getattr(g, "ceiling", 1.0))
 
     def force(self) -> int:
         """Close the least valuable slices, per parameter saved, until the target holds.

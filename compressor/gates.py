@@ -5,8 +5,13 @@ Each rank slice j has a learnable ``mu_j``.  Training uses the Gaussian relaxati
 ``z = clamp(mu, 0, 1)``; the expected number of open slices is ``sum Phi(mu / sigma)``.
 
 Parametrisation: ``mu`` is used as written (no hidden shift) and starts at
-:data:`MU_INIT` = 1.0, so every gate is exactly 1 in evaluation (the gated model equals
-the plain decomposed model); training noise dims a slice only when it draws ε < 0.
+``1 + margin * sigma`` (:func:`start_margin`), so every gate is exactly 1 in evaluation
+(the gated model equals the plain decomposed model); training noise dims a slice only when
+it draws ε < -margin·σ. At margin 0 (:data:`MU_INIT` = 1, small nets) half the samples dim
+every slice, a useful regulariser; a deep stack multiplies that noise through every layer
+(SmolLM2-135M: 7.7 nats/token of KL to the dense model in training mode against 1.5 in
+evaluation at margin 0, 1.6 at margin 2), so deep stacks start two sigmas higher and let
+the penalty bring each slice down to where its noise is worth measuring.
 
 The REINFORCE baseline (supplementary §2.1) lives here too: its Bernoulli gate and the
 score-function surrogate that trains it (:func:`reinforce_surrogate`).
@@ -22,6 +27,18 @@ from torch import nn
 from .errors import ConfigError
 
 MU_INIT = 1.0
+#: More factorized layers than this make a deep stack, whose gates start
+#: :data:`DEEP_MARGIN` sigmas above 1 unless the run says otherwise.
+DEEP_STACK = 16
+DEEP_MARGIN = 2.0
+
+
+def start_margin(margin: float | None, layers: int) -> float:
+    """How many sigmas above 1 the gate means start: ``margin`` if given, else 0 for a
+    shallow model and :data:`DEEP_MARGIN` beyond :data:`DEEP_STACK` factorized layers."""
+    if margin is not None:
+        return float(margin)
+    return DEEP_MARGIN if layers > DEEP_STACK else 0.0
 
 
 def std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +82,8 @@ class L0Gate(Gate):
     """Diagonal gate between two cores; one ``mu`` per rank slice.
 
     Reopening sets z = 0.05: the function barely changes, and the weights may grow the
-    slice back during fine-tuning.
+    slice back during fine-tuning. ``ceiling`` is the highest ``mu`` the controller lets
+    the task push a slice to: 1 + sigma, or the start if that is higher.
     """
 
     def __init__(self, size: int, sigma: float = 0.5, mu_init: float = MU_INIT, dtype=None):
@@ -75,6 +93,7 @@ class L0Gate(Gate):
         if not sigma > 0:
             raise ConfigError(f"sigma must be > 0, got {sigma}")
         self.sigma = float(sigma)
+        self.ceiling = max(1.0 + self.sigma, float(mu_init))
         self.mu = nn.Parameter(torch.full((size,), float(mu_init), dtype=dtype or torch.get_default_dtype()))
 
     def extra_repr(self) -> str:

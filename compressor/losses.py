@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import Ran
+from .blocks import hidden_loss
 from .config import CompressConfig
 
 #: Label value that marks a position to ignore (the PyTorch and Hugging Face convention).
@@ -75,10 +76,14 @@ def count_correct(ran: Ran) -> tuple[int, int]:
 
 
 def task_loss(student: Ran, teacher: Ran | None, config: CompressConfig) -> torch.Tensor:
-    """Cross-entropy on labels (+ optional distillation), or pure distillation without labels."""
+    """Cross-entropy on labels (+ optional distillation), or pure distillation without labels;
+    plus, with ``distill_hidden``, the blocks' hidden states matched to the original's."""
     if student.labels is None:
-        return distill_loss(student, teacher, config.distill_loss, config.temperature)
-    loss = label_loss(student)
-    if teacher is not None and config.distill > 0:
-        loss = loss + config.distill * distill_loss(student, teacher, config.distill_loss, config.temperature)
+        loss = distill_loss(student, teacher, config.distill_loss, config.temperature)
+    else:
+        loss = label_loss(student)
+        if teacher is not None and config.distill > 0:
+            loss = loss + config.distill * distill_loss(student, teacher, config.distill_loss, config.temperature)
+    if teacher is not None and config.distill_hidden > 0 and student.hidden is not None:
+        loss = loss + config.distill_hidden * hidden_loss(student.hidden, teacher.hidden or [], student.mask)
     return loss

@@ -31,7 +31,7 @@ Selectors mutate only the plan they are given.
 from __future__ import annotations
 
 import copy
-
+import heapq
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Iterable, Mapping
@@ -41,12 +41,13 @@ from torch import nn
 
 from . import tensornet as tn
 from .errors import CompressorError, ConfigError, TargetError
-from .gates import BernoulliGate, Gate, L0Gate
+from .gates import BernoulliGate, Gate, L0Gate, start_margin
 from .graph import CompressionPlan, LayerPlan, layer_size, layer_weight, plan_modes
 from .layers import layer_class, whitened_tensor
 
-#: The baselines (uniform, energy, svd) never use a bond above this: beyond it training
-#: cost grows with no gain on small models. The gated selectors start where the weights say.
+#: The uniform baseline never uses a bond above this: beyond it training cost grows with no
+#: gain on small models. energy and svd allocate from full rank (a cap would leave them far
+#: past a mild target on a wide model); the gated selectors start where the weights say.
 MAX_RANK = 64
 
 
@@ -327,36 +328,52 @@ def uniform_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> int:
 
 
 def energy_ranks(the_plan: CompressionPlan, module: nn.Module, target: float, decomp: str) -> None:
-    """Greedy global truncation by singular-value energy per parameter (closing bond 1)."""
-    state = {}
+    """Greedy global truncation by singular-value energy per parameter (closing bond 1).
+
+    Every bond starts at its full TT-SVD rank; the slice that loses the least relative
+    energy per parameter saved is dropped until the whole model meets ``target``. A heap
+    keeps this fast on LLMs (hundreds of layers, bonds in the hundreds): only the bonds of
+    the layer just cut are re-scored (a bond's saving depends on its neighbours).
+    """
+    state: dict[str, tuple[LayerPlan, list[torch.Tensor], list[int]]] = {}
     for lp in the_plan.layers:
         modes = plan_modes(lp)
-        caps = [min(c, MAX_RANK) for c in tn.max_ranks(modes, "tt")]
+        caps = tn.max_ranks(modes, "tt")
         w = layer_class(lp.kind).weight_tensor(layer_weight(module, lp), lp.tensorization)
         spectra = unfolding_spectra(w, modes, caps)
-        ranks = [min(caps[k], len(spectra[k])) for k in range(len(modes) - 1)] + [1]
-        state[lp.name] = (lp, spectra, ranks)
-    ranks_of = {name: st[2] for name, st in state.items()}
-    while the_plan.dense_params / plan_params(the_plan, ranks_of, "tt") < target:
-        best = None
-        for name, (lp, spectra, ranks) in state.items():
-            now = layer_size(lp, ranks, "tt")
-            for k in range(len(ranks) - 1):
-                if ranks[k] <= 1:
-                    continue
+        state[lp.name] = (lp, spectra, [min(caps[k], len(spectra[k])) for k in range(len(modes) - 1)] + [1])
+    counted = {name: min(layer_size(lp, ranks, "tt"), lp.params_before) for name, (lp, _, ranks) in state.items()}
+    total = the_plan.dense_params + sum(counted[lp.name] - lp.params_before for lp in the_plan.layers)
+    version = dict.fromkeys(state, 0)
+    heap: list[tuple[float, int, str, int]] = []
+
+    def push_bonds(name: str) -> None:
+        lp, spectra, ranks = state[name]
+        now = layer_size(lp, ranks, "tt")
+        for k in range(len(ranks) - 1):
+            if ranks[k] > 1:
                 trial = list(ranks)
                 trial[k] -= 1
                 saved = now - layer_size(lp, trial, "tt")
-                if saved <= 0:
-                    continue
-                loss = float(spectra[k][ranks[k] - 1])
-                score = loss / saved
-                if best is None or score < best[0]:
-                    best = (score, name, k)
-        if best is None:
+                if saved > 0:
+                    heapq.heappush(heap, (float(spectra[k][ranks[k] - 1]) / saved, version[name], name, k))
+
+    for name in state:
+        push_bonds(name)
+    while the_plan.dense_params / total < target:
+        if not heap:
             raise TargetError(f"energy allocation cannot reach {target:g}x")
-        state[best[1]][2][best[2]] -= 1
-    for name, (lp, _, ranks) in state.items():
+        _, seen, name, k = heapq.heappop(heap)
+        if seen != version[name]:
+            continue  # scored before this layer's last cut
+        lp, _, ranks = state[name]
+        ranks[k] -= 1
+        size = min(layer_size(lp, ranks, "tt"), lp.params_before)
+        total += size - counted[name]
+        counted[name] = size
+        version[name] += 1
+        push_bonds(name)
+    for lp, _, ranks in state.values():
         lp.rank = list(ranks)
 
 
@@ -476,8 +493,9 @@ class RankSelector:
         ``activations``)."""
         raise NotImplementedError
 
-    def gate_factory(self, config: Any) -> Callable[[int, torch.dtype], Gate] | None:
-        """``make_gate(size, dtype)`` for the layers' bonds, or None for an ungated model."""
+    def gate_factory(self, config: Any, layers: int = 0) -> Callable[[int, torch.dtype], Gate] | None:
+        """``make_gate(size, dtype)`` for the bonds of a model with ``layers`` factorized
+        layers, or None for an ungated model."""
         return None
 
     def needs_calibration(self, config: Any) -> bool:
@@ -516,15 +534,16 @@ class L0Selector(RankSelector, name="l0"):
             start.chosen = "ladder"
         return start
 
-    def gate_factory(self, config: Any) -> Callable[[int, torch.dtype], Gate]:
-        return lambda size, dtype: L0Gate(size, config.sigma, dtype=dtype)
+    def gate_factory(self, config: Any, layers: int = 0) -> Callable[[int, torch.dtype], Gate]:
+        mu = 1.0 + start_margin(config.gate_margin, layers) * config.sigma
+        return lambda size, dtype: L0Gate(size, config.sigma, mu_init=mu, dtype=dtype)
 
 
 class ReinforceSelector(L0Selector, name="reinforce"):
     help = "Bernoulli gates trained by REINFORCE (supplementary §2.1), M samples per step"
     gate = BernoulliGate
 
-    def gate_factory(self, config: Any) -> Callable[[int, torch.dtype], Gate]:
+    def gate_factory(self, config: Any, layers: int = 0) -> Callable[[int, torch.dtype], Gate]:
         return lambda size, dtype: BernoulliGate(size, dtype=dtype)
 
 

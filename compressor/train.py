@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .batches import Ran, forward, loader_length
+from .blocks import BlockRecorder, shared_blocks
 from .config import CompressConfig
 from .controller import SizeMeter, TargetController
 from .distributed import World
@@ -153,17 +154,36 @@ class FineTune:
         self.epoch_rng: dict[str, Any] | None = None  # random state as the current epoch began
         self.tallies = (_Tally(), _Tally())  # (progress window, current epoch)
         self._resume_at: dict[str, Any] | None = None  # where a resumed run re-enters its epoch
+        # (student, original) recorders of the blocks' outputs, for hidden-state distillation
+        self.recorders: tuple[BlockRecorder, BlockRecorder] | None = None
+        if config.distill_hidden > 0 and teacher is not None:
+            names = shared_blocks(model, teacher)
+            self.recorders = (BlockRecorder(model, names), BlockRecorder(teacher, names))
 
     # ----------------------------------------------------------------- pieces
-    def _forward(self, batch: Any) -> Ran:
-        return forward(self.runner, batch, self.config.forward_fn)
+    def _forward(self, batch: Any, model: nn.Module | None = None) -> Ran:
+        return self._recorded(0, model or self.runner, batch)
 
     def _teacher_out(self, batch: Any, labels: torch.Tensor | None) -> Ran | None:
         """The original model's output on ``batch``, when a loss will use it."""
-        if self.teacher is None or (labels is not None and self.config.distill <= 0):
+        if self.teacher is None or (labels is not None and self.config.distill <= 0
+                                    and self.config.distill_hidden <= 0):
             return None
         with torch.no_grad():
-            return forward(self.teacher, batch, self.config.forward_fn)
+            return self._recorded(1, self.teacher, batch)
+
+    def _recorded(self, which: int, model: nn.Module, batch: Any) -> Ran:
+        """``forward``, with the blocks' outputs when hidden-state distillation needs them."""
+        if self.recorders is None:
+            return forward(model, batch, self.config.forward_fn)
+        recorder = self.recorders[which]
+        recorder.on = True
+        try:
+            ran = forward(model, batch, self.config.forward_fn)
+        finally:
+            recorder.on = False
+        ran.hidden = recorder.take()
+        return ran
 
     def _calibrate(self) -> float:
         if self.config.lam is not None:
@@ -174,7 +194,7 @@ class FineTune:
         batch = next(iter(self.loader))
 
         def loss() -> torch.Tensor:
-            ran = forward(self.model, batch, self.config.forward_fn)  # no DDP: nothing to synchronise
+            ran = self._forward(batch, self.model)  # no DDP: nothing to synchronise
             return task_loss(ran, self._teacher_out(batch, ran.labels), self.config)
         lam = self.control.calibrate(loss)
         self.control.lam = self.world.sum([lam])[0] / self.world.size  # every rank starts from the same λ
@@ -323,16 +343,20 @@ class FineTune:
         With a ``state_file``, Ctrl-C or SIGTERM stops at the next step boundary, saves the
         state there and raises :class:`~compressor.resume.RunInterrupted`.
         """
-        self._start()
-        self.emit(TrainEvent("start", self.step, self.total, self.epoch,
-                             ratio=self.control.start_ratio if self.step == 0 else self.meter.ratio(),
-                             lam=self.control.lam, frozen=self.frozen))
-        if self.teacher is not None:
-            set_training(self.teacher, False)
-        self._snapshot()
-        with StopRequest(enabled=self.state_file is not None) as stop:
-            while self.step < self.total:
-                self._run_epoch(stop)
+        try:
+            self._start()
+            self.emit(TrainEvent("start", self.step, self.total, self.epoch,
+                                 ratio=self.control.start_ratio if self.step == 0 else self.meter.ratio(),
+                                 lam=self.control.lam, frozen=self.frozen))
+            if self.teacher is not None:
+                set_training(self.teacher, False)
+            self._snapshot()
+            with StopRequest(enabled=self.state_file is not None) as stop:
+                while self.step < self.total:
+                    self._run_epoch(stop)
+        finally:
+            for recorder in self.recorders or ():
+                recorder.close()  # the models go back to the caller without hooks
         if not self.frozen:  # budget ended inside the gate phase (e.g. epochs=0 or tiny max_steps)
             if not self.control.reached:
                 self.control.force()

@@ -47,3 +47,22 @@ def test_close_reopen_and_open_count():
 def test_starts_fully_open():
     g = L0Gate(8).eval()
     assert torch.equal(g(), torch.ones(8))
+
+
+def test_start_margin_is_zero_for_shallow_models_two_sigmas_for_deep_stacks_and_explicit_wins():
+    from compressor.gates import DEEP_STACK, start_margin
+
+    assert start_margin(None, 4) == 0.0
+    assert start_margin(None, DEEP_STACK) == 0.0
+    assert start_margin(None, DEEP_STACK + 1) == 2.0
+    assert start_margin(0.0, 200) == 0.0 and start_margin(1.5, 3) == 1.5
+
+
+def test_a_start_margin_keeps_training_samples_at_one_and_eval_unchanged():
+    torch.manual_seed(0)
+    plain, high = L0Gate(2000, sigma=0.5), L0Gate(2000, sigma=0.5, mu_init=2.0)
+    assert torch.equal(plain.eval()(), high.eval()())  # both exactly 1: the start is the same model
+    dimmed = lambda g: float((g.train()() < 1).float().mean())  # noqa: E731
+    assert dimmed(plain) == pytest.approx(0.5, abs=0.04)
+    assert dimmed(high) == pytest.approx(1 - 0.5 * (1 + math.erf(2 / math.sqrt(2))), abs=0.01)  # P(eps < -2 sigma)
+    assert high.ceiling == 2.0 and plain.ceiling == 1.5

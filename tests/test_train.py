@@ -52,6 +52,34 @@ def test_gate_means_are_bounded(trained_digits_net):
     assert float(gate.mu[0].detach()) == 1.0 + gate.sigma and float(gate.mu[1].detach()) == -1.0
 
 
+def test_gates_started_above_the_usual_bound_are_not_pulled_down(trained_digits_net):
+    config = CompressConfig(target=4.0, rank=16)
+    the_plan = plan(trained_digits_net, config)
+    gm = apply(trained_digits_net, the_plan, config,
+               make_gate=lambda size, dtype: L0Gate(size, mu_init=2.0, dtype=dtype)).model
+    meter = SizeMeter(gm, the_plan.dense_params)
+    gate = meter.gates()[0]
+    with torch.no_grad():
+        gate.mu[1] = 7.0
+    _controller(meter, 10.0).bound_gates()
+    assert float(gate.mu[0].detach()) == 2.0 and float(gate.mu[1].detach()) == 2.0
+
+
+def test_calibration_ignores_how_far_above_one_the_gates_are_parked(trained_digits_net, digits):
+    x, y = digits[0][:64], digits[1][:64]
+    lams = []
+    for mu in (1.0, 2.0):
+        config = CompressConfig(target=4.0, rank=16)
+        the_plan = plan(trained_digits_net, config)
+        gm = apply(trained_digits_net, the_plan, config,
+                   make_gate=lambda size, dtype: L0Gate(size, mu_init=mu, dtype=dtype)).model
+        meter = SizeMeter(gm, the_plan.dense_params)
+        torch.manual_seed(0)
+        lams.append(_controller(meter, 10.0).calibrate(lambda: torch.nn.functional.cross_entropy(gm(x), y)))
+        assert all(float(g.mu.detach().min()) == mu for g in meter.gates())  # parked where they were
+    assert lams[1] == pytest.approx(lams[0], rel=1e-6)
+
+
 def test_planned_ratio_is_geometric_and_reaches_the_target_early():
     assert planned_ratio(2.0, 8.0, 0, 100) == pytest.approx(2.0)
     assert planned_ratio(2.0, 8.0, 40, 100) == pytest.approx(4.0)  # halfway to 80 %: geometric mean

