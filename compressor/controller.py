@@ -43,6 +43,8 @@ MU_LOW = -1.0
 #: least one): a small net is closed one slice at a time, an LLM's ~10^5 slices in a few
 #: hundred rounds instead of 10^5 full re-rankings.
 FORCE_ROUNDS = 256
+#: Forced closing first keeps every bond at 1 / (FORCE_FLOOR x target) of its starting size.
+FORCE_FLOOR = 2.0
 
 
 class SizeMeter:
@@ -207,22 +209,28 @@ class TargetController:
         scales are arbitrary between bonds, and a share protects narrow bonds, whose last
         slices carry everything (cutting one to rank 1 is a bottleneck fine-tuning cannot
         repair). Its cost is the parameters it frees. Returns the number of slices closed.
+
+        Shares per parameter favour cutting wide, costly bonds, and unchecked they would
+        gut one layer (SmolLM2's tied embedding went from rank 570 to 7 at a 1.5x target).
+        So no bond is first cut below 1 / (:data:`FORCE_FLOOR` x target) of the slices it
+        started with; only if the target still does not hold is that floor dropped.
         """
         self.ratio_before_force = self.meter.ratio()
         self.forced = True
         closed = 0
         layers = self.meter.gated_layers()
-        while self.meter.ratio() < self.target:
-            ranked = sorted((c for layer in layers for c in _closing_candidates(layer)), key=lambda c: c[0])
-            if not ranked:
-                break  # nothing left to close: the caller checked reachability up front
-            taken: dict[int, int] = {}  # per bond this round: never more than half its open slices
-            for _, gate, j, still_open in ranked[: max(1, len(ranked) // FORCE_ROUNDS)]:
-                if taken.get(id(gate), 0) >= max(1, still_open // 2) or self.meter.ratio() >= self.target:
-                    continue
-                gate.close(j)
-                taken[id(gate)] = taken.get(id(gate), 0) + 1
-                closed += 1
+        for share in (1.0 / (FORCE_FLOOR * self.target), 0.0):
+            while self.meter.ratio() < self.target:
+                ranked = sorted((c for layer in layers for c in _closing_candidates(layer, share)), key=lambda c: c[0])
+                if not ranked:
+                    break  # nothing left to close above this floor
+                taken: dict[int, int] = {}  # per bond this round: never more than half its open slices
+                for _, gate, j, still_open in ranked[: max(1, len(ranked) // FORCE_ROUNDS)]:
+                    if taken.get(id(gate), 0) >= max(1, still_open // 2) or self.meter.ratio() >= self.target:
+                        continue
+                    gate.close(j)
+                    taken[id(gate)] = taken.get(id(gate), 0) + 1
+                    closed += 1
         return closed
 
     def give_back(self) -> int:
@@ -248,14 +256,14 @@ class TargetController:
         return reopened
 
 
-def _closing_candidates(layer: TNLayer):
+def _closing_candidates(layer: TNLayer, floor_share: float = 0.0):
     """(value per parameter, gate, slice, open slices of its bond) of every open slice of each
-    bond but its last."""
+    bond that has more than its floor (``floor_share`` of its starting size, at least 1) open."""
     ranks = layer.open_ranks()
     n = len(layer.modes)
     for key, gate in layer.gates.items():
         k = int(key)
-        if ranks[k] <= 1:
+        if ranks[k] <= max(1, math.ceil(floor_share * gate.mu.numel())):
             continue
         mask = gate.open_mask()
         with torch.no_grad():

@@ -158,3 +158,37 @@ def test_force_on_thousands_of_slices_closes_the_least_valuable_in_rounds_and_la
     assert target <= meter.ratio() <= 1.01 * target
     shut = torch.nonzero(~layer.gates["0"].open_mask()).flatten()
     assert len(shut) == closed and set(shut.tolist()) <= set(weak.tolist())
+
+
+class _WideAndNarrow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wide = torch.nn.Linear(2048, 256, bias=False)
+        self.narrow = torch.nn.Linear(64, 64, bias=False)
+
+    def forward(self, x):
+        return self.narrow(self.wide(x)[:, :64])
+
+
+def test_forced_closing_keeps_a_floor_on_every_bond_and_drops_it_only_when_the_target_needs_it():
+    """Value per parameter favours the widest, costliest bond; the floor keeps it at
+    1 / (FORCE_FLOOR x target) of its start while other bonds can still give."""
+    from compressor.controller import FORCE_FLOOR
+
+    torch.manual_seed(0)
+    model = _WideAndNarrow()
+    config = CompressConfig(target=2.0, decomp="tt", layer_ranks={"wide": [256, 1], "narrow": [64, 1]},
+                            tensorization={"wide": ((2048,), (256,)), "narrow": ((64,), (64,))}, min_params=1)
+    the_plan = plan(model, config)
+    # at 115x even every bond at its floor (wide 2, narrow 1) gives only 111.6x: the floor must go
+    for target, floor_holds in ((1.6, True), (115.0, False)):
+        gm = apply(model, the_plan, config, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+        meter = SizeMeter(gm, the_plan.dense_params)
+        TargetController(meter, target, 100).force()
+        wide = tn_layers(gm)["wide"].open_ranks()[0]
+        assert meter.ratio() >= target
+        if floor_holds:  # the narrow layer gave slices before the wide one went under its floor
+            assert wide >= math.ceil(256 / (FORCE_FLOOR * target))
+            assert tn_layers(gm)["narrow"].open_ranks()[0] < 64
+        else:
+            assert wide < math.ceil(256 / (FORCE_FLOOR * target))
