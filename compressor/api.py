@@ -174,8 +174,6 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     if device is not None:
         teacher.to(device)
     has_labels, first_batch = check_batch(teacher, loader, config.forward_fn)
-    if config.distill_hidden > 0:
-        shared_blocks(module, teacher)  # a model without repeated blocks fails now, not after calibration
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
     stage = _stage_reporter(callback)
@@ -234,7 +232,10 @@ def _shard(config: CompressConfig, selector: Any, loader: Iterable,
 
 def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, example: Any, config: CompressConfig,
                   selector: Any, stage: Callable[[str], None]) -> tuple[graph.CompressionPlan, Any]:
-    """Plan the layers, observe their inputs if the selector needs it, and choose how each starts."""
+    """Plan the layers, observe their inputs if the selector needs it, and choose how each starts
+    (after checking that the model has the blocks hidden-state distillation would match)."""
+    if config.distill_hidden > 0:
+        shared_blocks(module, teacher)  # a model without repeated blocks fails now, not after calibration
     stage("planning which layers to factorize")
     the_plan = graph.plan(module, config, example=example)
     _check_reachable(the_plan, config)
