@@ -17,7 +17,7 @@ The whole grid takes many hours on 2 cores, so it runs in parts: every finished 
 merged into the JSON at once (a run already there with the same selector, init, target and
 budget is replaced), and the table and plot are redrawn from everything the JSON holds.
 
-    python benchmarks/llm.py --quick                                # <= 15 min: one target, few tokens
+    python benchmarks/llm.py --quick                                # one target, few tokens, three rows
     python benchmarks/llm.py --targets 1.5x --runs whitened-svd     # one part of the full grid
     python benchmarks/llm.py --report                               # table + PNG from the JSON only
 """
@@ -53,6 +53,8 @@ FOLDER = DATA / "smollm2"
 TEXT = DATA / "shakespeare"
 RESULTS = HERE / "results"
 ALL_RUNS = ("l0:activations", "l0:weights", "energy", "svd", "whitened-svd")
+#: --quick: the method both ways against the strongest baseline (each row costs minutes of set-up alone).
+QUICK_RUNS = ("l0:activations", "l0:weights", "whitened-svd")
 #: Layer types of a LLaMA-style block, in the order the tables list them.
 LAYER_TYPES = ("embedding", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -216,17 +218,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="one target (1.5x), a small token budget and held-out set; writes llm_quick.json")
     ap.add_argument("--targets", default=None, help="comma list (default 1.25x,1.5x,2x; quick: 1.5x)")
-    ap.add_argument("--runs", default=",".join(ALL_RUNS), help="comma list of selector[:init]")
+    ap.add_argument("--runs", default=None,
+                    help=f"comma list of selector[:init] (default {','.join(ALL_RUNS)}; quick: {','.join(QUICK_RUNS)})")
     ap.add_argument("--tokens", type=int, default=None,
                     help="fine-tuning budget in real (non-padding) tokens per run (default 100k; quick: 4k)")
     ap.add_argument("--no-finetune-rows", default="yes", choices=("yes", "no", "only"),
                     help="the steps-0 rows of the selectors that do not learn")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--held-out", type=int, default=None, help="test examples (default 256; quick: 64)")
+    ap.add_argument("--max-length", type=int, default=None, help="tokens per example (default 128; quick: 64)")
+    ap.add_argument("--held-out", type=int, default=None, help="test examples (default 256; quick: 32)")
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--calibration-batches", type=int, default=8)
+    ap.add_argument("--calibration-batches", type=int, default=None, help="default 8; quick: 4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--report", action="store_true", help="only redraw the table and plot from the JSON")
@@ -240,9 +243,11 @@ def main() -> None:
     if not FOLDER.is_dir() or not (TEXT / "train.txt").is_file():
         sys.exit("error: run `python benchmarks/prepare_smollm2.py` first (it makes benchmarks/data/)")
     targets = (args.targets or ("1.5x" if args.quick else "1.25x,1.5x,2x")).split(",")
-    runs = [parse_run(s) for s in args.runs.split(",")]
+    runs = [parse_run(s) for s in (args.runs or ",".join(QUICK_RUNS if args.quick else ALL_RUNS)).split(",")]
+    args.max_length = args.max_length or (64 if args.quick else 128)
+    args.calibration_batches = args.calibration_batches or (4 if args.quick else 8)
     tokens = args.tokens if args.tokens is not None else (4_000 if args.quick else 100_000)
-    held_out = args.held_out if args.held_out is not None else (64 if args.quick else 256)
+    held_out = args.held_out if args.held_out is not None else (32 if args.quick else 256)
 
     torch.manual_seed(args.seed)
     model = load_model_folder(FOLDER).eval()
@@ -258,6 +263,12 @@ def main() -> None:
             "command": " ".join(["python"] + sys.argv), "dense_perplexity": dense_ppl, "held_out": held_out,
             "max_length": args.max_length, "budget_tokens": tokens, "batch_size": args.batch_size, "lr": args.lr,
             "decomp": "tt", "dense_params": count_state(model), "threads": torch.get_num_threads()}
+    if path.exists():
+        same = ("budget_tokens", "max_length", "held_out", "batch_size", "lr")
+        old = json.loads(path.read_text())
+        if any(old.get(k) != meta[k] for k in same) and old.get("runs"):
+            sys.exit(f"error: {path} holds runs made with other settings "
+                     f"({', '.join(f'{k}={old.get(k)}' for k in same)}); a part must match them, or use --out")
     result = merge(path, meta, []) if path.exists() else {**meta, "runs": []}
     for target in targets:
         for selector, init in runs:

@@ -10,8 +10,14 @@ layer's *output* on real inputs: with X the inputs (rows) and ``G = X^T X = L L^
 so fitting the cores to the *whitened* weight ``L^T W^T`` and multiplying ``L^-T`` back
 into the input core minimises the output error exactly (SVD-LLM's truncation-aware
 whitening, Wang et al. 2024). On the same projections the whitened error at half rank is
-1-2 %. Only layers with a plain matrix input (Linear, GPT-2's Conv1D) are observed; the
-others start from their weights.
+1-2 %. Layers with a plain matrix input (Linear, GPT-2's Conv1D) are observed so.
+
+An embedding's input is a one-hot row per token, whose Gram matrix is the diagonal of token
+counts: its factor is ``sqrt(counts)``, and the truncation keeps the directions the text
+actually looks up. Every row, seen or not, is then projected onto those directions (the
+rows of a truncated SVD are the rows of the matrix projected onto its kept right singular
+vectors, whatever their weight), so a rare token is approximated, never dropped.
+Convolutions start from their weights.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Layer kinds whose input is a (..., in_features) matrix the whitening applies to.
 OBSERVED_KINDS = ("linear", "conv1d")
+#: Layer kinds whose input is token ids: observed as counts (a diagonal Gram matrix).
+COUNTED_KINDS = ("embedding",)
 #: Ridge added to a singular Gram matrix, relative to its mean diagonal; raised tenfold until
 #: the Cholesky factorization succeeds (a dead input channel makes G singular).
 RIDGE = 1e-6
@@ -39,15 +47,17 @@ RIDGE = 1e-6
 
 def observable(lp: LayerPlan) -> bool:
     """Whether ``lp``'s inputs can be watched: a module (not a graph call) with a matrix input."""
-    return lp.kind in OBSERVED_KINDS and lp.weight_attr is None
+    return lp.kind in OBSERVED_KINDS + COUNTED_KINDS and lp.weight_attr is None
 
 
 def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, batches: int,
                 forward_fn: ForwardFn | None = None, world: World | None = None) -> dict[str, torch.Tensor]:
     """``{layer: X^T X}`` (float64) over the inputs each observable planned layer receives in the
-    first ``batches`` batches of ``loader``; padding tokens (``attention_mask`` 0) left out.
+    first ``batches`` batches of ``loader``, its diagonal (token counts) for an embedding;
+    padding tokens (``attention_mask`` 0) left out.
     Under several processes the sums cover every rank's batches, so all start alike."""
     names = [lp.name for lp in the_plan.layers if observable(lp)]
+    sizes = {lp.name: lp.shape[0] for lp in the_plan.layers if lp.kind in COUNTED_KINDS}
     if not names or batches <= 0:
         return {}
     grams: dict[str, torch.Tensor] = {}
@@ -57,10 +67,14 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             mask = current["mask"]
-            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-                x = x[mask.bool()]
-            x = x.reshape(-1, x.shape[-1]).float()
-            gram = (x.T @ x).double()  # one batch in float32 (fast), the sum over batches in float64
+            if name in sizes:  # token ids
+                ids = x[mask.bool()] if mask is not None and tuple(x.shape) == tuple(mask.shape) else x
+                gram = torch.bincount(ids.reshape(-1).cpu(), minlength=sizes[name]).double()
+            else:
+                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                    x = x[mask.bool()]
+                x = x.reshape(-1, x.shape[-1]).float()
+                gram = (x.T @ x).double()  # one batch in float32 (fast), the sum over batches in float64
             grams[name] = grams[name] + gram if name in grams else gram
         return hook
 
@@ -86,8 +100,12 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
 
 def whitening(gram: torch.Tensor) -> torch.Tensor:
     """Lower-triangular ``L`` with ``L L^T = G + ridge I`` (float64); the ridge starts at
-    :data:`RIDGE` times the mean diagonal and grows until ``G`` is positive definite."""
+    :data:`RIDGE` times the mean diagonal and grows until ``G`` is positive definite.
+    A diagonal ``G`` (an embedding's token counts, 1-D) gives the diagonal of ``L``."""
     gram = gram.to("cpu", torch.float64)  # the start is chosen on the CPU, where the weights are read
+    if gram.dim() == 1:
+        scale = float(gram.mean())
+        return torch.sqrt(gram + RIDGE * scale) if scale > 0 else torch.ones_like(gram)
     scale = float(gram.diagonal().mean()) or 1.0
     eye = torch.eye(gram.shape[0], dtype=torch.float64)
     ridge = RIDGE * scale

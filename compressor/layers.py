@@ -40,8 +40,30 @@ EXPORT_BATCH_HINT = 256
 
 def whitened_tensor(weight_t: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
     """``L^T W^T`` (float64) for a Linear's ``W^T`` (in x out) and its input factor ``L``
-    (``G = L L^T``): the truncation error of this matrix is the layer's output error."""
-    return whiten.T @ weight_t.to(torch.float64)
+    (``G = L L^T``): the truncation error of this matrix is the layer's output error.
+
+    A 1-D ``whiten`` is a diagonal factor: an embedding's, whose one-hot inputs have the
+    diagonal Gram matrix of token counts. Its rows beyond ``len(whiten)`` (a vocabulary
+    padded to rounder modes, zero rows never looked up) keep weight 1.
+    """
+    weight_t = weight_t.to(torch.float64)
+    if whiten.dim() == 1:
+        return _padded(whiten, weight_t.shape[0])[:, None] * weight_t
+    return whiten.T @ weight_t
+
+
+def unwhiten_input_core(core: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """``L^-T`` multiplied into an input core ``(r0, in, r1)`` fitted to a whitened weight, so
+    the layer computes the original weight again up to the truncation."""
+    if whiten.dim() == 1:
+        return core / _padded(whiten, core.shape[1])[None, :, None].to(core.dtype)
+    folded = torch.linalg.solve_triangular(whiten.T, core.permute(1, 0, 2).reshape(core.shape[1], -1), upper=True)
+    return folded.reshape(core.shape[1], core.shape[0], core.shape[2]).permute(1, 0, 2)
+
+
+def _padded(diagonal: torch.Tensor, rows: int) -> torch.Tensor:
+    d = diagonal.to(torch.float64)
+    return torch.cat([d, d.new_ones(rows - d.shape[0])]) if rows > d.shape[0] else d
 
 
 def _nontrivial(modes: Sequence[int]) -> tuple[int, ...]:
@@ -442,10 +464,7 @@ class TNLayer(nn.Module):
             tensor = whitened_tensor(tensor, whiten)
         cores = tn.decompose(tensor.reshape(self.modes), self.decomp, self.ranks, generator)
         if whiten is not None:
-            first = cores[0]  # (r0, in, r1)
-            folded = torch.linalg.solve_triangular(whiten.T, first.permute(1, 0, 2).reshape(first.shape[1], -1),
-                                                   upper=True)
-            cores[0] = folded.reshape(first.shape[1], first.shape[0], first.shape[2]).permute(1, 0, 2)
+            cores[0] = unwhiten_input_core(cores[0], whiten)
         with torch.no_grad():
             for p, c in zip(self.cores, cores):
                 p.copy_(c)
@@ -692,14 +711,17 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
     @classmethod
     def from_dense(cls, module: nn.Embedding, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
-                   sigma: float = 0.5, generator: torch.Generator | None = None) -> "TNEmbedding":
+                   sigma: float = 0.5, generator: torch.Generator | None = None,
+                   whiten: torch.Tensor | None = None) -> "TNEmbedding":
+        """``whiten``: square roots of the calibration text's token counts (a start weighted by
+        how often each row is looked up, see :meth:`TNLayer._load_dense_`)."""
         tz, ranks = cls._prepare(module, decomp, rank, tensorization)
         v, d = module.weight.shape
         layer = cls(v, d, tz[0], tz[1], ranks, decomp, module.padding_idx, gated, sigma, dtype=module.weight.dtype)
         if module.padding_idx is not None:
             with torch.no_grad():
                 layer.padding_row.copy_(module.weight[module.padding_idx])
-        return layer._load_dense_(module, tz, generator)
+        return layer._load_dense_(module, tz, generator, whiten)
 
     @classmethod
     def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:

@@ -189,14 +189,14 @@ def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout],
     """
     cls = layer_class(lp.kind)
     weight = layer_weight(module, lp)
-    # Whitened layers are Linear kinds, whose matrix does not depend on the layout: whiten it once.
-    whitened = whitened_tensor(cls.weight_tensor(weight), whiten) if whiten is not None else None
     spectra: dict[tuple[int, int], torch.Tensor] = {}
     flats: dict[int, torch.Tensor] = {}  # by padded size: an embedding's layouts may pad its vocabulary
     out = []
     for lay in layouts:
-        flat = (whitened if whitened is not None else cls.weight_tensor(weight, lay.tensorization)).detach().reshape(-1)
-        flat = flats.setdefault(flat.numel(), flat.to(torch.float64))
+        w = cls.weight_tensor(weight, lay.tensorization).detach()
+        if w.numel() not in flats:  # whitened once per size: the matrix does not depend on the split
+            flats[w.numel()] = (whitened_tensor(w, whiten) if whiten is not None else w.to(torch.float64)).reshape(-1)
+        flat = flats[w.numel()]
         bonds = []
         for k in range(len(lay.modes) - 1):
             key = (flat.numel(), math.prod(lay.modes[: k + 1]))

@@ -189,3 +189,74 @@ def test_whitened_svd_fits_outputs_better_than_svd_at_the_same_ratio_without_fin
     assert white < 0.5 * plain, (white, plain)
     layer = tn_layers(results["whitened-svd"].model)["fc1"]
     assert layer.modes == (48, 64) and layer.ranks[-1] == 1  # two factors: input core x output core
+
+
+class Tokens(nn.Module):
+    """An embedding read by token ids, with an attention mask beside them (a dict batch)."""
+
+    def __init__(self, vocab: int = 60, dim: int = 24):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.embed(input_ids))
+
+
+def _zipf_ids(n: int, vocab: int, seed: int) -> torch.Tensor:
+    """Token ids with a Zipf-like law over the first half of the vocabulary; the rest never occurs."""
+    g = torch.Generator().manual_seed(seed)
+    p = 1.0 / torch.arange(1, vocab // 2 + 1).double()
+    return torch.multinomial(p / p.sum(), n, replacement=True, generator=g).reshape(-1, 10)
+
+
+def test_an_embedding_is_calibrated_by_token_counts_with_padding_left_out():
+    model = Tokens()
+    ids = _zipf_ids(200, 60, seed=1)
+    mask = torch.ones_like(ids)
+    mask[:5, 6:] = 0
+    the_plan = plan(model, CompressConfig(min_params=1))
+    grams = input_grams(model, the_plan, [{"input_ids": ids, "attention_mask": mask}], batches=1)
+    assert torch.equal(grams["embed"], torch.bincount(ids[mask.bool()], minlength=60).double())
+    factor = whitening(grams["embed"])
+    assert factor.dim() == 1 and bool((factor > 0).all())  # unseen tokens keep a small positive weight
+    assert torch.allclose(factor[ids[0, 0]] ** 2, grams["embed"][ids[0, 0]], rtol=1e-4)
+
+
+def test_a_count_weighted_embedding_start_fits_the_rows_the_text_looks_up_and_projects_the_rest():
+    from compressor.layers import TNEmbedding
+
+    model = Tokens(vocab=60, dim=24)
+    ids = _zipf_ids(2000, 60, seed=2)
+    counts = torch.bincount(ids.reshape(-1), minlength=60).double()
+    factor = whitening(counts)
+    e = model.embed.weight.detach().double()
+    for rank in (3, 6):
+        white = TNEmbedding.from_dense(model.embed, "tt", rank=[rank, 1], tensorization=((60,), (24,)), gated=False,
+                                       whiten=factor)
+        plain = TNEmbedding.from_dense(model.embed, "tt", rank=[rank, 1], tensorization=((60,), (24,)), gated=False)
+
+        def looked_up_error(layer):  # the error of what the text actually reads, token by token
+            with torch.no_grad():
+                return float((layer(ids) - model.embed(ids)).norm() / model.embed(ids).norm())
+        assert looked_up_error(white) < 0.9 * looked_up_error(plain)
+        # every row (seen or not) is its own projection on the kept directions: nothing is dropped
+        with torch.no_grad():
+            rows = white(torch.arange(60)).double()
+        _, _, vh = torch.linalg.svd(factor[:, None] * e, full_matrices=False)
+        projection = e @ vh[:rank].T @ vh[:rank]
+        assert torch.allclose(rows, projection, atol=1e-4)
+
+
+def test_an_activations_start_weighs_the_embedding_by_counts_on_a_real_batch():
+    model = Tokens(vocab=60, dim=24)
+    ids = _zipf_ids(400, 60, seed=3)
+    config = CompressConfig(target=1.5, init="activations", start_error=0.05, min_params=1)
+    the_plan = plan(model, config)
+    loader = [{"input_ids": ids[i:i + 10]} for i in range(0, 40, 10)]
+    grams = input_grams(model, the_plan, loader, 4)
+    start = get_selector("l0").prepare(the_plan, model, config, {n: whitening(g) for n, g in grams.items()})
+    assert {s.name for s in start.layers if s.whitened} == {"embed", "head"}
+    emb = next(s for s in start.layers if s.name == "embed")
+    assert emb.layout.modes[0] == 60  # the whole vocabulary in one core, where the counts fold back

@@ -247,6 +247,9 @@ BAD = [
     (["--lambda", "-0.5"], "lambda"),
     (["--sigma", "0"], "sigma"),
     (["--epochs", "many"], "many"),
+    (["--gate-margin", "-1"], "gate margin"),
+    (["--distill-hidden", "-0.1"], "distill-hidden weight"),
+    (["--distill-hidden", "1"], "repeated blocks"),  # the digits MLP has no blocks to match
 ]
 
 
@@ -264,7 +267,7 @@ def test_config_options_are_generated_with_help():
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     for flag in ("--target", "--decomp", "--epochs", "--lambda", "--sigma", "--rank", "--rank-select", "--lr",
-                 "--seed", "--data", "--batch-size", "--report-json"):
+                 "--seed", "--data", "--batch-size", "--report-json", "--gate-margin", "--distill-hidden"):
         assert flag in text
     assert "[" + "|".join(selector_names()) + "]" in text  # the choices come from the registry
     assert "initial l0 penalty weight" in text and "gate noise std" in text and "[default: 0.5]" in text
