@@ -455,7 +455,9 @@ class TNLayer(nn.Module):
         calibration.py) the cores are fitted to ``L^T W^T``, whose error is the output error,
         and ``L^-T`` is multiplied back into the input core: exact when the whole input is
         that one core (a ring or a train alike), so the layer computes ``W`` again up to the
-        truncation.
+        truncation. The fold leaves the input core tiny next to the next one (its entries
+        shrink by the inputs' scale, about sqrt(tokens)), and a shared Adam step would then
+        move it by a large share of itself: the slices of that bond are rebalanced.
         """
         tensor = self.weight_tensor(module.weight, tz)
         if whiten is not None:
@@ -465,6 +467,7 @@ class TNLayer(nn.Module):
         cores = tn.decompose(tensor.reshape(self.modes), self.decomp, self.ranks, generator)
         if whiten is not None:
             cores[0] = unwhiten_input_core(cores[0], whiten)
+            cores[0], cores[1] = tn.balance_bond(cores[0], cores[1])
         with torch.no_grad():
             for p, c in zip(self.cores, cores):
                 p.copy_(c)

@@ -322,6 +322,20 @@ def decompose(tensor: torch.Tensor, decomp: str, ranks: Sequence[int], generator
     return tr_from_dense(tensor, ranks, generator)
 
 
+def balance_bond(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``left`` (r0, n, r) and ``right`` (r, m, r2) with each slice j of their shared bond
+    rescaled so both sides have the same norm; their product, with any diagonal gate
+    between them, is unchanged (the gauge freedom of a tensor network).
+
+    Optimisers with one step size for every entry (Adam) need this: a slice whose two sides
+    differ in scale by 100x has one side moved by a large share of itself each step.
+    """
+    a = left.norm(dim=(0, 1))
+    b = right.norm(dim=(1, 2))
+    scale = torch.where((a > 0) & (b > 0), torch.sqrt(b / a.clamp_min(1e-300)), torch.ones_like(a))
+    return left * scale[None, None, :], right / scale[:, None, None]
+
+
 # --------------------------------------------------------------------------- contraction
 def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Contract consecutive cores into one (r_first, prod n, r_last) core."""

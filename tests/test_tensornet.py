@@ -161,3 +161,16 @@ def test_truncation_path_finds_the_exact_rank_of_a_low_rank_matrix():
     assert path.start == [4]  # numerically zero values are not counted as rank
     step = path.within_error(1e-8)
     assert path.ranks(step) == [4, 1] and path.sizes[step] == 4 * 110
+
+
+def test_balance_bond_equalises_each_slice_and_keeps_the_product():
+    from compressor.tensornet import balance_bond
+
+    torch.manual_seed(0)
+    left = torch.randn(1, 12, 5, dtype=torch.float64) * 1e-3
+    right = torch.randn(5, 7, 1, dtype=torch.float64) * torch.logspace(0, 3, 5, dtype=torch.float64)[:, None, None]
+    gate = torch.rand(5, dtype=torch.float64)
+    a, b = balance_bond(left, right)
+    product = lambda l, r: torch.einsum("anj,j,jmb->nm", l, gate, r)  # noqa: E731
+    assert torch.allclose(product(a, b), product(left, right), rtol=1e-12, atol=1e-15)
+    assert torch.allclose(a.norm(dim=(0, 1)), b.norm(dim=(1, 2)), rtol=1e-12)
