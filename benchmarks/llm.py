@@ -60,9 +60,12 @@ LAYER_TYPES = ("embedding", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
 
 
 def parse_run(spec: str) -> tuple[str, str]:
-    """``"l0:activations"`` -> ("l0", "activations"); a selector that learns nothing has init "weights"."""
+    """``"l0:activations"`` -> ("l0", "activations"). A selector that learns nothing fits what it
+    always fits: ``whitened-svd`` the activations, the others the weights."""
     selector, _, init = spec.partition(":")
-    get_selector(selector)  # a clear error for a misspelt name
+    chosen = get_selector(selector)  # a clear error for a misspelt name
+    if not chosen.gated:
+        return selector, "activations" if chosen.calibrates else "weights"
     return selector, init or "weights"
 
 
@@ -107,6 +110,8 @@ def run_one(model, train, test, selector: str, init: str, target: str, steps: in
                                "calibration_batches": args.calibration_batches, "log_every": args.log_every}
     if get_selector(selector).gated:
         options["init"] = init
+    if steps and args.distill_hidden:
+        options["distill_hidden"] = args.distill_hidden
     if steps:
         options.update(epochs=1, max_steps=steps)
     else:
@@ -119,7 +124,8 @@ def run_one(model, train, test, selector: str, init: str, target: str, steps: in
     record = {"selector": selector, "init": init, "target": float(target.rstrip("x")), "ratio": r.ratio,
               "perplexity": ppl, "steps": r.steps, "tokens": r.steps * args.batch_size * args.tokens_per_example,
               "seconds": seconds, "params": r.params, "dense_params": r.dense_params, "forced": r.forced,
-              "start": r.start, "by_layer_type": where_the_budget_went(r)}
+              "start": r.start, "by_layer_type": where_the_budget_went(r),
+              "distill_hidden": args.distill_hidden if steps else 0.0}
     print(f"{selector}:{init} {target}: perplexity {ppl:.2f} at {r.ratio:.3f}x, {r.steps} steps, {seconds:.0f} s",
           flush=True)
     return record
@@ -141,7 +147,7 @@ def _progress(selector: str, init: str, target: str):
 def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """The JSON at ``path`` with ``records`` replacing the runs they repeat; written atomically."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    key = lambda r: (r["selector"], r["init"], r["target"], r["steps"] > 0)  # noqa: E731
+    key = lambda r: (r["selector"], r["init"], r["target"], r["steps"] > 0, r.get("distill_hidden", 0.0))  # noqa: E731
     new_keys = {key(r) for r in records}
     result = {**old, **meta, "runs": [r for r in old["runs"] if key(r) not in new_keys] + records}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +160,8 @@ def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> di
 
 def label(run: dict[str, Any]) -> str:
     name = run["selector"] + (f" ({run['init']} init)" if run["selector"] in ("l0", "reinforce") else "")
+    if run.get("distill_hidden"):
+        name += f", + hidden states x{run['distill_hidden']:g}"
     return name + ("" if run["steps"] else ", no fine-tune")
 
 
@@ -230,6 +238,8 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=None, help="test examples (default 256; quick: 32)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--calibration-batches", type=int, default=None, help="default 8; quick: 4")
+    ap.add_argument("--distill-hidden", type=float, default=0.0,
+                    help="also match every block's hidden states (weight; a separate row of the table)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--report", action="store_true", help="only redraw the table and plot from the JSON")
