@@ -459,6 +459,14 @@ def generous_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> Non
             lp.rank = min(chosen, layer_rank_cap(lp, decomp))
 
 
+def _ladder_overshoots(the_plan: CompressionPlan, config: Any) -> bool:
+    """Whether the generous ladder would start the model already past ``config.target``."""
+    trial = copy.deepcopy(the_plan)
+    generous_ranks(trial, config.target, config.decomp)
+    return the_plan.dense_params / plan_params(trial, {lp.name: lp.rank for lp in trial.layers},
+                                               config.decomp) >= config.target
+
+
 class RankSelector:
     """How a run picks ranks. Subclasses register themselves with ``name=...``.
 
@@ -517,7 +525,9 @@ class L0Selector(RankSelector, name="l0"):
         start only buys a full-size matrix whose forced cuts hurt more, so ``auto`` falls
         back to the generous ladder. A start fitted to activations (``whiten``) is always
         kept: trained transformer weights are near full rank, but what their layers do on
-        real inputs is not, and a ladder would throw that away.
+        real inputs is not, and a ladder would throw that away. Nor is a ladder taken that
+        would start past the target: on a wide model (an LLM at 1.5x) even its top rank, 64,
+        is already ten times smaller, and the gates would have nothing to choose.
         """
         if config.rank is not None:
             return None  # the plan carries the user's rank
@@ -526,7 +536,7 @@ class L0Selector(RankSelector, name="l0"):
             trial = copy.deepcopy(the_plan)
             start = faithful_start(trial, module, config.target, config.decomp, config.start_error,
                                    fixed_layouts=config.tensorization, whiten=whiten)
-            if config.start == "faithful" or not start.unfaithful or whiten:
+            if config.start == "faithful" or not start.unfaithful or whiten or _ladder_overshoots(the_plan, config):
                 the_plan.layers[:] = trial.layers
                 return start
         generous_ranks(the_plan, config.target, config.decomp)

@@ -246,3 +246,18 @@ def test_the_report_says_how_the_run_started(trained_digits_net, digits_loaders)
     assert start["chosen"] == "faithful" and start["ratio"] < 6
     dense = evaluate(trained_digits_net, test)
     assert abs(start["accuracy"] - dense) <= 0.01  # within a point of the dense model before any training
+
+
+def test_auto_keeps_the_faithful_start_when_the_ladder_would_start_past_a_mild_target():
+    """A wide, full-rank weight at 1.5x: the ladder's top rank (64) would already be 8x, leaving
+    the gates nothing to choose; the start stays dense-sized and lossy, and below the target."""
+    torch.manual_seed(0)
+    model = OneLayer(nn.Linear(1024, 1024, bias=False))
+    for target, chosen in ((1.5, "faithful"), (40.0, "ladder")):
+        config = CompressConfig(target=target, min_params=1)
+        the_plan = plan(model, config)
+        start = get_selector("l0").prepare(the_plan, model, config)
+        assert start.chosen == chosen and start.unfaithful
+        gm = apply(model, the_plan, config).model
+        ratio = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in gm.parameters())
+        assert ratio < target
