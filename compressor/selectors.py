@@ -255,7 +255,7 @@ def _start_params(the_plan: CompressionPlan, starts: dict[str, LayerStart], deco
 
 def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, decomp: str,
                    eps: float = START_ERROR, fixed_layouts: Iterable[str] = (),
-                   whiten: Mapping[str, torch.Tensor] | None = None) -> FaithfulStart:
+                   whiten: Mapping[str, torch.Tensor] | None = None, least_error: bool = False) -> FaithfulStart:
     """Lay out and size every planned layer without a rank so it reproduces its weight.
 
     Each layer gets, over :func:`candidate_layouts` (only the plan's own for names in
@@ -265,7 +265,8 @@ def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, 
     ``eps`` is tightened (down to :data:`TIGHTEST_ERROR`) to the loosest start that does
     not, so the gates make the last cuts. The start is a train (closing bond 1, built as
     ``"tt"``): a one-slice closing gate could only switch the whole layer off. Mutates
-    the plan; returns what it chose.
+    the plan; returns what it chose. ``least_error``: a layer no layout reproduces takes the
+    layout with the least error within its dense size (always so with ``whiten``).
     """
     fixed = set(fixed_layouts)
     by_name = {lp.name: lp for lp in the_plan.layers}
@@ -278,7 +279,7 @@ def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, 
     paths = {name: truncation_paths(by_name[name], module, lays, factors.get(name)) for name, lays in layouts.items()}
 
     def pick(name: str, p: list[tuple[Layout, tn.TruncationPath]], e: float) -> LayerStart:
-        return pick_start(by_name[name], p, e, name in factors, least_error=bool(factors))
+        return pick_start(by_name[name], p, e, name in factors, least_error=bool(factors) or least_error)
 
     starts = {name: pick(name, p, eps) for name, p in paths.items()}
     used = eps
@@ -527,16 +528,20 @@ class L0Selector(RankSelector, name="l0"):
         kept: trained transformer weights are near full rank, but what their layers do on
         real inputs is not, and a ladder would throw that away. Nor is a ladder taken that
         would start past the target: on a wide model (an LLM at 1.5x) even its top rank, 64,
-        is already ten times smaller, and the gates would have nothing to choose.
+        is already ten times smaller, and the gates would have nothing to choose. Such a
+        start takes each unfaithful layer's least-error layout within its dense size (as a
+        start fitted to activations does): the plan's own ten-mode split of SmolLM2's
+        embedding needs bonds of 2,548 there, and the run ran out of 24 GiB.
         """
         if config.rank is not None:
             return None  # the plan carries the user's rank
         start = None
         if config.start != "ladder":
+            overshoots = config.start == "auto" and not whiten and _ladder_overshoots(the_plan, config)
             trial = copy.deepcopy(the_plan)
             start = faithful_start(trial, module, config.target, config.decomp, config.start_error,
-                                   fixed_layouts=config.tensorization, whiten=whiten)
-            if config.start == "faithful" or not start.unfaithful or whiten or _ladder_overshoots(the_plan, config):
+                                   fixed_layouts=config.tensorization, whiten=whiten, least_error=overshoots)
+            if config.start == "faithful" or not start.unfaithful or whiten or overshoots:
                 the_plan.layers[:] = trial.layers
                 return start
         generous_ranks(the_plan, config.target, config.decomp)

@@ -258,6 +258,9 @@ def test_auto_keeps_the_faithful_start_when_the_ladder_would_start_past_a_mild_t
         the_plan = plan(model, config)
         start = get_selector("l0").prepare(the_plan, model, config)
         assert start.chosen == chosen and start.unfaithful
+        if chosen == "faithful":  # the least-error layout within dense, not the plan's own split
+            own = faithful_start(plan(model, config), model, target, "tt").layers[0]
+            assert start.layers[0].error <= own.error and start.layers[0].params <= start.layers[0].dense
         gm = apply(model, the_plan, config).model
         ratio = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in gm.parameters())
         assert ratio < target
