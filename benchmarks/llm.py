@@ -175,7 +175,11 @@ def table(result: dict[str, Any]) -> str:
              f"({result['held_out']} examples of unseen plays, max length {result['max_length']}). "
              f"Budget: {result['budget_tokens']:,} tokens of distillation per fine-tuned run.", "",
              "| selector | " + " | ".join(f"{t:g}x" for t in targets) + " |", "|---|" + "---|" * len(targets)]
-    for name, by_target in rows.items():
+    order = {sel: i for i, sel in enumerate(("l0", "reinforce", "whitened-svd", "energy", "svd", "uniform"))}
+
+    def rank(name: str) -> tuple:
+        return ("no fine-tune" in name, order.get(name.split(" ")[0].rstrip(","), 9), name)
+    for name, by_target in sorted(rows.items(), key=lambda item: rank(item[0])):
         cells = [f"{by_target[t]['perplexity']:.1f} @ {by_target[t]['ratio']:.2f}x" if t in by_target else "n/a"
                  for t in targets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -204,14 +208,17 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for r in result["runs"]:
-        by_label[label(r)].append((r["ratio"], r["perplexity"]))
+    for r in result["runs"]:  # every delivered ratio is its target within 0.1 %: plot at the target
+        by_label[label(r)].append((r["target"], r["perplexity"]))
     for i, (name, pts) in enumerate(sorted(by_label.items())):
         pts.sort()
         style = "o-" if "no fine-tune" not in name else "x--"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, color=f"C{i}", alpha=0.85)
     ax.axhline(result["dense_perplexity"], color="k", linestyle=":", label="dense")
     ax.set_yscale("log")
+    targets = sorted({r["target"] for r in result["runs"]})
+    ax.set_xticks(targets, [f"{t:g}x" for t in targets])
+    ax.set_xlim(min(targets) - 0.25, max(targets) + 0.25)
     ax.set_xlabel("compression ratio (whole model, tied embedding once)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title(f"SmolLM2-135M on unseen Shakespeare, {result['budget_tokens']:,} distillation tokens")
