@@ -46,7 +46,8 @@ RIDGE = 1e-6
 
 
 def observable(lp: LayerPlan) -> bool:
-    """Whether ``lp``'s inputs can be watched: a module (not a graph call) with a matrix input."""
+    """Whether ``lp``'s inputs can be watched: a module (not a graph call) with a matrix input
+    or token ids."""
     return lp.kind in OBSERVED_KINDS + COUNTED_KINDS and lp.weight_attr is None
 
 

@@ -444,28 +444,35 @@ def planned_params(the_plan: CompressionPlan, rank: int, decomp: str) -> int:
     return total
 
 
-def generous_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> None:
-    """Give every layer without an explicit rank a generous starting rank.
-
-    Generous means: the whole model starts at no more than half the target ratio (the
-    gates then choose which half to drop), but no layer starts bigger than it was.
-    """
-    chosen = RANK_LADDER[-1]
+def generous_rank(the_plan: CompressionPlan, target: float, decomp: str) -> int:
+    """The ladder rank a generous start gives every layer without an explicit rank: the
+    first (from 16) whose whole model starts at no more than half the target ratio (the
+    gates then choose which half to drop), else the top of the ladder."""
     for r in RANK_LADDER[4:]:  # at least 16
         if the_plan.dense_params / planned_params(the_plan, r, decomp) <= target / 2:
-            chosen = r
-            break
+            return r
+    return RANK_LADDER[-1]
+
+
+def generous_layer_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> dict[str, Any]:
+    """Each layer's generous start: its explicit rank, else the :func:`generous_rank`, but
+    never a start bigger than the layer was."""
+    chosen = generous_rank(the_plan, target, decomp)
+    return {lp.name: lp.rank if lp.rank is not None else min(chosen, layer_rank_cap(lp, decomp))
+            for lp in the_plan.layers}
+
+
+def generous_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> None:
+    """Give every layer without an explicit rank its generous start (:func:`generous_layer_ranks`)."""
+    ranks = generous_layer_ranks(the_plan, target, decomp)
     for lp in the_plan.layers:
-        if lp.rank is None:
-            lp.rank = min(chosen, layer_rank_cap(lp, decomp))
+        lp.rank = ranks[lp.name]
 
 
 def _ladder_overshoots(the_plan: CompressionPlan, config: Any) -> bool:
     """Whether the generous ladder would start the model already past ``config.target``."""
-    trial = copy.deepcopy(the_plan)
-    generous_ranks(trial, config.target, config.decomp)
-    return the_plan.dense_params / plan_params(trial, {lp.name: lp.rank for lp in trial.layers},
-                                               config.decomp) >= config.target
+    ranks = generous_layer_ranks(the_plan, config.target, config.decomp)
+    return the_plan.dense_params / plan_params(the_plan, ranks, config.decomp) >= config.target
 
 
 class RankSelector:

@@ -162,7 +162,7 @@ class FineTune:
 
     # ----------------------------------------------------------------- pieces
     def _forward(self, batch: Any, model: nn.Module | None = None) -> Ran:
-        return self._recorded(0, model or self.runner, batch)
+        return self._recorded(0, model if model is not None else self.runner, batch)
 
     def _teacher_out(self, batch: Any, labels: torch.Tensor | None) -> Ran | None:
         """The original model's output on ``batch``, when a loss will use it."""

@@ -81,7 +81,6 @@ def test_hidden_loss_is_zero_for_equal_states_and_measures_each_channel_in_its_o
 
 
 def test_objective_adds_the_weighted_hidden_term_to_the_logit_kl():
-    from compressor.api import compress as _  # noqa: F401 - the package's registry
     from compressor.graph import apply, plan, set_training
     from compressor.selectors import get_selector
     from compressor.train import FineTune
