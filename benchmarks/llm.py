@@ -125,7 +125,7 @@ def run_one(model, train, test, selector: str, init: str, target: str, steps: in
               "perplexity": ppl, "steps": r.steps, "tokens": r.steps * args.batch_size * args.tokens_per_example,
               "seconds": seconds, "params": r.params, "dense_params": r.dense_params, "forced": r.forced,
               "start": r.start, "by_layer_type": where_the_budget_went(r),
-              "distill_hidden": args.distill_hidden if steps else 0.0}
+              "distill_hidden": (args.distill_hidden or 0.0) if steps else 0.0}
     print(f"{selector}:{init} {target}: perplexity {ppl:.2f} at {r.ratio:.3f}x, {r.steps} steps, {seconds:.0f} s",
           flush=True)
     return record
@@ -147,7 +147,7 @@ def _progress(selector: str, init: str, target: str):
 def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """The JSON at ``path`` with ``records`` replacing the runs they repeat; written atomically."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    key = lambda r: (r["selector"], r["init"], r["target"], r["steps"] > 0, r.get("distill_hidden", 0.0))  # noqa: E731
+    key = lambda r: (r["selector"], r["init"], r["target"], r["steps"] > 0, r.get("distill_hidden") or 0.0)  # noqa: E731
     new_keys = {key(r) for r in records}
     result = {**old, **meta, "runs": [r for r in old["runs"] if key(r) not in new_keys] + records}
     path.parent.mkdir(parents=True, exist_ok=True)
