@@ -1,13 +1,16 @@
 """Accuracy vs compression for every rank selector on LeNet-5 / Fashion-MNIST.
 
-Each selector (l0, uniform, energy, svd, reinforce) is asked for the same targets with the
-same fine-tuning budget (epochs); several seeds at 20x. Writes
+Each selector (l0, uniform, energy, svd, whitened-svd, reinforce) is asked for the same
+targets with the same fine-tuning budget (epochs) and the same seeds at every target (the
+table gives mean ± std). A selector may name its start, ``l0:activations`` (cores fitted to
+the layers' outputs on calibration images) against the default ``l0`` (from the weights). Writes
 ``benchmarks/results/frontier.json``, ``frontier.md`` (the README table),
 ``frontier.png`` (test accuracy vs ratio, the shape of supp. Fig. 3) and
 ``ranks_l0.png`` (learned ranks per core for l0, the shape of supp. Fig. 1).
 
-    python benchmarks/frontier.py            # full run (about 50 minutes on 2 cores)
-    python benchmarks/frontier.py --quick    # a few minutes: 20x only, a data subset
+    python benchmarks/frontier.py                    # full run (hours on 2 cores)
+    python benchmarks/frontier.py --targets 5,10 --selectors l0:activations --merge   # one part
+    python benchmarks/frontier.py --quick            # a few minutes: 20x only, a data subset
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ sys.path.insert(0, str(HERE.parent))
 from compressor import compress, evaluate  # noqa: E402
 from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
-from compressor.selectors import DEFAULT_SELECTOR, selector_names  # noqa: E402
+from compressor.selectors import DEFAULT_SELECTOR, get_selector, selector_names  # noqa: E402
+from rows import parse_row, row_name  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 
 SELECTORS = list(selector_names())
@@ -40,17 +44,25 @@ def main() -> None:
     ap.add_argument("--targets", default=None, help="comma list, default 5,10,20,50,100 (quick: 20)")
     ap.add_argument("--selectors", default=",".join(SELECTORS))
     ap.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs, the same for every selector")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds at 20x (other targets: 1)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per target (quick: 1)")
     ap.add_argument("--decomp", default="tr")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--merge", action="store_true",
-                    help="keep the other selectors' runs from the existing JSON, replace only these selectors'")
+                    help="keep the other rows' runs from the existing JSON, replace only these rows' at these targets")
+    ap.add_argument("--report", action="store_true", help="only redraw the table and plots from the JSON")
     args = ap.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    json_path = out / f"frontier{suffix}.json"
+    if args.report:
+        result = json.loads(json_path.read_text())
+        result["summary"] = summarize(result["runs"])
+        write_outputs(result, json_path, out, suffix)
+        return
     targets = [float(t) for t in (args.targets or ("20" if args.quick else "5,10,20,50,100")).split(",")]
-    selectors = args.selectors.split(",")
+    rows = [parse_row(s) for s in args.selectors.split(",")]
     dense = lenet5()
     dense.load_state_dict(load_file(str(HERE.parent / "examples" / "lenet5.safetensors")))
     dense.eval()
@@ -61,34 +73,38 @@ def main() -> None:
     test = TensorLoader(xte, yte, 1000)
     dense_acc = evaluate(dense, test)
     runs = []
-    suffix = "_quick" if args.quick else ""
-    json_path = out / f"frontier{suffix}.json"
     if args.merge and json_path.exists():
-        runs = [r for r in json.loads(json_path.read_text())["runs"] if r["selector"] not in selectors]
+        runs = [r for r in json.loads(json_path.read_text())["runs"]
+                if (r["selector"], r.get("init", "weights")) not in rows or r["target"] not in targets]
     started = time.perf_counter()
     for target in targets:
-        seeds = range(args.seeds) if target == 20 else range(1)
-        for seed in seeds:
-            for sel in selectors:
+        for seed in range(1 if args.quick else args.seeds):
+            for sel, init in rows:
                 t0 = time.perf_counter()
+                name = row_name(sel, init)
+                extra = {"init": init} if get_selector(sel).gated else {}
                 try:
                     res = compress(dense, TensorLoader(xtr, ytr, 128, shuffle=True, seed=seed), args.decomp, target,
-                                   eval_loader=test, rank_select=sel, epochs=args.epochs, seed=seed)
+                                   eval_loader=test, rank_select=sel, epochs=args.epochs, seed=seed, **extra)
                 except CompressorError as exc:
-                    print(f"{sel:9s} {target:5g}x seed {seed}: not reachable ({exc})", flush=True)
-                    runs.append({"selector": sel, "target": target, "seed": seed, "error": str(exc)})
+                    print(f"{name:24s} {target:5g}x seed {seed}: not reachable ({exc})", flush=True)
+                    runs.append({"selector": sel, "init": init, "target": target, "seed": seed, "error": str(exc)})
                     continue
                 r = res.report
-                run = {"selector": sel, "target": target, "seed": seed, "ratio": r.ratio, "accuracy": r.accuracy,
+                run = {"selector": sel, "init": init, "target": target, "seed": seed, "ratio": r.ratio,
+                       "accuracy": r.accuracy,
                        "seconds": time.perf_counter() - t0, "steps": r.steps, "forced": r.forced,
                        "ratio_before_force": r.ratio_before_force,
                        "layers": [{"name": l.name, "initial_ranks": l.initial_ranks, "final_ranks": l.final_ranks,
                                    "params_after": l.params_after, "kept_dense": l.kept_dense} for l in r.layers]}
                 runs.append(run)
-                print(f"{sel:9s} {target:5g}x seed {seed}: {100 * r.accuracy:6.2f}% at {r.ratio:6.2f}x "
+                print(f"{name:24s} {target:5g}x seed {seed}: {100 * r.accuracy:6.2f}% at {r.ratio:6.2f}x "
                       f"({run['seconds']:.0f} s)", flush=True)
                 json_path.write_text(json.dumps(_result(args, dense_acc, runs, started), indent=2))
-    result = _result(args, dense_acc, runs, started)
+    write_outputs(_result(args, dense_acc, runs, started), json_path, out, suffix)
+
+
+def write_outputs(result, json_path: Path, out: Path, suffix: str) -> None:
     json_path.write_text(json.dumps(result, indent=2))
     (out / f"frontier{suffix}.md").write_text(table(result))
     plot(result, out / f"frontier{suffix}.png", out / f"ranks_l0{suffix}.png")
@@ -107,8 +123,10 @@ def summarize(runs):
     for r in runs:
         if "error" in r:
             continue
-        key = f"{r['selector']}@{r['target']:g}x"
-        out.setdefault(key, {"selector": r["selector"], "target": r["target"], "acc": [], "ratio": [], "seconds": []})
+        name = row_name(r["selector"], r.get("init", "weights"))
+        key = f"{name}@{r['target']:g}x"
+        out.setdefault(key, {"selector": r["selector"], "row": name, "target": r["target"], "acc": [], "ratio": [],
+                             "seconds": []})
         out[key]["acc"].append(r["accuracy"])
         out[key]["ratio"].append(r["ratio"])
         out[key]["seconds"].append(r["seconds"])
@@ -120,15 +138,21 @@ def summarize(runs):
     return out
 
 
+def _row_order(name: str) -> tuple[int, str]:
+    """Rows in the selectors' registry order, a selector's variants after its default."""
+    base = name.split(" ")[0]
+    return (SELECTORS.index(base) if base in SELECTORS else len(SELECTORS), name)
+
+
 def table(result) -> str:
     summ = result["summary"]
     targets = sorted({v["target"] for v in summ.values()})
-    sels = [s for s in SELECTORS if any(v["selector"] == s for v in summ.values())]
+    names = sorted({v["row"] for v in summ.values()}, key=_row_order)
     lines = [f"Dense LeNet-5: {100 * result['dense_accuracy']:.2f}% test accuracy. "
              f"Fine-tuning budget: {result['epochs']} epochs for every selector.", "",
              "| selector | " + " | ".join(f"{t:g}x" for t in targets) + " |",
              "|---|" + "---|" * len(targets)]
-    for s in sels:
+    for s in names:
         cells = []
         for t in targets:
             v = summ.get(f"{s}@{t:g}x")
@@ -148,8 +172,10 @@ def plot(result, frontier_png: Path, ranks_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, s in enumerate(SELECTORS):
-        pts = sorted((r["ratio"], 100 * r["accuracy"]) for r in result["runs"] if r.get("selector") == s and "error" not in r)
+    for i, s in enumerate(sorted({row_name(r["selector"], r.get("init", "weights")) for r in result["runs"]},
+                                 key=_row_order)):
+        pts = sorted((summ["ratio_mean"], 100 * summ["acc_mean"]) for summ in result["summary"].values()
+                     if summ["row"] == s)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=s, color=f"C{i}", alpha=0.85)
     ax.axhline(100 * result["dense_accuracy"], color="k", linestyle=":", label="dense")
@@ -162,7 +188,8 @@ def plot(result, frontier_png: Path, ranks_png: Path) -> None:
     fig.savefig(frontier_png, dpi=110)
     plt.close(fig)
 
-    l0 = [r for r in result["runs"] if r.get("selector") == DEFAULT_SELECTOR and "error" not in r and r["seed"] == 0]
+    l0 = [r for r in result["runs"] if r.get("selector") == DEFAULT_SELECTOR and r.get("init", "weights") == "weights"
+          and "error" not in r and r["seed"] == 0]
     if not l0:
         return
     names = [l["name"] for l in l0[0]["layers"]]

@@ -47,6 +47,7 @@ from compressor.data import TensorLoader  # noqa: E402
 from compressor.graph import count_state  # noqa: E402
 from compressor.hf_folders import load_model_folder, load_tokenizer, perplexity, read_texts, tokenize  # noqa: E402
 from compressor.selectors import get_selector  # noqa: E402
+from rows import parse_row  # noqa: E402
 
 DATA = HERE / "data"
 FOLDER = DATA / "smollm2"
@@ -57,16 +58,6 @@ ALL_RUNS = ("l0:activations", "l0:weights", "energy", "svd", "whitened-svd")
 QUICK_RUNS = ("l0:activations", "l0:weights", "whitened-svd")
 #: Layer types of a LLaMA-style block, in the order the tables list them.
 LAYER_TYPES = ("embedding", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def parse_run(spec: str) -> tuple[str, str]:
-    """``"l0:activations"`` -> ("l0", "activations"). A selector that learns nothing fits what it
-    always fits: ``whitened-svd`` the activations, the others the weights."""
-    selector, _, init = spec.partition(":")
-    chosen = get_selector(selector)  # a clear error for a misspelt name
-    if not chosen.gated:
-        return selector, "activations" if chosen.calibrates else "weights"
-    return selector, init or "weights"
 
 
 def layer_type(name: str) -> str:
@@ -260,7 +251,7 @@ def main() -> None:
     if not FOLDER.is_dir() or not (TEXT / "train.txt").is_file():
         sys.exit("error: run `python benchmarks/prepare_smollm2.py` first (it makes benchmarks/data/)")
     targets = (args.targets or ("1.5x" if args.quick else "1.25x,1.5x,2x")).split(",")
-    runs = [parse_run(s) for s in (args.runs or ",".join(QUICK_RUNS if args.quick else ALL_RUNS)).split(",")]
+    runs = [parse_row(s) for s in (args.runs or ",".join(QUICK_RUNS if args.quick else ALL_RUNS)).split(",")]
     args.max_length = args.max_length or (64 if args.quick else 128)
     args.calibration_batches = args.calibration_batches or (4 if args.quick else 8)
     tokens = args.tokens if args.tokens is not None else (4_000 if args.quick else 100_000)
