@@ -18,9 +18,7 @@ from typing import Sequence
 
 import numpy as np
 import opt_einsum
-import tensorly as tl
 import torch
-from tensorly.decomposition import tensor_train
 
 from .errors import ConfigError, TensorizationError
 
@@ -256,33 +254,56 @@ class TruncationPath:
 
 
 # --------------------------------------------------------------------------- decompositions
-def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
-    """Truncated TT-SVD (tensorly's ``tensor_train``), computed in float64 on numpy.
+def leading_left_vectors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, R)`` with ``U`` the ``rank`` leading left singular vectors of ``matrix`` (float64)
+    and ``U @ R`` its best rank-``rank`` approximation, largest direction first.
 
-    tensorly's backend is global: a program may have set ``"pytorch"`` (tensorly-torch
-    does), so the decomposition runs inside a numpy backend context that restores the
-    caller's choice afterwards. float64 keeps the SVDs exact enough that float32 weights
-    lose nothing to the decomposition itself.
+    The singular vectors come from the eigenvectors of the Gram matrix on the *shorter*
+    side, several times faster than an SVD (8x on SmolLM2's 49152 x 576 embedding). The
+    usual worry about that trick, that small singular values lose their relative accuracy,
+    does not touch the result: ``U @ R`` is an exact orthogonal projection of ``matrix`` onto
+    the kept directions, whichever way they were found, so no small value is ever divided by
+    except to normalise the columns of ``U`` on a tall matrix.
     """
+    rows, cols = matrix.shape
+    if rows <= cols:
+        _, vecs = torch.linalg.eigh(matrix @ matrix.T)
+        u = vecs.flip(1)[:, :rank]
+        return u, u.T @ matrix
+    _, vecs = torch.linalg.eigh(matrix.T @ matrix)
+    v = vecs.flip(1)[:, :rank]
+    scaled = matrix @ v  # U diag(s)
+    s = torch.linalg.vector_norm(scaled, dim=0)
+    u = scaled / s.clamp_min(torch.finfo(matrix.dtype).tiny)
+    return u, s[:, None] * v.T
 
+
+def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
+    """Truncated TT-SVD (Oseledets 2011): left-to-right, each unfolding replaced by its
+    leading left singular vectors (the core) and the remainder carried on; in float64, so
+    float32 weights lose nothing to the decomposition itself. Left cores are orthonormal,
+    the last core carries the scale (tensorly's ``tensor_train`` convention, to which this
+    is equal up to signs, at a fraction of its cost: see :func:`leading_left_vectors`).
+
+    A bond larger than its unfolding allows keeps its requested size with zero slices.
+    """
     if ranks[-1] != 1:
         raise ConfigError("tt_svd needs a closing rank of 1")
-    arr = tensor.detach().to("cpu", torch.float64).numpy()
-    tl_ranks = [1] + list(ranks)
-    with tl.backend_context("numpy"):
-        tt = tensor_train(arr, rank=tl_ranks)
-    cores = [torch.from_numpy(np.ascontiguousarray(c)) for c in tt.factors]
-    # tensorly may return smaller bonds than asked when the tensor itself has lower rank:
-    # pad with zeros so the layout the caller asked for holds (zeros change nothing).
-    out = []
-    for k, c in enumerate(cores):
-        want = (tl_ranks[k], tensor.shape[k], tl_ranks[k + 1])
-        if tuple(c.shape) != want:
-            padded = torch.zeros(want, dtype=c.dtype)
-            padded[: c.shape[0], :, : c.shape[2]] = c
-            c = padded
-        out.append(c.to(tensor.dtype))
-    return out
+    modes = tuple(tensor.shape)
+    rest = tensor.detach().to("cpu", torch.float64).reshape(1, -1)
+    out, left = [], 1
+    for k, n in enumerate(modes[:-1]):
+        unfolding = rest.reshape(left * n, -1)
+        keep = min(int(ranks[k]), *unfolding.shape)
+        u, rest = leading_left_vectors(unfolding, keep)
+        core = torch.zeros((left, n, int(ranks[k])), dtype=torch.float64)
+        core[:, :, :keep] = u.reshape(left, n, keep)
+        out.append(core)
+        if keep < ranks[k]:  # pad the carried remainder to the bond asked for (zero rows change nothing)
+            rest = torch.cat([rest, rest.new_zeros(int(ranks[k]) - keep, rest.shape[1])])
+        left = int(ranks[k])
+    out.append(rest.reshape(left, modes[-1], 1))
+    return [c.to(tensor.dtype) for c in out]
 
 
 def tr_from_dense(tensor: torch.Tensor, ranks: Sequence[int], generator: torch.Generator | None = None) -> list[torch.Tensor]:

@@ -174,3 +174,36 @@ def test_balance_bond_equalises_each_slice_and_keeps_the_product():
     product = lambda l, r: torch.einsum("anj,j,jmb->nm", l, gate, r)  # noqa: E731
     assert torch.allclose(product(a, b), product(left, right), rtol=1e-12, atol=1e-15)
     assert torch.allclose(a.norm(dim=(0, 1)), b.norm(dim=(1, 2)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(30, 80), (80, 30), (6, 5, 8, 7)])
+def test_tt_svd_cores_equal_tensorly_up_to_sign(shape):
+    """The Gram-matrix route gives tensorly's TT-SVD cores (orthonormal left cores, the
+    scale on the last), slice by slice up to a sign, on wide and tall unfoldings alike."""
+    from tensorly import backend_context
+    from tensorly.decomposition import tensor_train
+
+    torch.manual_seed(4)
+    w = torch.randn(*shape, dtype=torch.float64) * torch.logspace(0, -3, shape[-1], dtype=torch.float64)
+    ranks = [min(5, *shape)] * (len(shape) - 1) + [1]
+    ours = tn.tt_svd(w, ranks)
+    with backend_context("numpy"):
+        theirs = [torch.from_numpy(c) for c in tensor_train(w.numpy(), rank=[1] + ranks).factors]
+    sign = torch.ones(1, dtype=torch.float64)
+    for a, b in zip(ours, theirs):
+        a = sign[:, None, None] * a  # undo the previous bond's sign flips on this core's left
+        flip = torch.sign((a * b).sum(dim=(0, 1)))
+        assert torch.allclose(a * flip[None, None, :], b, atol=1e-9)
+        sign = flip
+    for core in ours[:-1]:
+        m = core.reshape(-1, core.shape[-1])
+        assert torch.allclose(m.T @ m, torch.eye(m.shape[1], dtype=torch.float64), atol=1e-9)
+
+
+def test_tt_svd_keeps_asked_bonds_of_a_low_rank_tensor():
+    """A bond larger than the tensor's rank is kept at its size; the extra slices add nothing."""
+    torch.manual_seed(5)
+    w = torch.randn(12, 2, dtype=torch.float64) @ torch.randn(2, 15, dtype=torch.float64)
+    cores = tn.tt_svd(w.reshape(3, 4, 15), [3, 10, 1])
+    assert [tuple(c.shape) for c in cores] == [(1, 3, 3), (3, 4, 10), (10, 15, 1)]
+    assert _rel(tn.contract(cores), w.reshape(3, 4, 15)) < 1e-12
