@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from compressor import compress, evaluate  # noqa: E402
 from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402

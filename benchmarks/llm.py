@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from compressor import compress  # noqa: E402
 from compressor.data import TensorLoader  # noqa: E402
