@@ -43,9 +43,6 @@ COUNTED_KINDS = ("embedding",)
 #: Ridge added to a singular Gram matrix, relative to its mean diagonal; raised tenfold until
 #: the Cholesky factorization succeeds (a dead input channel makes G singular).
 RIDGE = 1e-6
-#: Experimental: cap each token's weight in a Gram matrix at this many times the batch's
-#: median squared input norm (None: the raw Gram matrix, SVD-LLM's).
-TOKEN_CAP: float | None = None
 
 
 def observable(lp: LayerPlan) -> bool:
@@ -78,10 +75,6 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
                 if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
                     x = x[mask.bool()]
                 x = x.reshape(-1, x.shape[-1]).float()
-                if TOKEN_CAP is not None:
-                    sq = (x * x).sum(1)
-                    cap = TOKEN_CAP * sq.median().clamp_min(1e-30)
-                    x = x * torch.sqrt(torch.clamp(cap / sq.clamp_min(1e-30), max=1.0))[:, None]
                 gram = (x.T @ x).double()  # one batch in float32 (fast), the sum over batches in float64
             grams[name] = grams[name] + gram if name in grams else gram
         return hook
