@@ -292,7 +292,7 @@ def main() -> None:
 
 def finish(result: dict[str, Any], path: Path) -> None:
     text = table(result)
-    for run in result["runs"]:
+    for run in sorted(result["runs"], key=lambda r: (r["target"], label(r))):
         if run["selector"] == "l0":
             text += "\n" + budget_table(run)
     path.with_suffix(".md").write_text(text)
