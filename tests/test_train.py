@@ -43,6 +43,22 @@ def test_give_back_returns_overshoot_without_missing_the_target(trained_digits_n
     assert target <= meter.ratio() < before
 
 
+def test_the_running_size_follows_every_closed_and_reopened_slice(trained_digits_net):
+    """Forced closing and give-back count the size slice by slice; the tally must stay the
+    meter's own recount, through layers that pass below and back above their dense size."""
+    gm, meter = _gated(trained_digits_net)
+    size = meter.tally()
+    gates = meter.gates()
+    g = torch.Generator().manual_seed(0)
+    for step in range(300):
+        gate = gates[int(torch.randint(len(gates), (1,), generator=g))]
+        j = int(torch.randint(gate.mu.numel(), (1,), generator=g))
+        gate.close(j) if step % 3 else gate.reopen(j)
+        size.changed(gate)
+        assert size.total == meter.params()
+    assert size.ratio() == meter.ratio()
+
+
 def test_gate_means_are_bounded(trained_digits_net):
     gm, meter = _gated(trained_digits_net)
     gate = meter.gates()[0]
