@@ -150,7 +150,8 @@ def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> di
 
 
 def label(run: dict[str, Any]) -> str:
-    name = run["selector"] + (f" ({run['init']} init)" if run["selector"] in ("l0", "reinforce") else "")
+    # Every learning selector's row names its start, the default included (both l0 rows are in the grid).
+    name = run["selector"] + (f" ({run['init']} init)" if get_selector(run["selector"]).gated else "")
     if run.get("distill_hidden"):
         name += f", + hidden states x{run['distill_hidden']:g}"
     return name + ("" if run["steps"] else ", no fine-tune")
