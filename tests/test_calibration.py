@@ -13,7 +13,7 @@ from compressor.calibration import input_grams, whitening
 from compressor.cli import main
 from compressor.config import CompressConfig
 from compressor.data import TensorLoader
-from compressor.errors import ConfigError
+from compressor.errors import ConfigError, TargetError
 from compressor.graph import apply, plan, tn_layers
 from compressor.layers import TNLinear
 from compressor.selectors import get_selector
@@ -189,6 +189,50 @@ def test_whitened_svd_fits_outputs_better_than_svd_at_the_same_ratio_without_fin
     assert white < 0.5 * plain, (white, plain)
     layer = tn_layers(results["whitened-svd"].model)["fc1"]
     assert layer.modes == (48, 64) and layer.ranks[-1] == 1  # two factors: input core x output core
+
+
+class Lookup(nn.Module):
+    """A large embedding before two Linear layers: the shape of a language model's budget."""
+
+    def __init__(self, vocab: int = 100, dim: int = 32, hidden: int = 128):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, input_ids):
+        return self.fc2(torch.tanh(self.fc1(self.embed(input_ids))))
+
+
+def test_svd_llm_keeps_one_share_in_every_layer_and_the_embedding_dense():
+    from compressor.selectors import same_ratio_ranks
+
+    model = Lookup()
+    ids = torch.randint(0, 100, (40, 10), generator=torch.Generator().manual_seed(0))
+    loader = [{"input_ids": ids[i:i + 10]} for i in range(0, 40, 10)]
+    res = compress(model, loader, "tt", "1.25x", rank_select="svd-llm", epochs=0, min_params=1)
+    assert 1.25 <= res.report.ratio <= 1.3, res.report.ratio
+    layers = tn_layers(res.model)
+    assert set(layers) == {"fc1", "fc2"} and isinstance(res.model.embed, nn.Embedding)  # untouched
+    assert torch.equal(res.model.embed.weight, model.embed.weight)
+    shares = {name: layer.ranks[0] * sum(layer.modes) / math.prod(layer.modes) for name, layer in layers.items()}
+    assert abs(shares["fc1"] - shares["fc2"]) < 0.05, shares  # one share, up to rounding a rank down
+    # the share is the largest that meets the target: one more rank everywhere would miss it
+    the_plan = plan(model, CompressConfig(min_params=1, rank_select="svd-llm"))
+    from compressor.selectors import plan_params, svd_layout
+    svd_layout(the_plan)
+    ranks = same_ratio_ranks(the_plan, 1.25, keep=lambda lp: lp.kind == "embedding")
+    assert ranks["embed"] == 32 and [ranks["fc1"], ranks["fc2"]] == [layers["fc1"].ranks[0], layers["fc2"].ranks[0]]
+    bigger = {n: [r + (n != "embed"), 1] for n, r in ranks.items()}
+    assert the_plan.dense_params / plan_params(the_plan, bigger, "tt") < 1.25
+
+
+def test_svd_llm_says_when_the_embedding_alone_is_too_big_for_the_target():
+    model = Lookup(vocab=2000)
+    ids = torch.randint(0, 2000, (20, 10), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TargetError, match="cannot reach 3x, even at rank 1 with the embeddings dense"):
+        compress(model, [{"input_ids": ids}], "tt", "3x", rank_select="svd-llm", epochs=0, min_params=1)
 
 
 class Tokens(nn.Module):
