@@ -58,7 +58,8 @@ FOLDER = DATA / "smollm2"
 TEXT = DATA / "shakespeare"
 RESULTS = HERE / "results"
 ALL_RUNS = ("l0:activations", "l0:weights", "energy", "svd", "whitened-svd", "svd-llm")
-#: --quick: the method both ways against the strongest baseline (each row costs minutes of set-up alone).
+#: --quick: the method both ways against the global-threshold whitened baseline (each row costs minutes of
+#: set-up alone; `--runs svd-llm` adds the published allocation, the strongest row of the full grid).
 QUICK_RUNS = ("l0:activations", "l0:weights", "whitened-svd")
 #: Layer types of a LLaMA-style block, in the order the tables list them.
 LAYER_TYPES = ("embedding", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
