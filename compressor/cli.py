@@ -413,6 +413,7 @@ def config_options(command):
     """Every :data:`RUN_CONFIG` field as an option of ``command``."""
     bf16 = next(f for f in fields(CompressConfig) if f.name == "bf16")
     command = click.option("--bf16", "bf16", is_flag=True, help=bf16.metadata["help"])(command)
+    command = config_option("skip", multiple=True, show_default=False)(command)
     for entry in reversed(RUN_CONFIG):
         name, *flags = (entry,) if isinstance(entry, str) else entry
         command = config_option(name, *flags)(command)

@@ -79,6 +79,11 @@ def unit_fraction(label: str, value: Any) -> None:
         raise ConfigError(f"{label} must be in (0, 1], got {value}")
 
 
+def skip_patterns(label: str, value: Any) -> None:
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{label} takes a list of layer kinds or module-path globs, got {value!r}")
+
+
 def layer_filter(label: str, value: Any) -> None:
     if not callable(value):
         raise ConfigError(f"{label} must be callable as {label}(module, fqn) -> bool")
@@ -190,6 +195,10 @@ class CompressConfig:
         "help": "softmax temperature of the KL distillation loss", "check": positive})
     min_params: int = field(default=1000, metadata={
         "help": "layers whose weight has fewer entries stay dense", "check": non_negative})
+    skip: tuple[str, ...] = field(default=(), metadata={
+        "help": "leave layers dense: a layer kind (embedding, linear, conv2d, conv1d) or a glob on the module "
+                "path (model.layers.*.mlp.down_proj); repeatable. A tied embedding stays dense with its head",
+        "convert": lambda v: (v,) if isinstance(v, str) else tuple(v), "check": skip_patterns})
     filter_fn: FilterFn | None = field(default=None, metadata={
         "help": "filter_fn(module, fqn) -> bool narrows which layers are compressed", "check": layer_filter})
     forward_fn: Callable[[nn.Module, Any], Any] | None = field(default=None, metadata={

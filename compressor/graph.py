@@ -25,6 +25,7 @@ where each layer went (:class:`Applied`).
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import math
 import warnings
@@ -390,11 +391,11 @@ def plan(model: Any, config: CompressConfig, example: Any = None) -> Compression
     if is_graph_model(module):
         cands = _graph_candidates(module)
         result = CompressionPlan(source="graph", dense_params=count_state(module))
-        _check_option_names(config, {c.name for c in cands})
+        _check_option_names(config, cands)
         _plan_graph(cands, config, result)
         return result
     cands = _module_candidates(module)
-    _check_option_names(config, {c.name for c in cands})
+    _check_option_names(config, cands)
     reads = _trace_reads(module, example)
     result = CompressionPlan(source=reads.source, dense_params=count_state(module))
     holders = _holders(module) if reads.scopes is None else {}
@@ -418,11 +419,17 @@ def plan(model: Any, config: CompressConfig, example: Any = None) -> Compression
     return result
 
 
-def _check_option_names(config: CompressConfig, names: set[str]) -> None:
+def _check_option_names(config: CompressConfig, cands: list[_Candidate]) -> None:
+    names = {c.name for c in cands}
     unknown = set(config.tensorization) | set(config.layer_ranks)
     if unknown - names:
         raise ModelError(f"per-layer options name unknown layers: {', '.join(sorted(unknown - names))} "
                          f"(eligible layers: {', '.join(sorted(names)) or 'none'})")
+    for pattern in config.skip:  # a typo must not silently compress what the user meant to keep
+        if not any(pattern == c.kind or fnmatch.fnmatchcase(c.name, pattern) for c in cands):
+            kinds = ", ".join(sorted({c.kind for c in cands})) or "none"
+            raise ModelError(f"skip {pattern!r} matches no layer kind ({kinds}) and no module path "
+                             f"(e.g. {', '.join(sorted(names)[:3]) or 'none'})")
 
 
 def _check_tied_options(config: CompressConfig, result: CompressionPlan) -> None:
@@ -472,9 +479,23 @@ def _layer_plan(c: _Candidate, config: CompressConfig) -> LayerPlan | str:
     return LayerPlan(c.name, c.kind, shape, tz, rank, params, c.weight_attr, c.bias_attr)
 
 
-def _graph_skip_reason(c: _Candidate, config: CompressConfig, owners: dict[int, list[str]]) -> str | None:
+def _skip_pattern(c: _Candidate, config: CompressConfig) -> str | None:
+    """The first ``skip`` entry naming this layer's kind or matching its path."""
+    return next((p for p in config.skip if p == c.kind or fnmatch.fnmatchcase(c.name, p)), None)
+
+
+def _user_reason(c: _Candidate, config: CompressConfig) -> str | None:
+    """Why the user's own choices leave this layer dense (``skip``, ``filter_fn``)."""
+    if (pattern := _skip_pattern(c, config)) is not None:
+        return f"left dense by skip {pattern!r}"
     if config.filter_fn is not None and not config.filter_fn(c.module, c.name):
         return "excluded by filter_fn"
+    return None
+
+
+def _graph_skip_reason(c: _Candidate, config: CompressConfig, owners: dict[int, list[str]]) -> str | None:
+    if (why := _user_reason(c, config)) is not None:
+        return why
     users = owners[id(c.weight)]
     if len(users) > 1:
         others = sorted(set(users) - {c.name})
@@ -496,8 +517,8 @@ def _holders(model: nn.Module) -> dict[int, list[str]]:
 
 def _own_reason(model: nn.Module, c: _Candidate, config: CompressConfig) -> str | None:
     """Why this module cannot be replaced, whatever else shares its weight."""
-    if config.filter_fn is not None and not config.filter_fn(c.module, c.name):
-        return "excluded by filter_fn"
+    if (why := _user_reason(c, config)) is not None:
+        return why
     parent_name, _, leaf = c.name.rpartition(".")
     if isinstance(model.get_submodule(parent_name), nn.MultiheadAttention):
         return (f"nn.MultiheadAttention computes with {leaf}.weight itself (F.multi_head_attention_forward), "

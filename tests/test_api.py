@@ -170,6 +170,16 @@ def test_label_free_distillation(trained_digits_net, digits):
     assert res.report.accuracy >= res.report.dense_accuracy - 0.05
 
 
+def test_skip_leaves_a_layer_dense_by_path_and_refuses_a_pattern_that_matches_nothing(trained_digits_net,
+                                                                                       digits_loaders):
+    res = compress(trained_digits_net, digits_loaders[0], "tr", 2, skip="f*2", max_steps=30)
+    assert [l.name for l in res.report.layers] == ["fc1"]
+    assert any(s["name"] == "fc2" and s["reason"] == "left dense by skip 'f*2'" for s in res.report.skipped)
+    assert type(res.model.fc2) is nn.Linear  # dense (and fine-tuned with the rest)
+    with pytest.raises(ModelError, match=r"skip 'fc3' matches no layer kind \(conv2d, linear\) and no module path"):
+        compress(trained_digits_net, digits_loaders[0], "tr", 2, skip=["fc3"], max_steps=1)
+
+
 def test_filter_fn_narrows_choice(trained_digits_net, digits_loaders):
     res = compress(trained_digits_net, digits_loaders[0], "tr", 2, filter_fn=lambda m, name: name != "fc2",
                    max_steps=30)

@@ -224,6 +224,17 @@ def test_rank_select_baseline_from_cli(files, tmp_path):
                               "--rank-select", "magic"]), "unknown rank selector")
 
 
+def test_skip_from_cli_keeps_the_layer_dense(files, tmp_path):
+    out = tmp_path / "skip.safetensors"
+    r = invoke([files / "model.pt", "--target", "2x", "--data", "digits", "-o", out, "--skip", "fc2", *QUICK])
+    assert r.exit_code == 0, r.stderr
+    from compressor import read_metadata
+
+    assert set(read_metadata(out)["layers"]) == {"fc1"}
+    assert_user_error(invoke([files / "model.pt", "--target", "2x", "--data", "digits", "-o", tmp_path / "x",
+                              "--skip", "fc9"]), "skip 'fc9' matches no layer kind", tmp_path / "x")
+
+
 def test_state_dict_without_arch(files, tmp_path):
     assert_user_error(invoke([files / "weights.pt", "--target", "3", "--data", "digits", "-o", tmp_path / "o"]),
                       "--arch", tmp_path / "o")

@@ -194,3 +194,14 @@ def test_bert_masked_lm_head_shares_the_table_and_keeps_its_shared_bias():
     inputs = batch(2, 7)  # BERT's padding row (token 0) appears: the tied head uses the stored row too
     inputs["input_ids"][0, 0] = 0
     assert max_rel_diff(logits(slim, inputs), logits(model, inputs)) < 1e-4
+
+
+def test_skip_embedding_keeps_a_tied_embedding_and_its_head_dense():
+    model = tiny("llama")
+    the_plan = plan(model, CompressConfig(skip=("embedding",), min_params=1), example=batch())
+    names = {lp.name for lp in the_plan.layers}
+    assert "model.embed_tokens" not in names and "lm_head" not in names
+    assert any(n.endswith("mlp.down_proj") for n in names)  # the rest is still compressed
+    reasons = {s.name: s.reason for s in the_plan.skipped}
+    assert reasons["model.embed_tokens"] == "left dense by skip 'embedding'"
+    assert "shares its weight with model.embed_tokens, which stays dense" in reasons["lm_head"]
