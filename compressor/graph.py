@@ -426,7 +426,7 @@ def _check_option_names(config: CompressConfig, cands: list[_Candidate]) -> None
         raise ModelError(f"per-layer options name unknown layers: {', '.join(sorted(unknown - names))} "
                          f"(eligible layers: {', '.join(sorted(names)) or 'none'})")
     for pattern in config.skip:  # a typo must not silently compress what the user meant to keep
-        if not any(pattern == c.kind or fnmatch.fnmatchcase(c.name, pattern) for c in cands):
+        if not any(_skip_matches(pattern, c) for c in cands):
             kinds = ", ".join(sorted({c.kind for c in cands})) or "none"
             raise ModelError(f"skip {pattern!r} matches no layer kind ({kinds}) and no module path "
                              f"(e.g. {', '.join(sorted(names)[:3]) or 'none'})")
@@ -479,9 +479,14 @@ def _layer_plan(c: _Candidate, config: CompressConfig) -> LayerPlan | str:
     return LayerPlan(c.name, c.kind, shape, tz, rank, params, c.weight_attr, c.bias_attr)
 
 
+def _skip_matches(pattern: str, c: _Candidate) -> bool:
+    """Whether a ``skip`` entry names this layer's kind or matches its module path."""
+    return pattern == c.kind or fnmatch.fnmatchcase(c.name, pattern)
+
+
 def _skip_pattern(c: _Candidate, config: CompressConfig) -> str | None:
-    """The first ``skip`` entry naming this layer's kind or matching its path."""
-    return next((p for p in config.skip if p == c.kind or fnmatch.fnmatchcase(c.name, p)), None)
+    """The first ``skip`` entry that matches this layer."""
+    return next((p for p in config.skip if _skip_matches(p, c)), None)
 
 
 def _user_reason(c: _Candidate, config: CompressConfig) -> str | None:

@@ -610,15 +610,19 @@ class WhitenedSVDSelector(RankSelector, name="whitened-svd"):
         whiten = whiten or {}
         svd_layout(the_plan)
         spectra = {lp.name: matrix_spectrum(lp, module, whiten.get(lp.name)) for lp in the_plan.layers}
-        ranks = threshold_ranks(the_plan, spectra, config.target)
-        for lp in the_plan.layers:
-            lp.rank = [ranks[lp.name], 1]
-            lp.whiten = whiten.get(lp.name)
+        set_matrix_ranks(the_plan, threshold_ranks(the_plan, spectra, config.target), whiten)
 
 
-def same_ratio_ranks(the_plan: CompressionPlan, target: float, keep: Callable[[LayerPlan], bool]) -> dict[str, int]:
-    """Matrix ranks that keep one share of the parameters in every layer but the ``keep``
-    ones (left at full rank, so dense), the largest share that meets ``target``.
+def set_matrix_ranks(the_plan: CompressionPlan, ranks: Mapping[str, int], whiten: Mapping[str, torch.Tensor]) -> None:
+    """Give every planned two-factor layer its rank and, where it was observed, its input factor."""
+    for lp in the_plan.layers:
+        lp.rank = [ranks[lp.name], 1]
+        lp.whiten = whiten.get(lp.name)
+
+
+def same_ratio_ranks(the_plan: CompressionPlan, target: float) -> dict[str, int]:
+    """Matrix ranks that keep one share of the parameters in every planned layer, the largest
+    share that meets ``target`` (layers outside the plan count dense).
 
     A rank-r factorization of an m x n weight costs r(m + n), so a share p of the
     parameters is rank p·mn / (m + n), never below 1. The share is found by bisection (the
@@ -627,11 +631,7 @@ def same_ratio_ranks(the_plan: CompressionPlan, target: float, keep: Callable[[L
     sides = {lp.name: (plan_modes(lp)[0], math.prod(plan_modes(lp)[1:])) for lp in the_plan.layers}
 
     def ranks_at(share: float) -> dict[str, int]:
-        out = {}
-        for lp in the_plan.layers:
-            m, n = sides[lp.name]
-            out[lp.name] = min(m, n) if keep(lp) else max(1, min(m, n, int(share * m * n / (m + n))))
-        return out
+        return {name: max(1, min(m, n, int(share * m * n / (m + n)))) for name, (m, n) in sides.items()}
 
     def ratio(share: float) -> float:
         return the_plan.dense_params / plan_params(the_plan, {n: [r, 1] for n, r in ranks_at(share).items()}, "tt")
@@ -656,15 +656,11 @@ class SVDLLMSelector(WhitenedSVDSelector, name="svd-llm"):
         across layers, which spends most of a mild target on a large embedding (SmolLM2's
         tied embedding, also its output head, went to rank 26 of 576 at 1.5x). SVD-LLM
         itself compresses every linear weight by the same ratio and never the embeddings."""
-        whiten = whiten or {}
-        svd_layout(the_plan)
         embeddings = [lp for lp in the_plan.layers if lp.kind == "embedding"]
-        ranks = same_ratio_ranks(the_plan, config.target, keep=lambda lp: lp.kind == "embedding")
         the_plan.layers[:] = [lp for lp in the_plan.layers if lp.kind != "embedding"]
         the_plan.skipped += [Skipped(lp.name, lp.kind, "svd-llm leaves embeddings dense") for lp in embeddings]
-        for lp in the_plan.layers:
-            lp.rank = [ranks[lp.name], 1]
-            lp.whiten = whiten.get(lp.name)
+        svd_layout(the_plan)
+        set_matrix_ranks(the_plan, same_ratio_ranks(the_plan, config.target), whiten or {})
 
 
 #: The selector a run uses unless told otherwise: the paper's method.
