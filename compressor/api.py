@@ -41,7 +41,7 @@ class LayerReport:
     initial_ranks: list[int]
     final_ranks: list[int]
     params_before: int
-    params_after: int
+    params_after: int  # elements saved: cores, bias and kept buffers (an embedding's padding row)
     kept_dense: bool = False  # the learned factorization was not smaller than the dense layer
 
 
@@ -337,7 +337,8 @@ def _layer_reports(the_plan: graph.CompressionPlan, applied: graph.Applied, init
         name = applied.sites[lp.name].name
         tz = [list(lp.tensorization[0]), list(lp.tensorization[1])]
         layer = layers.get(name)
-        final, after = (layer.ranks, layer.param_count()) if layer is not None else ([], lp.params_before)
+        final, after = ((layer.ranks, layer.param_count() + layer.buffer_count()) if layer is not None
+                        else ([], lp.params_before))
         reports.append(LayerReport(name, lp.kind, list(lp.shape), tz, initial[name], final, lp.params_before,
                                    after, kept_dense=layer is None))
     return reports

@@ -65,6 +65,7 @@ class LayerPlan:
     decomp: str | None = None  # None: the run's decomposition
     tied: tuple[str, ...] = ()  # modules sharing this weight: they will compute from the same cores
     whiten: torch.Tensor | None = None  # input factor L (G = L L^T): cores fitted to outputs (calibration.py)
+    extra: int = 0  # elements the factorized layer saves beside cores and bias (an embedding's padding row)
 
 
 @dataclass
@@ -368,9 +369,11 @@ def plan_modes(lp: LayerPlan) -> tuple[int, ...]:
 
 
 def layer_size(lp: LayerPlan, ranks: Any, decomp: str) -> int:
-    """Parameters of the planned layer at ``ranks`` (an int or bond list), bias included."""
+    """Elements the planned layer saves at ``ranks`` (an int or bond list): cores, bias and any
+    buffer it keeps (an embedding's padding row)."""
     modes = plan_modes(lp)
-    return tn.param_count(modes, tn.resolve_ranks(ranks, modes, lp.decomp or decomp)) + lp.params_before - math.prod(lp.shape)
+    cores = tn.param_count(modes, tn.resolve_ranks(ranks, modes, lp.decomp or decomp))
+    return cores + lp.params_before - math.prod(lp.shape) + lp.extra
 
 
 def layer_weight(module: nn.Module, lp: LayerPlan) -> torch.Tensor:
@@ -476,7 +479,8 @@ def _layer_plan(c: _Candidate, config: CompressConfig) -> LayerPlan | str:
     bias = getattr(view, "bias", None)
     params = view.weight.numel() + (bias.numel() if bias is not None else 0)
     rank = config.layer_ranks.get(c.name, config.rank)  # None: the rank selector chooses
-    return LayerPlan(c.name, c.kind, shape, tz, rank, params, c.weight_attr, c.bias_attr)
+    return LayerPlan(c.name, c.kind, shape, tz, rank, params, c.weight_attr, c.bias_attr,
+                     extra=c.cls.saved_extra(view))
 
 
 def _skip_matches(pattern: str, c: _Candidate) -> bool:

@@ -388,6 +388,12 @@ class TNLayer(nn.Module):
         return None
 
     @classmethod
+    def saved_extra(cls, module: nn.Module) -> int:
+        """Elements the factorized layer saves beyond its cores and bias (see :meth:`buffer_count`),
+        from the dense ``module`` it would replace: a plan must count them to meet a target."""
+        return 0
+
+    @classmethod
     def dense_view(cls, module: nn.Module) -> nn.Module:
         """``module`` as the dense layer this class reads (``.weight`` in its layout); itself by default."""
         return module
@@ -696,6 +702,11 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
         if module.max_norm is not None or module.sparse:
             return "embedding with max_norm or sparse gradients is not supported"
         return None
+
+    @classmethod
+    def saved_extra(cls, module: nn.Embedding) -> int:
+        """The padding row, kept exactly as stored."""
+        return module.embedding_dim if module.padding_idx is not None else 0
 
     @classmethod
     def tensorization(cls, shape: tuple[int, ...], override: Any = None) -> tuple[tuple[int, ...], tuple[int, ...]]:

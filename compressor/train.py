@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import signal
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,8 @@ from .graph import replace_module, set_training, tn_layers
 from .losses import task_loss
 from .resume import (ResumeError, RunInterrupted, StopRequest, check_same_run, fingerprint, restore_structure,
                      rng_state, save_state, set_rng_state)
+
+log = logging.getLogger(__name__)
 
 #: Optimiser steps a default budget aims at (at least 2, at most 100 epochs).
 DEFAULT_STEPS = 3000
@@ -144,7 +147,12 @@ class FineTune:
         self.lr = config.lr if config.lr is not None else DEFAULT_LR
         self.meter = SizeMeter(model, dense_params)
         self.control = TargetController(self.meter, config.target, gate_steps, config.penalty)
-        self.frozen = self.control.reached
+        # An ungated model's ranks are final: no gate phase, and nothing to close should its
+        # selector's size estimate fall short (said once, never reported as a forced closing).
+        self.frozen = self.control.reached or not self.meter.gates()
+        if not self.control.reached and not self.meter.gates():
+            log.warning("the fixed ranks give %.4fx, short of the %gx target: the rank selector's size "
+                        "estimate missed something", self.meter.ratio(), config.target)
         self.score_function = any(g.score_function for g in self.meter.gates())
         self.step = self.epoch = 0
         self.weight_phase_start: int | None = None  # the weight phase's learning rate decays from here

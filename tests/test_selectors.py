@@ -111,3 +111,32 @@ def test_a_new_selector_registers_itself_and_is_accepted_by_the_config(trained_d
         assert max(half) < max(full)
     finally:
         del RankSelector.registry["test-half"]
+
+
+class _PaddedLookup(torch.nn.Module):
+    """An embedding with a padding row (kept exactly by its factorized form) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(512, 48, padding_idx=0)
+        self.head = torch.nn.Linear(48, 96)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+@pytest.mark.parametrize("selector", ["uniform", "energy", "svd", "whitened-svd"])
+def test_fixed_ranks_count_the_padding_row_and_meet_the_target(selector):
+    """A plan that forgot the padding row the embedding keeps ended one row short of a target
+    (SmolLM2 at 1.5x: 1.49999x), and the run called that a forced closing."""
+    model = _PaddedLookup()
+    ids = torch.randint(0, 512, (64, 12))
+    res = compress(model, TensorLoader(ids, None, 16), "tt", "3x", rank_select=selector, epochs=0,
+                   calibration_batches=2)
+    report = res.report
+    untouched = report.dense_params - sum(layer.params_before for layer in report.layers)
+    assert report.params == untouched + sum(layer.params_after for layer in report.layers)
+    assert report.ratio >= 3 and not report.forced
+    emb = tn_layers(res.model)["emb"]
+    assert torch.equal(emb.padding_row, model.emb.weight[0].detach())
