@@ -26,6 +26,7 @@ from .selectors import get_selector, min_params
 from .blocks import shared_blocks
 from .batches import ForwardFn, check_labels, describe_inputs, forward, require_reiterable, split_batch
 from .losses import count_correct
+from .refit import refit_layers
 from .resume import load_state
 from .train import TrainEvent, TrainHistory, finetune
 
@@ -189,8 +190,9 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     use_teacher = teacher if (not has_labels or config.distill > 0 or config.distill_hidden > 0) else None
     evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
     start_acc = evaluate_fn(applied.model) if evaluate_fn is not None and saved is None else None  # step 0
+    refit = (lambda m: refit_layers(m, module, the_plan, applied, config)) if config.refit else None
     slim, history = finetune(applied.model, use_teacher, loader, config, the_plan.dense_params, callback,
-                             evaluate_fn, applied.keep_factorized, state_file, saved)
+                             evaluate_fn, applied.keep_factorized, state_file, saved, refit)
 
     layers = tn_layers(slim)
     mark_slim(slim, SlimInfo(the_plan.source, the_plan.dense_params,

@@ -201,7 +201,8 @@ def _phase(event) -> str:
 def _event_line(event) -> str:
     """The one line a freeze, a forced closing or an epoch's end is logged as."""
     if event.kind == "freeze":
-        return f"target reached at step {event.step}: gates frozen, slices pruned ({event.ratio:.2f}x)"
+        return (f"target reached at step {event.step}: gates frozen, slices pruned ({event.ratio:.2f}x)"
+                + (f"; {event.message}" if event.message else ""))
     if event.kind == "force":
         return f"step {event.step}: {event.message} ({event.ratio:.2f}x)"
     test = f", test accuracy {100 * event.eval_accuracy:.2f}%" if event.eval_accuracy is not None else ""
@@ -253,6 +254,9 @@ def config_option(name: str, *flags: str, **overrides: Any):
     choices), so the CLI cannot drift from the API; ``flags`` default to ``--field-name``."""
     field_ = next(f for f in fields(CompressConfig) if f.name == name)
     hint = get_type_hints(CompressConfig)[name]
+    if hint is bool:  # a switch, off by default
+        return click.option(*(flags or ("--" + name.replace("_", "-"),)), name, is_flag=True,
+                            help=field_.metadata["help"], **overrides)
     kind = next((t for t in (int, float) if t in (get_args(hint) or (hint,))), str)
     choices = field_.metadata.get("choices")
     kwargs: dict[str, Any] = {"help": field_.metadata["help"], "type": ConfigChoice(list(choices)) if choices else kind}
@@ -406,13 +410,12 @@ def output_options(command):
 
 #: The CompressConfig fields the main command offers, in --help order.
 RUN_CONFIG = ("epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "rank_select", "init", "calibration_batches", "start",
-              "start_error", "max_steps", "gate_fraction", "distill_loss", "distill_hidden", "log_every", "lr", "device")
+              "start_error", "max_steps", "gate_fraction", "refit", "distill_loss", "distill_hidden", "log_every", "lr", "device")
 
 
 def config_options(command):
     """Every :data:`RUN_CONFIG` field as an option of ``command``."""
-    bf16 = next(f for f in fields(CompressConfig) if f.name == "bf16")
-    command = click.option("--bf16", "bf16", is_flag=True, help=bf16.metadata["help"])(command)
+    command = config_option("bf16")(command)
     command = config_option("skip", multiple=True, show_default=False)(command)
     for entry in reversed(RUN_CONFIG):
         name, *flags = (entry,) if isinstance(entry, str) else entry

@@ -173,6 +173,10 @@ class CompressConfig:
     gate_fraction: float = field(default=0.5, metadata={
         "help": "share of the budget in which the gates may move; the target is met by its end at the latest",
         "check": unit_fraction})
+    refit: bool = field(default=False, metadata={
+        "help": "when the gates freeze, keep the ranks they learned but fit the cores again to the pretrained "
+                "weights (to the layers' outputs with --init activations), then fine-tune: the weight phase "
+                "starts from a clean truncation instead of the noisy gate phase's weights (gated selectors)"})
     lr: float | None = field(default=None, metadata={
         "help": "Adam learning rate of the cores and other weights (default 1e-3)", "check": positive})
     gate_lr: float = field(default=0.05, metadata={
@@ -240,6 +244,8 @@ class CompressConfig:
         if self.init == "activations" and not RankSelector.registry[self.rank_select].gated:
             raise ConfigError(f"init 'activations' shapes a gated start; rank selector {self.rank_select!r} "
                               "chooses its ranks itself (whitened-svd and svd-llm are the ones fitted to activations)")
+        if self.refit and not RankSelector.registry[self.rank_select].gated:
+            raise ConfigError(f"refit keeps the ranks gates learned; rank selector {self.rank_select!r} has no gates")
         if self.init == "activations" and (self.rank is not None or self.start == "ladder"):
             raise ConfigError("init 'activations' fits each layer's start to its inputs; it cannot be combined "
                               "with a fixed rank or start 'ladder'")

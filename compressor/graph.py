@@ -695,7 +695,7 @@ def _graph_site(gm: nn.Module, lp: LayerPlan) -> Site:
     return Site(lp.name + "_tn", lp.weight_attr, lp.bias_attr)
 
 
-def _dense_source(module: nn.Module, lp: LayerPlan) -> nn.Module:
+def dense_source(module: nn.Module, lp: LayerPlan) -> nn.Module:
     """The dense module ``lp`` starts from (a stand-in sharing the tensors, for a graph)."""
     if lp.weight_attr is None:
         return layer_class(lp.kind).dense_view(module.get_submodule(lp.name))
@@ -731,7 +731,7 @@ def apply(model: Any, the_plan: CompressionPlan, config: CompressConfig, make_ga
     for i, lp in enumerate(the_plan.layers):
         if progress:
             progress(lp.name, i, len(the_plan.layers))
-        layer = build_layer(lp, _dense_source(module, lp), config, gen, make_gate)
+        layer = build_layer(lp, dense_source(module, lp), config, gen, make_gate)
         site = _graph_site(module, lp) if lp.weight_attr is not None else Site(lp.name)
         swap_in(module, site, layer)
         applied.sites[lp.name] = site

@@ -127,8 +127,10 @@ class FineTune:
     def __init__(self, model: nn.Module, teacher: nn.Module | None, loader: Iterable, config: CompressConfig,
                  dense_params: int, callback: Callable[[TrainEvent], None] | None = None,
                  evaluate: Callable[[nn.Module], float] | None = None, keep_factorized: Collection[str] = (),
-                 state_file: str | Path | None = None, resume_state: dict[str, Any] | None = None):
+                 state_file: str | Path | None = None, resume_state: dict[str, Any] | None = None,
+                 refit: Callable[[nn.Module], int] | None = None):
         torch.manual_seed(config.seed)
+        self.refit = refit  # refit(pruned model) -> layers whose cores start again (config.refit)
         self.state_file = Path(state_file) if state_file is not None else None
         self.resume_state = resume_state
         self.model, self.teacher, self.loader, self.config = model, teacher, loader, config
@@ -283,11 +285,18 @@ class FineTune:
             self.history.reopened = self.control.give_back()
         self.frozen = True
         self._prune_all()
+        refitted = self._refit()
         self.history.frozen_at = self.step
         self._snapshot()
         self._make_optimizers()
         self.weight_phase_start = self.step
-        self._event("freeze")
+        self._event("freeze", message=refitted)
+
+    def _refit(self) -> str:
+        """With ``config.refit``: the pruned layers' cores start again from the pretrained weights."""
+        if self.refit is None:
+            return ""
+        return f"{self.refit(self.model)} layers refitted to the pretrained weights at the learned ranks"
 
     def _event(self, kind: str, **fields: Any) -> None:
         fields.setdefault("ratio", self.meter.ratio())
@@ -369,7 +378,10 @@ class FineTune:
             if not self.control.reached:
                 self.control.force()
             self.history.frozen_at = self.step
-        self._prune_all()
+            self._prune_all()
+            self._refit()
+        else:
+            self._prune_all()
         self.history.steps = self.step
         self.history.samples_per_rank = [int(n) for n in self.world.gather(self.history.samples)]
         self.history.forced = self.control.forced
@@ -482,7 +494,8 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
              dense_params: int, callback: Callable[[TrainEvent], None] | None = None,
              evaluate: Callable[[nn.Module], float] | None = None,
              keep_factorized: Collection[str] = (), state_file: str | Path | None = None,
-             resume_state: dict[str, Any] | None = None) -> tuple[nn.Module, TrainHistory]:
+             resume_state: dict[str, Any] | None = None,
+             refit: Callable[[nn.Module], int] | None = None) -> tuple[nn.Module, TrainHistory]:
     """Train the gated model until the target holds, then fine-tune the pruned model.
 
     ``teacher`` is the original model (used for distillation); ``evaluate(model) ->
@@ -490,7 +503,8 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, conf
     back to dense (they have no dense home in the model). ``state_file`` is where the
     resumable state goes (every ``config.checkpoint_every`` steps and on Ctrl-C);
     ``resume_state`` (from :func:`compressor.resume.load_state`) continues a saved run.
+    ``refit(model) -> layers`` re-fits the pruned cores when the gates freeze (``config.refit``).
     Returns the pruned model and the history.
     """
     return FineTune(model, teacher, loader, config, dense_params, callback, evaluate, keep_factorized,
-                    state_file, resume_state).run()
+                    state_file, resume_state, refit).run()

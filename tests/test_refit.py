@@ -1,0 +1,78 @@
+"""--refit: the gates choose the ranks, the cores start again from the pretrained weights."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from compressor import compress
+from compressor.cli import main
+from compressor.config import CompressConfig
+from compressor.data import TensorLoader
+from compressor.errors import ConfigError
+from compressor.graph import tn_layers
+from test_calibration import TwoLayers, _anisotropic
+
+MATRICES = {"fc1": ((48,), (64,)), "fc2": ((64,), (10,))}
+
+
+def _run(refit: bool):
+    """A run whose budget ends in the gate phase (λ 0: only the forced closing picks ranks), so
+    nothing trains after the freeze and the slim layers are exactly what the freeze left."""
+    model = TwoLayers()
+    x = _anisotropic(400, 48, seed=6, live=12)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    events = []
+    result = compress(model, TensorLoader(x, y, 50), "tt", "2.5x", init="activations", calibration_batches=8,
+                      epochs=2, gate_fraction=1.0, lam=0.0, lr=1e-2, min_params=1, tensorization=MATRICES,
+                      refit=refit, callback=events.append)
+    return model, x, result, events
+
+
+def _whitened_truncation(weight: torch.Tensor, x: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-``rank`` weight with the least output error on ``x`` (SVD-LLM's truncation)."""
+    gram = (x.double().T @ x.double())
+    factor = torch.linalg.cholesky(gram + 1e-6 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype))
+    u, s, vh = torch.linalg.svd(factor.T @ weight.double().T, full_matrices=False)
+    kept = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    return torch.linalg.solve_triangular(factor.T, kept, upper=True).T
+
+
+def _distance_to_truncation(result, model, x, name: str) -> float:
+    layer = tn_layers(result.model)[name]
+    dense = getattr(model, name)
+    inputs = x if name == "fc1" else torch.tanh(model.fc1(x)).detach()
+    best = _whitened_truncation(dense.weight.detach(), inputs, layer.ranks[0])
+    got = layer.to_dense().weight.detach().double()
+    return float((got - best).norm() / best.norm())
+
+
+def test_refit_restarts_the_pruned_cores_from_the_pretrained_weights_at_the_learned_ranks():
+    model, x, result, events = _run(refit=True)
+    assert result.report.ratio >= 2.5 and result.report.forced
+    freeze = next(e for e in events if e.kind == "freeze")
+    assert freeze.message == "2 layers refitted to the pretrained weights at the learned ranks"
+    for name in ("fc1", "fc2"):
+        assert _distance_to_truncation(result, model, x, name) < 1e-4
+    assert torch.equal(result.model.fc1.bias, model.fc1.bias)  # the bias starts again too
+
+
+def test_without_refit_the_slim_layers_keep_what_the_gate_phase_trained():
+    model, x, result, events = _run(refit=False)
+    assert next(e for e in events if e.kind == "freeze").message == ""
+    assert _distance_to_truncation(result, model, x, "fc1") > 1e-2
+
+
+def test_refit_needs_gates():
+    with pytest.raises(ConfigError, match="refit keeps the ranks gates learned"):
+        CompressConfig(refit=True, rank_select="svd-llm")
+
+
+def test_the_cli_offers_refit_and_refuses_it_without_gates_with_exit_2(tmp_path):
+    runner = CliRunner()
+    assert "--refit" in runner.invoke(main, ["run", "--help"]).output
+    res = runner.invoke(main, ["examples/lenet5.pt2", "--target", "5x", "--data", "digits", "--refit",
+                               "--rank-select", "energy", "-o", str(tmp_path / "slim.safetensors")])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines()[-1].startswith("error: refit keeps the ranks gates learned")
+    assert not (tmp_path / "slim.safetensors").exists()
