@@ -110,6 +110,8 @@ def run_one(model, train, test, selector: str, init: str, target: str, steps: in
         options["distill_hidden"] = args.distill_hidden
     if args.skip:
         options["skip"] = args.skip
+    if args.refit and get_selector(selector).gated:
+        options["refit"] = True
     if steps:
         options.update(epochs=1, max_steps=steps)
     else:
@@ -123,7 +125,8 @@ def run_one(model, train, test, selector: str, init: str, target: str, steps: in
               "perplexity": ppl, "steps": r.steps, "tokens": r.steps * args.batch_size * args.tokens_per_example,
               "seconds": seconds, "params": r.params, "dense_params": r.dense_params, "forced": r.forced,
               "start": r.start, "by_layer_type": where_the_budget_went(r),
-              "distill_hidden": (args.distill_hidden or 0.0) if steps else 0.0, "skip": list(args.skip)}
+              "distill_hidden": (args.distill_hidden or 0.0) if steps else 0.0, "skip": list(args.skip),
+              "refit": bool(options.get("refit")), "frozen_at": result.history.frozen_at}
     print(f"{selector}:{init} {target}: perplexity {ppl:.2f} at {r.ratio:.3f}x, {r.steps} steps, {seconds:.0f} s",
           flush=True)
     return record
@@ -157,7 +160,7 @@ def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> di
     """The JSON at ``path`` with ``records`` replacing the runs they repeat; written atomically."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
     key = lambda r: (r["selector"], r["init"], r["target"], r["steps"] > 0, r.get("distill_hidden") or 0.0,  # noqa: E731
-                     tuple(r.get("skip") or ()))
+                     tuple(r.get("skip") or ()), bool(r.get("refit")))
     new_keys = {key(r) for r in records}
     result = {**old, **meta, "runs": [r for r in old["runs"] if key(r) not in new_keys] + records}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +178,8 @@ def label(run: dict[str, Any]) -> str:
         name += f", + hidden states x{run['distill_hidden']:g}"
     if run.get("skip"):
         name += ", " + " and ".join(run["skip"]) + " dense"
+    if run.get("refit"):
+        name += ", refit"
     return name + ("" if run["steps"] else ", no fine-tune")
 
 
@@ -264,6 +269,8 @@ def main() -> None:
                     help="also match every block's hidden states (weight; a separate row of the table)")
     ap.add_argument("--skip", default="", type=lambda v: tuple(x for x in v.split(",") if x),
                     help="comma list of layer kinds or module globs left dense (compress's --skip; a separate row)")
+    ap.add_argument("--refit", action="store_true",
+                    help="gated rows refit their cores to the pretrained weights when the gates freeze (a separate row)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--report", action="store_true", help="only redraw the table and plot from the JSON")
