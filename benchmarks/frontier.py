@@ -3,7 +3,9 @@
 Each selector (l0, uniform, energy, svd, whitened-svd, reinforce) is asked for the same
 targets with the same fine-tuning budget (epochs) and the same seeds at every target (the
 table gives mean ± std). A selector may name its start, ``l0:activations`` (cores fitted to
-the layers' outputs on calibration images) against the default ``l0`` (from the weights). Writes
+the layers' outputs on calibration images) against the default ``l0`` (from the weights), and a
+gated row may add ``+refit`` (``l0+refit``: the cores start again from the pretrained weights at
+the learned ranks when the gates freeze). Writes
 ``benchmarks/results/frontier.json``, ``frontier.md`` (the README table),
 ``frontier.png`` (test accuracy vs ratio, the shape of supp. Fig. 3) and
 ``ranks_l0.png`` (learned ranks per core for l0, the shape of supp. Fig. 1).
@@ -32,7 +34,7 @@ from compressor import compress, evaluate  # noqa: E402
 from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
 from compressor.selectors import DEFAULT_SELECTOR, get_selector, selector_names  # noqa: E402
-from rows import parse_row, row_name  # noqa: E402
+from rows import parse_row, row_name, row_of  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 
 SELECTORS = list(selector_names())
@@ -75,23 +77,24 @@ def main() -> None:
     runs = []
     if args.merge and json_path.exists():
         runs = [r for r in json.loads(json_path.read_text())["runs"]
-                if (r["selector"], r.get("init", "weights")) not in rows or r["target"] not in targets]
+                if row_of(r) not in rows or r["target"] not in targets]
     started = time.perf_counter()
     for target in targets:
         for seed in range(1 if args.quick else args.seeds):
-            for sel, init in rows:
+            for sel, init, refit in rows:
                 t0 = time.perf_counter()
-                name = row_name(sel, init)
-                extra = {"init": init} if get_selector(sel).gated else {}
+                name = row_name(sel, init, refit)
+                extra = {"init": init, "refit": refit} if get_selector(sel).gated else {}
                 try:
                     res = compress(dense, TensorLoader(xtr, ytr, 128, shuffle=True, seed=seed), args.decomp, target,
                                    eval_loader=test, rank_select=sel, epochs=args.epochs, seed=seed, **extra)
                 except CompressorError as exc:
                     print(f"{name:24s} {target:5g}x seed {seed}: not reachable ({exc})", flush=True)
-                    runs.append({"selector": sel, "init": init, "target": target, "seed": seed, "error": str(exc)})
+                    runs.append({"selector": sel, "init": init, "refit": refit, "target": target, "seed": seed,
+                                 "error": str(exc)})
                     continue
                 r = res.report
-                run = {"selector": sel, "init": init, "target": target, "seed": seed, "ratio": r.ratio,
+                run = {"selector": sel, "init": init, "refit": refit, "target": target, "seed": seed, "ratio": r.ratio,
                        "accuracy": r.accuracy,
                        "seconds": time.perf_counter() - t0, "steps": r.steps, "forced": r.forced,
                        "ratio_before_force": r.ratio_before_force,
@@ -123,7 +126,7 @@ def summarize(runs):
     for r in runs:
         if "error" in r:
             continue
-        name = row_name(r["selector"], r.get("init", "weights"))
+        name = row_name(*row_of(r))
         key = f"{name}@{r['target']:g}x"
         out.setdefault(key, {"selector": r["selector"], "row": name, "target": r["target"], "acc": [], "ratio": [],
                              "seconds": []})
@@ -172,7 +175,7 @@ def plot(result, frontier_png: Path, ranks_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, s in enumerate(sorted({row_name(r["selector"], r.get("init", "weights")) for r in result["runs"]},
+    for i, s in enumerate(sorted({row_name(*row_of(r)) for r in result["runs"]},
                                  key=_row_order)):
         pts = sorted((summ["ratio_mean"], 100 * summ["acc_mean"]) for summ in result["summary"].values()
                      if summ["row"] == s)
@@ -188,7 +191,7 @@ def plot(result, frontier_png: Path, ranks_png: Path) -> None:
     fig.savefig(frontier_png, dpi=110)
     plt.close(fig)
 
-    l0 = [r for r in result["runs"] if r.get("selector") == DEFAULT_SELECTOR and r.get("init", "weights") == "weights"
+    l0 = [r for r in result["runs"] if row_of(r) == (DEFAULT_SELECTOR, "weights", False)
           and "error" not in r and r["seed"] == 0]
     if not l0:
         return

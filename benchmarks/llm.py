@@ -10,6 +10,8 @@ Rows (``--runs``, comma separated):
 
 * ``l0:activations`` -- the method, cores fitted to each layer's outputs on calibration text;
 * ``l0:weights``     -- the method, cores from plain TT-SVD of the weights;
+* ``+refit`` after a gated row (``l0:activations+refit``) -- the cores are fitted again to the
+  pretrained weights at the learned ranks when the gates freeze (``compress(..., refit=True)``);
 * ``energy``, ``svd``, ``whitened-svd``, ``svd-llm`` -- ranks fixed before fine-tuning; each also
   gets a no-fine-tune row (``steps`` 0), the figure the post-hoc papers quote.
 
@@ -51,7 +53,7 @@ from compressor.data import TensorLoader  # noqa: E402
 from compressor.graph import count_state  # noqa: E402
 from compressor.hf_folders import load_model_folder, load_tokenizer, perplexity, read_texts, tokenize  # noqa: E402
 from compressor.selectors import get_selector  # noqa: E402
-from rows import parse_row  # noqa: E402
+from rows import Row, parse_row, row_of  # noqa: E402
 
 DATA = HERE / "data"
 FOLDER = DATA / "smollm2"
@@ -99,8 +101,9 @@ def where_the_budget_went(report) -> dict[str, Any]:
     return out
 
 
-def run_one(model, train, test, selector: str, init: str, target: str, steps: int, args) -> dict[str, Any]:
+def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict[str, Any]:
     """One compression run and its held-out perplexity, as a JSON record."""
+    selector, init, refit = row
     loader = TensorLoader(train, None, args.batch_size, shuffle=True, seed=args.seed)
     options: dict[str, Any] = {"rank_select": selector, "seed": args.seed, "lr": args.lr,
                                "calibration_batches": args.calibration_batches, "log_every": args.log_every}
@@ -110,7 +113,7 @@ def run_one(model, train, test, selector: str, init: str, target: str, steps: in
         options["distill_hidden"] = args.distill_hidden
     if args.skip:
         options["skip"] = args.skip
-    if args.refit and get_selector(selector).gated:
+    if refit:
         options["refit"] = True
     if steps:
         options.update(epochs=1, max_steps=steps)
@@ -126,7 +129,7 @@ def run_one(model, train, test, selector: str, init: str, target: str, steps: in
               "seconds": seconds, "params": r.params, "dense_params": r.dense_params, "forced": r.forced,
               "start": r.start, "by_layer_type": where_the_budget_went(r),
               "distill_hidden": (args.distill_hidden or 0.0) if steps else 0.0, "skip": list(args.skip),
-              "refit": bool(options.get("refit")), "frozen_at": result.history.frozen_at}
+              "refit": refit, "frozen_at": result.history.frozen_at}
     print(f"{selector}:{init} {target}: perplexity {ppl:.2f} at {r.ratio:.3f}x, {r.steps} steps, {seconds:.0f} s",
           flush=True)
     return record
@@ -159,8 +162,8 @@ def unigram_perplexity(train: dict[str, torch.Tensor], test: dict[str, torch.Ten
 def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """The JSON at ``path`` with ``records`` replacing the runs they repeat; written atomically."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    key = lambda r: (r["selector"], r["init"], r["target"], r["steps"] > 0, r.get("distill_hidden") or 0.0,  # noqa: E731
-                     tuple(r.get("skip") or ()), bool(r.get("refit")))
+    key = lambda r: (row_of(r), r["target"], r["steps"] > 0, r.get("distill_hidden") or 0.0,  # noqa: E731
+                     tuple(r.get("skip") or ()))
     new_keys = {key(r) for r in records}
     result = {**old, **meta, "runs": [r for r in old["runs"] if key(r) not in new_keys] + records}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,12 +177,11 @@ def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> di
 def label(run: dict[str, Any]) -> str:
     # Every learning selector's row names its start, the default included (both l0 rows are in the grid).
     name = run["selector"] + (f" ({run['init']} init)" if get_selector(run["selector"]).gated else "")
+    name += ", refit" if run.get("refit") else ""
     if run.get("distill_hidden"):
         name += f", + hidden states x{run['distill_hidden']:g}"
     if run.get("skip"):
         name += ", " + " and ".join(run["skip"]) + " dense"
-    if run.get("refit"):
-        name += ", refit"
     return name + ("" if run["steps"] else ", no fine-tune")
 
 
@@ -269,8 +271,6 @@ def main() -> None:
                     help="also match every block's hidden states (weight; a separate row of the table)")
     ap.add_argument("--skip", default="", type=lambda v: tuple(x for x in v.split(",") if x),
                     help="comma list of layer kinds or module globs left dense (compress's --skip; a separate row)")
-    ap.add_argument("--refit", action="store_true",
-                    help="gated rows refit their cores to the pretrained weights when the gates freeze (a separate row)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--report", action="store_true", help="only redraw the table and plot from the JSON")
@@ -313,12 +313,12 @@ def main() -> None:
                      f"({', '.join(f'{k}={old.get(k)}' for k in same)}); a part must match them, or use --out")
     result = merge(path, meta, []) if path.exists() else {**meta, "runs": []}
     for target in targets:
-        for selector, init in runs:
+        for row in runs:
             budgets = [] if args.no_finetune_rows == "only" else [steps]
-            if not get_selector(selector).gated and args.no_finetune_rows != "no":
+            if not get_selector(row.selector).gated and args.no_finetune_rows != "no":
                 budgets.append(0)
             for n in budgets:
-                record = run_one(model, train, test, selector, init, target, n, args)
+                record = run_one(model, train, test, row, target, n, args)
                 record["dense_perplexity"] = dense_ppl
                 result = merge(path, meta, [record])
     finish(result, path)

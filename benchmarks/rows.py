@@ -1,23 +1,47 @@
-"""A benchmark row is a selector and the start it fits: ``"l0:activations"``.
+"""A benchmark row is a selector, the start it fits and its switches: ``"l0:activations+refit"``.
 
 Shared by the benchmarks so that the same spelling means the same run everywhere.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from compressor.selectors import get_selector
 
+#: Row switches: each is a boolean option of ``compress`` that only gated selectors take.
+SWITCHES = ("refit",)
 
-def parse_row(spec: str) -> tuple[str, str]:
-    """``"l0:activations"`` -> ("l0", "activations"). A selector that learns nothing fits what it
-    always fits: ``whitened-svd`` the activations, the others the weights."""
-    selector, _, init = spec.partition(":")
+
+class Row(NamedTuple):
+    selector: str
+    init: str
+    refit: bool = False
+
+
+def parse_row(spec: str) -> Row:
+    """``"l0:activations+refit"`` -> Row("l0", "activations", True). A selector that learns
+    nothing fits what it always fits: ``whitened-svd`` and ``svd-llm`` the activations, the
+    others the weights."""
+    head, *switches = spec.split("+")
+    selector, _, init = head.partition(":")
     chosen = get_selector(selector)  # a clear error for a misspelt name
+    for s in switches:
+        if s not in SWITCHES:
+            raise SystemExit(f"error: unknown switch {s!r} in row {spec!r} (known: {', '.join(SWITCHES)})")
+        if not chosen.gated:
+            raise SystemExit(f"error: row {spec!r}: {s} needs a gated selector")
     if not chosen.gated:
-        return selector, "activations" if chosen.calibrates else "weights"
-    return selector, init or "weights"
+        return Row(selector, "activations" if chosen.calibrates else "weights")
+    return Row(selector, init or "weights", "refit" in switches)
 
 
-def row_name(selector: str, init: str) -> str:
-    """The table label: the selector, and the start of a learning one when it is not the default."""
-    return selector + (f" ({init} init)" if get_selector(selector).gated and init != "weights" else "")
+def row_of(record: dict[str, Any]) -> Row:
+    """The row a JSON record was made by (records from before switches existed have none)."""
+    return Row(record["selector"], record.get("init", "weights"), bool(record.get("refit")))
+
+
+def row_name(selector: str, init: str, refit: bool = False) -> str:
+    """The table label: the selector, the start of a learning one when it is not the default, and its switches."""
+    return (selector + (f" ({init} init)" if get_selector(selector).gated and init != "weights" else "")
+            + (", refit" if refit else ""))
