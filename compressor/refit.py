@@ -18,25 +18,33 @@ from torch import nn
 
 from .config import CompressConfig
 from .graph import Applied, CompressionPlan, build_layer, dense_source, tn_layers
+from .layers import layer_class
 
 
 def refit_layers(model: nn.Module, source: nn.Module, the_plan: CompressionPlan, applied: Applied,
                  config: CompressConfig) -> int:
     """Overwrite, in place, every factorized layer of the pruned ``model`` with the cores a fresh
-    start would give it at its present ranks, from ``source`` (the untouched dense model).
-    Layers that went back to dense keep what they hold. Returns the number of layers refitted."""
+    start would give it at its present ranks, from ``source`` (the untouched dense model); a
+    layer that went back to dense gets its pretrained weight back, exactly. Returns the number
+    of layers refitted."""
     layers = tn_layers(model)
     generator = torch.Generator().manual_seed(config.seed)
-    refitted = 0
     for lp in the_plan.layers:
-        layer = layers.get(applied.sites[lp.name].name)
+        site = applied.sites[lp.name].name
+        original = dense_source(source, lp)
+        layer = layers.get(site)
         if layer is None:
-            continue
-        fresh = build_layer(replace(lp, rank=list(layer.ranks)), dense_source(source, lp), config, generator)
-        with torch.no_grad():
-            for core, new in zip(layer.cores, fresh.cores):
-                core.copy_(new)
-            if getattr(layer, "bias", None) is not None:
-                layer.bias.copy_(fresh.bias)
-        refitted += 1
-    return refitted
+            _copy_tensors(layer_class(lp.kind).dense_view(model.get_submodule(site)), original)
+        else:
+            _copy_tensors(layer, build_layer(replace(lp, rank=list(layer.ranks)), original, config, generator))
+    return len(the_plan.layers)
+
+
+def _copy_tensors(into: nn.Module, source: nn.Module) -> None:
+    """Cores (or the weight) and the bias of ``source`` into the same-shaped ``into``."""
+    pairs = list(zip(into.cores, source.cores)) if hasattr(into, "cores") else [(into.weight, source.weight)]
+    if getattr(into, "bias", None) is not None:
+        pairs.append((into.bias, source.bias))
+    with torch.no_grad():
+        for dst, src in pairs:
+            dst.copy_(src)
