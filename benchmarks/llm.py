@@ -111,6 +111,9 @@ def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict
         options["init"] = init
     if steps and args.distill_hidden:
         options["distill_hidden"] = args.distill_hidden
+    gate_fraction = args.gate_fraction if get_selector(selector).gated else None
+    if gate_fraction is not None:
+        options["gate_fraction"] = gate_fraction
     if args.skip:
         options["skip"] = args.skip
     if refit:
@@ -129,7 +132,7 @@ def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict
               "seconds": seconds, "params": r.params, "dense_params": r.dense_params, "forced": r.forced,
               "start": r.start, "by_layer_type": where_the_budget_went(r),
               "distill_hidden": (args.distill_hidden or 0.0) if steps else 0.0, "skip": list(args.skip),
-              "refit": refit, "frozen_at": result.history.frozen_at}
+              "refit": refit, "frozen_at": result.history.frozen_at, "gate_fraction": gate_fraction}
     print(f"{selector}:{init} {target}: perplexity {ppl:.2f} at {r.ratio:.3f}x, {r.steps} steps, {seconds:.0f} s",
           flush=True)
     return record
@@ -163,7 +166,7 @@ def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> di
     """The JSON at ``path`` with ``records`` replacing the runs they repeat; written atomically."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
     key = lambda r: (row_of(r), r["target"], r["steps"] > 0, r.get("distill_hidden") or 0.0,  # noqa: E731
-                     tuple(r.get("skip") or ()))
+                     tuple(r.get("skip") or ()), r.get("gate_fraction"))
     new_keys = {key(r) for r in records}
     result = {**old, **meta, "runs": [r for r in old["runs"] if key(r) not in new_keys] + records}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +183,8 @@ def label(run: dict[str, Any]) -> str:
     name += ", refit" if run.get("refit") else ""
     if run.get("distill_hidden"):
         name += f", + hidden states x{run['distill_hidden']:g}"
+    if run.get("gate_fraction") is not None:
+        name += f", gates in the first {100 * run['gate_fraction']:g} %"
     if run.get("skip"):
         name += ", " + " and ".join(run["skip"]) + " dense"
     return name + ("" if run["steps"] else ", no fine-tune")
@@ -271,6 +276,8 @@ def main() -> None:
                     help="also match every block's hidden states (weight; a separate row of the table)")
     ap.add_argument("--skip", default="", type=lambda v: tuple(x for x in v.split(",") if x),
                     help="comma list of layer kinds or module globs left dense (compress's --skip; a separate row)")
+    ap.add_argument("--gate-fraction", type=float, default=None,
+                    help="gated rows: share of the budget the gates may move in (compress's default 0.5; a separate row)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--report", action="store_true", help="only redraw the table and plot from the JSON")
