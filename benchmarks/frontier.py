@@ -143,7 +143,7 @@ def summarize(runs):
 
 def _row_order(name: str) -> tuple[int, str]:
     """Rows in the selectors' registry order, a selector's variants after its default."""
-    base = name.split(" ")[0]
+    base = name.split(" ")[0].rstrip(",")
     return (SELECTORS.index(base) if base in SELECTORS else len(SELECTORS), name)
 
 
