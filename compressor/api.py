@@ -171,9 +171,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     loader, eval_loader = _shard(config, selector, loader, eval_loader)
     module = as_module(model)
     device = _run_device(config)
-    teacher = set_training(copy.deepcopy(module), False)
-    if device is not None:
-        teacher.to(device)
+    teacher = _frozen_copy(module, device)
     has_labels, first_batch = check_batch(teacher, loader, config.forward_fn)
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
@@ -207,6 +205,13 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                     history.ratio_before_force, history.epochs, count_params(module) / count_params(slim),
                     history.resumed_from, _start_summary(start, start_acc), history.samples_per_rank)
     return CompressResult(slim, report, history)
+
+
+def _frozen_copy(module: nn.Module, device: torch.device | None) -> nn.Module:
+    """The original model in evaluation mode, where the run computes: what calibration observes
+    and distillation aims at, while ``module`` itself stays untouched for the refit."""
+    teacher = set_training(copy.deepcopy(module), False)
+    return teacher.to(device) if device is not None else teacher
 
 
 def _final_accuracy(slim: nn.Module, history: TrainHistory, eval_loader: Iterable | None,
