@@ -21,8 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import llm  # noqa: E402
-from compressor.graph import Skipped  # noqa: E402
-from compressor.selectors import WhitenedSVDSelector, set_matrix_ranks, svd_layout  # noqa: E402
+from compressor.selectors import SVDLLMSelector  # noqa: E402
 
 SOURCE = HERE / "results" / "llm.json"
 
@@ -37,15 +36,11 @@ def learned_ranks(target: float) -> dict[str, list[list[int]]]:
     return {kind: row["final_ranks"] for kind, row in runs[0]["by_layer_type"].items()}
 
 
-class AtLearnedRanks(WhitenedSVDSelector, name="svd-llm@l0"):
+class AtLearnedRanks(SVDLLMSelector, name="svd-llm@l0"):
     help = "svd-llm's whitened truncation at the ranks an l0 run learned (benchmark ablation)"
 
-    def prepare(self, the_plan, module, config, whiten=None):
+    def matrix_ranks(self, the_plan, config) -> dict[str, int]:
         by_type = learned_ranks(config.target)
-        embeddings = [lp for lp in the_plan.layers if lp.kind == "embedding"]
-        the_plan.layers[:] = [lp for lp in the_plan.layers if lp.kind != "embedding"]
-        the_plan.skipped += [Skipped(lp.name, lp.kind, "left dense, as svd-llm does") for lp in embeddings]
-        svd_layout(the_plan)
         seen: dict[str, int] = {}
         ranks = {}
         for lp in the_plan.layers:  # the record lists each type's layers in plan order
@@ -53,7 +48,7 @@ class AtLearnedRanks(WhitenedSVDSelector, name="svd-llm@l0"):
             learned = by_type[kind][seen.get(kind, 0)]
             seen[kind] = seen.get(kind, 0) + 1
             ranks[lp.name] = learned[0] if learned else min(lp.shape)  # [] : the layer went back to dense
-        set_matrix_ranks(the_plan, ranks, whiten or {})
+        return ranks
 
 
 if __name__ == "__main__":

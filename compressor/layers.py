@@ -453,9 +453,10 @@ class TNLayer(nn.Module):
         tz = cls.tensorization(shape, tensorization)
         return tz, tn.resolve_ranks(rank, cls.core_modes(shape, tz, merge_spatial), decomp)
 
-    def _load_dense_(self, module: nn.Module, tz, generator: torch.Generator | None,
+    def load_dense_(self, module: nn.Module, tz, generator: torch.Generator | None,
                      whiten: torch.Tensor | None = None) -> "TNLayer":
-        """Cores decomposed from the dense weight; the bias copied as is.
+        """Cores decomposed from the dense weight at the layer's present ranks; the bias copied as
+        is (what ``from_dense`` starts with, and what ``--refit`` does again at the freeze).
 
         With an input factor ``whiten`` (``L``, ``G = L L^T`` of the layer's inputs, see
         calibration.py) the cores are fitted to ``L^T W^T``, whose error is the output error,
@@ -507,12 +508,12 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
                    sigma: float = 0.5, generator: torch.Generator | None = None,
                    whiten: torch.Tensor | None = None) -> "TNLinear":
-        """``whiten``: the input factor of a data-aware start (see :meth:`TNLayer._load_dense_`)."""
+        """``whiten``: the input factor of a data-aware start (see :meth:`TNLayer.load_dense_`)."""
         tz, ranks = cls._prepare(module, decomp, rank, tensorization)
         out_f, in_f = module.weight.shape
         layer = cls(in_f, out_f, tz[0], tz[1], ranks, decomp, module.bias is not None, gated, sigma,
                     dtype=module.weight.dtype)
-        return layer._load_dense_(module, tz, generator, whiten)
+        return layer.load_dense_(module, tz, generator, whiten)
 
     @classmethod
     def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:
@@ -626,7 +627,7 @@ class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.c
         layer = cls(c_in, c_out, (kh, kw), tz[0], tz[1], ranks, decomp, module.stride, module.padding,
                     module.dilation, module.bias is not None, gated, sigma, dtype=module.weight.dtype,
                     merge_spatial=merge_spatial)
-        return layer._load_dense_(module, tz, generator)
+        return layer.load_dense_(module, tz, generator)
 
     @classmethod
     def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:
@@ -728,14 +729,14 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
                    sigma: float = 0.5, generator: torch.Generator | None = None,
                    whiten: torch.Tensor | None = None) -> "TNEmbedding":
         """``whiten``: square roots of the calibration text's token counts (a start weighted by
-        how often each row is looked up, see :meth:`TNLayer._load_dense_`)."""
+        how often each row is looked up, see :meth:`TNLayer.load_dense_`)."""
         tz, ranks = cls._prepare(module, decomp, rank, tensorization)
         v, d = module.weight.shape
         layer = cls(v, d, tz[0], tz[1], ranks, decomp, module.padding_idx, gated, sigma, dtype=module.weight.dtype)
         if module.padding_idx is not None:
             with torch.no_grad():
                 layer.padding_row.copy_(module.weight[module.padding_idx])
-        return layer._load_dense_(module, tz, generator, whiten)
+        return layer.load_dense_(module, tz, generator, whiten)
 
     @classmethod
     def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:

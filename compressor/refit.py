@@ -12,13 +12,11 @@ where it was observed: the whitened truncation). The weight phase then fine-tune
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
 from .config import CompressConfig
-from .graph import Applied, CompressionPlan, build_layer, dense_source, tn_layers
+from .graph import Applied, CompressionPlan, dense_source, tn_layers
 from .layers import layer_class
 
 
@@ -34,18 +32,12 @@ def refit_layers(model: nn.Module, source: nn.Module, the_plan: CompressionPlan,
         site = applied.sites[lp.name].name
         original = dense_source(source, lp)
         layer = layers.get(site)
-        if layer is None:
-            _copy_tensors(layer_class(lp.kind).dense_view(model.get_submodule(site)), original)
-        else:
-            _copy_tensors(layer, build_layer(replace(lp, rank=list(layer.ranks)), original, config, generator))
+        if layer is not None:
+            layer.load_dense_(original, lp.tensorization, generator, lp.whiten)
+            continue
+        dense = layer_class(lp.kind).dense_view(model.get_submodule(site))
+        with torch.no_grad():
+            dense.weight.copy_(original.weight)
+            if getattr(dense, "bias", None) is not None:
+                dense.bias.copy_(original.bias)
     return len(the_plan.layers)
-
-
-def _copy_tensors(into: nn.Module, source: nn.Module) -> None:
-    """Cores (or the weight) and the bias of ``source`` into the same-shaped ``into``."""
-    pairs = list(zip(into.cores, source.cores)) if hasattr(into, "cores") else [(into.weight, source.weight)]
-    if getattr(into, "bias", None) is not None:
-        pairs.append((into.bias, source.bias))
-    with torch.no_grad():
-        for dst, src in pairs:
-            dst.copy_(src)

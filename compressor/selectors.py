@@ -660,7 +660,12 @@ class SVDLLMSelector(WhitenedSVDSelector, name="svd-llm"):
         the_plan.layers[:] = [lp for lp in the_plan.layers if lp.kind != "embedding"]
         the_plan.skipped += [Skipped(lp.name, lp.kind, "svd-llm leaves embeddings dense") for lp in embeddings]
         svd_layout(the_plan)
-        set_matrix_ranks(the_plan, same_ratio_ranks(the_plan, config.target), whiten or {})
+        set_matrix_ranks(the_plan, self.matrix_ranks(the_plan, config), whiten or {})
+
+    def matrix_ranks(self, the_plan: CompressionPlan, config: Any) -> dict[str, int]:
+        """The rank of every two-factor layer left in the plan: one share of parameters each
+        (a benchmark's ablation puts other ranks on the same truncation here)."""
+        return same_ratio_ranks(the_plan, config.target)
 
 
 #: The selector a run uses unless told otherwise: the paper's method.

@@ -151,8 +151,9 @@ class FineTune:
         self.control = TargetController(self.meter, config.target, gate_steps, config.penalty)
         # An ungated model's ranks are final: no gate phase, and nothing to close should its
         # selector's size estimate fall short (said once, never reported as a forced closing).
-        self.frozen = self.control.reached or not self.meter.gates()
-        if not self.control.reached and not self.meter.gates():
+        gated = bool(self.meter.gates())
+        self.frozen = self.control.reached or not gated
+        if not gated and not self.control.reached:
             log.warning("the fixed ranks give %.4fx, short of the %gx target: the rank selector's size "
                         "estimate missed something", self.meter.ratio(), config.target)
         self.score_function = any(g.score_function for g in self.meter.gates())
