@@ -114,9 +114,8 @@ def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict
     gate_fraction = args.gate_fraction if get_selector(selector).gated else None
     if gate_fraction is not None:
         options["gate_fraction"] = gate_fraction
-    gate_lr = args.gate_lr if get_selector(selector).gated else None
-    if gate_lr is not None:
-        options["gate_lr"] = gate_lr
+    if args.gate_lr is not None and get_selector(selector).gated:
+        options["gate_lr"] = args.gate_lr
     if args.skip:
         options["skip"] = args.skip
     if refit:
@@ -136,7 +135,7 @@ def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict
               "start": r.start, "by_layer_type": where_the_budget_went(r),
               "distill_hidden": (args.distill_hidden or 0.0) if steps else 0.0, "skip": list(args.skip),
               "refit": refit, "frozen_at": result.history.frozen_at, "gate_fraction": gate_fraction,
-              "gate_lr": gate_lr}
+              "gate_lr": result.history.gate_lr}
     print(f"{selector}:{init} {target}: perplexity {ppl:.2f} at {r.ratio:.3f}x, {r.steps} steps, {seconds:.0f} s",
           flush=True)
     return record
@@ -170,7 +169,7 @@ def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> di
     """The JSON at ``path`` with ``records`` replacing the runs they repeat; written atomically."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
     key = lambda r: (row_of(r), r["target"], r["steps"] > 0, r.get("distill_hidden") or 0.0,  # noqa: E731
-                     tuple(r.get("skip") or ()), r.get("gate_fraction"), r.get("gate_lr"))
+                     tuple(r.get("skip") or ()), r.get("gate_fraction"), gate_rate(r))
     new_keys = {key(r) for r in records}
     result = {**old, **meta, "runs": [r for r in old["runs"] if key(r) not in new_keys] + records}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +180,13 @@ def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> di
     return result
 
 
+def gate_rate(run: dict[str, Any]) -> float | None:
+    """The gate means' learning rate of a gated run (records older than the field used 0.05)."""
+    if not get_selector(run["selector"]).gated:
+        return None
+    return run.get("gate_lr", 0.05)
+
+
 def label(run: dict[str, Any]) -> str:
     # Every learning selector's row names its start, the default included (both l0 rows are in the grid).
     name = run["selector"] + (f" ({run['init']} init)" if get_selector(run["selector"]).gated else "")
@@ -189,8 +195,8 @@ def label(run: dict[str, Any]) -> str:
         name += f", + hidden states x{run['distill_hidden']:g}"
     if run.get("gate_fraction") is not None:
         name += f", gates in the first {100 * run['gate_fraction']:g} %"
-    if run.get("gate_lr") is not None:
-        name += f", gate lr {run['gate_lr']:g}"
+    if gate_rate(run) not in (None, 0.05):  # rows without it ran at the rate that was fixed until 0.1.0
+        name += f", gate lr {gate_rate(run):.2g}"
     if run.get("skip"):
         name += ", " + " and ".join(run["skip"]) + " dense"
     return name + ("" if run["steps"] else ", no fine-tune")
@@ -285,7 +291,8 @@ def main() -> None:
     ap.add_argument("--gate-fraction", type=float, default=None,
                     help="gated rows: share of the budget the gates may move in (compress's default 0.5; a separate row)")
     ap.add_argument("--gate-lr", type=float, default=None,
-                    help="gated rows: Adam learning rate of the gate means (compress's default; a separate row)")
+                    help="gated rows: Adam learning rate of the gate means (default: compress's, which a short budget "
+                         "raises; the rate used is in each record and its row's name)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--report", action="store_true", help="only redraw the table and plot from the JSON")

@@ -179,8 +179,9 @@ class CompressConfig:
                 "starts from a clean truncation instead of the noisy gate phase's weights (gated selectors)"})
     lr: float | None = field(default=None, metadata={
         "help": "Adam learning rate of the cores and other weights (default 1e-3)", "check": positive})
-    gate_lr: float = field(default=0.05, metadata={
-        "help": "Adam learning rate of the gate means", "check": positive})
+    gate_lr: float | None = field(default=None, metadata={
+        "help": "Adam learning rate of the gate means (default 0.05, raised on a short budget so that a gate "
+                "can close within a quarter of the gate phase)", "check": positive})
     weight_decay: float = field(default=0.0, metadata={
         "help": "weight decay of the cores and other weights", "check": non_negative})
     distill: float = field(default=0.0, metadata={

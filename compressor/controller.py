@@ -229,7 +229,7 @@ class TargetController:
         """
         with torch.no_grad():
             for g in self.meter.gates():
-                g.mu.clamp_(MU_LOW, getattr(g, "ceiling", 1.0))
+                g.mu.clamp_(MU_LOW, g.ceiling)
 
     def force(self) -> int:
         """Close the least valuable slices, per parameter saved, until the target holds.

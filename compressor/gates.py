@@ -58,7 +58,14 @@ class Gate(nn.Module):
     #: True when the gate's samples carry no gradient and training needs the
     #: score-function estimator (:func:`reinforce_surrogate`) with several samples.
     score_function = False
+    #: The highest mean the controller lets a gate keep, and the mean below which a slice
+    #: is closed: a mean may have ``ceiling - closes_below`` to travel before it closes.
+    ceiling = 1.0
+    closes_below = 0.0
     mu: nn.Parameter
+
+    def travel(self) -> float:
+        return self.ceiling - self.closes_below
 
     def penalty(self) -> torch.Tensor:
         """Expected number of open slices: sum_j P(z_j > 0)."""
@@ -128,6 +135,7 @@ class BernoulliGate(Gate):
     score_function = True
     #: π = 0.5: the least open a slice can be and still count as open (eval rounds π >= 0.5).
     reopen_value = 0.5
+    closes_below = 0.5
 
     def __init__(self, size: int, pi_init: float = 0.55, dtype=None):
         super().__init__()

@@ -8,7 +8,7 @@ from compressor.controller import SizeMeter, TargetController, planned_ratio
 from compressor.data import TensorLoader
 from compressor.gates import L0Gate
 from compressor.graph import apply, plan, tn_layers
-from compressor.train import FineTune, cosine_lr, default_epochs
+from compressor.train import DEFAULT_GATE_LR, FineTune, cosine_lr, default_epochs, gate_lr
 
 
 def _gated(model, target=4.0):
@@ -143,6 +143,27 @@ def test_finetune_freezes_at_the_target_and_keeps_it(trained_digits_net, digits)
     assert history.frozen_at is not None and history.steps == run.total
     assert not any(layer.gated for layer in tn_layers(slim).values())
     assert SizeMeter(slim, dense_params).ratio() >= target
+
+
+def test_gate_learning_rate_leaves_a_short_gate_phase_time_to_close_slices():
+    assert gate_lr(0.01, 2.0, 8) == 0.01  # the user's choice stands
+    assert gate_lr(None, 1.5, 1500) == DEFAULT_GATE_LR  # a long budget keeps the default
+    assert gate_lr(None, 2.0, 58) * 0.25 * 58 == pytest.approx(2.0)  # SmolLM2: 2 to 0 in a quarter
+    assert gate_lr(None, 1.5, 6) == 0.15  # never so fast that every mean crosses zero in one or two steps
+
+
+@pytest.mark.parametrize("rate, forced", [(None, False), (DEFAULT_GATE_LR, True)])
+def test_a_short_budget_reaches_the_target_through_the_gates_not_by_force(trained_digits_net, digits, rate, forced):
+    """Adam moves a gate mean ~lr per step: at the old fixed 0.05 a mean starting at 1.5 needs
+    30 steps to close a slice, more than an 8-step gate phase has, and the target is forced."""
+    gm, meter = _gated(trained_digits_net)
+    target = 1.3 * meter.ratio()
+    config = CompressConfig(target=target, rank=16, epochs=1, max_steps=16, gate_lr=rate)
+    events = []
+    FineTune(gm, None, TensorLoader(digits[0], digits[1], 64, shuffle=True), config,
+             plan(trained_digits_net, config).dense_params, events.append).run()
+    assert ("force" in [e.kind for e in events]) == forced
+    assert [e.kind for e in events].count("freeze") == 1
 
 
 class _Wide(torch.nn.Module):
