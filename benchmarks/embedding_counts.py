@@ -1,14 +1,21 @@
-"""What weighting SmolLM2's tied embedding by token counts buys, the embedding alone.
+"""What each weighting of SmolLM2's tied embedding buys, the embedding alone.
 
 The tied embedding / LM head of SmolLM2-135M is replaced by a rank-r truncation and the
-held-out perplexity measured, everything else dense: once by the plain SVD of the weight
-(what ``--init weights`` starts from), once weighted by how often the calibration text looks
-each row up (``--init activations``: ``calibration.whitening`` of the token counts). Both
-truncations are ``E V_r V_r^T`` (every row projected onto the kept directions); they differ
-only in which directions are kept. Calibration text: the first 64 training examples (the 8
-batches of 8 a run calibrates on); held out: the first 64 test examples.
+held-out perplexity measured, everything else dense. Four truncations:
 
-    python benchmarks/embedding_counts.py          # about 5 minutes on 2 cores
+* ``plain``: the SVD of the weight (what ``--init weights`` starts from);
+* ``counts``: rows weighted by how often the calibration text looks each one up
+  (``--init activations`` today: ``calibration.whitening`` of the token counts);
+* ``head``: columns whitened by the Gram matrix of the LM head's inputs (the final hidden
+  states), so the error is measured in the logits the head produces;
+* ``counts x head``: both, D E L with D the count weights and L the head whitening.
+
+Each keeps E L V_r V_r^T L^-1 (L = I without the head): every row is projected onto the kept
+directions, which the weighting chooses, so no row needs its count. Calibration text: the
+first 64 training examples (the 8 batches of 8 a run calibrates on); held out: the first 64
+test examples.
+
+    python benchmarks/embedding_counts.py          # about 8 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -28,7 +35,28 @@ from compressor.hf_folders import load_model_folder, load_tokenizer, perplexity,
 DATA = HERE / "data"
 
 
-def main(ranks=(64, 128, 278), calibration_examples: int = 64, held_out: int = 64) -> None:
+def head_gram(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Gram matrix of the LM head's inputs (the final hidden states) at the real tokens."""
+    mask = inputs["attention_mask"].bool()
+    grams = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: grams.append(args[0][mask].double().T @ args[0][mask].double()))
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    return sum(grams)
+
+
+def truncate(e: torch.Tensor, r: int, row_weight: torch.Tensor | None, col_factor: torch.Tensor | None) -> torch.Tensor:
+    """E L V_r V_r^T L^-1, V_r the top right singular vectors of D E L (D, L = I when None)."""
+    whitened = e if col_factor is None else e @ col_factor
+    weighted = whitened if row_weight is None else row_weight[:, None] * whitened
+    vh = torch.linalg.svd(weighted, full_matrices=False)[2][:r]
+    kept = whitened @ vh.T @ vh
+    return kept if col_factor is None else torch.linalg.solve_triangular(col_factor, kept, upper=False, left=False)
+
+
+def main(ranks=(128, 278, 375), calibration_examples: int = 64, held_out: int = 64) -> None:
     folder = DATA / "smollm2"
     model = load_model_folder(folder).eval()
     tokenizer = load_tokenizer(folder)
@@ -39,14 +67,15 @@ def main(ranks=(64, 128, 278), calibration_examples: int = 64, held_out: int = 6
     table = model.get_input_embeddings().weight
     e = table.detach().double().clone()
     rows = {"dense": perplexity(model, test), "distinct_calibration_tokens": int((counts > 0).sum())}
-    directions = {"plain": torch.linalg.svd(e, full_matrices=False)[2],
-                  "counts": torch.linalg.svd(whitening(counts)[:, None] * e, full_matrices=False)[2]}
+    head = whitening(head_gram(model, calib))
+    weights = {"plain": (None, None), "counts": (whitening(counts), None), "head": (None, head),
+               "counts x head": (whitening(counts), head)}
     for r in ranks:
-        for name, vh in directions.items():
+        for name, (row_weight, col_factor) in weights.items():
             with torch.no_grad():
-                table.copy_((e @ vh[:r].T @ vh[:r]).to(table.dtype))
+                table.copy_(truncate(e, r, row_weight, col_factor).to(table.dtype))
             rows[f"rank {r} {name}"] = perplexity(model, test)
-            print(f"rank {r:4d} {name:6s}: perplexity {rows[f'rank {r} {name}']:.1f} (dense {rows['dense']:.1f})",
+            print(f"rank {r:4d} {name:13s}: perplexity {rows[f'rank {r} {name}']:.1f} (dense {rows['dense']:.1f})",
                   flush=True)
     with torch.no_grad():
         table.copy_(e.to(table.dtype))
