@@ -39,8 +39,10 @@ def head_gram(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
     """Gram matrix of the LM head's inputs (the final hidden states) at the real tokens."""
     mask = inputs["attention_mask"].bool()
     grams = []
-    hook = model.get_output_embeddings().register_forward_pre_hook(
-        lambda module, args: grams.append(args[0][mask].double().T @ args[0][mask].double()))
+    def gram(module: torch.nn.Module, args: tuple) -> None:
+        hidden = args[0][mask].double()
+        grams.append(hidden.T @ hidden)
+    hook = model.get_output_embeddings().register_forward_pre_hook(gram)
     with torch.no_grad():
         model(**inputs)
     hook.remove()
@@ -67,9 +69,9 @@ def main(ranks=(128, 278, 375), calibration_examples: int = 64, held_out: int = 
     table = model.get_input_embeddings().weight
     e = table.detach().double().clone()
     rows = {"dense": perplexity(model, test), "distinct_calibration_tokens": int((counts > 0).sum())}
-    head = whitening(head_gram(model, calib))
-    weights = {"plain": (None, None), "counts": (whitening(counts), None), "head": (None, head),
-               "counts x head": (whitening(counts), head)}
+    by_counts, head = whitening(counts), whitening(head_gram(model, calib))
+    weights = {"plain": (None, None), "counts": (by_counts, None), "head": (None, head),
+               "counts x head": (by_counts, head)}
     for r in ranks:
         for name, (row_weight, col_factor) in weights.items():
             with torch.no_grad():

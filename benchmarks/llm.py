@@ -107,14 +107,15 @@ def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict
     loader = TensorLoader(train, None, args.batch_size, shuffle=True, seed=args.seed)
     options: dict[str, Any] = {"rank_select": selector, "seed": args.seed, "lr": args.lr,
                                "calibration_batches": args.calibration_batches, "log_every": args.log_every}
-    if get_selector(selector).gated:
+    gated = get_selector(selector).gated
+    if gated:
         options["init"] = init
     if steps and args.distill_hidden:
         options["distill_hidden"] = args.distill_hidden
-    gate_fraction = args.gate_fraction if get_selector(selector).gated else None
+    gate_fraction = args.gate_fraction if gated else None
     if gate_fraction is not None:
         options["gate_fraction"] = gate_fraction
-    if args.gate_lr is not None and get_selector(selector).gated:
+    if args.gate_lr is not None and gated:
         options["gate_lr"] = args.gate_lr
     if args.skip:
         options["skip"] = args.skip
@@ -180,11 +181,16 @@ def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> di
     return result
 
 
+#: The gate means' learning rate every run used before it became budget-dependent (and before
+#: records carried it); a row at this rate keeps its old name.
+FIXED_GATE_LR = 0.05
+
+
 def gate_rate(run: dict[str, Any]) -> float | None:
-    """The gate means' learning rate of a gated run (records older than the field used 0.05)."""
+    """The gate means' learning rate of a gated run (None for an ungated one)."""
     if not get_selector(run["selector"]).gated:
         return None
-    return run.get("gate_lr", 0.05)
+    return run.get("gate_lr", FIXED_GATE_LR)
 
 
 def label(run: dict[str, Any]) -> str:
@@ -195,7 +201,7 @@ def label(run: dict[str, Any]) -> str:
         name += f", + hidden states x{run['distill_hidden']:g}"
     if run.get("gate_fraction") is not None:
         name += f", gates in the first {100 * run['gate_fraction']:g} %"
-    if gate_rate(run) not in (None, 0.05):  # rows without it ran at the rate that was fixed until 0.1.0
+    if gate_rate(run) not in (None, FIXED_GATE_LR):
         name += f", gate lr {gate_rate(run):.2g}"
     if run.get("skip"):
         name += ", " + " and ".join(run["skip"]) + " dense"

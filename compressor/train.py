@@ -175,13 +175,14 @@ class FineTune:
         self.control = TargetController(self.meter, config.target, gate_steps, config.penalty)
         # An ungated model's ranks are final: no gate phase, and nothing to close should its
         # selector's size estimate fall short (said once, never reported as a forced closing).
-        gated = bool(self.meter.gates())
+        gates = self.meter.gates()
+        gated = bool(gates)
         self.frozen = self.control.reached or not gated
         if not gated and not self.control.reached:
             log.warning("the fixed ranks give %.4fx, short of the %gx target: the rank selector's size "
                         "estimate missed something", self.meter.ratio(), config.target)
-        self.score_function = any(g.score_function for g in self.meter.gates())
-        travel = max((g.travel() for g in self.meter.gates()), default=0.0)
+        self.score_function = any(g.score_function for g in gates)
+        travel = max((g.travel() for g in gates), default=0.0)
         self.history.gate_lr = gate_lr(config.gate_lr, travel, gate_steps) if gated else None
         self.step = self.epoch = 0
         self.weight_phase_start: int | None = None  # the weight phase's learning rate decays from here

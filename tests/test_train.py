@@ -154,8 +154,8 @@ def test_gate_learning_rate_leaves_a_short_gate_phase_time_to_close_slices():
 
 @pytest.mark.parametrize("rate, forced", [(None, False), (DEFAULT_GATE_LR, True)])
 def test_a_short_budget_reaches_the_target_through_the_gates_not_by_force(trained_digits_net, digits, rate, forced):
-    """Adam moves a gate mean ~lr per step: at the old fixed 0.05 a mean starting at 1.5 needs
-    30 steps to close a slice, more than an 8-step gate phase has, and the target is forced."""
+    """Adam moves a gate mean ~lr per step: at the old fixed 0.05 a mean starting at 1 needs
+    20 steps to close a slice, more than an 8-step gate phase has, and the target is forced."""
     gm, meter = _gated(trained_digits_net)
     target = 1.3 * meter.ratio()
     config = CompressConfig(target=target, rank=16, epochs=1, max_steps=16, gate_lr=rate)
