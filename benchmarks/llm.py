@@ -108,8 +108,8 @@ def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict
     options: dict[str, Any] = {"rank_select": selector, "seed": args.seed, "lr": args.lr,
                                "calibration_batches": args.calibration_batches, "log_every": args.log_every}
     gated = get_selector(selector).gated
-    if gated:
-        options["init"] = init
+    if gated:  # the row says both, so the tool's depth-dependent defaults do not change what it means
+        options.update(init=init, refit=refit)
     if steps and args.distill_hidden:
         options["distill_hidden"] = args.distill_hidden
     gate_fraction = args.gate_fraction if gated else None
@@ -119,8 +119,6 @@ def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict
         options["gate_lr"] = args.gate_lr
     if args.skip:
         options["skip"] = args.skip
-    if refit:
-        options["refit"] = True
     if steps:
         options.update(epochs=1, max_steps=steps)
     else:

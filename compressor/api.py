@@ -176,7 +176,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
     stage = _stage_reporter(callback)
-    the_plan, start = _choose_start(module, teacher, loader, example, config, selector, stage)
+    the_plan, start, config = _choose_start(module, teacher, loader, example, config, selector, stage)
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
     stage("building the factorized model")
@@ -238,21 +238,37 @@ def _shard(config: CompressConfig, selector: Any, loader: Iterable,
 
 
 def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, example: Any, config: CompressConfig,
-                  selector: Any, stage: Callable[[str], None]) -> tuple[graph.CompressionPlan, Any]:
-    """Plan the layers, observe their inputs if the selector needs it, and choose how each starts
-    (after checking that the model has the blocks hidden-state distillation would match)."""
+                  selector: Any, stage: Callable[[str], None]) -> tuple[graph.CompressionPlan, Any, CompressConfig]:
+    """Plan the layers, settle the depth-dependent defaults, observe the layers' inputs if the
+    selector needs it, and choose how each starts (after checking that the model has the blocks
+    hidden-state distillation would match). Returns the plan, the start and the settled config."""
     if config.distill_hidden > 0:
         shared_blocks(module, teacher)  # a model without repeated blocks fails now, not after calibration
     stage("planning which layers to factorize")
     the_plan = graph.plan(module, config, example=example)
     _check_reachable(the_plan, config)
+    config = _settle(config, len(the_plan.layers), stage)
     whiten = None
     if selector.needs_calibration(config):
         stage(f"calibration: the inputs of {len(the_plan.layers)} layers on {config.calibration_batches} batches")
         grams = calibration.input_grams(teacher, the_plan, loader, config.calibration_batches, config.forward_fn)
         whiten = {name: calibration.whitening(g) for name, g in grams.items()}
     stage(f"choosing the starting layout and ranks of {len(the_plan.layers)} layers ({the_plan.source} plan)")
-    return the_plan, selector.prepare(the_plan, module, config, whiten)
+    return the_plan, selector.prepare(the_plan, module, config, whiten), config
+
+
+def _settle(config: CompressConfig, layers: int, stage: Callable[[str], None]) -> CompressConfig:
+    """``config`` with its depth-dependent defaults made (``CompressConfig.settled``), saying
+    which the tool chose, so a user sees why a transformer run calibrates and refits."""
+    settled = config.settled(layers)
+    chosen = []
+    if config.init == "auto" and settled.init == "activations":
+        chosen.append("--init activations")
+    if config.refit is None and settled.refit:
+        chosen.append("--refit")
+    if chosen:
+        stage(f"a deep stack of {layers} factorized layers: {' and '.join(chosen)} by default")
+    return settled
 
 
 def _run_device(config: CompressConfig) -> torch.device | None:

@@ -254,8 +254,11 @@ def config_option(name: str, *flags: str, **overrides: Any):
     choices), so the CLI cannot drift from the API; ``flags`` default to ``--field-name``."""
     field_ = next(f for f in fields(CompressConfig) if f.name == name)
     hint = get_type_hints(CompressConfig)[name]
+    flag = "--" + name.replace("_", "-")
     if hint is bool:  # a switch, off by default
-        return click.option(*(flags or ("--" + name.replace("_", "-"),)), name, is_flag=True,
+        return click.option(*(flags or (flag,)), name, is_flag=True, help=field_.metadata["help"], **overrides)
+    if hint == bool | None:  # on, off, or (unset) the tool chooses
+        return click.option(*(flags or (f"{flag}/--no-{flag[2:]}",)), name, default=None,
                             help=field_.metadata["help"], **overrides)
     kind = next((t for t in (int, float) if t in (get_args(hint) or (hint,))), str)
     choices = field_.metadata.get("choices")
@@ -263,7 +266,7 @@ def config_option(name: str, *flags: str, **overrides: Any):
     if field_.default is not MISSING and field_.default is not None and not overrides.get("required"):
         kwargs.update(default=field_.default, show_default=True)  # None: "the tool chooses", said in the help
     kwargs.update(overrides)
-    return click.option(*(flags or ("--" + name.replace("_", "-"),)), name, **kwargs)
+    return click.option(*(flags or (flag,)), name, **kwargs)
 
 
 def _check_files(model: Path, outputs: dict[str, Path], state_file: Path | None, force: bool, resume: bool,

@@ -7,20 +7,21 @@ fails in milliseconds with a one-line message instead of after minutes of fine-t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, TargetError
+from .gates import DEEP_STACK, deep_stack
 from .selectors import DEFAULT_SELECTOR, START_ERROR, RankSelector
 from .tensornet import DECOMPS
 
 PENALTIES = ("params", "count")
 DISTILL_LOSSES = ("auto", "kl", "mse")
 STARTS = ("auto", "faithful", "ladder")
-INITS = ("weights", "activations")
+INITS = ("auto", "weights", "activations")
 
 
 def parse_target(target: Any) -> float:
@@ -139,10 +140,12 @@ class CompressConfig:
         "help": "relative error (Frobenius) each layer's starting factorization may have (of its outputs on "
                 "calibration inputs with --init activations)", "check": unit_fraction,
         "label": "start error"})
-    init: str = field(default="weights", metadata={
-        "help": "what a gated start is fitted to: weights (TT-SVD of each pretrained weight) or activations "
+    init: str = field(default="auto", metadata={
+        "help": "what a gated start is fitted to: weights (TT-SVD of each pretrained weight), activations "
                 "(each Linear's output on --calibration-batches training batches: the weight whitened by its "
-                "inputs, as SVD-LLM does; far more faithful on trained transformers)",
+                "inputs, as SVD-LLM does; far more faithful on trained transformers), or auto (activations "
+                f"for a deep stack of more than {DEEP_STACK} factorized layers such as a transformer, weights "
+                "for a small network or with --rank or --start ladder)",
         "choices": INITS})
     calibration_batches: int = field(default=8, metadata={
         "help": "training batches whose layer inputs fit an activations start", "check": positive_int})
@@ -173,10 +176,11 @@ class CompressConfig:
     gate_fraction: float = field(default=0.5, metadata={
         "help": "share of the budget in which the gates may move; the target is met by its end at the latest",
         "check": unit_fraction})
-    refit: bool = field(default=False, metadata={
+    refit: bool | None = field(default=None, metadata={
         "help": "when the gates freeze, keep the ranks they learned but fit the cores again to the pretrained "
                 "weights (to the layers' outputs with --init activations), then fine-tune: the weight phase "
-                "starts from a clean truncation instead of the noisy gate phase's weights (gated selectors)"})
+                "starts from a clean truncation instead of the noisy gate phase's weights (gated selectors; "
+                f"default: on for a deep stack of more than {DEEP_STACK} factorized layers, off for a small network)"})
     lr: float | None = field(default=None, metadata={
         "help": "Adam learning rate of the cores and other weights (default 1e-3)", "check": positive})
     gate_lr: float | None = field(default=None, metadata={
@@ -250,3 +254,22 @@ class CompressConfig:
         if self.init == "activations" and (self.rank is not None or self.start == "ladder"):
             raise ConfigError("init 'activations' fits each layer's start to its inputs; it cannot be combined "
                               "with a fixed rank or start 'ladder'")
+
+    def settled(self, layers: int) -> "CompressConfig":
+        """This config with the choices left to the tool that depend on the model's depth made,
+        for a plan of ``layers`` factorized layers.
+
+        A deep stack (a transformer) starts from its activations and refits when the gates
+        freeze: on SmolLM2-135M at 1.5x that is perplexity 251 where the weights start without
+        refit gives 1168, because trained transformer weights are near full rank while what
+        their layers do on real inputs is not, and deep stacks leave the weight phase only a
+        noisy gate phase's weights to heal. On LeNet-5 (4 layers) both lose (activations from
+        20x on, refit at 100x), so small networks keep the weights start without refit.
+        """
+        gated = RankSelector.registry[self.rank_select].gated
+        deep = gated and deep_stack(layers)
+        init = self.init
+        if init == "auto":
+            init = "activations" if deep and self.rank is None and self.start != "ladder" else "weights"
+        refit = deep if self.refit is None else self.refit
+        return replace(self, init=init, refit=refit)

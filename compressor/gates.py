@@ -28,9 +28,15 @@ from .errors import ConfigError
 
 MU_INIT = 1.0
 #: More factorized layers than this make a deep stack, whose gates start
-#: :data:`DEEP_MARGIN` sigmas above 1 unless the run says otherwise.
+#: :data:`DEEP_MARGIN` sigmas above 1 unless the run says otherwise (and whose start is
+#: fitted to activations and refitted when the gates freeze: ``CompressConfig.settled``).
 DEEP_STACK = 16
 DEEP_MARGIN = 2.0
+
+
+def deep_stack(layers: int) -> bool:
+    """Whether ``layers`` factorized layers make a deep stack (a transformer, not LeNet-5)."""
+    return layers > DEEP_STACK
 
 
 def start_margin(margin: float | None, layers: int) -> float:
@@ -38,7 +44,7 @@ def start_margin(margin: float | None, layers: int) -> float:
     shallow model and :data:`DEEP_MARGIN` beyond :data:`DEEP_STACK` factorized layers."""
     if margin is not None:
         return float(margin)
-    return DEEP_MARGIN if layers > DEEP_STACK else 0.0
+    return DEEP_MARGIN if deep_stack(layers) else 0.0
 
 
 def std_normal_cdf(x: torch.Tensor) -> torch.Tensor:

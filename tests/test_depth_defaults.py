@@ -1,0 +1,96 @@
+"""Defaults that depend on depth: a deep stack (a transformer) starts from its activations and
+refits when the gates freeze; a small network keeps the weights start without refit."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from compressor import cli, compress
+from compressor.config import CompressConfig
+from compressor.data import TensorLoader
+from compressor.gates import DEEP_STACK
+from test_calibration import TwoLayers, _anisotropic
+
+DEEP = DEEP_STACK + 2
+SHALLOW = 2
+
+
+@pytest.mark.parametrize("options, layers, init, refit", [
+    ({}, DEEP, "activations", True),
+    ({}, DEEP_STACK, "weights", False),  # the line itself is still shallow
+    ({}, SHALLOW, "weights", False),
+    ({"init": "weights"}, DEEP, "weights", True),  # what the user set stands
+    ({"refit": False}, DEEP, "activations", False),
+    ({"init": "activations", "refit": True}, SHALLOW, "activations", True),
+    ({"rank": 8}, DEEP, "weights", True),  # a fixed rank cannot start from activations
+    ({"start": "ladder"}, DEEP, "weights", True),
+    ({"rank_select": "svd"}, DEEP, "weights", False),  # no gates: nothing to start or refit
+])
+def test_settled_makes_the_depth_dependent_choices(options, layers, init, refit):
+    config = CompressConfig(**options)
+    settled = config.settled(layers)
+    assert (settled.init, settled.refit) == (init, refit)
+    assert config.init == options.get("init", "auto") and config.refit is options.get("refit")  # not mutated
+
+
+class Stack(nn.Module):
+    """``depth`` square Linear layers: deep enough to count as a transformer-like stack."""
+
+    def __init__(self, depth: int, dim: int = 24):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + 0.5 * torch.tanh(layer(x))
+        return self.head(x)
+
+
+def _compress(model: nn.Module, dim: int, **options):
+    x = _anisotropic(256, dim, seed=3)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    events = []
+    result = compress(model, TensorLoader(x, y, 32), "tt", "2x", epochs=1, min_params=1, calibration_batches=4,
+                      callback=events.append, **options)
+    return result, [e.message for e in events if e.kind in ("stage", "freeze")]
+
+
+def test_a_deep_stack_starts_from_its_activations_and_refits_by_default():
+    model = Stack(DEEP - 1)  # + the head
+    result, messages = _compress(model, 24)
+    assert f"a deep stack of {DEEP} factorized layers: --init activations and --refit by default" in messages
+    assert any(m.startswith("calibration: the inputs of") for m in messages)
+    assert result.report.start["whitened"] == DEEP
+    assert f"{DEEP} layers refitted to the pretrained weights at the learned ranks" in messages
+    assert result.report.ratio >= 2
+
+
+def test_the_users_choice_on_a_deep_stack_stands():
+    result, messages = _compress(Stack(DEEP - 1), 24, init="weights", refit=False)
+    assert not any("deep stack" in m or m.startswith("calibration") or "refitted" in m for m in messages)
+    assert result.report.start["whitened"] == 0
+
+
+def test_a_small_network_keeps_the_weights_start_without_refit():
+    result, messages = _compress(TwoLayers(dim=24), 24)
+    assert not any("deep stack" in m or m.startswith("calibration") or "refitted" in m for m in messages)
+    assert result.report.start["whitened"] == 0
+
+
+@pytest.mark.parametrize("flags, refit", [([], None), (["--refit"], True), (["--no-refit"], False)])
+def test_the_cli_leaves_refit_to_the_tool_unless_told(monkeypatch, tmp_path, flags, refit):
+    seen = {}
+
+    def capture(model, loader, config, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt  # stop before any training: only the parsed options matter here
+
+    monkeypatch.setattr(cli, "compress", capture)
+    res = CliRunner().invoke(cli.main, ["examples/lenet5.pt2", "--target", "5x", "--data", "digits",
+                                        "-o", str(tmp_path / "slim.safetensors"), *flags])
+    assert seen["config"].refit is refit and seen["config"].init == "auto", res.output
+    assert res.exit_code == 130 and not list(tmp_path.iterdir())
