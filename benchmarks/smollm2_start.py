@@ -31,7 +31,7 @@ def main(target: str = "1.5x", batch_size: int = 8, held_out: int = 256) -> None
     the_plan = graph.plan(model, config, example=next(iter(loader)))  # the CLI's check_batch draws epoch 0
     grams = calibration.input_grams(model, the_plan, loader, config.calibration_batches)  # then epoch 1
     selector = get_selector("l0")
-    selector.prepare(the_plan, model, config, {n: calibration.whitening(g) for n, g in grams.items()})
+    selector.prepare(the_plan, model, config, calibration.start_factors(model, the_plan, grams))
     gated = set_training(graph.apply(model, the_plan, config, make_gate=selector.gate_factory(config)).model, False)
     with torch.no_grad():
         print(f"start {count_state(model) / count_state(gated):.4f}x: perplexity {perplexity(gated, test):.3f} "

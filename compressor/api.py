@@ -252,7 +252,7 @@ def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, examp
     if selector.needs_calibration(config):
         stage(f"calibration: the inputs of {len(the_plan.layers)} layers on {config.calibration_batches} batches")
         grams = calibration.input_grams(teacher, the_plan, loader, config.calibration_batches, config.forward_fn)
-        whiten = {name: calibration.whitening(g) for name, g in grams.items()}
+        whiten = calibration.start_factors(teacher, the_plan, grams)
     stage(f"choosing the starting layout and ranks of {len(the_plan.layers)} layers ({the_plan.source} plan)")
     return the_plan, selector.prepare(the_plan, module, config, whiten), config
 

@@ -65,6 +65,7 @@ class LayerPlan:
     decomp: str | None = None  # None: the run's decomposition
     tied: tuple[str, ...] = ()  # modules sharing this weight: they will compute from the same cores
     whiten: torch.Tensor | None = None  # input factor L (G = L L^T): cores fitted to outputs (calibration.py)
+    whiten_out: torch.Tensor | None = None  # a tied embedding's: its head's input factor (calibration.py)
     extra: int = 0  # elements the factorized layer saves beside cores and bias (an embedding's padding row)
 
 
@@ -710,6 +711,8 @@ def build_layer(lp: LayerPlan, source_module: nn.Module, config: CompressConfig,
     extra = {"merge_spatial": True} if lp.merge_spatial else {}
     if lp.whiten is not None:
         extra["whiten"] = lp.whiten
+    if lp.whiten_out is not None:
+        extra["whiten_out"] = lp.whiten_out
     layer = layer_class(lp.kind).from_dense(source_module, lp.decomp or config.decomp, lp.rank, lp.tensorization,
                                             gated=False, sigma=config.sigma, generator=generator, **extra)
     if make_gate is not None:

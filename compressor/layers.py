@@ -38,18 +38,23 @@ from .gates import L0Gate
 EXPORT_BATCH_HINT = 256
 
 
-def whitened_tensor(weight_t: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+def whitened_tensor(weight_t: torch.Tensor, whiten: torch.Tensor,
+                    whiten_out: torch.Tensor | None = None) -> torch.Tensor:
     """``L^T W^T`` (float64) for a Linear's ``W^T`` (in x out) and its input factor ``L``
     (``G = L L^T``): the truncation error of this matrix is the layer's output error.
 
     A 1-D ``whiten`` is a diagonal factor: an embedding's, whose one-hot inputs have the
     diagonal Gram matrix of token counts. Its rows beyond ``len(whiten)`` (a vocabulary
-    padded to rounder modes, zero rows never looked up) keep weight 1.
+    padded to rounder modes, zero rows never looked up) keep weight 1. ``whiten_out`` (a tied
+    embedding's: the factor of its LM head's input Gram matrix, see calibration.py) weighs
+    the output side as well: ``L^T W^T L_out``.
     """
     weight_t = weight_t.to(torch.float64)
     if whiten.dim() == 1:
-        return _padded(whiten, weight_t.shape[0])[:, None] * weight_t
-    return whiten.T @ weight_t
+        weighted = _padded(whiten, weight_t.shape[0])[:, None] * weight_t
+    else:
+        weighted = whiten.T @ weight_t
+    return weighted if whiten_out is None else weighted @ whiten_out.to(torch.float64)
 
 
 def unwhiten_input_core(core: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
@@ -59,6 +64,14 @@ def unwhiten_input_core(core: torch.Tensor, whiten: torch.Tensor) -> torch.Tenso
         return core / _padded(whiten, core.shape[1])[None, :, None].to(core.dtype)
     folded = torch.linalg.solve_triangular(whiten.T, core.permute(1, 0, 2).reshape(core.shape[1], -1), upper=True)
     return folded.reshape(core.shape[1], core.shape[0], core.shape[2]).permute(1, 0, 2)
+
+
+def unwhiten_output_core(core: torch.Tensor, whiten_out: torch.Tensor) -> torch.Tensor:
+    """``L_out^-1`` multiplied into an output core ``(r, out, r0)`` fitted to ``W^T L_out``."""
+    r, n, r0 = core.shape
+    flat = core.permute(0, 2, 1).reshape(r * r0, n)  # each bond pair's row over the output mode
+    folded = torch.linalg.solve_triangular(whiten_out.to(flat.dtype), flat, upper=False, left=False)  # X L = C
+    return folded.reshape(r, r0, n).permute(0, 2, 1)
 
 
 def _padded(diagonal: torch.Tensor, rows: int) -> torch.Tensor:
@@ -454,7 +467,7 @@ class TNLayer(nn.Module):
         return tz, tn.resolve_ranks(rank, cls.core_modes(shape, tz, merge_spatial), decomp)
 
     def load_dense_(self, module: nn.Module, tz, generator: torch.Generator | None,
-                     whiten: torch.Tensor | None = None) -> "TNLayer":
+                     whiten: torch.Tensor | None = None, whiten_out: torch.Tensor | None = None) -> "TNLayer":
         """Cores decomposed from the dense weight at the layer's present ranks; the bias copied as
         is (what ``from_dense`` starts with, and what ``--refit`` does again at the freeze).
 
@@ -465,15 +478,23 @@ class TNLayer(nn.Module):
         truncation. The fold leaves the input core tiny next to the next one (its entries
         shrink by the inputs' scale, about sqrt(tokens)), and a shared Adam step would then
         move it by a large share of itself: the slices of that bond are rebalanced.
+
+        ``whiten_out`` (a tied embedding's head factor) weighs the output side too, and
+        ``L_out^-1`` goes back into the output core, which must then hold the whole output.
         """
         tensor = self.weight_tensor(module.weight, tz)
         if whiten is not None:
             if len(_nontrivial(tz[0])) != 1:
                 raise ConfigError(f"a whitened start needs the whole input in one core, not modes {tuple(tz[0])}")
-            tensor = whitened_tensor(tensor, whiten)
+            if whiten_out is not None and len(_nontrivial(tz[1])) != 1:
+                raise ConfigError(f"a start weighted by its head needs the whole output in one core, "
+                                  f"not modes {tuple(tz[1])}")
+            tensor = whitened_tensor(tensor, whiten, whiten_out)
         cores = tn.decompose(tensor.reshape(self.modes), self.decomp, self.ranks, generator)
         if whiten is not None:
             cores[0] = unwhiten_input_core(cores[0], whiten)
+            if whiten_out is not None:
+                cores[-1] = unwhiten_output_core(cores[-1], whiten_out)
             cores[0], cores[1] = tn.balance_bond(cores[0], cores[1])
         with torch.no_grad():
             for p, c in zip(self.cores, cores):
@@ -727,16 +748,17 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
     def from_dense(cls, module: nn.Embedding, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
                    sigma: float = 0.5, generator: torch.Generator | None = None,
-                   whiten: torch.Tensor | None = None) -> "TNEmbedding":
+                   whiten: torch.Tensor | None = None, whiten_out: torch.Tensor | None = None) -> "TNEmbedding":
         """``whiten``: square roots of the calibration text's token counts (a start weighted by
-        how often each row is looked up, see :meth:`TNLayer.load_dense_`)."""
+        how often each row is looked up, see :meth:`TNLayer.load_dense_`); ``whiten_out``: the
+        factor of a tied head's input Gram matrix (the start weighted by what the head sees)."""
         tz, ranks = cls._prepare(module, decomp, rank, tensorization)
         v, d = module.weight.shape
         layer = cls(v, d, tz[0], tz[1], ranks, decomp, module.padding_idx, gated, sigma, dtype=module.weight.dtype)
         if module.padding_idx is not None:
             with torch.no_grad():
                 layer.padding_row.copy_(module.weight[module.padding_idx])
-        return layer.load_dense_(module, tz, generator, whiten)
+        return layer.load_dense_(module, tz, generator, whiten, whiten_out)
 
     @classmethod
     def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:

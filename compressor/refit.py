@@ -33,7 +33,7 @@ def refit_layers(model: nn.Module, source: nn.Module, the_plan: CompressionPlan,
         original = dense_source(source, lp)
         layer = layers.get(site)
         if layer is not None:
-            layer.load_dense_(original, lp.tensorization, generator, lp.whiten)
+            layer.load_dense_(original, lp.tensorization, generator, lp.whiten, lp.whiten_out)
             continue
         dense = layer_class(lp.kind).dense_view(model.get_submodule(site))
         with torch.no_grad():

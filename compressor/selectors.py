@@ -183,10 +183,16 @@ def single_input_core(lay: Layout) -> bool:
     return len([m for m in lay.tensorization[0] if m > 1]) == 1
 
 
-def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout],
-                     whiten: torch.Tensor | None = None) -> list[tuple[Layout, tn.TruncationPath]]:
+def single_output_core(lay: Layout) -> bool:
+    """Whether the layout keeps the whole output in one core, where a head's factor folds back."""
+    return len([m for m in lay.tensorization[1] if m > 1]) == 1
+
+
+def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout], whiten: torch.Tensor | None = None,
+                     whiten_out: torch.Tensor | None = None) -> list[tuple[Layout, tn.TruncationPath]]:
     """Each layout's TT-SVD truncation path from the layer's pretrained weight (whitened by the
-    input factor ``whiten`` when given: then the errors are relative output errors).
+    input factor ``whiten`` when given, and by a tied head's ``whiten_out``: then the errors are
+    relative output errors).
 
     Layouts share unfoldings (the in|out split is the weight matrix itself for all of
     them), so each unfolding's spectrum is computed once per layer.
@@ -199,7 +205,8 @@ def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout],
     for lay in layouts:
         w = cls.weight_tensor(weight, lay.tensorization).detach()
         if w.numel() not in flats:  # whitened once per size: the matrix does not depend on the split
-            flats[w.numel()] = (whitened_tensor(w, whiten) if whiten is not None else w.to(torch.float64)).reshape(-1)
+            flats[w.numel()] = (whitened_tensor(w, whiten, whiten_out) if whiten is not None
+                                else w.to(torch.float64)).reshape(-1)
         flat = flats[w.numel()]
         bonds = []
         for k in range(len(lay.modes) - 1):
@@ -270,7 +277,9 @@ def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, 
     not, so the gates make the last cuts. The start is a train (closing bond 1, built as
     ``"tt"``): a one-slice closing gate could only switch the whole layer off. Mutates
     the plan; returns what it chose. ``least_error``: a layer no layout reproduces takes the
-    layout with the least error within its dense size (always so with ``whiten``).
+    layout with the least error within its dense size (always so with ``whiten``). A tied
+    embedding with a head factor in ``whiten.heads`` (:class:`~compressor.calibration.StartFactors`)
+    keeps its whole output in one core too, and is fitted to both sides.
     """
     fixed = set(fixed_layouts)
     by_name = {lp.name: lp for lp in the_plan.layers}
@@ -280,7 +289,12 @@ def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, 
                if name in layouts and any(single_input_core(lay) for lay in layouts[name])}
     for name in factors:
         layouts[name] = [lay for lay in layouts[name] if single_input_core(lay)]
-    paths = {name: truncation_paths(by_name[name], module, lays, factors.get(name)) for name, lays in layouts.items()}
+    heads = {name: f for name, f in getattr(whiten, "heads", {}).items()
+             if name in factors and any(single_output_core(lay) for lay in layouts[name])}
+    for name in heads:
+        layouts[name] = [lay for lay in layouts[name] if single_output_core(lay)]
+    paths = {name: truncation_paths(by_name[name], module, lays, factors.get(name), heads.get(name))
+             for name, lays in layouts.items()}
 
     def pick(name: str, p: list[tuple[Layout, tn.TruncationPath]], e: float) -> LayerStart:
         return pick_start(by_name[name], p, e, name in factors, least_error=bool(factors) or least_error)
@@ -302,7 +316,7 @@ def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, 
         lp = by_name[name]
         lp.tensorization, lp.merge_spatial = st.layout.tensorization, st.layout.merge_spatial
         lp.rank, lp.decomp = list(st.ranks), "tt"
-        lp.whiten = factors.get(name)
+        lp.whiten, lp.whiten_out = factors.get(name), heads.get(name)
     ratio = the_plan.dense_params / _start_params(the_plan, starts, decomp)
     return FaithfulStart(eps, used, target, ratio, list(starts.values()))
 
