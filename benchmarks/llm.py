@@ -134,7 +134,7 @@ def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict
               "start": r.start, "by_layer_type": where_the_budget_went(r),
               "distill_hidden": (args.distill_hidden or 0.0) if steps else 0.0, "skip": list(args.skip),
               "refit": refit, "frozen_at": result.history.frozen_at, "gate_fraction": gate_fraction,
-              "gate_lr": result.history.gate_lr}
+              "gate_lr": result.history.gate_lr, "head_weighted": bool((r.start or {}).get("head_weighted"))}
     print(f"{selector}:{init} {target}: perplexity {ppl:.2f} at {r.ratio:.3f}x, {r.steps} steps, {seconds:.0f} s",
           flush=True)
     return record
@@ -168,7 +168,7 @@ def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> di
     """The JSON at ``path`` with ``records`` replacing the runs they repeat; written atomically."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
     key = lambda r: (row_of(r), r["target"], r["steps"] > 0, r.get("distill_hidden") or 0.0,  # noqa: E731
-                     tuple(r.get("skip") or ()), r.get("gate_fraction"), gate_rate(r))
+                     tuple(r.get("skip") or ()), r.get("gate_fraction"), gate_rate(r), bool(r.get("head_weighted")))
     new_keys = {key(r) for r in records}
     result = {**old, **meta, "runs": [r for r in old["runs"] if key(r) not in new_keys] + records}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +201,8 @@ def label(run: dict[str, Any]) -> str:
         name += f", gates in the first {100 * run['gate_fraction']:g} %"
     if gate_rate(run) not in (None, FIXED_GATE_LR):
         name += f", gate lr {gate_rate(run):.2g}"
+    if run.get("head_weighted"):  # runs before the tied embedding's start weighed its head side lack the field
+        name += ", embedding weighted by its head"
     if run.get("skip"):
         name += ", " + " and ".join(run["skip"]) + " dense"
     return name + ("" if run["steps"] else ", no fine-tune")

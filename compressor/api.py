@@ -297,6 +297,7 @@ def _start_summary(start: Any, accuracy: float | None) -> dict[str, Any] | None:
         return {"accuracy": accuracy} if accuracy is not None else None
     return {"chosen": start.chosen, "ratio": start.ratio, "error": start.used_eps, "gates_idle": start.gates_idle,
             "accuracy": accuracy, "whitened": sum(s.whitened for s in start.layers),
+            "head_weighted": sum(s.head_weighted for s in start.layers),
             "unfaithful": [{"name": s.name, "error": s.error, "params": s.params, "dense": s.dense}
                            for s in start.unfaithful]}
 

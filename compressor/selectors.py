@@ -112,6 +112,7 @@ class LayerStart:
     error: float  # bound on ||W - W_start|| / ||W|| (of the whitened weight when ``whitened``)
     faithful: bool  # error within the run's tolerance (the size is within dense either way)
     whitened: bool = False  # fitted to the layer's outputs on calibration inputs (see calibration.py)
+    head_weighted: bool = False  # a tied embedding fitted to what its LM head sees as well
 
 
 @dataclass
@@ -311,7 +312,7 @@ def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, 
         used = _loosest_below(ratio_at, target, TIGHTEST_ERROR, eps)
         starts = {name: pick(name, p, used) for name, p in chosen.items()}
     # Faithful means within the error asked for, even when the start was tightened below it.
-    starts = {name: replace(st, faithful=st.error <= eps) for name, st in starts.items()}
+    starts = {name: replace(st, faithful=st.error <= eps, head_weighted=name in heads) for name, st in starts.items()}
     for name, st in starts.items():
         lp = by_name[name]
         lp.tensorization, lp.merge_spatial = st.layout.tensorization, st.layout.merge_spatial

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from compressor import compress
 from compressor.calibration import input_grams, start_factors, whitening
 from compressor.config import CompressConfig
 from compressor.errors import ConfigError
@@ -90,7 +91,7 @@ def test_an_activations_start_and_its_refit_fit_a_tied_embedding_to_both_sides()
     the_plan, grams = _calibrated(model, ids)
     start = get_selector("l0").prepare(the_plan, model, config, start_factors(model, the_plan, grams))
     lp = the_plan.layers[0]
-    assert start.layers[0].whitened and lp.whiten_out is not None and lp.tensorization == MATRIX
+    assert start.layers[0].head_weighted and lp.whiten_out is not None and lp.tensorization == MATRIX
     applied = apply(model, the_plan, config)
     layer = tn_layers(applied.model)["embed"]
     expected = _start(model, layer.ranks[0], lp.whiten, lp.whiten_out)
@@ -109,3 +110,13 @@ def test_a_head_factor_needs_the_whole_output_in_one_core():
     with pytest.raises(ConfigError, match="the whole output in one core"):
         TNEmbedding.from_dense(model.embed, "tt", rank=[4, 4, 1], tensorization=((VOCAB,), (4, 6)), gated=False,
                                whiten=factor, whiten_out=torch.eye(DIM, dtype=torch.float64))
+
+
+def test_a_run_reports_the_tied_embedding_weighted_by_its_head():
+    model = TiedLM()
+    ids = _zipf_ids(800, VOCAB, seed=7)
+    loader = [{"input_ids": ids[i:i + 20]} for i in range(0, len(ids), 20)]
+    result = compress(model, loader, "tt", "1.5x", init="activations", min_params=1, epochs=1,
+                      calibration_batches=4)
+    assert result.report.start["head_weighted"] == 1 and result.report.ratio >= 1.5
+    assert torch.equal(result.model.head.weight, result.model.embed.weight)  # still one table, read both ways
