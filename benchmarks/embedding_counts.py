@@ -5,10 +5,11 @@ held-out perplexity measured, everything else dense. Four truncations:
 
 * ``plain``: the SVD of the weight (what ``--init weights`` starts from);
 * ``counts``: rows weighted by how often the calibration text looks each one up
-  (``--init activations`` today: ``calibration.whitening`` of the token counts);
+  (``calibration.whitening`` of the token counts: an untied embedding's activations start);
 * ``head``: columns whitened by the Gram matrix of the LM head's inputs (the final hidden
   states), so the error is measured in the logits the head produces;
-* ``counts x head``: both, D E L with D the count weights and L the head whitening.
+* ``counts x head``: both, D E L with D the count weights and L the head whitening (a tied
+  embedding's activations start, ``calibration.start_factors``).
 
 Each keeps E L V_r V_r^T L^-1 (L = I without the head): every row is projected onto the kept
 directions, which the weighting chooses, so no row needs its count. Calibration text: the

@@ -375,7 +375,8 @@ def _print_summary(rep, written: list[Path]) -> None:
                           f" ({100 * (rep.accuracy - rep.dense_accuracy):+.2f} points)")
     start = rep.start or {}
     if start.get("accuracy") is not None:
-        how = (f"each layer within {start['error']:.3g} of its weights" if start.get("chosen") == "faithful" else
+        fitted = "outputs on the calibration batches" if start.get("whitened") else "weights"
+        how = (f"each layer within {start['error']:.3g} of its {fitted}" if start.get("chosen") == "faithful" else
                "the generous ladder (no faithful start within dense size)" if start.get("chosen") == "ladder" else "")
         out_console.print(f"step 0, before training: accuracy {100 * start['accuracy']:.2f}%"
                           + (f" ({start['ratio']:.2f}x, {how})" if how else ""))
