@@ -247,7 +247,7 @@ def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, examp
     stage("planning which layers to factorize")
     the_plan = graph.plan(module, config, example=example)
     _check_reachable(the_plan, config)
-    config = _settle(config, len(the_plan.layers), stage)
+    config = _settle(config, the_plan, stage)
     whiten = None
     if selector.needs_calibration(config):
         stage(f"calibration: the inputs of {len(the_plan.layers)} layers on {config.calibration_batches} batches")
@@ -257,10 +257,11 @@ def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, examp
     return the_plan, selector.prepare(the_plan, module, config, whiten), config
 
 
-def _settle(config: CompressConfig, layers: int, stage: Callable[[str], None]) -> CompressConfig:
+def _settle(config: CompressConfig, the_plan: graph.CompressionPlan, stage: Callable[[str], None]) -> CompressConfig:
     """``config`` with its depth-dependent defaults made (``CompressConfig.settled``), saying
     which the tool chose, so a user sees why a transformer run calibrates and refits."""
-    settled = config.settled(layers)
+    layers = len(the_plan.layers)
+    settled = config.settled(layers, any(calibration.observable(lp) for lp in the_plan.layers))
     chosen = []
     if config.init == "auto" and settled.init == "activations":
         chosen.append("--init activations")

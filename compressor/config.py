@@ -255,9 +255,10 @@ class CompressConfig:
             raise ConfigError("init 'activations' fits each layer's start to its inputs; it cannot be combined "
                               "with a fixed rank or start 'ladder'")
 
-    def settled(self, layers: int) -> "CompressConfig":
+    def settled(self, layers: int, observable: bool = True) -> "CompressConfig":
         """This config with the choices left to the tool that depend on the model's depth made,
-        for a plan of ``layers`` factorized layers.
+        for a plan of ``layers`` factorized layers (``observable``: some of whose inputs a
+        calibration pass can watch; convolutions start from their weights either way).
 
         A deep stack (a transformer) starts from its activations and refits when the gates
         freeze: trained transformer weights are near full rank while what their layers do on
@@ -271,6 +272,7 @@ class CompressConfig:
         deep = gated and deep_stack(layers)
         init = self.init
         if init == "auto":
-            init = "activations" if deep and self.rank is None and self.start != "ladder" else "weights"
+            fits = deep and observable and self.rank is None and self.start != "ladder"
+            init = "activations" if fits else "weights"
         refit = deep if self.refit is None else self.refit
         return replace(self, init=init, refit=refit)

@@ -34,6 +34,11 @@ def test_settled_makes_the_depth_dependent_choices(options, layers, init, refit)
     assert config.init == options.get("init", "auto") and config.refit is options.get("refit")  # not mutated
 
 
+def test_a_deep_stack_with_nothing_to_observe_starts_from_its_weights():
+    settled = CompressConfig().settled(DEEP, observable=False)  # e.g. a deep CNN: convolutions only
+    assert (settled.init, settled.refit) == ("weights", True)
+
+
 class Stack(nn.Module):
     """``depth`` square Linear layers: deep enough to count as a transformer-like stack."""
 
