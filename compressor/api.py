@@ -18,6 +18,7 @@ from torch import nn
 
 from . import calibration, graph
 from .config import CompressConfig
+from .gates import deep_stack
 from .distributed import World
 from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .graph import as_module, count_params, count_state, set_training, tn_layers
@@ -267,8 +268,10 @@ def _settle(config: CompressConfig, the_plan: graph.CompressionPlan, stage: Call
         chosen.append("--init activations")
     if config.refit is None and settled.refit:
         chosen.append("--refit")
+    if config.lr is None and deep_stack(layers):
+        chosen.append(f"--lr {settled.lr:g}")
     if chosen:
-        stage(f"a deep stack of {layers} factorized layers: {' and '.join(chosen)} by default")
+        stage(f"a deep stack of {layers} factorized layers: {', '.join(chosen)} by default")
     return settled
 
 

@@ -22,6 +22,11 @@ PENALTIES = ("params", "count")
 DISTILL_LOSSES = ("auto", "kl", "mse")
 STARTS = ("auto", "faithful", "ladder")
 INITS = ("auto", "weights", "activations")
+#: Default Adam learning rate of the weights (cores, biases, untouched layers) of a small network.
+DEFAULT_LR = 1e-3
+#: ... and of a deep stack: a pretrained transformer's fine-tuning rate. At 1e-3 SmolLM2-135M
+#: at 1.25x ended at held-out perplexity 259.5 instead of 232.9 (the same run at 5e-5).
+DEEP_STACK_LR = 5e-5
 
 
 def parse_target(target: Any) -> float:
@@ -182,7 +187,9 @@ class CompressConfig:
                 "starts from a clean truncation instead of the noisy gate phase's weights (gated selectors; "
                 f"default: on for a deep stack of more than {DEEP_STACK} factorized layers, off for a small network)"})
     lr: float | None = field(default=None, metadata={
-        "help": "Adam learning rate of the cores and other weights (default 1e-3)", "check": positive})
+        "help": f"Adam learning rate of the cores and other weights (default {DEFAULT_LR:g}, or {DEEP_STACK_LR:g} "
+                f"for a deep stack of more than {DEEP_STACK} factorized layers, a pretrained transformer's rate)",
+        "check": positive})
     gate_lr: float | None = field(default=None, metadata={
         "help": "Adam learning rate of the gate means (default 0.05, raised on a short budget so that a gate "
                 "can close within a quarter of the gate phase)", "check": positive})
@@ -266,7 +273,8 @@ class CompressConfig:
         SmolLM2-135M at 1.5x the weights start without refit ends at held-out perplexity 1168,
         activations with refit at 251 (that run kept the embedding dense). On LeNet-5 (4
         layers) both lose (activations from 20x on, refit at 100x), so small networks keep the
-        weights start without refit.
+        weights start without refit. The weights' learning rate depends on depth whatever the
+        selector (:data:`DEEP_STACK_LR`).
         """
         gated = RankSelector.registry[self.rank_select].gated
         deep = gated and deep_stack(layers)
@@ -275,4 +283,5 @@ class CompressConfig:
             fits = deep and observable and self.rank is None and self.start != "ladder"
             init = "activations" if fits else "weights"
         refit = deep if self.refit is None else self.refit
-        return replace(self, init=init, refit=refit)
+        lr = self.lr if self.lr is not None else DEEP_STACK_LR if deep_stack(layers) else DEFAULT_LR
+        return replace(self, init=init, refit=refit, lr=lr)

@@ -28,7 +28,7 @@ from torch import nn
 
 from .batches import Ran, forward, loader_length
 from .blocks import BlockRecorder, shared_blocks
-from .config import CompressConfig
+from .config import DEFAULT_LR, CompressConfig
 from .controller import SizeMeter, TargetController
 from .distributed import World
 from .errors import DataError, TrainingError
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 
 #: Optimiser steps a default budget aims at (at least 2, at most 100 epochs).
 DEFAULT_STEPS = 3000
-#: Default Adam learning rate of the weights (cores, biases, untouched layers).
-DEFAULT_LR = 1e-3
 #: Adam learning rate of the gate means when the budget leaves them time (see :func:`gate_lr`).
 DEFAULT_GATE_LR = 0.05
 #: A gate mean must be able to travel from its ceiling to zero within this share of the gate phase,

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from compressor import cli, compress
-from compressor.config import CompressConfig
+from compressor.config import DEEP_STACK_LR, DEFAULT_LR, CompressConfig
 from compressor.data import TensorLoader
 from compressor.gates import DEEP_STACK
 from test_calibration import TwoLayers, _anisotropic
@@ -31,7 +31,12 @@ def test_settled_makes_the_depth_dependent_choices(options, layers, init, refit)
     config = CompressConfig(**options)
     settled = config.settled(layers)
     assert (settled.init, settled.refit) == (init, refit)
+    assert settled.lr == (DEEP_STACK_LR if layers > DEEP_STACK else DEFAULT_LR)
     assert config.init == options.get("init", "auto") and config.refit is options.get("refit")  # not mutated
+
+
+def test_the_users_learning_rate_stands_at_any_depth():
+    assert CompressConfig(lr=3e-4).settled(DEEP).lr == 3e-4 == CompressConfig(lr=3e-4).settled(SHALLOW).lr
 
 
 def test_a_deep_stack_with_nothing_to_observe_starts_from_its_weights():
@@ -67,7 +72,7 @@ def _compress(model: nn.Module, dim: int, **options):
 def test_a_deep_stack_starts_from_its_activations_and_refits_by_default():
     model = Stack(DEEP - 1)  # + the head
     result, messages = _compress(model, 24)
-    assert f"a deep stack of {DEEP} factorized layers: --init activations and --refit by default" in messages
+    assert f"a deep stack of {DEEP} factorized layers: --init activations, --refit, --lr 5e-05 by default" in messages
     assert any(m.startswith("calibration: the inputs of") for m in messages)
     assert result.report.start["whitened"] == DEEP
     assert f"{DEEP} layers refitted to the pretrained weights at the learned ranks" in messages
@@ -76,7 +81,8 @@ def test_a_deep_stack_starts_from_its_activations_and_refits_by_default():
 
 def test_the_users_choice_on_a_deep_stack_stands():
     result, messages = _compress(Stack(DEEP - 1), 24, init="weights", refit=False)
-    assert not any("deep stack" in m or m.startswith("calibration") or "refitted" in m for m in messages)
+    assert f"a deep stack of {DEEP} factorized layers: --lr 5e-05 by default" in messages  # the one choice left
+    assert not any(m.startswith("calibration") or "refitted" in m for m in messages)
     assert result.report.start["whitened"] == 0
 
 
