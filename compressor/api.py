@@ -78,6 +78,8 @@ class Report:
     start: dict[str, Any] | None = None
     # Training examples each process saw (one entry per rank; several under torchrun).
     samples_per_rank: list[int] = field(default_factory=list)
+    # The options the run left to the tool, as the tool set them (init, refit, lr, gate_lr).
+    chosen: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,9 +167,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     started = time.perf_counter()
     config = _resolve_config(config, decomp, target, options)
     saved = _resume_state(config, state_file, resume)
-    require_reiterable(loader)
-    if eval_loader is not None:
-        require_reiterable(eval_loader, "evaluation loader")
+    _check_loaders(loader, eval_loader)
     selector = get_selector(config.rank_select)
     loader, eval_loader = _shard(config, selector, loader, eval_loader)
     module = as_module(model)
@@ -177,6 +177,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
     stage = _stage_reporter(callback)
+    requested = config
     the_plan, start, config = _choose_start(module, teacher, loader, example, config, selector, stage)
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
@@ -204,8 +205,16 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                     [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
                     dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
                     history.ratio_before_force, history.epochs, count_params(module) / count_params(slim),
-                    history.resumed_from, _start_summary(start, start_acc), history.samples_per_rank)
+                    history.resumed_from, _start_summary(start, start_acc), history.samples_per_rank,
+                    _tool_choices(requested, config, history))
     return CompressResult(slim, report, history)
+
+
+def _check_loaders(loader: Iterable, eval_loader: Iterable | None) -> None:
+    """Both loaders can be iterated more than once (an epoch each), checked before any work."""
+    require_reiterable(loader)
+    if eval_loader is not None:
+        require_reiterable(eval_loader, "evaluation loader")
 
 
 def _frozen_copy(module: nn.Module, device: torch.device | None) -> nn.Module:
@@ -273,6 +282,15 @@ def _settle(config: CompressConfig, the_plan: graph.CompressionPlan, stage: Call
     if chosen:
         stage(f"a deep stack of {layers} factorized layers: {', '.join(chosen)} by default")
     return settled
+
+
+def _tool_choices(requested: CompressConfig, settled: CompressConfig, history: TrainHistory) -> dict[str, Any]:
+    """The options ``requested`` left to the tool, with the values the run used."""
+    chosen = {name: getattr(settled, name) for name in ("init", "refit", "lr")
+              if getattr(requested, name) in (None, "auto")}
+    if requested.gate_lr is None and history.gate_lr is not None:
+        chosen["gate_lr"] = history.gate_lr
+    return chosen
 
 
 def _run_device(config: CompressConfig) -> torch.device | None:

@@ -75,6 +75,8 @@ def test_a_deep_stack_starts_from_its_activations_and_refits_by_default():
     assert f"a deep stack of {DEEP} factorized layers: --init activations, --refit, --lr 5e-05 by default" in messages
     assert any(m.startswith("calibration: the inputs of") for m in messages)
     assert result.report.start["whitened"] == DEEP
+    assert result.report.chosen == {"init": "activations", "refit": True, "lr": 5e-5,
+                                    "gate_lr": result.history.gate_lr}  # what ran, in the report JSON too
     assert f"{DEEP} layers refitted to the pretrained weights at the learned ranks" in messages
     assert result.report.ratio >= 2
 
@@ -84,6 +86,7 @@ def test_the_users_choice_on_a_deep_stack_stands():
     assert f"a deep stack of {DEEP} factorized layers: --lr 5e-05 by default" in messages  # the one choice left
     assert not any(m.startswith("calibration") or "refitted" in m for m in messages)
     assert result.report.start["whitened"] == 0
+    assert set(result.report.chosen) == {"lr", "gate_lr"}  # init and refit were the user's
 
 
 def test_a_small_network_keeps_the_weights_start_without_refit():
