@@ -14,7 +14,10 @@ whitening, Wang et al. 2024). On the same projections the whitened error at half
 
 An embedding's input is a one-hot row per token, whose Gram matrix is the diagonal of token
 counts: its factor is ``sqrt(counts)``, and the truncation keeps the directions the text
-actually looks up. Every row, seen or not, is then projected onto those directions (the
+actually looks up. Counts are cheap (the forward stops at the embedding), so they cover many
+more batches than the activations (:data:`COUNT_BATCHES`): 8 batches of Shakespeare see 1,619
+of SmolLM2's 49,152 tokens and miss a fifth of the held-out text's; 100 batches see 6,856,
+and SmolLM2 with only its embedding truncated to rank 298 scores 284 instead of 323 (dense 235). Every row, seen or not, is then projected onto those directions (the
 rows of a truncated SVD are the rows of the matrix projected onto its kept right singular
 vectors, whatever their weight), so a rare token is approximated, never dropped.
 
@@ -49,6 +52,14 @@ COUNTED_KINDS = ("embedding",)
 #: Ridge added to a singular Gram matrix, relative to its mean diagonal; raised tenfold until
 #: the Cholesky factorization succeeds (a dead input channel makes G singular).
 RIDGE = 1e-6
+#: Batches whose token ids an embedding's counts cover, when the activations cover fewer: the
+#: forward stops once every counted embedding has seen its batch, so a batch costs little more
+#: than loading it. 128 batches of 8 x 128 tokens cover a 100k-token fine-tune.
+COUNT_BATCHES = 128
+
+
+class _Counted(Exception):
+    """Raised from a hook to end a forward that was only run for its token ids."""
 
 
 def observable(lp: LayerPlan) -> bool:
@@ -93,43 +104,56 @@ def start_factors(model: nn.Module, the_plan: CompressionPlan, grams: dict[str, 
 
 
 def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, batches: int,
-                forward_fn: ForwardFn | None = None, world: World | None = None) -> dict[str, torch.Tensor]:
+                forward_fn: ForwardFn | None = None, world: World | None = None,
+                count_batches: int = COUNT_BATCHES) -> dict[str, torch.Tensor]:
     """``{layer: X^T X}`` (float64) over the inputs each observable planned layer receives in the
-    first ``batches`` batches of ``loader``, its diagonal (token counts) for an embedding, and
-    those of the Linear heads tied to an embedding (:func:`tied_heads`); padding tokens
-    (``attention_mask`` 0) left out.
+    first ``batches`` batches of ``loader``, and those of the Linear heads tied to an embedding
+    (:func:`tied_heads`); for an embedding its diagonal, the token counts, over the first
+    ``max(batches, count_batches)`` batches. Padding tokens (``attention_mask`` 0) are left out.
     Under several processes the sums cover every rank's batches, so all start alike."""
     names = [lp.name for lp in the_plan.layers if observable(lp)]
     names += [h for lp in the_plan.layers if lp.name in names for h in tied_heads(model, lp)]
-    sizes = {lp.name: lp.shape[0] for lp in the_plan.layers if lp.kind in COUNTED_KINDS}
+    sizes = {lp.name: lp.shape[0] for lp in the_plan.layers if lp.kind in COUNTED_KINDS and lp.name in names}
     if not names or batches <= 0:
         return {}
     grams: dict[str, torch.Tensor] = {}
-    current: dict[str, Any] = {"mask": None}
+    current: dict[str, Any] = {"mask": None, "counting": False, "fired": set(), "counted": batches}
 
     def watch(name: str):
         def hook(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            mask = current["mask"]
+            if current["counting"] and name not in sizes:
+                return
+            x, mask = args[0].detach(), current["mask"]
             if name in sizes:  # token ids
                 ids = x[mask.bool()] if mask is not None and tuple(x.shape) == tuple(mask.shape) else x
                 gram = torch.bincount(ids.reshape(-1).cpu(), minlength=sizes[name]).double()
+                current["fired"].add(name)
             else:
                 if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
                     x = x[mask.bool()]
                 x = x.reshape(-1, x.shape[-1]).float()
                 gram = (x.T @ x).double()  # one batch in float32 (fast), the sum over batches in float64
             grams[name] = grams[name] + gram if name in grams else gram
+            if current["counting"] and current["fired"] >= sizes.keys():
+                raise _Counted
         return hook
 
     handles = [model.get_submodule(name).register_forward_pre_hook(watch(name)) for name in names]
     was_training = model.training
     set_training(model, False)
+    total = max(batches, count_batches) if sizes else batches
     try:
         with torch.no_grad():
-            for batch in itertools.islice(iter(loader), batches):
-                current["mask"] = attention_mask(split_batch(batch)[0]) if forward_fn is None else None
-                forward(model, batch, forward_fn)
+            for i, batch in enumerate(itertools.islice(iter(loader), total)):
+                current.update(counting=i >= batches, fired=set(),
+                               mask=attention_mask(split_batch(batch)[0]) if forward_fn is None else None)
+                try:
+                    forward(model, batch, forward_fn)
+                except _Counted:
+                    current["counted"] = i + 1
+                    continue
+                if current["counting"]:
+                    break  # an embedding this batch did not reach: counting would cost whole forwards
     finally:
         for h in handles:
             h.remove()
@@ -138,7 +162,8 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
     for name in names:  # the same order on every rank (the same layers run on any batch)
         if name in grams:
             world.sum_tensor_(grams[name])
-    log.info("calibration: input statistics of %d layers from %d batches", len(grams), batches)
+    log.info("calibration: input statistics of %d layers from %d batches, token counts from %d",
+             len(grams), batches, current["counted"] if sizes else 0)
     return grams
 
 

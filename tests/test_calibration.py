@@ -269,6 +269,39 @@ def test_an_embedding_is_calibrated_by_token_counts_with_padding_left_out():
     assert torch.allclose(factor[ids[0, 0]] ** 2, grams["embed"][ids[0, 0]], rtol=1e-4)
 
 
+def test_token_counts_cover_more_batches_than_the_activations_and_stop_each_forward_at_the_embedding():
+    model = Tokens()
+    ids = _zipf_ids(400, 60, seed=4)
+    loader = [{"input_ids": ids[i:i + 4]} for i in range(0, 40, 4)]  # 10 batches
+    heads_run = []
+    model.head.register_forward_pre_hook(lambda mod, args: heads_run.append(1))
+    the_plan = plan(model, CompressConfig(min_params=1))
+    grams = input_grams(model, the_plan, loader, batches=2, count_batches=6)
+    assert torch.equal(grams["embed"], torch.bincount(ids[:24].reshape(-1), minlength=60).double())
+    x = model.embed(ids[:8]).detach().reshape(-1, 24)
+    assert torch.allclose(grams["head"], (x.T @ x).double(), rtol=1e-4, atol=1e-4)  # activations: the first 2 only
+    assert len(heads_run) == 2  # the 4 counting batches stopped before the head
+
+
+def test_counting_stops_at_the_activations_batches_when_an_embedding_is_not_reached():
+    class Skips(Tokens):  # the embedding runs only on the first call
+        calls = 0
+
+        def forward(self, input_ids, attention_mask=None):
+            self.calls += 1
+            x = self.embed(input_ids) if self.calls <= 2 else torch.zeros(*input_ids.shape, 24)
+            return self.head(x)
+
+    model = Skips()
+    ids = _zipf_ids(400, 60, seed=5)
+    loader = [{"input_ids": ids[i:i + 4]} for i in range(0, 40, 4)]
+    the_plan = plan(model, CompressConfig(min_params=1))
+    model.calls = 0  # planning traced the forward once
+    grams = input_grams(model, the_plan, loader, batches=2, count_batches=6)
+    assert torch.equal(grams["embed"], torch.bincount(ids[:8].reshape(-1), minlength=60).double())
+    assert model.calls == 3  # one whole forward found the embedding unreached, then counting stopped
+
+
 def test_a_count_weighted_embedding_start_fits_the_rows_the_text_looks_up_and_projects_the_rest():
     from compressor.layers import TNEmbedding
 
