@@ -9,7 +9,9 @@ held-out perplexity measured, everything else dense. Four truncations:
 * ``head``: columns whitened by the Gram matrix of the LM head's inputs (the final hidden
   states), so the error is measured in the logits the head produces;
 * ``counts x head``: both, D E L with D the count weights and L the head whitening (a tied
-  embedding's activations start, ``calibration.start_factors``).
+  embedding's activations start, ``calibration.start_factors``);
+* ``counts x head, 800 examples``: the same with the tokens counted on the first 800 training
+  examples (100 batches of 8) instead of 64, as a run counts them (``calibration.COUNT_BATCHES``).
 
 Each keeps E L V_r V_r^T L^-1 (L = I without the head): every row is projected onto the kept
 directions, which the weighting chooses, so no row needs its count. Calibration text: the
@@ -59,26 +61,33 @@ def truncate(e: torch.Tensor, r: int, row_weight: torch.Tensor | None, col_facto
     return kept if col_factor is None else torch.linalg.solve_triangular(col_factor, kept, upper=False, left=False)
 
 
-def main(ranks=(128, 278, 375), calibration_examples: int = 64, held_out: int = 64) -> None:
+def main(ranks=(128, 278, 375), calibration_examples: int = 64, counted_examples: int = 800,
+         held_out: int = 64) -> None:
     folder = DATA / "smollm2"
     model = load_model_folder(folder).eval()
     tokenizer = load_tokenizer(folder)
-    calib = tokenize(read_texts(DATA / "shakespeare" / "train.txt")[:calibration_examples], tokenizer, 128)
+    train = read_texts(DATA / "shakespeare" / "train.txt")
+    calib = tokenize(train[:calibration_examples], tokenizer, 128)
+    counted = tokenize(train[:counted_examples], tokenizer, 128)
     test = tokenize(read_texts(DATA / "shakespeare" / "test.txt")[:held_out], tokenizer, 128)
-    counts = torch.bincount(calib["input_ids"][calib["attention_mask"].bool()],
-                            minlength=model.config.vocab_size).double()
+    def count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.bincount(batch["input_ids"][batch["attention_mask"].bool()],
+                              minlength=model.config.vocab_size).double()
+    counts, more_counts = count(calib), count(counted)
     table = model.get_input_embeddings().weight
     e = table.detach().double().clone()
-    rows = {"dense": perplexity(model, test), "distinct_calibration_tokens": int((counts > 0).sum())}
+    rows = {"dense": perplexity(model, test), "distinct_calibration_tokens": int((counts > 0).sum()),
+            f"distinct_tokens_in_{counted_examples}_examples": int((more_counts > 0).sum())}
     by_counts, head = whitening(counts), whitening(head_gram(model, calib))
     weights = {"plain": (None, None), "counts": (by_counts, None), "head": (None, head),
-               "counts x head": (by_counts, head)}
+               "counts x head": (by_counts, head),
+               f"counts x head, {counted_examples} examples": (whitening(more_counts), head)}
     for r in ranks:
         for name, (row_weight, col_factor) in weights.items():
             with torch.no_grad():
                 table.copy_(truncate(e, r, row_weight, col_factor).to(table.dtype))
             rows[f"rank {r} {name}"] = perplexity(model, test)
-            print(f"rank {r:4d} {name:13s}: perplexity {rows[f'rank {r} {name}']:.1f} (dense {rows['dense']:.1f})",
+            print(f"rank {r:4d} {name:28s}: perplexity {rows[f'rank {r} {name}']:.1f} (dense {rows['dense']:.1f})",
                   flush=True)
     with torch.no_grad():
         table.copy_(e.to(table.dtype))

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -103,6 +103,38 @@ def start_factors(model: nn.Module, the_plan: CompressionPlan, grams: dict[str, 
     return StartFactors({name: whitening(g) for name, g in grams.items() if name in planned}, heads)
 
 
+class _Observer:
+    """Forward pre-hooks that sum each watched layer's input Gram matrix (an embedding's token
+    counts) over a run of batches. While ``counting``, only embeddings are watched and the
+    forward is stopped (:class:`_Counted`) once every one of them has seen the batch."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes = sizes  # {embedding: vocabulary size}
+        self.grams: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+        self.counting = False
+        self.fired: set[str] = set()
+
+    def hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def observe(mod: nn.Module, args: tuple) -> None:
+            if self.counting and name not in self.sizes:
+                return
+            x, mask = args[0].detach(), self.mask
+            if name in self.sizes:  # token ids
+                ids = x[mask.bool()] if mask is not None and tuple(x.shape) == tuple(mask.shape) else x
+                gram = torch.bincount(ids.reshape(-1).cpu(), minlength=self.sizes[name]).double()
+                self.fired.add(name)
+            else:
+                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                    x = x[mask.bool()]
+                x = x.reshape(-1, x.shape[-1]).float()
+                gram = (x.T @ x).double()  # one batch in float32 (fast), the sum over batches in float64
+            self.grams[name] = self.grams[name] + gram if name in self.grams else gram
+            if self.counting and self.fired >= self.sizes.keys():
+                raise _Counted
+        return observe
+
+
 def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, batches: int,
                 forward_fn: ForwardFn | None = None, world: World | None = None,
                 count_batches: int = COUNT_BATCHES) -> dict[str, torch.Tensor]:
@@ -113,46 +145,24 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
     Under several processes the sums cover every rank's batches, so all start alike."""
     names = [lp.name for lp in the_plan.layers if observable(lp)]
     names += [h for lp in the_plan.layers if lp.name in names for h in tied_heads(model, lp)]
-    sizes = {lp.name: lp.shape[0] for lp in the_plan.layers if lp.kind in COUNTED_KINDS and lp.name in names}
     if not names or batches <= 0:
         return {}
-    grams: dict[str, torch.Tensor] = {}
-    current: dict[str, Any] = {"mask": None, "counting": False, "fired": set(), "counted": batches}
-
-    def watch(name: str):
-        def hook(mod: nn.Module, args: tuple) -> None:
-            if current["counting"] and name not in sizes:
-                return
-            x, mask = args[0].detach(), current["mask"]
-            if name in sizes:  # token ids
-                ids = x[mask.bool()] if mask is not None and tuple(x.shape) == tuple(mask.shape) else x
-                gram = torch.bincount(ids.reshape(-1).cpu(), minlength=sizes[name]).double()
-                current["fired"].add(name)
-            else:
-                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-                    x = x[mask.bool()]
-                x = x.reshape(-1, x.shape[-1]).float()
-                gram = (x.T @ x).double()  # one batch in float32 (fast), the sum over batches in float64
-            grams[name] = grams[name] + gram if name in grams else gram
-            if current["counting"] and current["fired"] >= sizes.keys():
-                raise _Counted
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(watch(name)) for name in names]
+    seen = _Observer({lp.name: lp.shape[0] for lp in the_plan.layers if lp.kind in COUNTED_KINDS and lp.name in names})
+    handles = [model.get_submodule(name).register_forward_pre_hook(seen.hook(name)) for name in names]
     was_training = model.training
     set_training(model, False)
-    total = max(batches, count_batches) if sizes else batches
+    counted = batches
     try:
         with torch.no_grad():
-            for i, batch in enumerate(itertools.islice(iter(loader), total)):
-                current.update(counting=i >= batches, fired=set(),
-                               mask=attention_mask(split_batch(batch)[0]) if forward_fn is None else None)
+            for i, batch in enumerate(itertools.islice(iter(loader), max(batches, count_batches if seen.sizes else 0))):
+                seen.counting, seen.fired = i >= batches, set()
+                seen.mask = attention_mask(split_batch(batch)[0]) if forward_fn is None else None
                 try:
                     forward(model, batch, forward_fn)
                 except _Counted:
-                    current["counted"] = i + 1
+                    counted = i + 1
                     continue
-                if current["counting"]:
+                if seen.counting:
                     break  # an embedding this batch did not reach: counting would cost whole forwards
     finally:
         for h in handles:
@@ -160,11 +170,11 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
         set_training(model, was_training)
     world = world or World.current()
     for name in names:  # the same order on every rank (the same layers run on any batch)
-        if name in grams:
-            world.sum_tensor_(grams[name])
+        if name in seen.grams:
+            world.sum_tensor_(seen.grams[name])
     log.info("calibration: input statistics of %d layers from %d batches, token counts from %d",
-             len(grams), batches, current["counted"] if sizes else 0)
-    return grams
+             len(seen.grams), batches, counted if seen.sizes else 0)
+    return seen.grams
 
 
 def whitening(gram: torch.Tensor) -> torch.Tensor:
