@@ -153,7 +153,8 @@ class CompressConfig:
                 "for a small network or with --rank or --start ladder)",
         "choices": INITS})
     calibration_batches: int = field(default=8, metadata={
-        "help": "training batches whose layer inputs fit an activations start", "check": positive_int})
+        "help": "training batches whose layer inputs fit an activations start (an embedding's token counts "
+                "cover up to 128, which cost little more than loading them)", "check": positive_int})
     sigma: float = field(default=0.5, metadata={
         "help": "gate noise std (0.5 works best in the IJCAI 2024 paper)", "check": positive})
     gate_margin: float | None = field(default=None, metadata={
