@@ -155,7 +155,8 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
     counted = batches
     try:
         with torch.no_grad():
-            for i, batch in enumerate(itertools.islice(iter(loader), max(batches, count_batches if seen.sizes else 0))):
+            total = max(batches, count_batches) if seen.sizes else batches
+            for i, batch in enumerate(itertools.islice(iter(loader), total)):
                 seen.counting, seen.fired = i >= batches, set()
                 seen.mask = attention_mask(split_batch(batch)[0]) if forward_fn is None else None
                 try:

@@ -284,7 +284,7 @@ def test_token_counts_cover_more_batches_than_the_activations_and_stop_each_forw
 
 
 def test_counting_stops_at_the_activations_batches_when_an_embedding_is_not_reached():
-    class Skips(Tokens):  # the embedding runs only on the first call
+    class Skips(Tokens):  # the embedding runs only on the first two calls
         calls = 0
 
         def forward(self, input_ids, attention_mask=None):
