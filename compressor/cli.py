@@ -28,7 +28,7 @@ from . import __version__
 from .api import compress, evaluate
 from .checkpoint import export_program, load, read_metadata, save
 from .data import TensorLoader, load_tensor_file, resolve_data
-from .distributed import init_from_env
+from .distributed import init_from_env, leave
 from .graph import as_module, set_training
 from .layers import TNLayer
 from .model_files import import_arch, load_model
@@ -474,6 +474,7 @@ def run(model: Path, data_spec: str, max_length: int, eval_data: Path | None, ou
                 view.close()
         written = _write_outputs(result, outputs, arch, example) if world.main else []
         world.barrier()  # every rank ends once the files are written
+        leave()
         if world.main:
             state_file.unlink(missing_ok=True)  # the result is safe: nothing left to resume
     except CompressorError as exc:
@@ -488,6 +489,7 @@ def _interrupted(stop: KeyboardInterrupt, state_file: Path | None, quiet: bool =
     """Ctrl-C: say what was kept and how to go on (rank 0 only: ``quiet`` on the others);
     exit 128 + the signal number."""
     if isinstance(stop, RunInterrupted):
+        leave()  # every rank stopped at the same step: none is left inside a collective
         if not quiet:
             click.echo(f"{stop}; run the same command with --resume to continue", err=True)
         sys.exit(stop.exit_code)

@@ -177,3 +177,14 @@ def init_from_env() -> World:
     world = World.current()
     log.info("rank %d of %d", world.rank, world.size)
     return world
+
+
+def leave() -> None:
+    """Tear the process group down before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's background threads can be destroyed while still
+    joinable, and the process aborts ("terminate called without an active exception")
+    after its work is done, which torchrun reports as a failed run.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
