@@ -5,7 +5,8 @@ targets with the same fine-tuning budget (epochs) and the same seeds at every ta
 table gives mean ± std). A selector may name its start, ``l0:activations`` (cores fitted to
 the layers' outputs on calibration images) against the default ``l0`` (from the weights), and a
 gated row may add ``+refit`` (``l0+refit``: the cores start again from the pretrained weights at
-the learned ranks when the gates freeze). Writes
+the learned ranks when the gates freeze); ``default`` is a run with every choice left to the tool
+(``compress(model, loader)``: on LeNet-5 the weights start, refit chosen at the freeze). Writes
 ``benchmarks/results/frontier.json``, ``frontier.md`` (the README table),
 ``frontier.png`` (test accuracy vs ratio, the shape of supp. Fig. 3) and
 ``ranks_l0.png`` (learned ranks per core for l0, the shape of supp. Fig. 1).
@@ -97,7 +98,7 @@ def main() -> None:
                 run = {"selector": sel, "init": init, "refit": refit, "target": target, "seed": seed, "ratio": r.ratio,
                        "accuracy": r.accuracy,
                        "seconds": time.perf_counter() - t0, "steps": r.steps, "forced": r.forced,
-                       "ratio_before_force": r.ratio_before_force,
+                       "ratio_before_force": r.ratio_before_force, "refitted": res.history.refitted,
                        "layers": [{"name": l.name, "initial_ranks": l.initial_ranks, "final_ranks": l.final_ranks,
                                    "params_after": l.params_after, "kept_dense": l.kept_dense} for l in r.layers]}
                 runs.append(run)

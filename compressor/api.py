@@ -190,7 +190,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     use_teacher = teacher if (not has_labels or config.distill > 0 or config.distill_hidden > 0) else None
     evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
     start_acc = evaluate_fn(applied.model) if evaluate_fn is not None and saved is None else None  # step 0
-    refit = (lambda m: refit_layers(m, module, the_plan, applied, config)) if config.refit else None
+    refit = (lambda m: refit_layers(m, module, the_plan, applied, config)) if config.refit is not False else None
     slim, history = finetune(applied.model, use_teacher, loader, config, the_plan.dense_params, callback,
                              evaluate_fn, applied.keep_factorized, state_file, saved, refit)
 
@@ -288,6 +288,8 @@ def _tool_choices(requested: CompressConfig, settled: CompressConfig, history: T
     """The options ``requested`` left to the tool, with the values the run used."""
     chosen = {name: getattr(settled, name) for name in ("init", "refit", "lr")
               if getattr(requested, name) in (None, "auto")}
+    if "refit" in chosen and history.refitted is not None:
+        chosen["refit"] = history.refitted  # a small network's choice is made at the freeze
     if requested.gate_lr is None and history.gate_lr is not None:
         chosen["gate_lr"] = history.gate_lr
     return chosen

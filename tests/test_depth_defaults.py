@@ -1,5 +1,6 @@
 """Defaults that depend on depth: a deep stack (a transformer) starts from its activations and
-refits when the gates freeze; a small network keeps the weights start without refit."""
+refits when the gates freeze; a small network starts from its weights and measures at the freeze
+whether refitting helps."""
 
 import pytest
 import torch
@@ -18,8 +19,8 @@ SHALLOW = 2
 
 @pytest.mark.parametrize("options, layers, init, refit", [
     ({}, DEEP, "activations", True),
-    ({}, DEEP_STACK, "weights", False),  # the line itself is still shallow
-    ({}, SHALLOW, "weights", False),
+    ({}, DEEP_STACK, "weights", None),  # the line itself is still shallow: refit measured at the freeze
+    ({}, SHALLOW, "weights", None),
     ({"init": "weights"}, DEEP, "weights", True),  # what the user set stands
     ({"refit": False}, DEEP, "activations", False),
     ({"init": "activations", "refit": True}, SHALLOW, "activations", True),
@@ -89,10 +90,12 @@ def test_the_users_choice_on_a_deep_stack_stands():
     assert set(result.report.chosen) == {"lr", "gate_lr"}  # init and refit were the user's
 
 
-def test_a_small_network_keeps_the_weights_start_without_refit():
+def test_a_small_network_keeps_the_weights_start_and_measures_whether_to_refit():
     result, messages = _compress(TwoLayers(dim=24), 24)
-    assert not any("deep stack" in m or m.startswith("calibration") or "refitted" in m for m in messages)
+    assert not any("deep stack" in m or m.startswith("calibration") for m in messages)
     assert result.report.start["whitened"] == 0
+    assert any("task loss" in m and "on 4 batches" in m for m in messages)  # the freeze says what it chose
+    assert result.report.chosen["refit"] is result.history.refitted is not None
 
 
 @pytest.mark.parametrize("flags, refit", [([], None), (["--refit"], True), (["--no-refit"], False)])

@@ -94,3 +94,65 @@ def test_the_cli_offers_refit_and_refuses_it_without_gates_with_exit_2(tmp_path)
     assert res.exit_code == 2
     assert res.output.strip().splitlines()[-1].startswith("error: refit keeps the ranks gates learned")
     assert not (tmp_path / "slim.safetensors").exists()
+
+
+def _left_to_choose(refit: bool | None):
+    """A small network whose gates freeze mid-run, so a weight phase trains after the choice."""
+    model = TwoLayers()
+    x = _anisotropic(400, 48, seed=6, live=12)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    events = []
+    # a DataLoader draws each epoch's order from the global random state: a probe that moved it would show
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50, shuffle=True)
+    result = compress(model, loader, "tt", "2.5x", epochs=3, min_params=1,
+                      tensorization=MATRICES, refit=refit, callback=events.append)
+    freeze = next(e for e in events if e.kind == "freeze")
+    return result, freeze
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_left_to_the_tool_a_small_network_starts_the_weight_phase_from_the_start_that_fits_better():
+    auto, freeze = _left_to_choose(None)
+    history = auto.history
+    assert history.frozen_at < history.steps  # the choice was made mid-run
+    losses = history.refit_losses
+    assert set(losses) == {"adapted", "refitted"} and all(v > 0 for v in losses.values())
+    assert history.refitted == (losses["refitted"] <= losses["adapted"])
+    assert auto.report.chosen["refit"] is history.refitted
+    assert "task loss" in freeze.message and "on 4 batches" in freeze.message
+    told, _ = _left_to_choose(history.refitted)  # the probe leaves no trace: same run as if told
+    assert _same_weights(auto, told)
+
+
+def test_a_refit_that_fits_worse_is_undone_exactly(monkeypatch):
+    import compressor.api as api
+
+    def spoiled(model, *args):
+        with torch.no_grad():
+            for layer in tn_layers(model).values():
+                for core in layer.cores:
+                    core.mul_(3.0)
+        return 2
+    monkeypatch.setattr(api, "refit_layers", spoiled)
+    auto, freeze = _left_to_choose(None)
+    assert auto.history.refitted is False
+    assert auto.history.refit_losses["refitted"] > auto.history.refit_losses["adapted"]
+    assert freeze.message.startswith("kept the gate phase's weights: task loss")
+    kept, _ = _left_to_choose(False)
+    assert _same_weights(auto, kept)
+
+
+def test_the_help_names_the_constants_it_cannot_import():
+    """config sits below train and calibration, so their counts are spelt out in its help."""
+    from dataclasses import fields
+
+    from compressor.calibration import COUNT_BATCHES
+    from compressor.train import PROBE_BATCHES
+    help_of = {f.name: f.metadata.get("help", "") for f in fields(CompressConfig)}
+    assert f"measures both starts on {PROBE_BATCHES} training batches" in help_of["refit"]
+    assert f"cover up to {COUNT_BATCHES}," in help_of["calibration_batches"]
