@@ -275,7 +275,7 @@ class CompressConfig:
         SmolLM2-135M at 1.5x the weights start without refit ends at held-out perplexity 1168,
         activations with refit at 251 (that run kept the embedding dense). On LeNet-5 (4
         layers) the activations start loses from 20x on, so a small network starts from its
-        weights; refit is worth 0.4 points at 5x but costs 5 at 100x, so a small network leaves
+        weights; refit is worth 0.4 points at 5x but costs 4.6 at 100x, so a small network leaves
         refit None: the run measures both starts when the gates freeze and keeps the better
         (``FineTune._refit``). The weights' learning rate depends on depth whatever the
         selector (:data:`DEEP_STACK_LR`).
