@@ -12,11 +12,13 @@ read back with ``weights_only=True``: a state file from elsewhere cannot run cod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+@contextlib.contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Run a block (a side measurement) without moving any generator the run draws from."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 # ------------------------------------------------------------------ the file

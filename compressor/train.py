@@ -37,7 +37,7 @@ from .gates import reinforce_surrogate
 from .graph import replace_module, set_training, tn_layers
 from .losses import task_loss
 from .resume import (ResumeError, RunInterrupted, StopRequest, check_same_run, fingerprint, restore_structure,
-                     rng_state, save_state, set_rng_state)
+                     random_state_kept, rng_state, save_state, set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,11 @@ class FineTune:
         ran.hidden = recorder.take()
         return ran
 
+    def _bare_task_loss(self, batch: Any) -> torch.Tensor:
+        """The task loss of the model itself on ``batch`` (no DDP: nothing to synchronise)."""
+        ran = self._forward(batch, self.model)
+        return task_loss(ran, self._teacher_out(batch, ran.labels), self.config)
+
     def _calibrate(self) -> float:
         if self.config.lam is not None:
             self.control.lam = self.config.lam
@@ -235,11 +240,7 @@ class FineTune:
         if self.frozen:
             return self.control.lam
         batch = next(iter(self.loader))
-
-        def loss() -> torch.Tensor:
-            ran = self._forward(batch, self.model)  # no DDP: nothing to synchronise
-            return task_loss(ran, self._teacher_out(batch, ran.labels), self.config)
-        lam = self.control.calibrate(loss)
+        lam = self.control.calibrate(lambda: self._bare_task_loss(batch))
         self.control.lam = self.world.sum([lam])[0] / self.world.size  # every rank starts from the same λ
         return self.control.lam
 
@@ -339,10 +340,13 @@ class FineTune:
         if self.config.refit:
             self.history.refitted = True
             return f"{self.refit(self.model)} layers refitted to the pretrained weights at the learned ranks"
+        with random_state_kept():  # the probe leaves the run's data order and noise as they were
+            probe = list(itertools.islice(iter(self.loader), PROBE_BATCHES))
+            adapted = self._mean_task_loss(probe)
         adapted_state = copy.deepcopy(self.model.state_dict())
-        adapted = self._probe_loss()
         layers = self.refit(self.model)
-        refitted = self._probe_loss()
+        with random_state_kept():
+            refitted = self._mean_task_loss(probe)
         self.history.refit_losses = {"adapted": adapted, "refitted": refitted}
         self.history.refitted = refitted <= adapted
         if not self.history.refitted:
@@ -352,23 +356,16 @@ class FineTune:
         return (f"{layers} layers refitted to the pretrained weights at the learned ranks: task loss "
                 f"{refitted:.4g} on {PROBE_BATCHES} batches, {adapted:.4g} with the gate phase's weights")
 
-    def _probe_loss(self) -> float:
-        """Mean task loss of the model (evaluation mode, no gradients) on the loader's first
-        :data:`PROBE_BATCHES` batches, over every rank; the random state is left as it was, so
-        the run's data order and noise do not depend on the probe."""
-        state, was_training = rng_state(), self.model.training
+    def _mean_task_loss(self, batches: list[Any]) -> float:
+        """Mean task loss of the model in evaluation mode on ``batches``, over every rank."""
+        was_training = self.model.training
         set_training(self.model, False)
-        total, count = 0.0, 0
         try:
             with torch.no_grad(), self._autocast():
-                for batch in itertools.islice(iter(self.loader), PROBE_BATCHES):
-                    ran = self._forward(batch, self.model)
-                    total += float(task_loss(ran, self._teacher_out(batch, ran.labels), self.config))
-                    count += 1
+                total = sum(float(self._bare_task_loss(batch)) for batch in batches)
         finally:
             set_training(self.model, was_training)
-            set_rng_state(state)
-        total, count = self.world.sum([total, float(count)])
+        total, count = self.world.sum([total, float(len(batches))])
         return total / max(count, 1.0)
 
     def _event(self, kind: str, **fields: Any) -> None:
