@@ -1,10 +1,12 @@
 """Factorized drop-in layers: TNLinear, TNConv2d, TNEmbedding (tensor train or ring).
 
 Each layer keeps its weight as cores (``tensornet`` conventions), optionally with an
-:class:`~compressor.gates.L0Gate` on every bond.  ``from_dense`` initialises the cores
-from a pretrained module; ``prune_`` removes closed slices and folds the gate values
-into the cores, after which the layer is ungated and smaller but computes the same thing.
-``spec()`` / ``from_spec`` describe a layer in plain JSON so checkpoints rebuild it.
+:class:`~compressor.gates.L0Gate` on every bond: the gates, their penalty and ``prune_``
+(which removes closed slices and folds the gate values into the cores, after which the
+layer is ungated and smaller but computes the same thing) are the same for every kind and
+live in :class:`~compressor.gated_cores.GatedCores`, the layers' base. ``from_dense``
+initialises the cores from a pretrained module (:func:`fitted_cores`); ``spec()`` /
+``from_spec`` describe a layer in plain JSON so checkpoints rebuild it.
 
 Every layer class declares itself (``class TNLinear(TNLayer, kind="linear", replaces=nn.Linear,
 aten=...)``) and owns everything kind-specific: which dense modules it supports, how their
@@ -32,7 +34,7 @@ from torch import nn
 
 from . import tensornet as tn
 from .errors import ConfigError, TensorizationError
-from .gates import L0Gate
+from .gated_cores import GatedCores
 
 #: Batch size assumed for contraction order while tracing with a symbolic batch.
 EXPORT_BATCH_HINT = 256
@@ -72,6 +74,39 @@ def unwhiten_output_core(core: torch.Tensor, whiten_out: torch.Tensor) -> torch.
     flat = core.permute(0, 2, 1).reshape(r * r0, n)  # each bond pair's row over the output mode
     folded = torch.linalg.solve_triangular(whiten_out.to(flat.dtype), flat, upper=False, left=False)  # X L = C
     return folded.reshape(r, r0, n).permute(0, 2, 1)
+
+
+def fitted_cores(tensor: torch.Tensor, modes: Sequence[int], decomp: str, ranks: Sequence[int], tz,
+                 generator: torch.Generator | None, whiten: torch.Tensor | None = None,
+                 whiten_out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Cores at ``ranks`` decomposed from a dense weight laid out as ``tensor`` (a kind's
+    ``weight_tensor`` under tensorization ``tz``): a layer's start.
+
+    With an input factor ``whiten`` (``L``, ``G = L L^T`` of the layer's inputs, see
+    calibration.py) the cores are fitted to ``L^T W^T``, whose error is the output error,
+    and ``L^-T`` is multiplied back into the input core: exact when the whole input is
+    that one core (a ring or a train alike), so the layer computes ``W`` again up to the
+    truncation. The fold leaves the input core tiny next to the next one (its entries
+    shrink by the inputs' scale, about sqrt(tokens)), and a shared Adam step would then
+    move it by a large share of itself: the slices of that bond are rebalanced.
+
+    ``whiten_out`` (a tied embedding's head factor) weighs the output side too, and
+    ``L_out^-1`` goes back into the output core, which must then hold the whole output.
+    """
+    if whiten is not None:
+        if len(_nontrivial(tz[0])) != 1:
+            raise ConfigError(f"a whitened start needs the whole input in one core, not modes {tuple(tz[0])}")
+        if whiten_out is not None and len(_nontrivial(tz[1])) != 1:
+            raise ConfigError(f"a start weighted by its head needs the whole output in one core, "
+                              f"not modes {tuple(tz[1])}")
+        tensor = whitened_tensor(tensor, whiten, whiten_out)
+    cores = tn.decompose(tensor.reshape(modes), decomp, ranks, generator)
+    if whiten is not None:
+        cores[0] = unwhiten_input_core(cores[0], whiten)
+        if whiten_out is not None:
+            cores[-1] = unwhiten_output_core(cores[-1], whiten_out)
+        cores[0], cores[1] = tn.balance_bond(cores[0], cores[1])
+    return cores
 
 
 def _padded(diagonal: torch.Tensor, rows: int) -> torch.Tensor:
@@ -147,245 +182,20 @@ def layer_kinds() -> tuple[str, ...]:
     return tuple(_BY_KIND)
 
 
-class TNLayer(nn.Module):
-    """Shared machinery: cores, bond gates, pruning, parameter counting, the kind registry.
+# ------------------------------------------------------------------ what a kind says about its dense module
+class DenseRules:
+    """What a layer kind says about the dense module it would replace: whether it can, how the
+    weight reads as a tensor, which cores that makes, how a graph's aten call becomes a module.
 
-    A subclass registers itself with ``class X(TNLayer, kind=..., replaces=DenseType,
-    aten=torch.ops.aten.op.default)``; one without ``kind`` (a helper or a user's
-    variant) inherits its parent's kind and registers nothing.
+    The planner, the selectors and the graph pass ask these before any factorized layer
+    exists, so they are class methods and touch no cores; each kind overrides the ones its
+    dense layer needs (:class:`TNLayer` inherits them, next to its kind's class attributes).
     """
 
-    kind: ClassVar[str] = "base"
-    replaces: ClassVar[type[nn.Module] | None] = None
-    #: Import path of the dense type when it lives in an optional library (set instead of ``replaces``).
-    replaces_path: ClassVar[str | None] = None
-    aten: ClassVar[Any] = None
-    #: Positional argument names of the aten call, and the one that carries the layer's input.
-    aten_arg_names: ClassVar[tuple[str, ...]] = ()
-    aten_input: ClassVar[str] = "input"
-    #: Attributes giving the dense weight's shape, in order (flattened).
-    shape_fields: ClassVar[tuple[str, ...]] = ()
-    #: Spec keys holding the (input side, output side) modes.
-    mode_fields: ClassVar[tuple[str, str]] = ("in_modes", "out_modes")
-    #: How tensorization errors name the (input, output) dimensions.
-    _side_names: ClassVar[tuple[str, str]] = ("input size", "output size")
-    #: Spec keys in the order they are written; each is also a constructor argument.
-    spec_fields: ClassVar[tuple[str, ...]] = ()
-    #: Spec keys older checkpoints may lack: the constructor's default applies.
-    spec_optional: ClassVar[tuple[str, ...]] = ("sigma",)
+    #: Declared with the kind's other class attributes on :class:`TNLayer`.
+    aten_arg_names: ClassVar[tuple[str, ...]]
+    _side_names: ClassVar[tuple[str, str]]
 
-    def __init_subclass__(cls, kind: str | None = None, replaces: type[nn.Module] | None = None,
-                          aten: Any = None, replaces_path: str | None = None, **kwargs):
-        """Register the class, refusing a kind, dense type or op another class already claims."""
-        super().__init_subclass__(**kwargs)
-        if kind is None:
-            return
-        entries = [(_BY_KIND, kind, "kind"), (_BY_DENSE, replaces, "dense type"), (_BY_ATEN, aten, "aten op"),
-                   (_BY_DENSE_PATH, replaces_path, "dense type")]
-        for table, key, what in entries:
-            if key is not None and key in table:
-                raise ConfigError(f"{cls.__name__}: {what} {key!r} is already registered by {table[key].__name__}")
-        cls.kind, cls.replaces, cls.aten, cls.replaces_path = kind, replaces, aten, replaces_path
-        for table, key, _ in entries:
-            if key is not None:
-                table[key] = cls
-
-    def __init__(self, modes: Sequence[int], ranks: Sequence[int], decomp: str, gated: bool, sigma: float, dtype=None):
-        super().__init__()
-        tn.check_decomp(decomp)
-        if len(modes) < 1:
-            raise TensorizationError("a factorized layer needs at least one mode larger than 1")
-        self.decomp = decomp
-        self.modes = tuple(int(m) for m in modes)
-        dtype = dtype or torch.get_default_dtype()
-        self.cores = nn.ParameterList(
-            [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in tn.core_shapes(self.modes, ranks)]
-        )
-        self.sigma = float(sigma)
-        self.gates = nn.ModuleDict({str(k): L0Gate(r, sigma, dtype=dtype) for k, r in self._gated_bonds(ranks)}) if gated else None
-
-    # ----------------------------------------------------------------- structure
-    def _gated_bonds(self, ranks: Sequence[int]) -> list[tuple[int, int]]:
-        """(bond index, size) of every bond that carries a gate: TT's closing bond does not."""
-        n = len(self.modes)
-        bonds = range(n - 1) if self.decomp == "tt" else range(n)
-        return [(k, int(ranks[k])) for k in bonds]
-
-    @property
-    def ranks(self) -> list[int]:
-        return [int(c.shape[2]) for c in self.cores]
-
-    @property
-    def gated(self) -> bool:
-        return self.gates is not None
-
-    def param_count(self) -> int:
-        """Parameters of the layer as it stands (cores + bias; gates are training-only)."""
-        bias = getattr(self, "bias", None)
-        return tn.param_count(self.modes, self.ranks) + (bias.numel() if bias is not None else 0)
-
-    def open_ranks(self) -> list[int]:
-        """Bond sizes after pruning with the current evaluation-mode gates (>= 1 each)."""
-        ranks = self.ranks
-        if self.gates is not None:
-            for key, gate in self.gates.items():
-                ranks[int(key)] = max(1, gate.open_count())
-        return ranks
-
-    def dense_param_count(self) -> int:
-        """Parameters of the dense layer this one stands for (weight + bias)."""
-        bias = getattr(self, "bias", None)
-        return math.prod(self.dense_shape()) + (bias.numel() if bias is not None else 0)
-
-    def dense_shape(self) -> tuple[int, ...]:
-        return _flat(getattr(self, f) for f in self.shape_fields)
-
-    def live_param_count(self) -> int:
-        """What :meth:`param_count` will be after ``prune_()``."""
-        bias = getattr(self, "bias", None)
-        return tn.param_count(self.modes, self.open_ranks()) + (bias.numel() if bias is not None else 0)
-
-    def buffer_count(self) -> int:
-        """Elements of the layer's saved buffers (an embedding's padding row), beyond its parameters."""
-        return sum(b.numel() for name, b in self.named_buffers(recurse=False)
-                   if name not in self._non_persistent_buffers_set)
-
-    def expected_param_count(self) -> torch.Tensor:
-        """Differentiable expected parameter count under the gate distribution.
-
-        Bonds are independent, so E[r_k n_k r_{k+1}] = E[r_k] n_k E[r_{k+1}] with
-        E[r] = sum_j Phi(mu_j / sigma).
-        """
-        exp_ranks: list[Any] = [float(r) for r in self.ranks]
-        if self.gates is not None:
-            for key, gate in self.gates.items():
-                exp_ranks[int(key)] = gate.penalty()
-        n = len(self.modes)
-        total = 0.0
-        for k in range(n):
-            total = total + exp_ranks[k - 1] * self.modes[k] * exp_ranks[k]
-        return torch.as_tensor(total) if not torch.is_tensor(total) else total
-
-    def gate_penalty(self) -> torch.Tensor:
-        """Sum over gates of sum_j Phi(mu_j / sigma) (the paper's l0 penalty)."""
-        if self.gates is None:
-            return torch.zeros(())
-        return sum(g.penalty() for g in self.gates.values())
-
-    # ----------------------------------------------------------------- compute
-    def effective_cores(self) -> list[torch.Tensor]:
-        """Cores with the current gate values folded into their right rank axis."""
-        cores = list(self.cores)
-        if self.gates is not None:
-            for key, gate in self.gates.items():
-                k = int(key)
-                cores[k] = cores[k] * gate()
-        return cores
-
-    def dense_tensor(self) -> torch.Tensor:
-        return tn.contract(self.effective_cores())
-
-    def dense_weight(self) -> torch.Tensor:
-        """The weight the dense layer would hold, rebuilt from the cores (differentiable)."""
-        raise NotImplementedError
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """:meth:`dense_weight`, for code that reads ``layer.weight`` itself (the fast path of
-        ``nn.TransformerEncoderLayer``, a dtype check): it works, at the cost of a rebuild."""
-        return self.dense_weight()
-
-    # ----------------------------------------------------------------- cores shared with tied layers
-    #: Set when a :class:`TiedTNLinear` computes from these cores (a tied LM head).
-    shares_cores: bool = False
-
-    def forward_cores(self) -> list[torch.Tensor]:
-        """:meth:`effective_cores` for this layer's forward. In training, a layer whose cores are
-        shared keeps its gate sample so the tied layer uses the same one (one weight, one sample)."""
-        cores = self.effective_cores()
-        if self.shares_cores and self.training and self.gates is not None:
-            self._sample = (self._core_versions(), cores)
-        return cores
-
-    def take_cores(self) -> list[torch.Tensor]:
-        """The cores a tied layer computes with: this step's gate sample when the forward drew one."""
-        versions, cores = self.__dict__.pop("_sample", (None, None))
-        if cores is not None and self.training and versions == self._core_versions():
-            return cores
-        return self.effective_cores()
-
-    def _core_versions(self) -> tuple[int, ...]:
-        """Changes at every optimizer step: a sample from an earlier step is never reused."""
-        return tuple(c._version for c in self.cores)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_sample", None)  # autograd results cannot be copied, and belong to one step
-        return state
-
-    # ----------------------------------------------------------------- pruning
-    @torch.no_grad()
-    def prune_(self) -> "TNLayer":
-        """Drop closed slices, fold gate values into the cores, remove the gates."""
-        if self.gates is None:
-            return self
-        cores = [c.detach().clone() for c in self.cores]
-        n = len(cores)
-        for key, gate in self.gates.items():
-            k = int(key)
-            z = gate.eval_value().detach().to(cores[k].dtype)
-            keep = torch.nonzero(z > 0).flatten()
-            if keep.numel() == 0:  # every slice closed: the layer's weight is zero; keep one zero slice
-                keep = torch.argmax(gate.mu.detach()).reshape(1)
-            cores[k] = cores[k][:, :, keep] * z[keep]
-            nxt = (k + 1) % n
-            cores[nxt] = cores[nxt][keep, :, :]
-        self.cores = nn.ParameterList([nn.Parameter(c.contiguous()) for c in cores])
-        self.gates = None
-        self.__dict__.pop("_sample", None)
-        return self
-
-    def set_gates_(self, make_gate) -> "TNLayer":
-        """Replace every gate by ``make_gate(size)`` (e.g. REINFORCE's Bernoulli gates)."""
-        self.gates = nn.ModuleDict({str(k): make_gate(r) for k, r in self._gated_bonds(self.ranks)})
-        return self
-
-    # ----------------------------------------------------------------- description
-    def spec(self) -> dict[str, Any]:
-        """JSON-able description sufficient to rebuild this layer's structure."""
-        return {"kind": self.kind, **{f: _jsonable(self._spec_value(f)) for f in self.spec_fields}}
-
-    def _spec_value(self, name: str) -> Any:
-        """A spec field's value; the bias is recorded as present/absent (its values are in the state dict)."""
-        return self.bias is not None if name == "bias" else getattr(self, name)
-
-    @classmethod
-    def _spec_class(cls, spec: dict[str, Any]) -> type["TNLayer"]:
-        klass = layer_class(spec.get("kind"))
-        if not issubclass(klass, cls):
-            raise ConfigError(f"a {spec.get('kind')!r} spec does not describe a {cls.__name__}")
-        return klass
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "TNLayer":
-        """The (ungated) layer ``spec`` describes; ``TNLayer.from_spec`` picks the class by kind."""
-        klass = cls._spec_class(spec)
-        missing = [f for f in klass.spec_fields if f not in spec and f not in klass.spec_optional]
-        if missing:
-            raise ConfigError(f"{klass.kind} layer spec lacks {', '.join(missing)}")
-        return klass(**{f: spec[f] for f in klass.spec_fields if f in spec}, gated=False)
-
-    @classmethod
-    def spec_size(cls, spec: dict[str, Any]) -> tuple[tuple[int, ...], int]:
-        """(core modes, parameters incl. bias) of a spec, without building the layer (inspect, planning)."""
-        klass = cls._spec_class(spec)
-        shape = _flat(spec[f] for f in klass.shape_fields)
-        tz = (tuple(spec[klass.mode_fields[0]]), tuple(spec[klass.mode_fields[1]]))
-        modes = klass.core_modes(shape, tz, bool(spec.get("merge_spatial", False)))
-        bias = shape[0] if spec.get("bias") else 0
-        return modes, tn.param_count(modes, spec["ranks"]) + bias
-
-    # ----------------------------------------------------------------- per-kind rules
     @classmethod
     def support_reason(cls, module: nn.Module) -> str | None:
         """Why ``module`` cannot be replaced (None: it can): a subclass whose ``forward`` is its
@@ -402,7 +212,7 @@ class TNLayer(nn.Module):
 
     @classmethod
     def saved_extra(cls, module: nn.Module) -> int:
-        """Elements the factorized layer saves beyond its cores and bias (see :meth:`buffer_count`),
+        """Elements the factorized layer saves beyond its cores and bias (see :meth:`TNLayer.buffer_count`),
         from the dense ``module`` it would replace: a plan must count them to meet a target."""
         return 0
 
@@ -466,36 +276,104 @@ class TNLayer(nn.Module):
         tz = cls.tensorization(shape, tensorization)
         return tz, tn.resolve_ranks(rank, cls.core_modes(shape, tz, merge_spatial), decomp)
 
+
+# ------------------------------------------------------------------ the layer
+class TNLayer(DenseRules, GatedCores):
+    """A factorized layer: gated cores (:class:`~compressor.gated_cores.GatedCores`) standing for
+    a dense layer's weight, registered as a kind.
+
+    What is shared by every kind lives here: the kind registry, the counts a plan and the
+    target controller compare (with the bias and saved buffers), rebuilding the dense
+    weight, the spec a checkpoint records, and fitting the cores to a dense weight. The
+    gates are :class:`GatedCores`'; the questions asked of a dense module before a layer
+    exists are :class:`DenseRules`'.
+
+    A subclass registers itself with ``class X(TNLayer, kind=..., replaces=DenseType,
+    aten=torch.ops.aten.op.default)``; one without ``kind`` (a helper or a user's
+    variant) inherits its parent's kind and registers nothing. Its constructor builds its
+    own fields, then ``super().__init__(modes, ranks, decomp, gated, sigma, dtype)``.
+    """
+
+    kind: ClassVar[str] = "base"
+    replaces: ClassVar[type[nn.Module] | None] = None
+    #: Import path of the dense type when it lives in an optional library (set instead of ``replaces``).
+    replaces_path: ClassVar[str | None] = None
+    aten: ClassVar[Any] = None
+    #: Positional argument names of the aten call, and the one that carries the layer's input.
+    aten_arg_names: ClassVar[tuple[str, ...]] = ()
+    aten_input: ClassVar[str] = "input"
+    #: Attributes giving the dense weight's shape, in order (flattened).
+    shape_fields: ClassVar[tuple[str, ...]] = ()
+    #: Spec keys holding the (input side, output side) modes.
+    mode_fields: ClassVar[tuple[str, str]] = ("in_modes", "out_modes")
+    #: How tensorization errors name the (input, output) dimensions.
+    _side_names: ClassVar[tuple[str, str]] = ("input size", "output size")
+    #: Spec keys in the order they are written; each is also a constructor argument.
+    spec_fields: ClassVar[tuple[str, ...]] = ()
+    #: Spec keys older checkpoints may lack: the constructor's default applies.
+    spec_optional: ClassVar[tuple[str, ...]] = ("sigma",)
+
+    def __init_subclass__(cls, kind: str | None = None, replaces: type[nn.Module] | None = None,
+                          aten: Any = None, replaces_path: str | None = None, **kwargs):
+        """Register the class, refusing a kind, dense type or op another class already claims."""
+        super().__init_subclass__(**kwargs)
+        if kind is None:
+            return
+        entries = [(_BY_KIND, kind, "kind"), (_BY_DENSE, replaces, "dense type"), (_BY_ATEN, aten, "aten op"),
+                   (_BY_DENSE_PATH, replaces_path, "dense type")]
+        for table, key, what in entries:
+            if key is not None and key in table:
+                raise ConfigError(f"{cls.__name__}: {what} {key!r} is already registered by {table[key].__name__}")
+        cls.kind, cls.replaces, cls.aten, cls.replaces_path = kind, replaces, aten, replaces_path
+        for table, key, _ in entries:
+            if key is not None:
+                table[key] = cls
+
+    # ----------------------------------------------------------------- sizes
+    def param_count(self) -> int:
+        """Parameters of the layer as it stands (cores + bias; gates are training-only)."""
+        bias = getattr(self, "bias", None)
+        return tn.param_count(self.modes, self.ranks) + (bias.numel() if bias is not None else 0)
+
+    def dense_param_count(self) -> int:
+        """Parameters of the dense layer this one stands for (weight + bias)."""
+        bias = getattr(self, "bias", None)
+        return math.prod(self.dense_shape()) + (bias.numel() if bias is not None else 0)
+
+    def dense_shape(self) -> tuple[int, ...]:
+        return _flat(getattr(self, f) for f in self.shape_fields)
+
+    def live_param_count(self) -> int:
+        """What :meth:`param_count` will be after ``prune_()``."""
+        bias = getattr(self, "bias", None)
+        return tn.param_count(self.modes, self.open_ranks()) + (bias.numel() if bias is not None else 0)
+
+    def buffer_count(self) -> int:
+        """Elements of the layer's saved buffers (an embedding's padding row), beyond its parameters."""
+        return sum(b.numel() for name, b in self.named_buffers(recurse=False)
+                   if name not in self._non_persistent_buffers_set)
+
+    # ----------------------------------------------------------------- the dense weight
+    def dense_tensor(self) -> torch.Tensor:
+        return tn.contract(self.effective_cores())
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight the dense layer would hold, rebuilt from the cores (differentiable)."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """:meth:`dense_weight`, for code that reads ``layer.weight`` itself (the fast path of
+        ``nn.TransformerEncoderLayer``, a dtype check): it works, at the cost of a rebuild."""
+        return self.dense_weight()
+
     def load_dense_(self, module: nn.Module, tz, generator: torch.Generator | None,
-                     whiten: torch.Tensor | None = None, whiten_out: torch.Tensor | None = None) -> "TNLayer":
-        """Cores decomposed from the dense weight at the layer's present ranks; the bias copied as
-        is (what ``from_dense`` starts with, and what ``--refit`` does again at the freeze).
-
-        With an input factor ``whiten`` (``L``, ``G = L L^T`` of the layer's inputs, see
-        calibration.py) the cores are fitted to ``L^T W^T``, whose error is the output error,
-        and ``L^-T`` is multiplied back into the input core: exact when the whole input is
-        that one core (a ring or a train alike), so the layer computes ``W`` again up to the
-        truncation. The fold leaves the input core tiny next to the next one (its entries
-        shrink by the inputs' scale, about sqrt(tokens)), and a shared Adam step would then
-        move it by a large share of itself: the slices of that bond are rebalanced.
-
-        ``whiten_out`` (a tied embedding's head factor) weighs the output side too, and
-        ``L_out^-1`` goes back into the output core, which must then hold the whole output.
-        """
+                    whiten: torch.Tensor | None = None, whiten_out: torch.Tensor | None = None) -> "TNLayer":
+        """Cores decomposed from the dense weight at the layer's present ranks (:func:`fitted_cores`,
+        weighted by the inputs when ``whiten`` is given); the bias copied as is. What
+        ``from_dense`` starts with, and what ``--refit`` does again at the freeze."""
         tensor = self.weight_tensor(module.weight, tz)
-        if whiten is not None:
-            if len(_nontrivial(tz[0])) != 1:
-                raise ConfigError(f"a whitened start needs the whole input in one core, not modes {tuple(tz[0])}")
-            if whiten_out is not None and len(_nontrivial(tz[1])) != 1:
-                raise ConfigError(f"a start weighted by its head needs the whole output in one core, "
-                                  f"not modes {tuple(tz[1])}")
-            tensor = whitened_tensor(tensor, whiten, whiten_out)
-        cores = tn.decompose(tensor.reshape(self.modes), self.decomp, self.ranks, generator)
-        if whiten is not None:
-            cores[0] = unwhiten_input_core(cores[0], whiten)
-            if whiten_out is not None:
-                cores[-1] = unwhiten_output_core(cores[-1], whiten_out)
-            cores[0], cores[1] = tn.balance_bond(cores[0], cores[1])
+        cores = fitted_cores(tensor, self.modes, self.decomp, self.ranks, tz, generator, whiten, whiten_out)
         with torch.no_grad():
             for p, c in zip(self.cores, cores):
                 p.copy_(c)
@@ -503,8 +381,40 @@ class TNLayer(nn.Module):
                 self.bias.copy_(module.bias)
         return self
 
-    def extra_repr(self) -> str:
-        return f"decomp={self.decomp}, modes={self.modes}, ranks={self.ranks}, gated={self.gated}"
+    # ----------------------------------------------------------------- description
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description sufficient to rebuild this layer's structure."""
+        return {"kind": self.kind, **{f: _jsonable(self._spec_value(f)) for f in self.spec_fields}}
+
+    def _spec_value(self, name: str) -> Any:
+        """A spec field's value; the bias is recorded as present/absent (its values are in the state dict)."""
+        return self.bias is not None if name == "bias" else getattr(self, name)
+
+    @classmethod
+    def _spec_class(cls, spec: dict[str, Any]) -> type["TNLayer"]:
+        klass = layer_class(spec.get("kind"))
+        if not issubclass(klass, cls):
+            raise ConfigError(f"a {spec.get('kind')!r} spec does not describe a {cls.__name__}")
+        return klass
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "TNLayer":
+        """The (ungated) layer ``spec`` describes; ``TNLayer.from_spec`` picks the class by kind."""
+        klass = cls._spec_class(spec)
+        missing = [f for f in klass.spec_fields if f not in spec and f not in klass.spec_optional]
+        if missing:
+            raise ConfigError(f"{klass.kind} layer spec lacks {', '.join(missing)}")
+        return klass(**{f: spec[f] for f in klass.spec_fields if f in spec}, gated=False)
+
+    @classmethod
+    def spec_size(cls, spec: dict[str, Any]) -> tuple[tuple[int, ...], int]:
+        """(core modes, parameters incl. bias) of a spec, without building the layer (inspect, planning)."""
+        klass = cls._spec_class(spec)
+        shape = _flat(spec[f] for f in klass.shape_fields)
+        tz = (tuple(spec[klass.mode_fields[0]]), tuple(spec[klass.mode_fields[1]]))
+        modes = klass.core_modes(shape, tz, bool(spec.get("merge_spatial", False)))
+        bias = shape[0] if spec.get("bias") else 0
+        return modes, tn.param_count(modes, spec["ranks"]) + bias
 
 
 class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.linear.default):
@@ -882,7 +792,7 @@ class TiedTNLinear(nn.Module):
     parameter here. With a :class:`TNEmbedding` source (the V x D table) the output is
     ``x table^T``, contracted from the dimension cores to the vocabulary cores (the ring read
     from the other side) without building the table; with a :class:`TNLinear` source it is that
-    layer's product. In training both users see the same gate sample (:meth:`TNLayer.take_cores`).
+    layer's product. In training both users see the same gate sample (:meth:`GatedCores.take_cores`).
     """
 
     kind = "tied_linear"
