@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError, ConfigError, TensorizationError
+from compressor.gated_cores import GatedCores
 from compressor.layers import (TiedTNLinear, TNConv1D, TNConv2d, TNEmbedding, TNLayer, TNLinear, aten_layers,
-                               layer_class, layer_class_for, layer_kinds)
+                               fitted_cores, layer_class, layer_class_for, layer_kinds)
 
 DECOMPS = ["tt", "tr"]
 FULL = 10_000  # larger than any useful bond: capped to the exact (full) rank
@@ -134,6 +135,32 @@ def test_spec_round_trip_rebuilds_same_structure():
         rebuilt = TNLayer.from_spec(layer.spec())
         rebuilt.load_state_dict(layer.state_dict())
         assert rebuilt.spec() == layer.spec()
+
+
+def test_state_dict_keys_are_the_layers_own():
+    """The gates and cores live on the layer (GatedCores is its base, not a submodule), so a
+    checkpoint's keys name them directly: the layer's own tensors, then cores, then gates."""
+    tt = TNLinear.from_dense(nn.Linear(60, 24), "tt", 4)  # modes (6, 10, 4, 6); TT's closing bond has no gate
+    assert list(tt.state_dict()) == ["bias", "cores.0", "cores.1", "cores.2", "cores.3",
+                                     "gates.0.mu", "gates.1.mu", "gates.2.mu"]
+    emb = TNEmbedding.from_dense(nn.Embedding(120, 16, padding_idx=5), "tr", 3)  # modes (4, 5, 6, 4, 4)
+    assert isinstance(emb, GatedCores)
+    cores = [f"cores.{k}" for k in range(5)]
+    assert list(emb.state_dict()) == ["padding_row", *cores, *(f"gates.{k}.mu" for k in range(5))]
+    assert list(emb.prune_().state_dict()) == ["padding_row", *cores]
+
+
+@pytest.mark.parametrize("decomp", DECOMPS)
+def test_from_dense_starts_from_the_fitted_cores(decomp):
+    dense = nn.Linear(60, 24).double()
+    layer = TNLinear.from_dense(dense, decomp, 5, generator=torch.Generator().manual_seed(3))
+    tz = (layer.in_modes, layer.out_modes)
+    cores = fitted_cores(TNLinear.weight_tensor(dense.weight, tz), layer.modes, decomp, layer.ranks, tz,
+                         torch.Generator().manual_seed(3))
+    assert all(torch.equal(c, p) for c, p in zip(cores, layer.cores))
+    whiten = torch.linalg.cholesky(torch.eye(60, dtype=torch.float64) + 0.1)
+    with pytest.raises(ConfigError, match="whole input in one core"):
+        fitted_cores(TNLinear.weight_tensor(dense.weight, tz), layer.modes, decomp, layer.ranks, tz, None, whiten)
 
 
 def test_bad_arguments_raise_compressor_errors():
