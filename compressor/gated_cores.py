@@ -43,7 +43,8 @@ class GatedCores(nn.Module):
             [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in tn.core_shapes(self.modes, ranks)]
         )
         self.sigma = float(sigma)
-        self.gates = nn.ModuleDict({str(k): L0Gate(r, sigma, dtype=dtype) for k, r in self._gated_bonds(ranks)}) if gated else None
+        self.gates = (nn.ModuleDict({str(k): L0Gate(r, sigma, dtype=dtype) for k, r in self._gated_bonds(ranks)})
+                      if gated else None)
 
     # ----------------------------------------------------------------- structure
     def _gated_bonds(self, ranks: Sequence[int]) -> list[tuple[int, int]]:
