@@ -3,7 +3,10 @@
 The file holds every tensor of the slim model plus JSON metadata (format version, each
 factorized layer's spec, how to find it in the base architecture, parameter counts).
 ``load`` rebuilds the factorized layers from that metadata *before* loading tensors, so
-changed ranks never cause size-mismatch errors, and nothing is ever unpickled.
+changed ranks never cause size-mismatch errors, and nothing is ever unpickled. What the
+tensors do not tell (the dense size behind the ratio, graph sites, the run's decomposition
+and target) is the slim model's :class:`~compressor.blueprint.Blueprint`, passed to ``save``
+and read back with :func:`read_blueprint`.
 
 The metadata is never trusted: :func:`read_metadata` checks every layer spec against the
 tensor shapes in the file's header before anything is built, so a doctored checkpoint
@@ -84,16 +87,16 @@ def describe_tied(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def save(slim: nn.Module | Blueprinted, path: str | os.PathLike, extra: dict[str, Any] | None = None, *,
+def save(model: nn.Module | Blueprinted, path: str | os.PathLike, extra: dict[str, Any] | None = None, *,
          blueprint: Blueprint | None = None) -> Path:
     """Write a slim model to ``path`` (.safetensors) atomically.
 
-    ``slim`` is what ``compress`` returned (its model and blueprint) or a slim model. A model's
+    ``model`` is what ``compress`` returned (its model and blueprint) or a slim model. A model's
     blueprint is ``blueprint`` when given, else what the model tells by itself
     (:func:`~compressor.blueprint.blueprint_of`): enough for factorized layers held as
     submodules, not for a ``torch.export`` graph. ``extra`` adds JSON to the metadata.
     """
-    model, blueprint = _model_and_blueprint(slim, blueprint)
+    model, blueprint = _model_and_blueprint(model, blueprint)
     meta = describe(model, blueprint)
     if extra:
         meta["extra"] = {**meta["extra"], **extra}
@@ -107,9 +110,9 @@ def save(slim: nn.Module | Blueprinted, path: str | os.PathLike, extra: dict[str
 def _model_and_blueprint(slim: Any, blueprint: Blueprint | None) -> tuple[nn.Module, Blueprint]:
     """The model to save and the blueprint describing it (an explicit ``blueprint`` wins)."""
     if isinstance(slim, nn.Module):
-        return slim, blueprint or blueprint_of(slim)
+        return slim, blueprint if blueprint is not None else blueprint_of(slim)
     if isinstance(slim, Blueprinted) and isinstance(slim.model, nn.Module):
-        return slim.model, blueprint or slim.blueprint
+        return slim.model, blueprint if blueprint is not None else slim.blueprint
     raise CheckpointError(f"save takes what compress returned or a slim nn.Module, not {type(slim).__name__}")
 
 
