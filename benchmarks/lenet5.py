@@ -62,7 +62,7 @@ def main() -> None:
             res = compress(model, train, args.decomp, target, eval_loader=test, epochs=args.epochs, seed=args.seed)
             seconds = time.perf_counter() - t0
             ckpt = Path(tmp) / f"slim_{target}.safetensors"
-            save(res.model, ckpt)
+            save(res, ckpt)
             base = model if args.source == "export" else lenet5
             back = load(ckpt, base=base)
             x = xte[:256]

@@ -2,20 +2,22 @@
 
     from compressor import compress, save, load
     result = compress(model, loader, decomp="tr", target="5x")
-    save(result.model, "slim.safetensors")
+    save(result, "slim.safetensors")
     slim = load("slim.safetensors", base=original_model_or_factory)
 """
 
 from .api import CompressResult, Report, compress, evaluate
+from .blueprint import Blueprint
 from .config import CompressConfig, parse_target
 from .errors import CompressorError
-from .checkpoint import export_program, read_metadata, save
+from .checkpoint import export_program, read_blueprint, read_metadata, save
 from .hf_folders import load
 from .resume import ResumeError, RunInterrupted
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Blueprint",
     "CompressConfig",
     "CompressResult",
     "CompressorError",
@@ -27,6 +29,7 @@ __all__ = [
     "export_program",
     "load",
     "parse_target",
+    "read_blueprint",
     "read_metadata",
     "save",
     "__version__",

@@ -22,7 +22,7 @@ from .gates import deep_stack
 from .distributed import World
 from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .graph import as_module, count_params, count_state, set_training, tn_layers
-from .checkpoint import SlimInfo, mark_slim
+from .blueprint import Blueprint
 from .selectors import get_selector, min_params
 from .blocks import shared_blocks
 from .batches import ForwardFn, check_labels, describe_inputs, forward, require_reiterable, split_batch
@@ -90,6 +90,7 @@ class CompressResult:
     model: nn.Module
     report: Report
     history: TrainHistory
+    blueprint: Blueprint  # what save writes besides the tensors (no tag is left on the model)
 
 
 def evaluate(model: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = None) -> float:
@@ -195,9 +196,9 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                              evaluate_fn, applied.keep_factorized, state_file, saved, refit)
 
     layers = tn_layers(slim)
-    mark_slim(slim, SlimInfo(the_plan.source, the_plan.dense_params,
-                             {s.name: s for s in applied.sites.values() if s.in_graph and s.name in layers},
-                             {"decomp": config.decomp, "target": config.target}))
+    blueprint = Blueprint(the_plan.source, the_plan.dense_params,
+                          tuple(s for s in applied.sites.values() if s.in_graph and s.name in layers),
+                          config.decomp, config.target)
     acc = _final_accuracy(slim, history, eval_loader, config.forward_fn)
     params = count_state(slim)
     report = Report(config.decomp, config.target, the_plan.source, the_plan.dense_params, params,
@@ -207,7 +208,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                     history.ratio_before_force, history.epochs, count_params(module) / count_params(slim),
                     history.resumed_from, _start_summary(start, start_acc), history.samples_per_rank,
                     _tool_choices(requested, config, history))
-    return CompressResult(slim, report, history)
+    return CompressResult(slim, report, history, blueprint)
 
 
 def _check_loaders(loader: Iterable, eval_loader: Iterable | None) -> None:

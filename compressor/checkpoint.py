@@ -3,7 +3,10 @@
 The file holds every tensor of the slim model plus JSON metadata (format version, each
 factorized layer's spec, how to find it in the base architecture, parameter counts).
 ``load`` rebuilds the factorized layers from that metadata *before* loading tensors, so
-changed ranks never cause size-mismatch errors, and nothing is ever unpickled.
+changed ranks never cause size-mismatch errors, and nothing is ever unpickled. What the
+tensors do not tell (the dense size behind the ratio, graph sites, the run's decomposition
+and target) is the slim model's :class:`~compressor.blueprint.Blueprint`, passed to ``save``
+and read back with :func:`read_blueprint`.
 
 The metadata is never trusted: :func:`read_metadata` checks every layer spec against the
 tensor shapes in the file's header before anything is built, so a doctored checkpoint
@@ -16,7 +19,6 @@ import copy
 import io
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import tensornet as tn
+from .blueprint import Blueprint, Blueprinted, blueprint_of
 from .errors import CheckpointError, CompressorError, ModelError, first_line
 from .files import atomic_write, read_safetensors, read_safetensors_header
 from .graph import (Site, as_module, count_state, is_graph_model, set_submodule, set_training, site_in, swap_in,
@@ -37,58 +40,31 @@ VERSION = 2
 #: Version 2 added ``tied`` (layers computing from another layer's cores); a file without
 #: ties is still written as version 1, so older readers keep reading it.
 TIED_VERSION = 2
-_INFO_ATTR = "_compressor_slim_info"
 
 
-@dataclass
-class SlimInfo:
-    """What a checkpoint records about a slim model besides its tensors and layer specs.
-
-    ``sites`` names, for layers that replaced an aten call of a ``torch.export`` graph,
-    the attributes that call read, so :func:`rebuild` finds the same call in the base
-    program. ``extra`` is free-form JSON (decomposition, target, report figures).
-    """
-
-    source: str = "module"
-    dense_params: int | None = None
-    sites: dict[str, Site] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def mark_slim(model: nn.Module, info: SlimInfo) -> nn.Module:
-    """Attach ``info`` to ``model`` so :func:`save` can describe it (``compress``/``load`` do this)."""
-    object.__setattr__(model, _INFO_ATTR, info)
-    return model
-
-
-def slim_info(model: nn.Module) -> SlimInfo:
-    """What :func:`mark_slim` attached, or defaults for a model that was never marked."""
-    return getattr(model, _INFO_ATTR, None) or SlimInfo()
-
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    """The metadata ``save`` writes, for a slim model produced by ``compress``/``load``."""
-    info = slim_info(model)
+def describe(model: nn.Module, blueprint: Blueprint) -> dict[str, Any]:
+    """The metadata ``save`` writes for the slim ``model`` that ``blueprint`` describes."""
     layers = {}
     for name, layer in tn_layers(model).items():
         if layer.gated:
             raise CheckpointError(f"layer {name!r} still has gates; prune it (layer.prune_()) before saving")
         entry = {"spec": layer.spec()}
-        site = info.sites.get(name)
+        site = blueprint.site(name)
         if site is not None:
             entry.update(weight_attr=site.weight_attr, bias_attr=site.bias_attr)
         layers[name] = entry
     tied = describe_tied(model)
     params = count_state(model)
+    dense = blueprint.dense_params
     meta = {
         "format": FORMAT,
         "version": TIED_VERSION if tied else 1,
-        "source": info.source,
+        "source": blueprint.source,
         "layers": layers,
         "params": params,
-        "dense_params": info.dense_params,
-        "ratio": (info.dense_params / params) if info.dense_params else None,
-        "extra": dict(info.extra),
+        "dense_params": dense,
+        "ratio": (dense / params) if dense else None,
+        "extra": blueprint.file_extra(),
     }
     if tied:
         meta["tied"] = tied
@@ -111,9 +87,17 @@ def describe_tied(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the slim model to ``path`` (.safetensors) atomically."""
-    meta = describe(model)
+def save(model: nn.Module | Blueprinted, path: str | os.PathLike, extra: dict[str, Any] | None = None, *,
+         blueprint: Blueprint | None = None) -> Path:
+    """Write a slim model to ``path`` (.safetensors) atomically.
+
+    ``model`` is what ``compress`` returned (its model and blueprint) or a slim model. A model's
+    blueprint is ``blueprint`` when given, else what the model tells by itself
+    (:func:`~compressor.blueprint.blueprint_of`): enough for factorized layers held as
+    submodules, not for a ``torch.export`` graph. ``extra`` adds JSON to the metadata.
+    """
+    model, blueprint = _model_and_blueprint(model, blueprint)
+    meta = describe(model, blueprint)
     if extra:
         meta["extra"] = {**meta["extra"], **extra}
     tensors, aliases = _unique_tensors(model)
@@ -121,6 +105,15 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None
         meta["aliases"] = aliases
     header = {"compressor": json.dumps(meta)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _model_and_blueprint(slim: Any, blueprint: Blueprint | None) -> tuple[nn.Module, Blueprint]:
+    """The model to save and the blueprint describing it (an explicit ``blueprint`` wins)."""
+    if isinstance(slim, nn.Module):
+        return slim, blueprint if blueprint is not None else blueprint_of(slim)
+    if isinstance(slim, Blueprinted) and isinstance(slim.model, nn.Module):
+        return slim.model, blueprint if blueprint is not None else slim.blueprint
+    raise CheckpointError(f"save takes what compress returned or a slim nn.Module, not {type(slim).__name__}")
 
 
 def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -168,6 +161,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     for name, entry in meta.get("tied", {}).items():
         check_tied(path, name, entry, meta["layers"], shapes)
     return meta
+
+
+def read_blueprint(path: str | os.PathLike) -> Blueprint:
+    """The blueprint recorded in the slim checkpoint at ``path``: with the model ``load`` rebuilt
+    from it, ``save(model, path2, blueprint=read_blueprint(path))`` writes the same description
+    again (a ``torch.export`` graph cannot tell it by itself)."""
+    meta = read_metadata(path)
+    extra = dict(meta.get("extra", {}))
+    decomp, target = extra.pop("decomp", None), extra.pop("target", None)
+    sites = tuple(Site(name, entry["weight_attr"], entry.get("bias_attr"))
+                  for name, entry in meta["layers"].items() if entry.get("weight_attr") is not None)
+    return Blueprint(meta.get("source", "module"), meta.get("dense_params"), sites,
+                     decomp if isinstance(decomp, str) else None,
+                     target if isinstance(target, (int, float)) and not isinstance(target, bool) else None, extra)
 
 
 def check_tied(path: Path, name: str, entry: Any, layers: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
@@ -292,7 +299,6 @@ def rebuild(base: Any, meta: dict[str, Any], trust_pickle: bool = False) -> nn.M
     ``meta`` must come from :func:`read_metadata`, which checked it against the file's tensors.
     """
     module = _build_base(base, trust_pickle)
-    sites = {}
     for name, entry in meta["layers"].items():
         try:
             site = site_in(module, name, entry.get("weight_attr"), entry.get("bias_attr"))
@@ -300,11 +306,8 @@ def rebuild(base: Any, meta: dict[str, Any], trust_pickle: bool = False) -> nn.M
         except (AttributeError, KeyError, ModelError, RuntimeError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint does not fit this base architecture at layer {name!r} "
                                   f"({first_line(exc)})") from None
-        if site.in_graph:
-            sites[name] = site
     _rebuild_tied(module, meta.get("tied", {}))
-    return mark_slim(module, SlimInfo(meta.get("source", "module"), meta.get("dense_params"), sites,
-                                      meta.get("extra", {})))
+    return module
 
 
 def _rebuild_tied(module: nn.Module, tied: dict[str, Any]) -> None:

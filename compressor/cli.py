@@ -349,7 +349,7 @@ def _write_outputs(result, outputs: dict[str, Path], arch: str | None, example: 
     rep = result.report
     extra = {"arch": arch} if arch else {}
     with staged_outputs(list(outputs.values())) as tmp:
-        save(result.model, tmp[outputs["checkpoint"]],
+        save(result, tmp[outputs["checkpoint"]],
              extra={**extra, "report": {"accuracy": rep.accuracy, "dense_accuracy": rep.dense_accuracy}})
         if "pt2" in outputs:
             try:

@@ -137,7 +137,7 @@ def test_exported_program_input_is_compressed(trained_digits_net, digits, digits
     assert res.report.source == "graph" and res.report.ratio >= 4.0
     assert res.report.accuracy >= res.report.dense_accuracy - MAX_ACCURACY_DROP
     assert res.report.accuracy >= res.report.dense_accuracy - 0.05
-    path = save(res.model, tmp_path / "g.safetensors")
+    path = save(res, tmp_path / "g.safetensors")
     back = load(path, base=ep)
     with torch.no_grad():
         assert (back(xte[:20]) - res.model(xte[:20])).abs().max() <= 1e-5

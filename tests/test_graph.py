@@ -78,7 +78,7 @@ def test_graph_layer_whose_name_is_taken_lives_under_a_new_name_and_round_trips(
 
     res = compress(program, TensorLoader(x, None, 64), "tt", 1.5, min_params=0, epochs=1)
     assert "block_tn" in {l.name for l in res.report.layers}
-    path = save(res.model, tmp_path / "slim.safetensors")
+    path = save(res, tmp_path / "slim.safetensors")
     back = load(path, base=program)
     with torch.no_grad():
         assert torch.equal(back(x), res.model(x))

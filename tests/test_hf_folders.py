@@ -161,7 +161,7 @@ def test_api_on_tiny_transformers_with_tokenizer_dicts(kind, tmp_path):
     result = compress(model, train, target="2x", epochs=2, min_params=500)
     assert result.report.source == "export"
     assert 2.0 <= result.report.ratio <= 2.1  # 2.003 measured for both
-    path = save(result.model, tmp_path / "slim.safetensors")
+    path = save(result, tmp_path / "slim.safetensors")
     if causal:  # the tied embedding/head: one set of cores, stored once
         assert result.model.lm_head.source is result.model.model.embed_tokens
     with safe_open(str(path), framework="pt") as f:

@@ -162,7 +162,7 @@ def slim(tmp_path_factory, trained_digits_net, digits):
     """A real slim checkpoint of DigitsNet (fc1 factorized) and the model it came from."""
     xtr, ytr, _, _ = digits
     res = compress(trained_digits_net, TensorLoader(xtr, ytr, 64, shuffle=True, seed=0), "tt", 3, epochs=1, seed=0)
-    path = save(res.model, tmp_path_factory.mktemp("slim") / "slim.safetensors")
+    path = save(res, tmp_path_factory.mktemp("slim") / "slim.safetensors")
     return path, res.model
 
 
@@ -172,7 +172,7 @@ def slim_from_program(tmp_path_factory, clean, digits):
     xtr, ytr, _, _ = digits
     program = torch.export.load(io.BytesIO(clean))
     res = compress(program, TensorLoader(xtr, ytr, 64, shuffle=True, seed=0), "tt", 3, epochs=1, seed=0)
-    path = save(res.model, tmp_path_factory.mktemp("slim_pt2") / "slim.safetensors")
+    path = save(res, tmp_path_factory.mktemp("slim_pt2") / "slim.safetensors")
     return path, res.model
 
 

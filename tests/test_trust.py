@@ -130,7 +130,7 @@ def test_slim_embedding_round_trips_through_a_checkpoint_and_export(tmp_path):
     model = Bag().eval()
     idx = torch.randint(0, 60, (64, 7))
     res = compress(model, TensorLoader(idx, None, 16), "tt", 1.3, min_params=0, epochs=1)
-    back = load(save(res.model, tmp_path / "slim.safetensors"), base=Bag)
+    back = load(save(res, tmp_path / "slim.safetensors"), base=Bag)
     program = torch.export.load(str(export_program(res.model, idx[:8], tmp_path / "slim.pt2"))).module()
     with torch.no_grad():
         ref = res.model(idx)
@@ -253,7 +253,7 @@ def test_a_checkpoint_from_a_module_loads_onto_its_pt2_and_back(trained_digits_n
     torch.export.save(program, str(pt2))
     for source in (trained_digits_net, program):
         res = compress(source, TensorLoader(xtr, ytr, 64, shuffle=True), "tr", 4, epochs=1)
-        path = save(res.model, tmp_path / f"slim_{res.report.source}.safetensors")
+        path = save(res, tmp_path / f"slim_{res.report.source}.safetensors")
         with torch.no_grad():
             ref = res.model(xte)
             for base in (DigitsNet, program, pt2):
@@ -269,7 +269,7 @@ def test_eval_with_a_pt2_base_for_a_module_checkpoint(trained_digits_net, digits
     pt2 = tmp_path / "model.pt2"
     torch.export.save(_program_of(trained_digits_net, xte), str(pt2))
     res = compress(trained_digits_net, TensorLoader(xtr, ytr, 64, shuffle=True), "tr", 4, epochs=1)
-    path = save(res.model, tmp_path / "slim.safetensors")
+    path = save(res, tmp_path / "slim.safetensors")
     result = CliRunner().invoke(main, ["eval", str(path), "--data", "digits", "--base", str(pt2)])
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     assert "top-1 agreement" in result.output
@@ -354,7 +354,7 @@ def test_the_target_is_met_on_the_saved_checkpoint_buffers_included(digits, tmp_
     model = NormedMLP().eval()
     xtr, ytr = digits[0], digits[1]
     res = compress(model, TensorLoader(xtr, ytr, 64, shuffle=True), "tr", 4, epochs=1)
-    path = save(res.model, tmp_path / "slim.safetensors")
+    path = save(res, tmp_path / "slim.safetensors")
     dense = tmp_path / "dense.safetensors"
     from safetensors.torch import save_file
 
@@ -369,7 +369,7 @@ def test_a_tied_weight_is_written_once_and_loads_back_tied(tmp_path):
     model = TiedLM("identity").eval()
     idx = torch.randint(0, 100, (64, 6))
     res = compress(model, TensorLoader(idx, None, 16), "tr", 1.1, min_params=100, epochs=1)
-    path = save(res.model, tmp_path / "slim.safetensors")
+    path = save(res, tmp_path / "slim.safetensors")
     assert res.report.params == _file_elements(path)  # the tied 100 x 48 table once
     back = load(path, base=lambda: TiedLM("identity"))
     assert back.lm_head.source is back.emb  # the head computes from the embedding's cores
