@@ -214,13 +214,16 @@ class FineTune:
         self.history = TrainHistory(gate_lr=spec.gates.lr)
         self.passes = Passes(model, teacher, spec)
         self.gates = GatePhase(model, spec, loader, self.passes.task_loss, refit)
-        self.at = Position()
+        self.position = Position()
         self.tallies = (Tally(), Tally())  # (progress window, current epoch)
         self.weight_phase_start: int | None = None  # the weight phase's learning rate decays from here
 
     # ----------------------------------------------------------------- the step
     def _step(self, batch: Any) -> None:
-        """One optimiser step, from zeroed gradients to the progress event."""
+        """One optimiser step: zeroed gradients; the batch forward (and the original model's, when a
+        loss needs it); the loss (task + λ · penalty while the gates move); backward; the optimiser
+        steps (gate means kept in bounds); the weight phase's learning rate; the tallies; the
+        controller's decision (which may freeze the gates); the progress event; a snapshot."""
         gates, frozen, opt = self.gates, self.gates.frozen, self.optimizers
         opt.zero_grad()
         with self.spec.autocast(self.model):
@@ -237,8 +240,8 @@ class FineTune:
         opt.step()
         if opt.gates is not None:
             gates.bound()
-        self.at.step += 1
-        step, start = self.at.step, self.weight_phase_start
+        self.position.step += 1
+        step, start = self.position.step, self.weight_phase_start
         if start is not None:
             opt.decay(cosine_lr(self.spec.lr, step - start, self.total - start))
         for tally in self.tallies:
@@ -279,13 +282,13 @@ class FineTune:
         if sd.keys() == self.good_state.keys() and all(sd[k].shape == self.good_state[k].shape for k in sd):
             self.model.load_state_dict(self.good_state)
         err = TrainingError(
-            f"the loss became {float(loss.detach())} at step {self.at.step}; stopped and kept the last good state "
-            f"(step {self.good_step}); try a lower learning rate (lr={self.spec.lr})")
+            f"the loss became {float(loss.detach())} at step {self.position.step}; stopped and kept the last good "
+            f"state (step {self.good_step}); try a lower learning rate (lr={self.spec.lr})")
         err.model = self.model  # type: ignore[attr-defined]
         raise err
 
     def _snapshot(self) -> None:
-        self.good_state, self.good_step = copy.deepcopy(self.model.state_dict()), self.at.step
+        self.good_state, self.good_step = copy.deepcopy(self.model.state_dict()), self.position.step
 
     # ----------------------------------------------------------------- the phases
     def _freeze(self, decision: str) -> None:
@@ -296,10 +299,10 @@ class FineTune:
         else:
             self.history.reopened = self.gates.give_back()
         message = self._prune(refit=True)
-        self.history.frozen_at = self.at.step
+        self.history.frozen_at = self.position.step
         self._snapshot()
         self.optimizers = self._optimizers()
-        self.weight_phase_start = self.at.step
+        self.weight_phase_start = self.position.step
         self._event("freeze", message=message)
 
     def _prune(self, refit: bool) -> str:
@@ -317,7 +320,7 @@ class FineTune:
 
     def _event(self, kind: str, **fields: Any) -> None:
         fields.setdefault("ratio", self.gates.meter.ratio())
-        self.emit(TrainEvent(kind, self.at.step, self.total, self.at.epoch, lam=self.gates.lam,
+        self.emit(TrainEvent(kind, self.position.step, self.total, self.position.epoch, lam=self.gates.lam,
                              frozen=self.gates.frozen, **fields))
 
     # ----------------------------------------------------------------- the loop
@@ -329,30 +332,30 @@ class FineTune:
         """
         try:
             self._start()
-            self._event("start", ratio=self.gates.control.start_ratio if self.at.step == 0 else
+            self._event("start", ratio=self.gates.control.start_ratio if self.position.step == 0 else
                         self.gates.meter.ratio())
             if self.teacher is not None:
                 set_training(self.teacher, False)
             self._snapshot()
             with StopRequest(enabled=self.spec.state_file is not None) as stop:
-                while self.at.step < self.total:
+                while self.position.step < self.total:
                     self._run_epoch(stop)
         finally:
             self.passes.close()
         if not self.gates.frozen:  # budget ended inside the gate phase (e.g. epochs=0 or tiny max_steps)
             if not self.gates.control.reached:
                 self.gates.force()
-            self.history.frozen_at = self.at.step
+            self.history.frozen_at = self.position.step
             self._prune(refit=True)
         else:
             self._prune(refit=False)
         control = self.gates.control
-        self.history.steps = self.at.step
+        self.history.steps = self.position.step
         self.history.samples_per_rank = [int(n) for n in self.world.gather(self.history.samples)]
         self.history.forced, self.history.ratio_before_force = control.forced, control.ratio_before_force
         set_training(self.model, False)
-        self.emit(TrainEvent("end", self.at.step, self.total, self.at.epoch, ratio=self.gates.meter.ratio(),
-                             frozen=True))
+        self.emit(TrainEvent("end", self.position.step, self.total, self.position.epoch,
+                             ratio=self.gates.meter.ratio(), frozen=True))
         return self.model, self.history
 
     def _start(self) -> None:
@@ -368,29 +371,29 @@ class FineTune:
         self.optimizers = self._optimizers()
 
     def _run_epoch(self, stop: StopRequest) -> None:
-        batches, new = self.at.epoch_batches(self.loader)
+        batches, new = self.position.epoch_batches(self.loader)
         if new:
             self.tallies = (self.tallies[0], Tally())
         set_training(self.model, True)
         for batch in batches:
-            if self.at.step >= self.total:
+            if self.position.step >= self.total:
                 break
             if self.world.any(stop.requested):  # all ranks stop at the same step boundary
-                raise RunInterrupted(self.at.step, self.total, self.save_state(), stop.signum or signal.SIGINT)
+                raise RunInterrupted(self.position.step, self.total, self.save_state(), stop.signum or signal.SIGINT)
             self._step(batch)
-            self.at.batch_in_epoch += 1
-            every = self.spec.checkpoint_every
-            if every and self.spec.state_file is not None and self.at.step % every == 0 and self.at.step < self.total:
+            self.position.batch_in_epoch += 1
+            step, every = self.position.step, self.spec.checkpoint_every
+            if every and self.spec.state_file is not None and step % every == 0 and step < self.total:
                 self.save_state()
         tally = self.tallies[1]
         if tally.batches == 0:
-            raise DataError(f"the data loader yielded no batch in epoch {self.at.epoch}; it must give a full "
+            raise DataError(f"the data loader yielded no batch in epoch {self.position.epoch}; it must give a full "
                             "pass every time it is iterated")
         eval_acc = self.evaluate(self.model) if self.evaluate is not None else None
         self.history.epochs.append({
-            "epoch": self.at.epoch, "step": self.at.step, "ratio": self.gates.meter.ratio(), "lambda": self.gates.lam,
-            "frozen": self.gates.frozen, "train_loss": tally.mean_loss(), "train_accuracy": tally.accuracy(),
-            "eval_accuracy": eval_acc})
+            "epoch": self.position.epoch, "step": self.position.step, "ratio": self.gates.meter.ratio(),
+            "lambda": self.gates.lam, "frozen": self.gates.frozen, "train_loss": tally.mean_loss(),
+            "train_accuracy": tally.accuracy(), "eval_accuracy": eval_acc})
         self._event("epoch", accuracy=tally.accuracy(), eval_accuracy=eval_acc)
 
     # ----------------------------------------------------------------- saved state
@@ -402,7 +405,7 @@ class FineTune:
         if not self.world.main:
             return self.spec.state_file
         return save_state(self.spec.state_file, {
-            "fingerprint": self.spec.fingerprint, **self.at.state_dict(), **self.gates.state_dict(),
+            "fingerprint": self.spec.fingerprint, **self.position.state_dict(), **self.gates.state_dict(),
             "weight_phase_start": self.weight_phase_start, "model": self.model.state_dict(),
             **self.optimizers.state_dict(), "history": asdict(self.history),
             "tallies": [asdict(t) for t in self.tallies]})
@@ -417,9 +420,9 @@ class FineTune:
         self.weight_phase_start = state["weight_phase_start"]
         self.optimizers = self._optimizers()
         self.optimizers.load_state_dict(state)
-        self.at = Position.saved(state)
+        self.position = Position.saved(state)
         self.tallies = tuple(Tally(**t) for t in state["tallies"])
-        self.history.resumed_from = self.at.step
+        self.history.resumed_from = self.position.step
 
 
 def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, spec: RunSpec, *,
