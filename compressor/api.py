@@ -10,15 +10,14 @@ import copy
 import logging
 import time
 from pathlib import Path
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from . import calibration, graph
-from .config import CompressConfig
-from .gates import deep_stack
+from .config import CompressConfig, Settled
 from .distributed import World
 from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .graph import as_module, count_params, count_state, set_training, tn_layers
@@ -28,61 +27,12 @@ from .blocks import shared_blocks
 from .batches import ForwardFn, check_labels, describe_inputs, forward, require_reiterable, split_batch
 from .losses import count_correct
 from .refit import refit_layers
+from .report import LayerReport, Report, history_fields, start_summary
 from .resume import load_state
+from .runspec import begin_run
 from .train import TrainEvent, TrainHistory, finetune
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerReport:
-    name: str
-    kind: str
-    shape: list[int]
-    tensorization: list[list[int]]
-    initial_ranks: list[int]
-    final_ranks: list[int]
-    params_before: int
-    params_after: int  # elements saved: cores, bias and kept buffers (an embedding's padding row)
-    kept_dense: bool = False  # the learned factorization was not smaller than the dense layer
-
-
-@dataclass
-class Report:
-    """What happened to the model.
-
-    ``ratio`` = tensor elements of the dense model's state / those of the slim checkpoint
-    (every tensor, buffers included, a shared tensor once): what ``target`` is met on.
-    ``param_ratio`` counts parameters only, for comparison with papers.
-    """
-
-    decomp: str
-    target: float
-    source: str
-    dense_params: int
-    params: int
-    ratio: float
-    layers: list[LayerReport] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    dense_accuracy: float | None = None
-    accuracy: float | None = None
-    seconds: float = 0.0
-    steps: int = 0
-    forced: bool = False
-    ratio_before_force: float | None = None
-    epochs: list[dict[str, Any]] = field(default_factory=list)
-    param_ratio: float | None = None
-    resumed_from: int | None = None  # the step a resumed run continued from
-    # How the gated layers started: "faithful" (from the weights, within "error") or "ladder",
-    # the start ratio, and the layers that could not start faithfully within their dense size.
-    start: dict[str, Any] | None = None
-    # Training examples each process saw (one entry per rank; several under torchrun).
-    samples_per_rank: list[int] = field(default_factory=list)
-    # The options the run left to the tool, as the tool set them (init, refit, lr, gate_lr).
-    chosen: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -178,8 +128,8 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
     stage = _stage_reporter(callback)
-    requested = config
-    the_plan, start, config = _choose_start(module, teacher, loader, example, config, selector, stage)
+    the_plan, start, settled = _choose_start(module, teacher, loader, example, config, selector, stage)
+    config = settled.config
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
     stage("building the factorized model")
@@ -188,12 +138,12 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
         applied.model.to(device)
     _check_applied(applied.model, first_batch, config.forward_fn)
     initial = {name: layer.ranks for name, layer in tn_layers(applied.model).items()}
-    use_teacher = teacher if (not has_labels or config.distill > 0 or config.distill_hidden > 0) else None
     evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
     start_acc = evaluate_fn(applied.model) if evaluate_fn is not None and saved is None else None  # step 0
     refit = (lambda m: refit_layers(m, module, the_plan, applied, config)) if config.refit is not False else None
-    slim, history = finetune(applied.model, use_teacher, loader, config, the_plan.dense_params, callback,
-                             evaluate_fn, applied.keep_factorized, state_file, saved, refit)
+    spec = begin_run(settled, loader, applied.model, the_plan.dense_params, applied.keep_factorized, state_file)
+    slim, history = finetune(applied.model, teacher if spec.distillation.needs_teacher(has_labels) else None,
+                             loader, spec, callback=callback, evaluate=evaluate_fn, refit=refit, resume_state=saved)
 
     layers = tn_layers(slim)
     blueprint = Blueprint(the_plan.source, the_plan.dense_params,
@@ -201,13 +151,13 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                           config.decomp, config.target)
     acc = _final_accuracy(slim, history, eval_loader, config.forward_fn)
     params = count_state(slim)
-    report = Report(config.decomp, config.target, the_plan.source, the_plan.dense_params, params,
-                    the_plan.dense_params / params, _layer_reports(the_plan, applied, initial, layers),
-                    [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
-                    dense_acc, acc, time.perf_counter() - started, history.steps, history.forced,
-                    history.ratio_before_force, history.epochs, count_params(module) / count_params(slim),
-                    history.resumed_from, _start_summary(start, start_acc), history.samples_per_rank,
-                    _tool_choices(requested, config, history))
+    report = Report(
+        decomp=config.decomp, target=config.target, source=the_plan.source, dense_params=the_plan.dense_params,
+        params=params, ratio=the_plan.dense_params / params, layers=_layer_reports(the_plan, applied, initial, layers),
+        skipped=[{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
+        dense_accuracy=dense_acc, accuracy=acc, seconds=time.perf_counter() - started, **history_fields(history),
+        param_ratio=count_params(module) / count_params(slim), start=start_summary(start, start_acc),
+        chosen=settled.chosen(history.refitted, history.gate_lr))
     return CompressResult(slim, report, history, blueprint)
 
 
@@ -249,51 +199,33 @@ def _shard(config: CompressConfig, selector: Any, loader: Iterable,
 
 
 def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, example: Any, config: CompressConfig,
-                  selector: Any, stage: Callable[[str], None]) -> tuple[graph.CompressionPlan, Any, CompressConfig]:
+                  selector: Any, stage: Callable[[str], None]) -> tuple[graph.CompressionPlan, Any, Settled]:
     """Plan the layers, settle the depth-dependent defaults, observe the layers' inputs if the
     selector needs it, and choose how each starts (after checking that the model has the blocks
-    hidden-state distillation would match). Returns the plan, the start and the settled config."""
+    hidden-state distillation would match). Returns the plan, the start and the settled options."""
     if config.distill_hidden > 0:
         shared_blocks(module, teacher)  # a model without repeated blocks fails now, not after calibration
     stage("planning which layers to factorize")
     the_plan = graph.plan(module, config, example=example)
     _check_reachable(the_plan, config)
-    config = _settle(config, the_plan, stage)
+    settled = _settle(config, the_plan, stage)
+    config = settled.config
     whiten = None
     if selector.needs_calibration(config):
         stage(f"calibration: the inputs of {len(the_plan.layers)} layers on {config.calibration_batches} batches")
         grams = calibration.input_grams(teacher, the_plan, loader, config.calibration_batches, config.forward_fn)
         whiten = calibration.start_factors(teacher, the_plan, grams)
     stage(f"choosing the starting layout and ranks of {len(the_plan.layers)} layers ({the_plan.source} plan)")
-    return the_plan, selector.prepare(the_plan, module, config, whiten), config
+    return the_plan, selector.prepare(the_plan, module, config, whiten), settled
 
 
-def _settle(config: CompressConfig, the_plan: graph.CompressionPlan, stage: Callable[[str], None]) -> CompressConfig:
+def _settle(config: CompressConfig, the_plan: graph.CompressionPlan, stage: Callable[[str], None]) -> Settled:
     """``config`` with its depth-dependent defaults made (``CompressConfig.settled``), saying
     which the tool chose, so a user sees why a transformer run calibrates and refits."""
-    layers = len(the_plan.layers)
-    settled = config.settled(layers, any(calibration.observable(lp) for lp in the_plan.layers))
-    chosen = []
-    if config.init == "auto" and settled.init == "activations":
-        chosen.append("--init activations")
-    if config.refit is None and settled.refit:
-        chosen.append("--refit")
-    if config.lr is None and deep_stack(layers):
-        chosen.append(f"--lr {settled.lr:g}")
-    if chosen:
-        stage(f"a deep stack of {layers} factorized layers: {', '.join(chosen)} by default")
+    settled = config.settled(len(the_plan.layers), any(calibration.observable(lp) for lp in the_plan.layers))
+    if (line := settled.stage_line()) is not None:
+        stage(line)
     return settled
-
-
-def _tool_choices(requested: CompressConfig, settled: CompressConfig, history: TrainHistory) -> dict[str, Any]:
-    """The options ``requested`` left to the tool, with the values the run used."""
-    chosen = {name: getattr(settled, name) for name in ("init", "refit", "lr")
-              if getattr(requested, name) in (None, "auto")}
-    if "refit" in chosen and history.refitted is not None:
-        chosen["refit"] = history.refitted  # a small network's choice is made at the freeze
-    if requested.gate_lr is None and history.gate_lr is not None:
-        chosen["gate_lr"] = history.gate_lr
-    return chosen
 
 
 def _run_device(config: CompressConfig) -> torch.device | None:
@@ -313,18 +245,6 @@ def _stage_reporter(callback: Callable[[TrainEvent], None] | None) -> Callable[[
         if callback is not None:
             callback(TrainEvent("stage", 0, 0, 0, message=message))
     return stage
-
-
-def _start_summary(start: Any, accuracy: float | None) -> dict[str, Any] | None:
-    """How the factorized model started (see ``selectors.faithful_start``), for the report:
-    its accuracy at step 0 (before any training) says how faithful the start was."""
-    if start is None:
-        return {"accuracy": accuracy} if accuracy is not None else None
-    return {"chosen": start.chosen, "ratio": start.ratio, "error": start.used_eps, "gates_idle": start.gates_idle,
-            "accuracy": accuracy, "whitened": sum(s.whitened for s in start.layers),
-            "head_weighted": sum(s.head_weighted for s in start.layers),
-            "unfaithful": [{"name": s.name, "error": s.error, "params": s.params, "dense": s.dense}
-                           for s in start.unfaithful]}
 
 
 def _resume_state(config: CompressConfig, state_file: str | Path | None, resume: bool) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, TargetError
-from .gates import DEEP_STACK, deep_stack
+from .gates import DEEP_MARGIN, DEEP_STACK, deep_stack
 from .selectors import DEFAULT_SELECTOR, START_ERROR, RankSelector
 from .tensornet import DECOMPS
 
@@ -264,10 +264,11 @@ class CompressConfig:
             raise ConfigError("init 'activations' fits each layer's start to its inputs; it cannot be combined "
                               "with a fixed rank or start 'ladder'")
 
-    def settled(self, layers: int, observable: bool = True) -> "CompressConfig":
+    def settled(self, layers: int, observable: bool = True) -> "Settled":
         """This config with the choices left to the tool that depend on the model's depth made,
         for a plan of ``layers`` factorized layers (``observable``: some of whose inputs a
-        calibration pass can watch; convolutions start from their weights either way).
+        calibration pass can watch; convolutions start from their weights either way), and
+        the record of what was left and why (:class:`Settled`).
 
         A deep stack (a transformer) starts from its activations and refits when the gates
         freeze: trained transformer weights are near full rank while what their layers do on
@@ -277,15 +278,61 @@ class CompressConfig:
         layers) the activations start loses from 20x on, so a small network starts from its
         weights; refit is worth 0.4 points at 5x but costs 4.6 at 100x, so a small network leaves
         refit None: the run measures both starts when the gates freeze and keeps the better
-        (``FineTune._refit``). The weights' learning rate depends on depth whatever the
-        selector (:data:`DEEP_STACK_LR`).
+        (``GatePhase.refit_or_keep``). The weights' learning rate depends on depth whatever the
+        selector (:data:`DEEP_STACK_LR`), and so do the gates' starting means
+        (:func:`~compressor.gates.start_margin`: :data:`~compressor.gates.DEEP_MARGIN` sigmas up).
         """
         gated = RankSelector.registry[self.rank_select].gated
-        deep = gated and deep_stack(layers)
+        deep = deep_stack(layers)  # the one place a run asks
         init = self.init
         if init == "auto":
-            fits = deep and observable and self.rank is None and self.start != "ladder"
+            fits = gated and deep and observable and self.rank is None and self.start != "ladder"
             init = "activations" if fits else "weights"
-        refit = (True if deep else None if gated else False) if self.refit is None else self.refit
-        lr = self.lr if self.lr is not None else DEEP_STACK_LR if deep_stack(layers) else DEFAULT_LR
-        return replace(self, init=init, refit=refit, lr=lr)
+        refit = (True if gated and deep else None if gated else False) if self.refit is None else self.refit
+        lr = self.lr if self.lr is not None else DEEP_STACK_LR if deep else DEFAULT_LR
+        margin = self.gate_margin if self.gate_margin is not None else DEEP_MARGIN if deep else 0.0
+        left = tuple(name for name in TOOL_CHOICES if getattr(self, name) in (None, "auto"))
+        return Settled(replace(self, init=init, refit=refit, lr=lr, gate_margin=margin), layers, deep, left)
+
+
+#: The options a run may leave to the tool and reports the values of, in the report's order.
+TOOL_CHOICES = ("init", "refit", "lr", "gate_lr")
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A run's options with the depth-dependent defaults made, and what the tool chose and why.
+
+    Made once per run (:meth:`CompressConfig.settled`), right after planning: the set-up line
+    (:meth:`stage_line`), the report's ``chosen`` (:meth:`chosen`) and the resume fingerprint
+    (of ``config``) all read it here instead of working the choices out again.
+    """
+
+    config: CompressConfig  # every option, those left to the tool made
+    layers: int  # factorized layers in the plan: what the choices depend on
+    deep: bool  # more than DEEP_STACK of them (``gates.deep_stack``)
+    left: tuple[str, ...]  # the options of TOOL_CHOICES the user left to the tool
+
+    def stage_line(self) -> str | None:
+        """What a deep stack does by default that a small network does not, as the flags a user
+        would write, e.g. ``a deep stack of 18 factorized layers: --init activations, --refit,
+        --lr 5e-05 by default`` (None when nothing was chosen for depth)."""
+        said = []
+        if "init" in self.left and self.config.init == "activations":
+            said.append("--init activations")
+        if "refit" in self.left and self.config.refit:
+            said.append("--refit")
+        if "lr" in self.left and self.deep:
+            said.append(f"--lr {self.config.lr:g}")
+        return f"a deep stack of {self.layers} factorized layers: {', '.join(said)} by default" if said else None
+
+    def chosen(self, refitted: bool | None = None, gate_lr: float | None = None) -> dict[str, Any]:
+        """The options left to the tool with the values the run used: ``refitted`` is what a
+        small network's run decided at the freeze (None: no such decision), ``gate_lr`` the
+        rate the gate phase's means moved at (None: no gates)."""
+        chosen = {name: getattr(self.config, name) for name in ("init", "refit", "lr") if name in self.left}
+        if "refit" in chosen and refitted is not None:
+            chosen["refit"] = refitted
+        if "gate_lr" in self.left and gate_lr is not None:
+            chosen["gate_lr"] = gate_lr
+        return chosen

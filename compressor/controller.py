@@ -4,7 +4,8 @@ The paper trains gates and weights with a fixed λ for as long as it takes and f
 gates once a pre-defined ratio is reached (supplementary §1.3). A tool with a budget of
 minutes cannot wait for that, so the controller owns every decision about size:
 
-* **λ**: calibrated on the first batch (:meth:`TargetController.calibrate`), then steered
+* **λ**: calibrated on the first batch (:meth:`TargetController.calibrate`, given to the
+  controller with :meth:`TargetController.start_from`), then steered
   along a planned geometric path from the starting ratio to the target
   (:func:`planned_ratio`), raised when the ratio lags the plan and eased when it leads;
 * **freeze**: the step the evaluation-mode ratio reaches the target;
@@ -21,11 +22,12 @@ controller sees is the ratio the user gets.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from . import tensornet as tn
 from .graph import count_state, tn_layers
 from .layers import TNLayer
 
@@ -45,6 +47,11 @@ MU_LOW = -1.0
 FORCE_ROUNDS = 256
 #: Forced closing first keeps every bond at 1 / (FORCE_FLOOR x target) of its starting size.
 FORCE_FLOOR = 2.0
+
+
+def model_gates(model: nn.Module) -> list[nn.Module]:
+    """Every gate of ``model``'s factorized layers, layer by layer, bond by bond."""
+    return [g for layer in tn_layers(model).values() if layer.gates is not None for g in layer.gates.values()]
 
 
 class SizeMeter:
@@ -67,7 +74,7 @@ class SizeMeter:
         return [layer for layer in self.layers().values() if layer.gates is not None]
 
     def gates(self) -> list[nn.Module]:
-        return [g for layer in self.gated_layers() for g in layer.gates.values()]
+        return model_gates(self.model)
 
     @staticmethod
     def layer_params(layer: TNLayer) -> int:
@@ -109,8 +116,7 @@ class SizeMeter:
                     ranks[int(key)] = float(z.sum())
                     open_slices += float(z.sum())
                     slices += z.numel()
-            n = len(layer.modes)
-            total_params += sum(ranks[k - 1] * layer.modes[k] * ranks[k] for k in range(n))
+            total_params += tn.param_count(layer.modes, ranks)
         if kind == "params":
             return total_params / self.dense
         return open_slices / max(slices, 1)
@@ -167,6 +173,19 @@ class TargetController:
     def reached(self) -> bool:
         return self.meter.ratio() >= self.target
 
+    def start_from(self, lam: float) -> None:
+        """Steer from ``lam`` (the user's λ, or the one :meth:`calibrate` measured, agreed by every rank)."""
+        self.lam = lam
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to make the same decisions (plain numbers)."""
+        return {"lam": self.lam, "forced": self.forced, "ratio_before_force": self.ratio_before_force,
+                "start_ratio": self.start_ratio}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lam, self.forced = state["lam"], state["forced"]
+        self.ratio_before_force, self.start_ratio = state["ratio_before_force"], state["start_ratio"]
+
     def penalty(self) -> torch.Tensor:
         return self.meter.penalty(self.penalty_kind)
 
@@ -182,6 +201,10 @@ class TargetController:
         Both gradients are taken as if every gate stood at most at 1, where it starts to
         matter: gates parked higher (a deep stack's start margin) have next to no gradient
         of either kind, and a ratio of two vanishing numbers would set λ at random.
+
+        Returns the λ measured (the current one when there is nothing to measure); the
+        controller steers from it once given it (:meth:`start_from`), so that under several
+        processes every rank can start from their mean.
         """
         mus = [g.mu for g in self.meter.gates()]
         if not mus:
@@ -200,7 +223,7 @@ class TargetController:
         t = sum(float(g.abs().sum()) for g in g_task if g is not None)
         p = sum(float(g.abs().sum()) for g in g_pen if g is not None)
         if p > 0 and math.isfinite(t) and t > 0:
-            self.lam = CALIBRATION_SHARE * t / p
+            return CALIBRATION_SHARE * t / p
         return self.lam
 
     def update(self, step: int) -> str | None:

@@ -7,15 +7,32 @@ Sequence outputs (``[batch, tokens, ...]``) are compared token by token, padding
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .batches import Ran
 from .blocks import hidden_loss
-from .config import CompressConfig
 
 #: Label value that marks a position to ignore (the PyTorch and Hugging Face convention).
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """How the original model teaches: the weight of its outputs when labels exist (without
+    labels a run always distils), the weight of its blocks' hidden states, the loss on outputs
+    (``kl``, ``mse`` or ``auto``) and the KL's temperature."""
+
+    weight: float = 0.0
+    hidden: float = 0.0
+    loss: str = "auto"
+    temperature: float = 1.0
+
+    def needs_teacher(self, labels: bool) -> bool:
+        """Whether a batch (with or without ``labels``) needs the original model's outputs."""
+        return not labels or self.weight > 0 or self.hidden > 0
 
 
 def _rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -75,15 +92,15 @@ def count_correct(ran: Ran) -> tuple[int, int]:
     return int(((out.argmax(-1) == y) & keep).sum()), int(keep.sum())
 
 
-def task_loss(student: Ran, teacher: Ran | None, config: CompressConfig) -> torch.Tensor:
+def task_loss(student: Ran, teacher: Ran | None, distill: Distillation) -> torch.Tensor:
     """Cross-entropy on labels (+ optional distillation), or pure distillation without labels;
-    plus, with ``distill_hidden``, the blocks' hidden states matched to the original's."""
+    plus, with ``distill.hidden``, the blocks' hidden states matched to the original's."""
     if student.labels is None:
-        loss = distill_loss(student, teacher, config.distill_loss, config.temperature)
+        loss = distill_loss(student, teacher, distill.loss, distill.temperature)
     else:
         loss = label_loss(student)
-        if teacher is not None and config.distill > 0:
-            loss = loss + config.distill * distill_loss(student, teacher, config.distill_loss, config.temperature)
-    if teacher is not None and config.distill_hidden > 0 and student.hidden is not None:
-        loss = loss + config.distill_hidden * hidden_loss(student.hidden, teacher.hidden or [], student.mask)
+        if teacher is not None and distill.weight > 0:
+            loss = loss + distill.weight * distill_loss(student, teacher, distill.loss, distill.temperature)
+    if teacher is not None and distill.hidden > 0 and student.hidden is not None:
+        loss = loss + distill.hidden * hidden_loss(student.hidden, teacher.hidden or [], student.mask)
     return loss

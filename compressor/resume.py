@@ -2,9 +2,10 @@
 
 A compression run on a transformer takes hours; a laptop lid, a Ctrl-C or a preempted
 job must not cost them. The fine-tune saves its whole state (model, gates, optimisers,
-controller, data position, random state) every ``checkpoint_every`` steps and when asked
-to stop, and a resumed run replays exactly the steps that were left: same random draws,
-same batches, same decisions, so it ends where the uninterrupted run would have.
+controller, data position (:class:`Position`), random state) every ``checkpoint_every``
+steps and when asked to stop, and a resumed run replays exactly the steps that were left:
+same random draws, same batches, same decisions, so it ends where the uninterrupted run
+would have.
 
 The file is ``torch.save``'s zip of tensors and plain containers, written atomically and
 read back with ``weights_only=True``: a state file from elsewhere cannot run code.
@@ -18,8 +19,8 @@ import logging
 import random
 import signal
 import threading
-from collections.abc import Iterator
-from dataclasses import fields
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,63 @@ def random_state_kept() -> Iterator[None]:
         set_rng_state(state)
 
 
+# ------------------------------------------------------------------ where a run is
+@dataclass
+class Position:
+    """Where a run is between two steps, and how a resumed run gets back into its epoch."""
+
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # the epoch under way (1 for the first)
+    batch_in_epoch: int = 0  # batches of it already trained on
+    epoch_rng: dict[str, Any] | None = None  # the random state as it began
+    resume_rng: dict[str, Any] | None = None  # a resumed run's random state at the step it stopped at
+
+    def epoch_batches(self, loader: Iterable) -> tuple[Iterator, bool]:
+        """The batches of the next epoch, or of the interrupted one from where it stopped, and
+        whether the epoch is new.
+
+        The loader is told the epoch (``set_epoch``, as for a DistributedSampler), so its
+        order depends on the epoch alone. A resumed epoch replays the random state the
+        epoch began with, draws the batches already trained on without using them, then
+        takes the random state of the step it stopped at: the same batches in the same
+        order as the uninterrupted run, whatever shuffles the loader does.
+        """
+        resume, self.resume_rng = self.resume_rng, None
+        if resume is None:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.epoch_rng = rng_state()
+        else:
+            set_rng_state(self.epoch_rng)
+        set_loader_epoch(loader, self.epoch - 1)
+        batches = iter(loader)
+        for _ in range(self.batch_in_epoch if resume is not None else 0):
+            if next(batches, None) is None:
+                raise ResumeError("the data loader gives fewer batches than when the state was saved")
+        if resume is not None:
+            set_rng_state(resume)
+        return batches, resume is None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, and the random state of this step boundary (taken now)."""
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "epoch_rng": self.epoch_rng, "rng": rng_state()}
+
+    @classmethod
+    def saved(cls, state: dict[str, Any]) -> "Position":
+        """A saved run's position; its next epoch is the one it stopped in (states are saved
+        inside an epoch, never before the first)."""
+        return cls(state["step"], state["epoch"], state["batch_in_epoch"], state["epoch_rng"], state["rng"])
+
+
+def set_loader_epoch(loader: Iterable, epoch: int) -> None:
+    """Tell a loader (or its DistributedSampler-like sampler) which epoch it serves."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if obj is not None and callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(epoch)
+            return
+
+
 # ------------------------------------------------------------------ the file
 def save_state(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` atomically: a crash (even ``kill -9``) leaves the previous file or none."""
@@ -177,6 +235,17 @@ def check_same_run(state: dict[str, Any], current: dict[str, Any], path: str | P
 
 
 # ------------------------------------------------------------------ model structure
+def restore_model(model: nn.Module, saved: dict[str, torch.Tensor], kept_dense: list[str]) -> None:
+    """Load a saved run's model state into a freshly built gated ``model`` (pruned and partly
+    dense again first, as the saved one was); a state that does not fit is one ``ResumeError``."""
+    try:
+        restore_structure(model, saved, kept_dense)
+        model.load_state_dict(saved)
+    except (KeyError, RuntimeError) as exc:
+        raise ResumeError(f"the saved model does not fit this run ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]})") from None
+
+
 def restore_structure(model: nn.Module, saved: dict[str, torch.Tensor], kept_dense: list[str]) -> None:
     """Give a freshly built gated model the shape the saved one had, so its state loads.
 

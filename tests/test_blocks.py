@@ -82,6 +82,8 @@ def test_hidden_loss_is_zero_for_equal_states_and_measures_each_channel_in_its_o
 
 def test_objective_adds_the_weighted_hidden_term_to_the_logit_kl():
     from compressor.graph import apply, plan, set_training
+    from compressor.losses import task_loss
+    from compressor.runspec import begin_run
     from compressor.selectors import get_selector
     from compressor.train import FineTune
 
@@ -93,11 +95,13 @@ def test_objective_adds_the_weighted_hidden_term_to_the_logit_kl():
         get_selector("l0").prepare(the_plan, model, config)
         gm = apply(model, the_plan, config, make_gate=get_selector("l0").gate_factory(config)).model
         teacher = set_training(tiny_llama(2), False)
-        run = FineTune(set_training(gm, False), teacher, data, config, the_plan.dense_params)
-        _, task, _, _ = run._objective(data[0])
+        spec = begin_run(config.settled(len(the_plan.layers)), data, gm, the_plan.dense_params)
+        run = FineTune(set_training(gm, False), teacher, data, spec)
+        student = run.passes.student(run.runner, data[0])  # what a training step computes
+        task = task_loss(student, run.passes.original(data[0], student), spec.distillation)
         losses[weight] = float(task)
         if weight:
-            student, original = run._forward(data[0]), run._teacher_out(data[0], None)
+            original = run.passes.original(data[0], student)
             expected = float(hidden_loss(student.hidden, original.hidden, student.mask))
             assert len(student.hidden) == 2 and expected > 0
     assert losses[2.0] == pytest.approx(losses[0.0] + 2.0 * expected, rel=1e-4)

@@ -360,11 +360,12 @@ def test_summary_points_out_a_ratio_far_past_the_target(monkeypatch, tmp_path):
 
     shown = io.StringIO()
     monkeypatch.setattr(cli, "out_console", Console(file=shown, width=300))
-    rep = Report("tr", 2.0, "module", 1000, 400, 2.5, param_ratio=2.5)
+    rep = Report(decomp="tr", target=2.0, source="module", dense_params=1000, params=400, ratio=2.5, param_ratio=2.5)
     cli._print_summary(rep, [])
     assert "more than 5 % past the target" in shown.getvalue()
     shown.truncate(0)
-    cli._print_summary(Report("tr", 2.0, "module", 1000, 490, 1000 / 490, param_ratio=2.0), [])
+    cli._print_summary(Report(decomp="tr", target=2.0, source="module", dense_params=1000, params=490,
+                              ratio=1000 / 490, param_ratio=2.0), [])
     assert "past the target" not in shown.getvalue() and "ratio 2.04x" in shown.getvalue()
 
 

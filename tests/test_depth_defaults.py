@@ -10,7 +10,7 @@ from torch import nn
 from compressor import cli, compress
 from compressor.config import DEEP_STACK_LR, DEFAULT_LR, CompressConfig
 from compressor.data import TensorLoader
-from compressor.gates import DEEP_STACK
+from compressor.gates import DEEP_MARGIN, DEEP_STACK
 from test_calibration import TwoLayers, _anisotropic
 
 DEEP = DEEP_STACK + 2
@@ -31,18 +31,34 @@ SHALLOW = 2
 def test_settled_makes_the_depth_dependent_choices(options, layers, init, refit):
     config = CompressConfig(**options)
     settled = config.settled(layers)
-    assert (settled.init, settled.refit) == (init, refit)
-    assert settled.lr == (DEEP_STACK_LR if layers > DEEP_STACK else DEFAULT_LR)
+    assert (settled.config.init, settled.config.refit) == (init, refit)
+    assert settled.config.lr == (DEEP_STACK_LR if layers > DEEP_STACK else DEFAULT_LR)
+    assert settled.config.gate_margin == (DEEP_MARGIN if layers > DEEP_STACK else 0.0)
+    assert settled.deep == (layers > DEEP_STACK) and settled.layers == layers
     assert config.init == options.get("init", "auto") and config.refit is options.get("refit")  # not mutated
+    assert config.gate_margin is None and config.lr is None
 
 
 def test_the_users_learning_rate_stands_at_any_depth():
-    assert CompressConfig(lr=3e-4).settled(DEEP).lr == 3e-4 == CompressConfig(lr=3e-4).settled(SHALLOW).lr
+    assert CompressConfig(lr=3e-4).settled(DEEP).config.lr == 3e-4 == CompressConfig(lr=3e-4).settled(SHALLOW).config.lr
+    assert CompressConfig(gate_margin=1.0).settled(DEEP).config.gate_margin == 1.0
 
 
 def test_a_deep_stack_with_nothing_to_observe_starts_from_its_weights():
     settled = CompressConfig().settled(DEEP, observable=False)  # e.g. a deep CNN: convolutions only
-    assert (settled.init, settled.refit) == ("weights", True)
+    assert (settled.config.init, settled.config.refit) == ("weights", True)
+
+
+def test_what_the_tool_chose_is_worked_out_once_for_the_line_and_the_report():
+    settled = CompressConfig().settled(DEEP)
+    assert settled.left == ("init", "refit", "lr", "gate_lr")
+    assert settled.stage_line() == (f"a deep stack of {DEEP} factorized layers: --init activations, --refit, "
+                                    "--lr 5e-05 by default")
+    assert settled.chosen(None, 0.07) == {"init": "activations", "refit": True, "lr": 5e-5, "gate_lr": 0.07}
+    small = CompressConfig(gate_lr=0.1).settled(SHALLOW)
+    assert small.stage_line() is None and small.left == ("init", "refit", "lr")
+    assert small.chosen(False, 0.1) == {"init": "weights", "refit": False, "lr": DEFAULT_LR}  # refit: the freeze's
+    assert small.chosen() == {"init": "weights", "refit": None, "lr": DEFAULT_LR}
 
 
 class Stack(nn.Module):

@@ -152,7 +152,7 @@ def test_the_help_names_the_constants_it_cannot_import():
     from dataclasses import fields
 
     from compressor.calibration import COUNT_BATCHES
-    from compressor.train import PROBE_BATCHES
+    from compressor.gate_phase import PROBE_BATCHES
     help_of = {f.name: f.metadata.get("help", "") for f in fields(CompressConfig)}
     assert f"measures both starts on {PROBE_BATCHES} training batches" in help_of["refit"]
     assert f"cover up to {COUNT_BATCHES}," in help_of["calibration_batches"]

@@ -8,7 +8,8 @@ from compressor.controller import SizeMeter, TargetController, planned_ratio
 from compressor.data import TensorLoader
 from compressor.gates import L0Gate
 from compressor.graph import apply, plan, tn_layers
-from compressor.train import DEFAULT_GATE_LR, FineTune, cosine_lr, default_epochs, gate_lr
+from compressor.runspec import DEFAULT_GATE_LR, begin_run, default_epochs, gate_lr
+from compressor.train import FineTune, cosine_lr
 
 
 def _gated(model, target=4.0):
@@ -106,7 +107,7 @@ def test_planned_ratio_is_geometric_and_reaches_the_target_early():
 def test_update_steers_lambda_then_reports_reached_or_forced(trained_digits_net):
     gm, meter = _gated(trained_digits_net)
     control = _controller(meter, 100 * meter.ratio(), gate_steps=20)
-    control.lam = 1.0
+    control.start_from(1.0)
     assert control.update(5) is None and control.lam == 1.0  # lambda moves only every 10 steps
     assert control.update(10) is None and control.lam == pytest.approx(1.15)  # behind the plan: raised
     assert control.update(20) == "forced"  # the gate phase is over and the target is far
@@ -119,7 +120,21 @@ def test_calibrate_balances_task_and_penalty_gradients(trained_digits_net, digit
     control = _controller(meter, 10.0)
     x, y = digits[0][:64], digits[1][:64]
     lam = control.calibrate(lambda: torch.nn.functional.cross_entropy(gm(x), y))
-    assert math.isfinite(lam) and lam > 0 and lam != 1.0 and control.lam == lam
+    assert math.isfinite(lam) and lam > 0 and lam != 1.0
+    assert control.lam == 1.0  # measured, not yet given: under torchrun the ranks agree on their mean first
+    control.start_from(lam)
+    assert control.lam == lam
+
+
+def test_the_controller_state_round_trips(trained_digits_net):
+    gm, meter = _gated(trained_digits_net)
+    control = _controller(meter, 2 * meter.ratio())
+    control.start_from(0.25)
+    control.force()
+    again = _controller(meter, 2 * meter.ratio())
+    again.load_state_dict(control.state_dict())
+    assert again.state_dict() == control.state_dict()
+    assert (again.lam, again.forced, again.ratio_before_force) == (0.25, True, control.ratio_before_force)
 
 
 def test_schedules():
@@ -134,9 +149,12 @@ def test_finetune_freezes_at_the_target_and_keeps_it(trained_digits_net, digits)
     gm, meter = _gated(trained_digits_net)
     target = 1.5 * meter.ratio()  # the gates must close slices to get there
     config = CompressConfig(target=target, rank=16, epochs=2)
-    dense_params = plan(trained_digits_net, config).dense_params
+    the_plan = plan(trained_digits_net, config)
+    dense_params = the_plan.dense_params
     events = []
-    run = FineTune(gm, None, TensorLoader(xtr, ytr, 64, shuffle=True), config, dense_params, events.append)
+    loader = TensorLoader(xtr, ytr, 64, shuffle=True)
+    spec = begin_run(config.settled(len(the_plan.layers)), loader, gm, dense_params)
+    run = FineTune(gm, None, loader, spec, callback=events.append)
     slim, history = run.run()
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "end" and "freeze" in kinds
@@ -160,8 +178,11 @@ def test_a_short_budget_reaches_the_target_through_the_gates_not_by_force(traine
     target = 1.3 * meter.ratio()
     config = CompressConfig(target=target, rank=16, epochs=1, max_steps=16, gate_lr=rate)
     events = []
-    FineTune(gm, None, TensorLoader(digits[0], digits[1], 64, shuffle=True), config,
-             plan(trained_digits_net, config).dense_params, events.append).run()
+    the_plan = plan(trained_digits_net, config)
+    loader = TensorLoader(digits[0], digits[1], 64, shuffle=True)
+    spec = begin_run(config.settled(len(the_plan.layers)), loader, gm, the_plan.dense_params)
+    assert spec.schedule.gate_steps == 8 and spec.gates.lr == (rate or gate_lr(None, meter.gates()[0].travel(), 8))
+    FineTune(gm, None, loader, spec, callback=events.append).run()
     assert ("force" in [e.kind for e in events]) == forced
     assert [e.kind for e in events].count("freeze") == 1
 

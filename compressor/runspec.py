@@ -1,0 +1,144 @@
+"""What a fine-tune run needs, settled once before its first step: the :class:`RunSpec`.
+
+The options a user gave, the defaults the tool chose for the plan's depth
+(:class:`~compressor.config.Settled`) and the facts of the data and the gated model (batches
+per epoch, how far a gate mean may travel) become one frozen value. The fine-tune reads
+its learning rates, schedule, gate phase, distillation and cadences there and decides
+nothing of the kind itself; the report and the resume fingerprint read the same value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Collection, ContextManager, Iterable
+
+import torch
+from torch import nn
+
+from .batches import ForwardFn, loader_length
+from .config import Settled
+from .controller import model_gates
+from .graph import tn_layers
+from .losses import Distillation
+from .resume import fingerprint
+
+#: Optimiser steps a default budget aims at (at least 2, at most 100 epochs).
+DEFAULT_STEPS = 3000
+#: Adam learning rate of the gate means when the budget leaves them time (see :func:`gate_lr`).
+DEFAULT_GATE_LR = 0.05
+#: A gate mean must be able to travel from its ceiling to zero within this share of the gate phase,
+#: at a rate of at most GATE_LR_CAP. Faster gates decide on fewer samples: a digits net at 4x in
+#: 23 steps fell from 97 % to 27 % at 0.55 (every mean crossed zero at step 2), and a toy
+#: sequence tagger healed less of its cut at 0.25 than at 0.15 (token KL 1.01 / 0.92 of the
+#: untrained cut's).
+GATE_TRAVEL_SHARE, GATE_LR_CAP = 0.25, 0.15
+
+
+def default_epochs(steps_per_epoch: int) -> int:
+    """About :data:`DEFAULT_STEPS` optimiser steps, at least 2 and at most 100 epochs."""
+    return int(min(100, max(2, math.ceil(DEFAULT_STEPS / steps_per_epoch))))
+
+
+def gate_lr(configured: float | None, travel: float, gate_steps: int) -> float:
+    """The gate means' learning rate: ``configured``, else :data:`DEFAULT_GATE_LR` raised
+    (up to :data:`GATE_LR_CAP`) until a mean can ``travel`` from its ceiling to closed in
+    :data:`GATE_TRAVEL_SHARE` of the gate phase.
+
+    Adam moves each mean by about its learning rate per step whatever the size of its
+    gradient, so no slice can close before ``travel / lr`` steps. On a short budget that
+    floor eats the gate phase: SmolLM2 at 117 steps (a 58-step gate phase, means starting
+    at 2) kept every slice open for 40 steps while λ rose to no effect.
+    """
+    if configured is not None:
+        return configured
+    return min(GATE_LR_CAP, max(DEFAULT_GATE_LR, travel / (GATE_TRAVEL_SHARE * max(gate_steps, 1))))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The budget in optimiser steps: all of it, and the share in which the gates may move."""
+
+    batches_per_epoch: int
+    epochs: int
+    total_steps: int  # epochs x batches, cut to max_steps
+    gate_steps: int  # the gate phase's end at the latest (0 for an empty budget)
+
+    @classmethod
+    def of(cls, batches_per_epoch: int, epochs: int | None, max_steps: int | None,
+           gate_fraction: float) -> "Schedule":
+        epochs = epochs if epochs is not None else default_epochs(batches_per_epoch)
+        total = batches_per_epoch * epochs
+        if max_steps is not None:
+            total = min(total, max_steps)
+        gate_steps = max(1, int(gate_fraction * total)) if total else 0
+        return cls(batches_per_epoch, epochs, total, gate_steps)
+
+
+@dataclass(frozen=True)
+class GatePhaseSpec:
+    """How the gate phase runs and ends."""
+
+    target: float  # the whole model's ratio the gates must reach
+    penalty: str  # "params" or "count" (``SizeMeter.penalty``)
+    lam: float | None  # the user's starting λ (None: calibrated on the first batch)
+    lr: float | None  # the gate means' Adam rate, from their travel (:func:`gate_lr`); None: no gates
+    samples: int  # gate samples per step of a score-function (REINFORCE) gate
+    refit: bool | None  # at the freeze: refit (True), keep (False), or measure both on probe batches (None)
+    keep_factorized: frozenset[str] = frozenset()  # layers with no dense home: never back to dense
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a fine-tune reads, settled once (:func:`begin_run`)."""
+
+    schedule: Schedule
+    lr: float  # the weights' Adam rate (cosine-decayed through the weight phase)
+    weight_decay: float
+    gates: GatePhaseSpec
+    distillation: Distillation
+    dense_params: int  # tensor elements of the dense model's state: what the ratio is counted on
+    seed: int  # the random stream the run started from
+    log_every: int  # steps between progress events
+    checkpoint_every: int | None  # steps between saved states (None: only when stopped)
+    state_file: Path | None  # where the resumable state goes (None: the run cannot be resumed)
+    bf16: bool  # the forward under bfloat16 autocast
+    forward_fn: ForwardFn | None
+    chosen: Settled  # what the tool chose for the options left to it, and why
+    fingerprint: dict[str, Any]  # what makes a resumed run the same run (``resume.fingerprint``)
+
+    def autocast(self, model: nn.Module) -> ContextManager:
+        """bfloat16 autocast for the forward (:attr:`bf16`), on ``model``'s device type."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        device = next(model.parameters()).device
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def begin_run(settled: Settled, loader: Iterable, model: nn.Module, dense_params: int,
+              keep_factorized: Collection[str] = (), state_file: str | Path | None = None) -> RunSpec:
+    """Start a fine-tune of the gated ``model`` on ``loader``: seed the run's random stream
+    (``settled.config.seed``), then settle its :class:`RunSpec`.
+
+    The seed comes first because counting a loader's batches may draw from the stream (a
+    ``DataLoader`` without a length takes a base seed per pass): a run's draws, the first
+    batch λ is calibrated on included, follow from its seed alone.
+    """
+    config = settled.config
+    torch.manual_seed(config.seed)
+    schedule = Schedule.of(loader_length(loader), config.epochs, config.max_steps, config.gate_fraction)
+    gates = model_gates(model)
+    travel = max((g.travel() for g in gates), default=0.0)
+    gate_phase = GatePhaseSpec(config.target, config.penalty, config.lam,
+                               gate_lr(config.gate_lr, travel, schedule.gate_steps) if gates else None,
+                               config.reinforce_samples, config.refit, frozenset(keep_factorized))
+    distillation = Distillation(config.distill, config.distill_hidden, config.distill_loss, config.temperature)
+    identity = fingerprint(config, total_steps=schedule.total_steps, batches_per_epoch=schedule.batches_per_epoch,
+                           dense=dense_params, layers={n: l.ranks for n, l in tn_layers(model).items()})
+    return RunSpec(schedule=schedule, lr=config.lr, weight_decay=config.weight_decay, gates=gate_phase,
+                   distillation=distillation, dense_params=dense_params, seed=config.seed, log_every=config.log_every,
+                   checkpoint_every=config.checkpoint_every,
+                   state_file=Path(state_file) if state_file is not None else None, bf16=config.bf16,
+                   forward_fn=config.forward_fn, chosen=settled, fingerprint=identity)
