@@ -27,8 +27,9 @@ from torch import nn
 from . import tensornet as tn
 from .errors import CheckpointError, CompressorError, ModelError, first_line
 from .files import atomic_write, read_safetensors, read_safetensors_header
-from .graph import (Site, as_module, count_state, is_graph_model, set_submodule, set_training, site_in, swap_in,
-                    tensor_key, tied_layers, tn_layers)
+from .plan import Site, count_state, tensor_key
+from .surgery import set_submodule, set_training, site_in, swap_in, tied_layers, tn_layers
+from .trace import as_module, is_graph_model
 from .layers import TiedTNLinear, TNLayer, layer_class
 from .model_files import load_model
 

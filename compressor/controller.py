@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .graph import count_state, tn_layers
+from .plan import count_state
+from .surgery import tn_layers
 from .layers import TNLayer
 
 #: How often (in steps) λ is adjusted; the ratio itself is checked every step.

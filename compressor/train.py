@@ -34,7 +34,7 @@ from .controller import SizeMeter, TargetController
 from .distributed import World
 from .errors import DataError, TrainingError
 from .gates import reinforce_surrogate
-from .graph import replace_module, set_training, tn_layers
+from .surgery import replace_module, set_training, tn_layers
 from .losses import task_loss
 from .resume import (ResumeError, RunInterrupted, StopRequest, check_same_run, fingerprint, restore_structure,
                      random_state_kept, rng_state, save_state, set_rng_state)

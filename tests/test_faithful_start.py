@@ -11,7 +11,9 @@ from torch import nn
 
 from compressor import tensornet as tn
 from compressor.config import CompressConfig
-from compressor.graph import apply, layer_weight, plan, tn_layers
+from compressor.plan import planned_starts
+from compressor.planner import plan
+from compressor.surgery import apply, layer_weight, tn_layers
 from compressor.layers import layer_class
 from compressor.selectors import (
     START_ERROR,
@@ -53,9 +55,9 @@ def _start(model: nn.Module, config: CompressConfig):
     selector = get_selector(config.rank_select)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers cannot be traced: the module walk warns
-        the_plan = plan(model, config)
-    start = selector.prepare(the_plan, model, config)
-    gm = apply(model, the_plan, config, make_gate=selector.gate_factory(config)).model.eval()
+        the_plan = plan(model, config.plan_options())
+    start = selector.prepare(the_plan, model, config.selector_options())
+    gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed, make_gate=selector.gate_factory(config.selector_options())).model.eval()
     return the_plan, start, gm
 
 
@@ -89,7 +91,7 @@ def test_a_rank_4_matrix_starts_as_a_rank_4_matrix_factorization():
     model = _linear(_low_rank(256, 256, torch.tensor([4.0, 3.0, 2.0, 1.0]), seed=0))
     the_plan, start, gm = _start(model, CompressConfig(target=2))
     (st,) = start.layers
-    layouts = [lay.modes for lay in candidate_layouts(plan(model, CompressConfig(target=2)).layers[0])]
+    layouts = [lay.modes for lay in candidate_layouts(plan(model, CompressConfig(target=2).plan_options()).layers[0])]
     assert (4, 8, 8, 4, 8, 8) in layouts and (256, 256) in layouts  # the default was a candidate, and lost
     assert st.layout.modes == (256, 256) and st.ranks == (4, 1) and st.params == 4 * 512
     errors = _check_start_is_what_it_says(model, the_plan, start, gm, START_ERROR)
@@ -132,7 +134,7 @@ def test_a_full_rank_weight_cannot_start_faithfully_and_is_listed_at_its_best_wi
     (st,) = start.unfaithful
     assert st.name == "layer" and START_ERROR < st.error < 1
     # no layout can tell: the plan's own one, as faithful as the dense size allows
-    own = plan(model, CompressConfig(target=2)).layers[0]
+    own = plan(model, CompressConfig(target=2).plan_options()).layers[0]
     assert st.layout.tensorization == own.tensorization and st.layout.modes == (4, 4, 8, 4, 4, 8)
     assert 0.9 * 128 * 128 < st.params <= 128 * 128
     _check_start_is_what_it_says(model, the_plan, start, gm, START_ERROR)
@@ -141,7 +143,7 @@ def test_a_full_rank_weight_cannot_start_faithfully_and_is_listed_at_its_best_wi
 def test_a_start_that_would_overshoot_the_target_is_made_more_faithful_instead():
     spectrum = torch.exp(-torch.arange(256) / 10.0)
     model = _linear(_low_rank(256, 256, spectrum, seed=4))
-    loose = faithful_start(plan(model, CompressConfig(target=3)), model, 100.0, "tr")
+    loose = faithful_start(plan(model, CompressConfig(target=3).plan_options()), model, 100.0, "tr")
     assert loose.ratio > 3 and loose.used_eps == START_ERROR and not loose.gates_idle
     the_plan, start, gm = _start(model, CompressConfig(target=3))
     assert TIGHTEST_ERROR < start.used_eps < START_ERROR
@@ -154,7 +156,7 @@ def test_a_start_that_would_overshoot_the_target_is_made_more_faithful_instead()
 def test_a_looser_tolerance_starts_smaller():
     spectrum = torch.exp(-torch.arange(128) / 12.0)
     model = _linear(_low_rank(128, 192, spectrum, seed=5))
-    sizes = [faithful_start(plan(model, CompressConfig(target=2)), model, 1000.0, "tt", eps).layers[0].params
+    sizes = [faithful_start(plan(model, CompressConfig(target=2).plan_options()), model, 1000.0, "tt", eps).layers[0].params
              for eps in (0.005, 0.02, 0.1)]
     assert sizes[0] > sizes[1] > sizes[2]
 
@@ -212,7 +214,7 @@ def test_a_padded_vocabulary_may_start_unpadded_as_a_matrix():
     with torch.no_grad():
         emb.weight.copy_(_low_rank(1009, 32, torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]), seed=6))
     model = OneLayer(emb)
-    own = plan(model, CompressConfig(target=2)).layers[0]
+    own = plan(model, CompressConfig(target=2).plan_options()).layers[0]
     assert math.prod(own.tensorization[0]) > 1009
     the_plan, start, gm = _start(model, CompressConfig(target=2))
     (st,) = start.layers
@@ -226,11 +228,11 @@ def test_a_padded_vocabulary_may_start_unpadded_as_a_matrix():
 def test_auto_falls_back_to_the_ladder_when_a_layer_cannot_start_faithfully():
     torch.manual_seed(3)
     model = _linear(torch.randn(128, 128))  # full rank: nothing low-rank to keep
-    the_plan = plan(model, CompressConfig(target=2))
-    start = get_selector("l0").prepare(the_plan, model, CompressConfig(target=2))
+    the_plan = plan(model, CompressConfig(target=2).plan_options())
+    start = get_selector("l0").prepare(the_plan, model, CompressConfig(target=2).selector_options())
     assert start.chosen == "ladder" and len(start.unfaithful) == 1
-    ladder = plan(model, CompressConfig(target=2))
-    get_selector("l0").prepare(ladder, model, CompressConfig(target=2, start="ladder"))
+    ladder = plan(model, CompressConfig(target=2).plan_options())
+    get_selector("l0").prepare(ladder, model, CompressConfig(target=2, start="ladder").selector_options())
     assert [(lp.tensorization, lp.rank) for lp in the_plan.layers] == [(lp.tensorization, lp.rank) for lp in ladder.layers]
     assert isinstance(the_plan.layers[0].rank, int)  # one ladder rank, not a bond list from the weights
 
@@ -255,12 +257,12 @@ def test_auto_keeps_the_faithful_start_when_the_ladder_would_start_past_a_mild_t
     model = OneLayer(nn.Linear(1024, 1024, bias=False))
     for target, chosen in ((1.5, "faithful"), (40.0, "ladder")):
         config = CompressConfig(target=target, min_params=1)
-        the_plan = plan(model, config)
-        start = get_selector("l0").prepare(the_plan, model, config)
+        the_plan = plan(model, config.plan_options())
+        start = get_selector("l0").prepare(the_plan, model, config.selector_options())
         assert start.chosen == chosen and start.unfaithful
         if chosen == "faithful":  # the least-error layout within dense, not the plan's own split
-            own = faithful_start(plan(model, config), model, target, "tt").layers[0]
+            own = faithful_start(plan(model, config.plan_options()), model, target, "tt").layers[0]
             assert start.layers[0].error <= own.error and start.layers[0].params <= start.layers[0].dense
-        gm = apply(model, the_plan, config).model
+        gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed).model
         ratio = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in gm.parameters())
         assert ratio < target

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -6,7 +8,8 @@ from compressor.errors import CompressorError
 from compressor.config import CompressConfig
 from compressor.data import TensorLoader
 from compressor.gates import BernoulliGate
-from compressor.graph import apply, plan, tn_layers
+from compressor.planner import plan
+from compressor.surgery import apply, tn_layers
 from compressor.selectors import get_selector, selector_names
 from compressor.tensornet import contract
 
@@ -26,9 +29,10 @@ def test_every_selector_reaches_the_target(trained_digits_net, digits, selector)
 def _build(config, model):
     """The run's model at step 0: planned, laid out and sized by the selector, gated or not."""
     selector = get_selector(config.rank_select)
-    the_plan = plan(model, config)
-    selector.prepare(the_plan, model, config)
-    return apply(model, the_plan, config, make_gate=selector.gate_factory(config)).model
+    the_plan = plan(model, config.plan_options())
+    options = config.selector_options()
+    starts, _ = selector.prepare(the_plan, model, options)
+    return apply(model, the_plan, starts, sigma=config.sigma, seed=config.seed, make_gate=selector.gate_factory(options)).model
 
 
 def _relative_error(config, model):
@@ -92,16 +96,17 @@ def test_baselines_build_ungated_layers_at_their_final_ranks(trained_digits_net,
 
 
 def test_a_new_selector_registers_itself_and_is_accepted_by_the_config(trained_digits_net):
-    from compressor.selectors import L0Selector, RankSelector
+    from compressor.selectors import L0Selector, Prepared, RankSelector
 
     class HalfRank(L0Selector, name="test-half"):
         help = "l0 gates from half the generous rank"
 
-        def prepare(self, the_plan, module, config):
-            super().prepare(the_plan, module, config)
-            for lp in the_plan.layers:
-                lp.rank = ([max(1, r // 2) for r in lp.rank] if isinstance(lp.rank, list)
-                           else max(1, lp.rank // 2))  # a faithful start's bonds, or one ladder rank
+        def prepare(self, the_plan, module, options, whiten=None):
+            starts, start = super().prepare(the_plan, module, options, whiten)
+            halved = tuple(replace(st, ranks=max(1, st.ranks // 2) if isinstance(st.ranks, int)
+                                   else tuple(max(1, r // 2) for r in st.ranks))  # a faithful start's bonds,
+                           for st in starts.layers)                                # or one ladder rank
+            return Prepared(replace(starts, layers=halved), start)
 
     try:
         assert "test-half" in selector_names()

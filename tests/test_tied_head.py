@@ -9,7 +9,9 @@ from compressor import compress
 from compressor.calibration import input_grams, start_factors, whitening
 from compressor.config import CompressConfig
 from compressor.errors import ConfigError
-from compressor.graph import apply, plan, tn_layers
+from compressor.plan import planned_starts
+from compressor.planner import plan
+from compressor.surgery import apply, tn_layers
 from compressor.layers import TNEmbedding
 from compressor.refit import refit_layers
 from compressor.selectors import get_selector
@@ -36,7 +38,7 @@ class TiedLM(nn.Module):
 
 
 def _calibrated(model: TiedLM, ids: torch.Tensor):
-    the_plan = plan(model, CompressConfig(min_params=1))
+    the_plan = plan(model, CompressConfig(min_params=1).plan_options())
     loader = [{"input_ids": ids[i:i + 20]} for i in range(0, len(ids), 20)]
     return the_plan, input_grams(model, the_plan, loader, len(loader))
 
@@ -89,10 +91,10 @@ def test_an_activations_start_and_its_refit_fit_a_tied_embedding_to_both_sides()
     ids = _zipf_ids(800, VOCAB, seed=6)
     config = CompressConfig(target=1.5, init="activations", start_error=0.05, min_params=1, decomp="tt")
     the_plan, grams = _calibrated(model, ids)
-    start = get_selector("l0").prepare(the_plan, model, config, start_factors(model, the_plan, grams))
+    start = get_selector("l0").prepare(the_plan, model, config.selector_options(), start_factors(model, the_plan, grams))
     lp = the_plan.layers[0]
     assert start.layers[0].head_weighted and lp.whiten_out is not None and lp.tensorization == MATRIX
-    applied = apply(model, the_plan, config)
+    applied = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed)
     layer = tn_layers(applied.model)["embed"]
     expected = _start(model, layer.ranks[0], lp.whiten, lp.whiten_out)
     with torch.no_grad():

@@ -7,14 +7,16 @@ from compressor.config import CompressConfig
 from compressor.controller import SizeMeter, TargetController, planned_ratio
 from compressor.data import TensorLoader
 from compressor.gates import L0Gate
-from compressor.graph import apply, plan, tn_layers
+from compressor.plan import planned_starts
+from compressor.planner import plan
+from compressor.surgery import apply, tn_layers
 from compressor.train import DEFAULT_GATE_LR, FineTune, cosine_lr, default_epochs, gate_lr
 
 
 def _gated(model, target=4.0):
     config = CompressConfig(target=target, rank=16)
-    the_plan = plan(model, config)
-    gm = apply(model, the_plan, config, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+    the_plan = plan(model, config.plan_options())
+    gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
     return gm, SizeMeter(gm, the_plan.dense_params)
 
 
@@ -70,8 +72,8 @@ def test_gate_means_are_bounded(trained_digits_net):
 
 def test_gates_started_above_the_usual_bound_are_not_pulled_down(trained_digits_net):
     config = CompressConfig(target=4.0, rank=16)
-    the_plan = plan(trained_digits_net, config)
-    gm = apply(trained_digits_net, the_plan, config,
+    the_plan = plan(trained_digits_net, config.plan_options())
+    gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed,
                make_gate=lambda size, dtype: L0Gate(size, mu_init=2.0, dtype=dtype)).model
     meter = SizeMeter(gm, the_plan.dense_params)
     gate = meter.gates()[0]
@@ -86,8 +88,8 @@ def test_calibration_ignores_how_far_above_one_the_gates_are_parked(trained_digi
     lams = []
     for mu in (1.0, 2.0):
         config = CompressConfig(target=4.0, rank=16)
-        the_plan = plan(trained_digits_net, config)
-        gm = apply(trained_digits_net, the_plan, config,
+        the_plan = plan(trained_digits_net, config.plan_options())
+        gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed,
                    make_gate=lambda size, dtype: L0Gate(size, mu_init=mu, dtype=dtype)).model
         meter = SizeMeter(gm, the_plan.dense_params)
         torch.manual_seed(0)
@@ -134,7 +136,7 @@ def test_finetune_freezes_at_the_target_and_keeps_it(trained_digits_net, digits)
     gm, meter = _gated(trained_digits_net)
     target = 1.5 * meter.ratio()  # the gates must close slices to get there
     config = CompressConfig(target=target, rank=16, epochs=2)
-    dense_params = plan(trained_digits_net, config).dense_params
+    dense_params = plan(trained_digits_net, config.plan_options()).dense_params
     events = []
     run = FineTune(gm, None, TensorLoader(xtr, ytr, 64, shuffle=True), config, dense_params, events.append)
     slim, history = run.run()
@@ -161,7 +163,7 @@ def test_a_short_budget_reaches_the_target_through_the_gates_not_by_force(traine
     config = CompressConfig(target=target, rank=16, epochs=1, max_steps=16, gate_lr=rate)
     events = []
     FineTune(gm, None, TensorLoader(digits[0], digits[1], 64, shuffle=True), config,
-             plan(trained_digits_net, config).dense_params, events.append).run()
+             plan(trained_digits_net, config.plan_options()).dense_params, events.append).run()
     assert ("force" in [e.kind for e in events]) == forced
     assert [e.kind for e in events].count("freeze") == 1
 
@@ -182,8 +184,8 @@ def test_force_on_thousands_of_slices_closes_the_least_valuable_in_rounds_and_la
     model = _Wide()
     config = CompressConfig(target=2.0, decomp="tt", layer_ranks={"fc": [512, 1]},
                             tensorization={"fc": ((1024,), (1024,))}, min_params=1)
-    the_plan = plan(model, config)
-    gm = apply(model, the_plan, config, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+    the_plan = plan(model, config.plan_options())
+    gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
     layer = tn_layers(gm)["fc"]
     weak = torch.arange(0, 512, 2)  # every other slice made 100x weaker: these must go first
     with torch.no_grad():
@@ -216,10 +218,10 @@ def test_forced_closing_keeps_a_floor_on_every_bond_and_drops_it_only_when_the_t
     model = _WideAndNarrow()
     config = CompressConfig(target=2.0, decomp="tt", layer_ranks={"wide": [256, 1], "narrow": [64, 1]},
                             tensorization={"wide": ((2048,), (256,)), "narrow": ((64,), (64,))}, min_params=1)
-    the_plan = plan(model, config)
+    the_plan = plan(model, config.plan_options())
     # at 115x even every bond at its floor (wide 2, narrow 1) gives only 111.6x: the floor must go
     for target, floor_holds in ((1.6, True), (115.0, False)):
-        gm = apply(model, the_plan, config, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+        gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
         meter = SizeMeter(gm, the_plan.dense_params)
         TargetController(meter, target, 100).force()
         wide = tn_layers(gm)["wide"].open_ranks()[0]
