@@ -14,7 +14,7 @@ from compressor.cli import main
 from compressor.config import CompressConfig
 from compressor.data import TensorLoader
 from compressor.errors import ConfigError, TargetError
-from compressor.plan import planned_starts
+from compressor.plan import StartFactors
 from compressor.planner import plan
 from compressor.surgery import apply, tn_layers
 from compressor.layers import TNLinear
@@ -120,9 +120,11 @@ def _start(model: nn.Module, x: torch.Tensor, config: CompressConfig):
     whiten = None
     if config.init == "activations":
         grams = input_grams(model, the_plan, loader, config.calibration_batches)
-        whiten = {n: whitening(g) for n, g in grams.items()}
-    start = get_selector("l0").prepare(the_plan, model, config.selector_options(), whiten)
-    gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed, make_gate=get_selector("l0").gate_factory(config.selector_options())).model.eval()
+        whiten = StartFactors({n: whitening(g) for n, g in grams.items()})
+    options = config.selector_options()
+    starts, start = get_selector("l0").prepare(the_plan, model, options, whiten)
+    gm = apply(model, the_plan, starts, sigma=config.sigma, seed=config.seed,
+               make_gate=get_selector("l0").gate_factory(options)).model.eval()
     return the_plan, start, gm
 
 
@@ -222,13 +224,13 @@ def test_svd_llm_keeps_one_share_in_every_layer_and_the_embedding_dense():
     assert abs(shares["fc1"] - shares["fc2"]) < 0.05, shares  # one share, up to rounding a rank down
     # the share is the largest that meets the target: one more rank everywhere would miss it
     the_plan = plan(model, CompressConfig(min_params=1, rank_select="svd-llm").plan_options())
-    from compressor.selectors import plan_params, svd_layout
-    the_plan.layers[:] = [lp for lp in the_plan.layers if lp.name != "embed"]  # as the selector leaves it
-    svd_layout(the_plan)
+    from compressor.plan import Skipped, plan_params
+    from compressor.selectors import svd_layout
+    the_plan = the_plan.leaving_dense([Skipped("embed", "embedding", "dense")])  # as the selector leaves it
     ranks = same_ratio_ranks(the_plan, 1.25)
     assert "embed" not in ranks and [ranks["fc1"], ranks["fc2"]] == [layers["fc1"].ranks[0], layers["fc2"].ranks[0]]
     bigger = {n: [r + 1, 1] for n, r in ranks.items()}
-    assert the_plan.dense_params / plan_params(the_plan, bigger, "tt") < 1.25
+    assert the_plan.dense_params / plan_params(the_plan, bigger, "tt", svd_layout(the_plan)) < 1.25
 
 
 def test_svd_llm_says_when_the_embedding_alone_is_too_big_for_the_target():
@@ -336,7 +338,8 @@ def test_an_activations_start_weighs_the_embedding_by_counts_on_a_real_batch():
     the_plan = plan(model, config.plan_options())
     loader = [{"input_ids": ids[i:i + 10]} for i in range(0, 40, 10)]
     grams = input_grams(model, the_plan, loader, 4)
-    start = get_selector("l0").prepare(the_plan, model, config.selector_options(), {n: whitening(g) for n, g in grams.items()})
+    whiten = StartFactors({n: whitening(g) for n, g in grams.items()})
+    _, start = get_selector("l0").prepare(the_plan, model, config.selector_options(), whiten)
     assert {s.name for s in start.layers if s.whitened} == {"embed", "head"}
     emb = next(s for s in start.layers if s.name == "embed")
     assert emb.layout.modes[0] == 60  # the whole vocabulary in one core, where the counts fold back
