@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from .config import CompressConfig
 from .gates import deep_stack
 from .distributed import World
 from .errors import ConfigError, DataError, ModelError, TargetError, first_line
-from .plan import CompressionPlan, Starts, count_params, count_state, min_params
+from .plan import CompressionPlan, Site, Starts, count_params, count_state, min_params
 from .trace import as_module
 from .surgery import Applied, apply, set_training, tn_layers
 from .checkpoint import SlimInfo, mark_slim
@@ -184,8 +184,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
     stage("building the factorized model")
-    applied = apply(module, the_plan, starts, sigma=config.sigma, seed=config.seed,
-                    make_gate=selector.gate_factory(config.selector_options(), len(the_plan.layers)))
+    applied = _build(module, the_plan, starts, selector, config)
     if device is not None:
         applied.model.to(device)
     _check_applied(applied.model, first_batch, config.forward_fn)
@@ -193,8 +192,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     use_teacher = teacher if (not has_labels or config.distill > 0 or config.distill_hidden > 0) else None
     evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
     start_acc = evaluate_fn(applied.model) if evaluate_fn is not None and saved is None else None  # step 0
-    refit = ((lambda m: refit_layers(m, module, the_plan, starts, applied.sites, config.seed))
-             if config.refit is not False else None)
+    refit = _refit(module, the_plan, starts, applied.sites, config)
     slim, history = finetune(applied.model, use_teacher, loader, config, the_plan.dense_params, callback,
                              evaluate_fn, applied.keep_factorized, state_file, saved, refit)
 
@@ -273,6 +271,24 @@ def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, examp
     stage(f"choosing the starting layout and ranks of {len(the_plan.layers)} layers ({the_plan.source} plan)")
     starts, start = selector.prepare(the_plan, module, options, whiten)
     return the_plan.leaving_dense(starts.dense), starts, start, config
+
+
+def _build(module: nn.Module, the_plan: CompressionPlan, starts: Starts, selector: Any,
+           config: CompressConfig) -> Applied:
+    """The factorized model, every planned layer built as its start says, with the selector's
+    gates on its bonds (none for a selector whose ranks are final)."""
+    make_gate = selector.gate_factory(config.selector_options(), len(the_plan.layers))
+    return apply(module, the_plan, starts, sigma=config.sigma, seed=config.seed, make_gate=make_gate)
+
+
+def _refit(source: nn.Module, the_plan: CompressionPlan, starts: Starts, sites: Mapping[str, Site],
+           config: CompressConfig) -> Callable[[nn.Module], int] | None:
+    """``refit(model) -> layers`` for the freeze: every layer of the pruned model fitted again from
+    ``source`` as it started (None when the run never refits)."""
+    if config.refit is False:
+        return None
+    seed = config.seed
+    return lambda model: refit_layers(model, source, the_plan, starts, sites, seed)
 
 
 def _settle(config: CompressConfig, the_plan: CompressionPlan, stage: Callable[[str], None]) -> CompressConfig:

@@ -16,7 +16,8 @@ from compressor.train import DEFAULT_GATE_LR, FineTune, cosine_lr, default_epoch
 def _gated(model, target=4.0):
     config = CompressConfig(target=target, rank=16)
     the_plan = plan(model, config.plan_options())
-    gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+    gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+               seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
     return gm, SizeMeter(gm, the_plan.dense_params)
 
 
@@ -73,8 +74,8 @@ def test_gate_means_are_bounded(trained_digits_net):
 def test_gates_started_above_the_usual_bound_are_not_pulled_down(trained_digits_net):
     config = CompressConfig(target=4.0, rank=16)
     the_plan = plan(trained_digits_net, config.plan_options())
-    gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed,
-               make_gate=lambda size, dtype: L0Gate(size, mu_init=2.0, dtype=dtype)).model
+    gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+               seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, mu_init=2.0, dtype=dtype)).model
     meter = SizeMeter(gm, the_plan.dense_params)
     gate = meter.gates()[0]
     with torch.no_grad():
@@ -89,8 +90,8 @@ def test_calibration_ignores_how_far_above_one_the_gates_are_parked(trained_digi
     for mu in (1.0, 2.0):
         config = CompressConfig(target=4.0, rank=16)
         the_plan = plan(trained_digits_net, config.plan_options())
-        gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed,
-                   make_gate=lambda size, dtype: L0Gate(size, mu_init=mu, dtype=dtype)).model
+        gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+                   seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, mu_init=mu, dtype=dtype)).model
         meter = SizeMeter(gm, the_plan.dense_params)
         torch.manual_seed(0)
         lams.append(_controller(meter, 10.0).calibrate(lambda: torch.nn.functional.cross_entropy(gm(x), y)))
@@ -185,7 +186,8 @@ def test_force_on_thousands_of_slices_closes_the_least_valuable_in_rounds_and_la
     config = CompressConfig(target=2.0, decomp="tt", layer_ranks={"fc": [512, 1]},
                             tensorization={"fc": ((1024,), (1024,))}, min_params=1)
     the_plan = plan(model, config.plan_options())
-    gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+    gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+               seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
     layer = tn_layers(gm)["fc"]
     weak = torch.arange(0, 512, 2)  # every other slice made 100x weaker: these must go first
     with torch.no_grad():
@@ -221,7 +223,8 @@ def test_forced_closing_keeps_a_floor_on_every_bond_and_drops_it_only_when_the_t
     the_plan = plan(model, config.plan_options())
     # at 115x even every bond at its floor (wide 2, narrow 1) gives only 111.6x: the floor must go
     for target, floor_holds in ((1.6, True), (115.0, False)):
-        gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+        gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+                   seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
         meter = SizeMeter(gm, the_plan.dense_params)
         TargetController(meter, target, 100).force()
         wide = tn_layers(gm)["wide"].open_ranks()[0]

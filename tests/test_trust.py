@@ -66,7 +66,8 @@ def test_reinforce_give_back_reopens_for_real(trained_digits_net):
     config = CompressConfig(target=4, rank_select="reinforce", rank=16)
     selector = get_selector("reinforce")
     the_plan = plan(trained_digits_net, config.plan_options())
-    gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed, make_gate=selector.gate_factory(config.selector_options())).model
+    gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+               seed=config.seed, make_gate=selector.gate_factory(config.selector_options())).model
     meter = SizeMeter(gm, the_plan.dense_params)
     assert isinstance(meter.gates()[0], BernoulliGate)
     target = 2 * meter.ratio()
