@@ -149,3 +149,13 @@ def test_nothing_is_stored_on_a_model_behind_its_back():
 
 def test_no_value_travels_as_a_hidden_attribute():
     assert not _calls("getattr", "heads")
+
+
+@pytest.mark.xfail(strict=False, reason="checkpoint.py's kind checks move to the layer registry in another branch")
+def test_only_the_layer_registry_names_a_layer_kind():
+    from compressor.layers import layer_kinds
+
+    kinds = set(layer_kinds())
+    named = [f"{p.name}:{node.lineno} {node.value!r}" for p in _sources() if p.name != "layers.py"
+             for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.Constant) and node.value in kinds]
+    assert not named, named

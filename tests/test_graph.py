@@ -266,3 +266,18 @@ def test_a_doctored_tie_entry_is_refused_before_anything_is_built(tmp_path):
         save_file(tensors, str(doctored), metadata={"compressor": json.dumps(meta)})
         with pytest.raises(CheckpointError, match=f"tied layer '{name}'.*{message}|{message}.*tied layer '{name}'"):
             load(doctored, base=TwoHeads)
+
+
+def test_a_plan_is_a_frozen_value():
+    from dataclasses import FrozenInstanceError
+
+    model = Net().eval()
+    the_plan = plan(model, FULL.plan_options())
+    assert isinstance(the_plan.layers, tuple) and isinstance(the_plan.skipped, tuple)
+    with pytest.raises(FrozenInstanceError):
+        the_plan.layers[0].rank = 3
+    with pytest.raises(FrozenInstanceError):
+        the_plan.dense_params = 0
+    applied = _apply(model, the_plan)
+    with pytest.raises(FrozenInstanceError):
+        applied.model = model

@@ -145,3 +145,36 @@ def test_fixed_ranks_count_the_padding_row_and_meet_the_target(selector):
     assert report.ratio >= 3 and not report.forced
     emb = tn_layers(res.model)["emb"]
     assert torch.equal(emb.padding_row, model.emb.weight[0].detach())
+
+
+def test_svd_llm_returns_its_embeddings_as_kept_dense_and_the_report_lists_them():
+    from test_calibration import Lookup
+
+    model = Lookup()
+    config = CompressConfig(target=1.25, decomp="tt", rank_select="svd-llm", min_params=1)
+    the_plan = plan(model, config.plan_options())
+    starts, faithful = get_selector("svd-llm").prepare(the_plan, model, config.selector_options())
+    assert faithful is None and [st.name for st in starts.layers] == ["fc1", "fc2"]
+    assert [(s.name, s.reason) for s in starts.dense] == [("embed", "svd-llm leaves embeddings dense")]
+    assert "embed" in {lp.name for lp in the_plan.layers}  # the planner's plan is left as it was
+    assert [lp.name for lp in the_plan.leaving_dense(starts.dense).layers] == ["fc1", "fc2"]
+    ids = torch.randint(0, 100, (40, 10), generator=torch.Generator().manual_seed(0))
+    res = compress(model, [{"input_ids": ids[i:i + 10]} for i in range(0, 40, 10)], "tt", "1.25x",
+                   rank_select="svd-llm", epochs=0, min_params=1)
+    assert [layer.name for layer in res.report.layers] == ["fc1", "fc2"]
+    assert res.report.skipped[-1] == {"name": "embed", "kind": "embedding", "reason": "svd-llm leaves embeddings dense"}
+
+
+def test_selectors_read_typed_options_and_return_their_starts():
+    import inspect
+
+    from compressor.selectors import Prepared, RankSelector, SelectorOptions
+
+    for selector in RankSelector.registry.values():
+        for method in ("prepare", "gate_factory", "needs_calibration"):
+            signature = inspect.signature(getattr(selector, method))
+            assert signature.parameters["options"].annotation == "SelectorOptions", (selector.name, method)
+            assert "Any" not in str(signature), (selector.name, method)
+        assert inspect.signature(selector.prepare).return_annotation == "Prepared"
+    assert set(SelectorOptions.__dataclass_fields__) >= {"target", "decomp", "rank", "start", "init"}
+    assert Prepared._fields == ("starts", "faithful")
