@@ -15,7 +15,7 @@ target check or the report needs comes from the functions here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -140,7 +140,11 @@ class Starts:
     dense: tuple[Skipped, ...] = ()
 
     def of(self, name: str) -> LayerStart:
-        return next(st for st in self.layers if st.name == name)
+        """The start of the planned layer ``name``."""
+        for st in self.layers:
+            if st.name == name:
+                return st
+        raise KeyError(f"no start for layer {name!r}")
 
 
 def planned_starts(the_plan: CompressionPlan, decomp: str, ranks: Mapping[str, Ranks] | None = None) -> Starts:
@@ -219,8 +223,3 @@ def params_with_cores(the_plan: CompressionPlan, cores: Mapping[str, int], decom
         else:
             total += min(layer_size(lp, lp.rank, decomp), lp.params_before) - lp.params_before
     return total
-
-
-def start_ranks(starts: Sequence[LayerStart]) -> dict[str, Ranks]:
-    """``{layer: starting ranks}`` of ``starts``."""
-    return {st.name: st.ranks for st in starts}
