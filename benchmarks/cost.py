@@ -32,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from compressor.config import CompressConfig  # noqa: E402
-from compressor.graph import apply, plan, set_training, tn_layers  # noqa: E402
+from compressor.planner import plan  # noqa: E402
+from compressor.surgery import apply, set_training, tn_layers  # noqa: E402
 from compressor.checkpoint import load  # noqa: E402
 from compressor.selectors import DEFAULT_SELECTOR, get_selector  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
@@ -50,9 +51,10 @@ def gated_model(dense, selector=DEFAULT_SELECTOR, target=20.0, example=None, **o
     """``dense`` factorized and gated as ``compress`` starts it (``options``: more config fields)."""
     config = CompressConfig(target=target, decomp="tr", rank_select=selector, **options)
     chosen = get_selector(selector)
-    the_plan = plan(dense, config, example=example)
-    chosen.prepare(the_plan, dense, config)
-    return apply(dense, the_plan, config, make_gate=chosen.gate_factory(config)).model
+    the_plan = plan(dense, config.plan_options(), example=example)
+    options = config.selector_options()
+    starts, _ = chosen.prepare(the_plan, dense, options)
+    return apply(dense, the_plan, starts, sigma=config.sigma, seed=config.seed, make_gate=chosen.gate_factory(options)).model
 
 
 def ungated(model):

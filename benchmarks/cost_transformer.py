@@ -33,7 +33,8 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from compressor.graph import count_state, set_training, tn_layers  # noqa: E402
+from compressor.plan import count_state  # noqa: E402
+from compressor.surgery import set_training, tn_layers  # noqa: E402
 from compressor.layers import TNLinear  # noqa: E402
 
 from cost import gated_model, interleaved, ungated  # noqa: E402  (the LeNet-5 cost script's helpers)

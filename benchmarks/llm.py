@@ -50,7 +50,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from compressor import compress  # noqa: E402
 from compressor.data import TensorLoader  # noqa: E402
-from compressor.graph import count_state  # noqa: E402
+from compressor.plan import count_state  # noqa: E402
 from compressor.hf_folders import load_model_folder, load_tokenizer, perplexity, read_texts, tokenize  # noqa: E402
 from compressor.selectors import get_selector  # noqa: E402
 from rows import Row, parse_row, row_of  # noqa: E402

@@ -11,18 +11,20 @@ import logging
 import time
 from pathlib import Path
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from . import calibration, graph
+from . import calibration, planner
 from .config import CompressConfig, Settled
 from .distributed import World
 from .errors import ConfigError, DataError, ModelError, TargetError, first_line
-from .graph import as_module, count_params, count_state, set_training, tn_layers
+from .plan import CompressionPlan, Site, Starts, count_params, count_state, min_params
+from .trace import as_module
+from .surgery import Applied, apply, set_training, tn_layers
 from .blueprint import Blueprint
-from .selectors import get_selector, min_params
+from .selectors import FaithfulStart, get_selector
 from .blocks import shared_blocks
 from .batches import ForwardFn, check_labels, describe_inputs, forward, require_reiterable, split_batch
 from .losses import count_correct
@@ -128,19 +130,19 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
     stage = _stage_reporter(callback)
-    the_plan, start, settled = _choose_start(module, teacher, loader, example, config, selector, stage)
+    the_plan, starts, start, settled = _choose_start(module, teacher, loader, example, config, selector, stage)
     config = settled.config
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
     stage("building the factorized model")
-    applied = graph.apply(module, the_plan, config, make_gate=selector.gate_factory(config, len(the_plan.layers)))
+    applied = _build(module, the_plan, starts, selector, config)
     if device is not None:
         applied.model.to(device)
     _check_applied(applied.model, first_batch, config.forward_fn)
     initial = {name: layer.ranks for name, layer in tn_layers(applied.model).items()}
     evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
     start_acc = evaluate_fn(applied.model) if evaluate_fn is not None and saved is None else None  # step 0
-    refit = (lambda m: refit_layers(m, module, the_plan, applied, config)) if config.refit is not False else None
+    refit = _refit(module, the_plan, starts, applied.sites, config)
     spec = begin_run(settled, loader, applied.model, the_plan.dense_params, applied.keep_factorized, state_file)
     slim, history = finetune(applied.model, teacher if spec.distillation.needs_teacher(has_labels) else None,
                              loader, spec, callback=callback, evaluate=evaluate_fn, refit=refit, resume_state=saved)
@@ -199,27 +201,49 @@ def _shard(config: CompressConfig, selector: Any, loader: Iterable,
 
 
 def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, example: Any, config: CompressConfig,
-                  selector: Any, stage: Callable[[str], None]) -> tuple[graph.CompressionPlan, Any, Settled]:
+                  selector: Any, stage: Callable[[str], None]
+                  ) -> tuple[CompressionPlan, Starts, FaithfulStart | None, Settled]:
     """Plan the layers, settle the depth-dependent defaults, observe the layers' inputs if the
     selector needs it, and choose how each starts (after checking that the model has the blocks
-    hidden-state distillation would match). Returns the plan, the start and the settled options."""
+    hidden-state distillation would match). Returns the plan (without the layers the selector
+    keeps dense), the starts, the faithful start for the report and the settled options."""
     if config.distill_hidden > 0:
         shared_blocks(module, teacher)  # a model without repeated blocks fails now, not after calibration
     stage("planning which layers to factorize")
-    the_plan = graph.plan(module, config, example=example)
+    the_plan = planner.plan(module, config.plan_options(), example=example)
     _check_reachable(the_plan, config)
     settled = _settle(config, the_plan, stage)
     config = settled.config
+    options = config.selector_options()
     whiten = None
-    if selector.needs_calibration(config):
+    if selector.needs_calibration(options):
         stage(f"calibration: the inputs of {len(the_plan.layers)} layers on {config.calibration_batches} batches")
         grams = calibration.input_grams(teacher, the_plan, loader, config.calibration_batches, config.forward_fn)
         whiten = calibration.start_factors(teacher, the_plan, grams)
     stage(f"choosing the starting layout and ranks of {len(the_plan.layers)} layers ({the_plan.source} plan)")
-    return the_plan, selector.prepare(the_plan, module, config, whiten), settled
+    starts, start = selector.prepare(the_plan, module, options, whiten)
+    return the_plan.leaving_dense(starts.dense), starts, start, settled
 
 
-def _settle(config: CompressConfig, the_plan: graph.CompressionPlan, stage: Callable[[str], None]) -> Settled:
+def _build(module: nn.Module, the_plan: CompressionPlan, starts: Starts, selector: Any,
+           config: CompressConfig) -> Applied:
+    """The factorized model, every planned layer built as its start says, with the selector's
+    gates on its bonds (none for a selector whose ranks are final)."""
+    make_gate = selector.gate_factory(config.selector_options(), len(the_plan.layers))
+    return apply(module, the_plan, starts, sigma=config.sigma, seed=config.seed, make_gate=make_gate)
+
+
+def _refit(source: nn.Module, the_plan: CompressionPlan, starts: Starts, sites: Mapping[str, Site],
+           config: CompressConfig) -> Callable[[nn.Module], int] | None:
+    """``refit(model) -> layers`` for the freeze: every layer of the pruned model fitted again from
+    ``source`` as it started (None when the run never refits)."""
+    if config.refit is False:
+        return None
+    seed = config.seed
+    return lambda model: refit_layers(model, source, the_plan, starts, sites, seed)
+
+
+def _settle(config: CompressConfig, the_plan: CompressionPlan, stage: Callable[[str], None]) -> Settled:
     """``config`` with its depth-dependent defaults made (``CompressConfig.settled``), saying
     which the tool chose, so a user sees why a transformer run calibrates and refits."""
     settled = config.settled(len(the_plan.layers), any(calibration.observable(lp) for lp in the_plan.layers))
@@ -271,7 +295,7 @@ def _check_applied(model: nn.Module, batch: Any, forward_fn: ForwardFn | None) -
                          "weight is probably used outside the layer: leave that layer out with filter_fn") from None
     finally:
         for m, mode in modes.items():
-            object.__setattr__(m, "training", mode)
+            m.training = mode
 
 
 def _resolve_config(config: CompressConfig | None, decomp: str | None, target: Any,
@@ -284,7 +308,7 @@ def _resolve_config(config: CompressConfig | None, decomp: str | None, target: A
     return replace(config, **overrides) if overrides else config
 
 
-def _check_reachable(the_plan: graph.CompressionPlan, config: CompressConfig) -> None:
+def _check_reachable(the_plan: CompressionPlan, config: CompressConfig) -> None:
     """Fail before any work when nothing can be compressed or the target is out of reach."""
     if not the_plan.layers:
         reasons = ("; ".join(f"{s.name}: {s.reason}" for s in the_plan.skipped[:4])
@@ -298,7 +322,7 @@ def _check_reachable(the_plan: graph.CompressionPlan, config: CompressConfig) ->
             f"bond at rank 1 ({smallest} of {the_plan.dense_params} parameters remain)")
 
 
-def _layer_reports(the_plan: graph.CompressionPlan, applied: graph.Applied, initial: dict[str, list[int]],
+def _layer_reports(the_plan: CompressionPlan, applied: Applied, initial: dict[str, list[int]],
                    layers: dict[str, Any]) -> list[LayerReport]:
     """One row per planned layer, under the name it has in the slim model."""
     reports = []

@@ -18,7 +18,8 @@ import torch
 from torch import fx, nn
 
 from .errors import CheckpointError
-from .graph import Site, count_state, tensor_key, tn_layers
+from .plan import Site, count_state, tensor_key
+from .surgery import tn_layers
 
 
 @dataclass(frozen=True)

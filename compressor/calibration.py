@@ -35,21 +35,18 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 from torch import nn
 
 from .batches import ForwardFn, attention_mask, forward, split_batch
 from .distributed import World
-from .graph import CompressionPlan, LayerPlan, set_training
+from .layers import layer_class
+from .plan import CompressionPlan, LayerPlan, StartFactors
+from .surgery import set_training
 
 log = logging.getLogger(__name__)
 
-#: Layer kinds whose input is a (..., in_features) matrix the whitening applies to.
-OBSERVED_KINDS = ("linear", "conv1d")
-#: Layer kinds whose input is token ids: observed as counts (a diagonal Gram matrix).
-COUNTED_KINDS = ("embedding",)
 #: Ridge added to a singular Gram matrix, relative to its mean diagonal; raised tenfold until
 #: the Cholesky factorization succeeds (a dead input channel makes G singular).
 RIDGE = 1e-6
@@ -64,24 +61,19 @@ class _Counted(Exception):
 
 
 def observable(lp: LayerPlan) -> bool:
-    """Whether ``lp``'s inputs can be watched: a module (not a graph call) with a matrix input
-    or token ids."""
-    return lp.kind in OBSERVED_KINDS + COUNTED_KINDS and lp.weight_attr is None
+    """Whether ``lp``'s inputs can be watched: a module (not a graph call) whose kind is
+    observed (a matrix input, or token ids; ``TNLayer.calibration``)."""
+    return layer_class(lp.kind).calibration is not None and lp.weight_attr is None
 
 
-class StartFactors(dict):
-    """``{layer: input factor L}`` for the planned layers observed, and ``heads``:
-    ``{tied embedding: L_out}``, the factor of the summed input Gram matrices of the Linear
-    heads that share its weight."""
-
-    def __init__(self, inputs: dict[str, torch.Tensor], heads: dict[str, torch.Tensor] | None = None):
-        super().__init__(inputs)
-        self.heads = dict(heads or {})
+def is_counted(lp: LayerPlan) -> bool:
+    """Whether ``lp``'s input is token ids, observed as counts (a diagonal Gram matrix)."""
+    return layer_class(lp.kind).calibration == "counts"
 
 
 def tied_heads(model: nn.Module, lp: LayerPlan) -> list[str]:
     """The modules of ``model`` that compute a Linear from ``lp``'s weight (an embedding's LM head)."""
-    if lp.kind not in COUNTED_KINDS:
+    if not is_counted(lp):
         return []
     names = []
     for name in lp.tied:
@@ -148,7 +140,7 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
     names += [h for lp in the_plan.layers if lp.name in names for h in tied_heads(model, lp)]
     if not names or batches <= 0:
         return {}
-    seen = _Observer({lp.name: lp.shape[0] for lp in the_plan.layers if lp.kind in COUNTED_KINDS and lp.name in names})
+    seen = _Observer({lp.name: lp.shape[0] for lp in the_plan.layers if is_counted(lp) and lp.name in names})
     handles = [model.get_submodule(name).register_forward_pre_hook(seen.hook(name)) for name in names]
     was_training = model.training
     set_training(model, False)

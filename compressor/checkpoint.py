@@ -30,9 +30,10 @@ from . import tensornet as tn
 from .blueprint import Blueprint, Blueprinted, blueprint_of
 from .errors import CheckpointError, CompressorError, ModelError, first_line
 from .files import atomic_write, read_safetensors, read_safetensors_header
-from .graph import (Site, as_module, count_state, is_graph_model, set_submodule, set_training, site_in, swap_in,
-                    tensor_key, tied_layers, tn_layers)
-from .layers import TiedTNLinear, TNLayer, layer_class
+from .plan import Site, count_state, tensor_key
+from .surgery import set_submodule, set_training, site_in, swap_in, tied_layers, tn_layers
+from .trace import as_module, is_graph_model
+from .layers import TiedTNLinear, TNLayer, layer_class, tied_head_size
 from .model_files import load_model
 
 FORMAT = "compressor.slim"
@@ -187,9 +188,9 @@ def check_tied(path: Path, name: str, entry: Any, layers: dict[str, Any], shapes
     if kind == "alias":
         return
     spec = layers[source]["spec"]
-    if spec["kind"] not in ("embedding", "linear") or not isinstance(entry.get("bias"), bool):
+    out = tied_head_size(spec)
+    if out is None or not isinstance(entry.get("bias"), bool):
         raise CheckpointError(f"{path}: tied layer {name!r} has a malformed entry")
-    out = spec["num_embeddings"] if spec["kind"] == "embedding" else spec["out_features"]
     key = f"{name}.bias"
     if entry["bias"] and shapes.get(key) != (out,):
         raise CheckpointError(f"{path}: tied layer {name!r} needs a bias {key!r} of shape [{out}]")

@@ -29,7 +29,8 @@ from .api import compress, evaluate
 from .checkpoint import export_program, load, read_metadata, save
 from .data import TensorLoader, load_tensor_file, resolve_data
 from .distributed import init_from_env, leave
-from .graph import as_module, set_training
+from .surgery import set_training
+from .trace import as_module
 from .layers import TNLayer
 from .model_files import import_arch, load_model
 from .plot import check_available, plot_run

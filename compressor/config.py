@@ -15,7 +15,8 @@ from torch import nn
 
 from .errors import ConfigError, TargetError
 from .gates import DEEP_MARGIN, DEEP_STACK, deep_stack
-from .selectors import DEFAULT_SELECTOR, START_ERROR, RankSelector
+from .planner import PlanOptions
+from .selectors import DEFAULT_SELECTOR, START_ERROR, RankSelector, SelectorOptions
 from .tensornet import DECOMPS
 
 PENALTIES = ("params", "count")
@@ -263,6 +264,15 @@ class CompressConfig:
         if self.init == "activations" and (self.rank is not None or self.start == "ladder"):
             raise ConfigError("init 'activations' fits each layer's start to its inputs; it cannot be combined "
                               "with a fixed rank or start 'ladder'")
+
+    def plan_options(self) -> PlanOptions:
+        """What the planner reads: which layers to factorize, and their per-layer overrides."""
+        return PlanOptions(self.min_params, self.skip, self.filter_fn, self.tensorization, self.layer_ranks, self.rank)
+
+    def selector_options(self) -> SelectorOptions:
+        """What a rank selector reads: the target, the decomposition, the gates and the start."""
+        return SelectorOptions(self.target, self.decomp, self.sigma, self.gate_margin, self.rank, self.start,
+                               self.start_error, self.init, tuple(self.tensorization))
 
     def settled(self, layers: int, observable: bool = True) -> "Settled":
         """This config with the choices left to the tool that depend on the model's depth made,

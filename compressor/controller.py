@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from . import tensornet as tn
-from .graph import count_state, tn_layers
+from .plan import count_state
+from .surgery import tn_layers
 from .layers import TNLayer
 
 #: How often (in steps) λ is adjusted; the ratio itself is checked every step.

@@ -21,7 +21,7 @@ from torch import nn
 
 from .controller import SizeMeter, TargetController
 from .distributed import World
-from .graph import replace_module, set_training, tn_layers
+from .surgery import replace_module, set_training, tn_layers
 from .resume import random_state_kept
 from .runspec import RunSpec
 

@@ -312,6 +312,13 @@ class TNLayer(DenseRules, GatedCores):
     spec_fields: ClassVar[tuple[str, ...]] = ()
     #: Spec keys older checkpoints may lack: the constructor's default applies.
     spec_optional: ClassVar[tuple[str, ...]] = ("sigma",)
+    #: What a calibration pass observes of the layer's input: "inputs" (a (..., in_features)
+    #: matrix, whose Gram matrix whitens the start), "counts" (token ids, counted: a diagonal
+    #: Gram matrix) or None (not observed: the start is fitted to the weight).
+    calibration: ClassVar[str | None] = None
+    #: Whether the layer is a lookup table: the one that owns a weight it shares with a head
+    #: (a tied head contracts its cores), and what svd-llm leaves dense.
+    lookup: ClassVar[bool] = False
 
     def __init_subclass__(cls, kind: str | None = None, replaces: type[nn.Module] | None = None,
                           aten: Any = None, replaces_path: str | None = None, **kwargs):
@@ -423,6 +430,7 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
     aten_arg_names = ("input", "weight", "bias")
     shape_fields = ("out_features", "in_features")
     spec_fields = ("decomp", "in_features", "out_features", "in_modes", "out_modes", "ranks", "bias", "sigma")
+    calibration = "inputs"
 
     def __init__(self, in_features: int, out_features: int, in_modes: Sequence[int], out_modes: Sequence[int],
                  ranks: Sequence[int], decomp: str = "tr", bias: bool = True, gated: bool = True,
@@ -608,6 +616,8 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
     mode_fields = ("vocab_modes", "dim_modes")
     spec_fields = ("decomp", "num_embeddings", "embedding_dim", "vocab_modes", "dim_modes", "ranks", "padding_idx",
                    "sigma")
+    calibration = "counts"
+    lookup = True
 
     def __init__(self, num_embeddings: int, embedding_dim: int, vocab_modes: Sequence[int], dim_modes: Sequence[int],
                  ranks: Sequence[int], decomp: str = "tr", padding_idx: int | None = None, gated: bool = True,
@@ -859,6 +869,18 @@ class TiedTNLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"tied to a {self.source.kind} layer")
+
+
+def tied_head_size(spec: dict[str, Any]) -> int | None:
+    """The output size of a :class:`TiedTNLinear` computing from the layer ``spec`` records (an
+    embedding's vocabulary, a Linear's outputs), or None when no tied Linear can use such a
+    layer: what a checkpoint's tied entry is checked against."""
+    kind = spec.get("kind")
+    if kind == "embedding":
+        return spec.get("num_embeddings")
+    if kind == "linear":
+        return spec.get("out_features")
+    return None
 
 
 def tie_reason(owner_kind: str, owner: nn.Module, user_kind: str, user: nn.Module) -> str | None:

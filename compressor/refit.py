@@ -12,28 +12,33 @@ where it was observed: the whitened truncation). The weight phase then fine-tune
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
-from .config import CompressConfig
-from .graph import Applied, CompressionPlan, dense_source, tn_layers
 from .layers import layer_class
+from .plan import CompressionPlan, Site, Starts
+from .surgery import dense_source, tn_layers
 
 
-def refit_layers(model: nn.Module, source: nn.Module, the_plan: CompressionPlan, applied: Applied,
-                 config: CompressConfig) -> int:
+def refit_layers(model: nn.Module, source: nn.Module, the_plan: CompressionPlan, starts: Starts,
+                 sites: Mapping[str, Site], seed: int) -> int:
     """Overwrite, in place, every factorized layer of the pruned ``model`` with the cores a fresh
-    start would give it at its present ranks, from ``source`` (the untouched dense model); a
-    layer that went back to dense gets its pretrained weight back, exactly. Returns the number
-    of layers refitted."""
+    start would give it at its present ranks, from ``source`` (the untouched dense model): in its
+    start's layout and with its start's whitening factors (``starts``), the ring initialised from
+    ``seed`` as the start was. ``sites`` says where each planned layer lives in ``model``
+    (``Applied.sites``). A layer that went back to dense gets its pretrained weight back,
+    exactly. Returns the number of layers refitted."""
     layers = tn_layers(model)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     for lp in the_plan.layers:
-        site = applied.sites[lp.name].name
+        site = sites[lp.name].name
+        start = starts.of(lp.name)
         original = dense_source(source, lp)
         layer = layers.get(site)
         if layer is not None:
-            layer.load_dense_(original, lp.tensorization, generator, lp.whiten, lp.whiten_out)
+            layer.load_dense_(original, start.layout.tensorization, generator, start.whiten, start.whiten_out)
             continue
         dense = layer_class(lp.kind).dense_view(model.get_submodule(site))
         with torch.no_grad():

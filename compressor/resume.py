@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import CompressorError, first_line
 from .files import atomic_write, require_file
-from .graph import replace_module, tn_layers
+from .surgery import replace_module, tn_layers
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from torch import nn
 from .batches import ForwardFn, loader_length
 from .config import Settled
 from .controller import model_gates
-from .graph import tn_layers
+from .surgery import tn_layers
 from .losses import Distillation
 from .resume import fingerprint
 

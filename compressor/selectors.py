@@ -29,16 +29,18 @@ Registered here:
   kept in every layer, embeddings dense.
 
 A new selector is a subclass with ``name=...``: ``class Mine(RankSelector, name="mine")``.
-Selectors mutate only the plan they are given.
+A selector never changes the plan: :meth:`RankSelector.prepare` returns how every layer
+starts (:class:`~compressor.plan.Starts`), with its :class:`FaithfulStart` for the report.
+Selectors read only :class:`SelectorOptions`, built from the run's config by
+``CompressConfig.selector_options()``.
 """
 
 from __future__ import annotations
 
-import copy
 import heapq
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -46,8 +48,10 @@ from torch import nn
 from . import tensornet as tn
 from .errors import CompressorError, ConfigError, TargetError
 from .gates import BernoulliGate, Gate, L0Gate, start_margin
-from .graph import CompressionPlan, LayerPlan, Skipped, layer_size, layer_weight, plan_modes
 from .layers import layer_class, whitened_tensor
+from .plan import (CompressionPlan, LayerPlan, LayerStart, Layout, Ranks, Skipped, StartFactors, Starts, layer_size,
+                   layout_of, own_layout, params_with_cores, plan_modes, plan_params, planned_starts)
+from .surgery import layer_weight
 
 #: The uniform baseline never uses a bond above this: beyond it training cost grows with no
 #: gain on small models. energy and svd allocate from full rank (a cap would leave them far
@@ -55,17 +59,25 @@ from .layers import layer_class, whitened_tensor
 MAX_RANK = 64
 
 
-def plan_params(the_plan: CompressionPlan, ranks_of: dict[str, Any], decomp: str) -> int:
-    """Model size at these ranks; a layer that would not shrink is counted dense (it will be)."""
-    total = the_plan.dense_params
-    for lp in the_plan.layers:
-        total += min(layer_size(lp, ranks_of[lp.name], decomp), lp.params_before) - lp.params_before
-    return total
+@dataclass(frozen=True)
+class SelectorOptions:
+    """What a selector reads of a run's options (``CompressConfig.selector_options()``).
 
+    ``target``: the ratio to meet; ``decomp``: the run's decomposition; ``sigma`` and
+    ``gate_margin``: the gates' noise and how far above 1 their means start; ``rank``: a rank
+    the user set for every layer; ``start``, ``start_error``, ``init``: how a gated start is
+    chosen and fitted; ``fixed_layouts``: layers whose tensorization the user set.
+    """
 
-def min_params(the_plan: CompressionPlan, decomp: str) -> int:
-    """Smallest size reachable: every factorized bond at rank 1, everything else dense."""
-    return plan_params(the_plan, {lp.name: 1 for lp in the_plan.layers}, decomp)
+    target: float
+    decomp: str
+    sigma: float
+    gate_margin: float | None
+    rank: int | None
+    start: str
+    start_error: float
+    init: str
+    fixed_layouts: tuple[str, ...]
 
 
 # ------------------------------------------------------------------ unfolding spectra (TT-SVD error terms)
@@ -92,17 +104,8 @@ TIGHTEST_ERROR = 1e-4
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One way to lay out a layer's weight: tensorization, merged conv window, core modes."""
-
-    tensorization: tuple[tuple[int, ...], tuple[int, ...]]
-    merge_spatial: bool
-    modes: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class LayerStart:
-    """A layer's starting factorization, as the gates will find it."""
+class FaithfulLayer:
+    """A layer's faithful starting factorization, as the report lists it."""
 
     name: str
     layout: Layout
@@ -115,7 +118,7 @@ class LayerStart:
     head_weighted: bool = False  # a tied embedding fitted to what its LM head sees as well
 
 
-@dataclass
+@dataclass(frozen=True)
 class FaithfulStart:
     """What :func:`faithful_start` chose, for the report.
 
@@ -130,11 +133,11 @@ class FaithfulStart:
     used_eps: float
     target: float
     ratio: float  # whole model at step 0
-    layers: list[LayerStart]
+    layers: tuple[FaithfulLayer, ...]
     chosen: str = "faithful"  # "ladder" when start="auto" found unfaithful layers and used the ladder
 
     @property
-    def unfaithful(self) -> list[LayerStart]:
+    def unfaithful(self) -> list[FaithfulLayer]:
         return [s for s in self.layers if not s.faithful]
 
     @property
@@ -142,16 +145,19 @@ class FaithfulStart:
         return self.ratio >= self.target
 
 
+class Prepared(NamedTuple):
+    """What :meth:`RankSelector.prepare` chose: how every layer starts, and (gated selectors)
+    the faithful start for the report."""
+
+    starts: Starts
+    faithful: FaithfulStart | None = None
+
+
 def _coarser(side: tuple[int, ...]) -> list[tuple[int, ...]]:
     """``side`` and the balanced splits of its product into fewer modes, down to one."""
     side = tuple(m for m in side if m > 1) or (1,)
     n = math.prod(side)
     return list(dict.fromkeys([side] + [tn.factorize(n, k, max_factor=n) for k in range(len(side) - 1, 0, -1)]))
-
-
-def own_layout(lp: LayerPlan) -> Layout:
-    """The layout the plan gave the layer (its kind's balanced split, or the user's)."""
-    return Layout(lp.tensorization, lp.merge_spatial, tuple(plan_modes(lp)))
 
 
 def candidate_layouts(lp: LayerPlan) -> list[Layout]:
@@ -166,7 +172,7 @@ def candidate_layouts(lp: LayerPlan) -> list[Layout]:
     sides_out = list(dict.fromkeys(_coarser(tuple(lp.tensorization[1])) + [tuple(m_out)]))
     own = own_layout(lp)
     found: dict[tuple[int, ...], Layout] = {own.modes: own}
-    for merge in dict.fromkeys((lp.merge_spatial, m_merge)):
+    for merge in dict.fromkeys((own.merge_spatial, m_merge)):
         for a in sides_in:
             for b in sides_out:
                 try:
@@ -220,7 +226,7 @@ def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout], wh
 
 
 def pick_start(lp: LayerPlan, paths: list[tuple[Layout, tn.TruncationPath]], eps: float,
-               whitened: bool = False, least_error: bool = False) -> LayerStart:
+               whitened: bool = False, least_error: bool = False) -> FaithfulLayer:
     """The smallest start within ``eps`` and the dense size (ties: fewer modes).
 
     When no layout gets there and ``least_error`` is set (a start fitted to activations,
@@ -243,7 +249,7 @@ def pick_start(lp: LayerPlan, paths: list[tuple[Layout, tn.TruncationPath]], eps
         best = min((_within_dense(lay, path, dense) for lay, path in (paths if least_error else paths[:1])),
                    key=lambda b: b[0])
     _, lay, path, step = best
-    return LayerStart(lp.name, lay, tuple(path.ranks(step)), int(path.sizes[step]), dense, path.error(step),
+    return FaithfulLayer(lp.name, lay, tuple(path.ranks(step)), int(path.sizes[step]), dense, path.error(step),
                       path.error(step) <= eps, whitened)
 
 
@@ -254,20 +260,14 @@ def _within_dense(lay: Layout, path: tn.TruncationPath, dense: int) -> tuple[tup
     return (path.error(step), len(lay.modes)), lay, path, step
 
 
-def _start_params(the_plan: CompressionPlan, starts: dict[str, LayerStart], decomp: str) -> int:
+def _start_params(the_plan: CompressionPlan, starts: Mapping[str, FaithfulLayer], decomp: str) -> int:
     """Model size with ``starts`` for the chosen layers and the plan's ranks for the others."""
-    total = the_plan.dense_params
-    for lp in the_plan.layers:
-        if lp.name in starts:
-            total += starts[lp.name].params - starts[lp.name].dense
-        else:
-            total += min(layer_size(lp, lp.rank, decomp), lp.params_before) - lp.params_before
-    return total
+    return params_with_cores(the_plan, {name: st.params for name, st in starts.items()}, decomp)
 
 
 def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, decomp: str,
                    eps: float = START_ERROR, fixed_layouts: Iterable[str] = (),
-                   whiten: Mapping[str, torch.Tensor] | None = None, least_error: bool = False) -> FaithfulStart:
+                   whiten: StartFactors | None = None, least_error: bool = False) -> Prepared:
     """Lay out and size every planned layer without a rank so it reproduces its weight.
 
     Each layer gets, over :func:`candidate_layouts` (only the plan's own for names in
@@ -276,28 +276,18 @@ def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, 
     (:func:`pick_start`). If that start already meets ``target``, the layouts stay and
     ``eps`` is tightened (down to :data:`TIGHTEST_ERROR`) to the loosest start that does
     not, so the gates make the last cuts. The start is a train (closing bond 1, built as
-    ``"tt"``): a one-slice closing gate could only switch the whole layer off. Mutates
-    the plan; returns what it chose. ``least_error``: a layer no layout reproduces takes the
-    layout with the least error within its dense size (always so with ``whiten``). A tied
-    embedding with a head factor in ``whiten.heads`` (:class:`~compressor.calibration.StartFactors`)
-    keeps its whole output in one core too, and is fitted to both sides.
+    ``"tt"``): a one-slice closing gate could only switch the whole layer off. Returns the
+    starts (a layer with the user's rank in its own layout, built as ``decomp``) and what it
+    chose. ``least_error``: a layer no layout reproduces takes the layout with the least error
+    within its dense size (always so with ``whiten``). A tied embedding with a head factor in
+    ``whiten.heads`` keeps its whole output in one core too, and is fitted to both sides.
     """
-    fixed = set(fixed_layouts)
     by_name = {lp.name: lp for lp in the_plan.layers}
-    layouts = {lp.name: [own_layout(lp)] if lp.name in fixed else candidate_layouts(lp)
-               for lp in the_plan.layers if lp.rank is None}
-    factors = {name: f for name, f in (whiten or {}).items()
-               if name in layouts and any(single_input_core(lay) for lay in layouts[name])}
-    for name in factors:
-        layouts[name] = [lay for lay in layouts[name] if single_input_core(lay)]
-    heads = {name: f for name, f in getattr(whiten, "heads", {}).items()
-             if name in factors and any(single_output_core(lay) for lay in layouts[name])}
-    for name in heads:
-        layouts[name] = [lay for lay in layouts[name] if single_output_core(lay)]
+    layouts, factors, heads = _start_layouts(the_plan, set(fixed_layouts), whiten)
     paths = {name: truncation_paths(by_name[name], module, lays, factors.get(name), heads.get(name))
              for name, lays in layouts.items()}
 
-    def pick(name: str, p: list[tuple[Layout, tn.TruncationPath]], e: float) -> LayerStart:
+    def pick(name: str, p: list[tuple[Layout, tn.TruncationPath]], e: float) -> FaithfulLayer:
         return pick_start(by_name[name], p, e, name in factors, least_error=bool(factors) or least_error)
 
     starts = {name: pick(name, p, eps) for name, p in paths.items()}
@@ -313,13 +303,30 @@ def faithful_start(the_plan: CompressionPlan, module: nn.Module, target: float, 
         starts = {name: pick(name, p, used) for name, p in chosen.items()}
     # Faithful means within the error asked for, even when the start was tightened below it.
     starts = {name: replace(st, faithful=st.error <= eps, head_weighted=name in heads) for name, st in starts.items()}
-    for name, st in starts.items():
-        lp = by_name[name]
-        lp.tensorization, lp.merge_spatial = st.layout.tensorization, st.layout.merge_spatial
-        lp.rank, lp.decomp = list(st.ranks), "tt"
-        lp.whiten, lp.whiten_out = factors.get(name), heads.get(name)
+    built = Starts(tuple(LayerStart(lp.name, starts[lp.name].layout, starts[lp.name].ranks, "tt", factors.get(lp.name),
+                                    heads.get(lp.name)) if lp.name in starts
+                         else LayerStart(lp.name, own_layout(lp), lp.rank, decomp) for lp in the_plan.layers))
     ratio = the_plan.dense_params / _start_params(the_plan, starts, decomp)
-    return FaithfulStart(eps, used, target, ratio, list(starts.values()))
+    return Prepared(built, FaithfulStart(eps, used, target, ratio, tuple(starts.values())))
+
+
+def _start_layouts(the_plan: CompressionPlan, fixed: set[str], whiten: StartFactors | None) -> tuple[
+        dict[str, list[Layout]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The layouts a faithful start tries for every layer without a rank, and the whitening
+    factors it fits them with: input factors where a layout keeps the whole input in one core,
+    a tied head's factor where one also keeps the whole output there."""
+    layouts = {lp.name: [own_layout(lp)] if lp.name in fixed else candidate_layouts(lp)
+               for lp in the_plan.layers if lp.rank is None}
+    whiten = whiten or StartFactors()
+    factors = {name: f for name, f in whiten.inputs.items()
+               if name in layouts and any(single_input_core(lay) for lay in layouts[name])}
+    for name in factors:
+        layouts[name] = [lay for lay in layouts[name] if single_input_core(lay)]
+    heads = {name: f for name, f in whiten.heads.items()
+             if name in factors and any(single_output_core(lay) for lay in layouts[name])}
+    for name in heads:
+        layouts[name] = [lay for lay in layouts[name] if single_output_core(lay)]
+    return layouts, factors, heads
 
 
 def _loosest_below(ratio_at: Callable[[float], float], target: float, low: float, high: float) -> float:
@@ -336,45 +343,50 @@ def _loosest_below(ratio_at: Callable[[float], float], target: float, low: float
 # ------------------------------------------------------------------ hand-set ranks (baselines)
 
 
-def uniform_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> int:
-    """Set every layer to the largest single rank whose model meets ``target``."""
+def uniform_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> dict[str, list[int]]:
+    """Every layer's bonds at the largest single rank whose model meets ``target``."""
     for r in range(MAX_RANK, 0, -1):
         ranks = {lp.name: tn.resolve_ranks(r, plan_modes(lp), decomp) for lp in the_plan.layers}
         if the_plan.dense_params / plan_params(the_plan, ranks, decomp) >= target:
-            for lp in the_plan.layers:
-                lp.rank = ranks[lp.name]
-            return r
+            return ranks
     raise TargetError(f"no uniform rank reaches {target:g}x")
 
 
-def energy_ranks(the_plan: CompressionPlan, module: nn.Module, target: float, decomp: str) -> None:
-    """Greedy global truncation by singular-value energy per parameter (closing bond 1).
+def energy_ranks(the_plan: CompressionPlan, module: nn.Module, target: float,
+                 layouts: Mapping[str, Layout] | None = None) -> dict[str, list[int]]:
+    """Greedy global truncation by singular-value energy per parameter (closing bond 1), of
+    every layer in ``layouts[name]`` (default: the plan's own layout).
 
     Every bond starts at its full TT-SVD rank; the slice that loses the least relative
     energy per parameter saved is dropped until the whole model meets ``target``. A heap
     keeps this fast on LLMs (hundreds of layers, bonds in the hundreds): only the bonds of
     the layer just cut are re-scored (a bond's saving depends on its neighbours).
     """
+    layouts = {lp.name: (layouts or {}).get(lp.name) or own_layout(lp) for lp in the_plan.layers}
     state: dict[str, tuple[LayerPlan, list[torch.Tensor], list[int]]] = {}
     for lp in the_plan.layers:
-        modes = plan_modes(lp)
+        modes = layouts[lp.name].modes
         caps = tn.max_ranks(modes, "tt")
-        w = layer_class(lp.kind).weight_tensor(layer_weight(module, lp), lp.tensorization)
+        w = layer_class(lp.kind).weight_tensor(layer_weight(module, lp), layouts[lp.name].tensorization)
         spectra = unfolding_spectra(w, modes, caps)
         state[lp.name] = (lp, spectra, [min(caps[k], len(spectra[k])) for k in range(len(modes) - 1)] + [1])
-    counted = {name: min(layer_size(lp, ranks, "tt"), lp.params_before) for name, (lp, _, ranks) in state.items()}
-    total = the_plan.dense_params + sum(counted[lp.name] - lp.params_before for lp in the_plan.layers)
+
+    def size(lp: LayerPlan, ranks: list[int]) -> int:
+        return layer_size(lp, ranks, "tt", layouts[lp.name])
+
+    counted = {name: min(size(lp, ranks), lp.params_before) for name, (lp, _, ranks) in state.items()}
+    total = plan_params(the_plan, {name: ranks for name, (_, _, ranks) in state.items()}, "tt", layouts)
     version = dict.fromkeys(state, 0)
     heap: list[tuple[float, int, str, int]] = []
 
     def push_bonds(name: str) -> None:
         lp, spectra, ranks = state[name]
-        now = layer_size(lp, ranks, "tt")
+        now = size(lp, ranks)
         for k in range(len(ranks) - 1):
             if ranks[k] > 1:
                 trial = list(ranks)
                 trial[k] -= 1
-                saved = now - layer_size(lp, trial, "tt")
+                saved = now - size(lp, trial)
                 if saved > 0:
                     heapq.heappush(heap, (float(spectra[k][ranks[k] - 1]) / saved, version[name], name, k))
 
@@ -388,43 +400,51 @@ def energy_ranks(the_plan: CompressionPlan, module: nn.Module, target: float, de
             continue  # scored before this layer's last cut
         lp, _, ranks = state[name]
         ranks[k] -= 1
-        size = min(layer_size(lp, ranks, "tt"), lp.params_before)
-        total += size - counted[name]
-        counted[name] = size
+        now = min(size(lp, ranks), lp.params_before)
+        total += now - counted[name]
+        counted[name] = now
         version[name] += 1
         push_bonds(name)
-    for lp, _, ranks in state.values():
-        lp.rank = list(ranks)
+    return {name: list(ranks) for name, (_, _, ranks) in state.items()}
 
 
-def svd_layout(the_plan: CompressionPlan) -> None:
-    """Turn every planned layer into a plain two-factor (matrix) tensor train."""
-    for lp in the_plan.layers:
-        lp.tensorization, lp.merge_spatial = layer_class(lp.kind).matrix_layout(lp.shape)
-        lp.decomp = "tt"  # a two-core ring would be a trace of a product, not a matrix factorization
+def matrix_layout(lp: LayerPlan) -> Layout:
+    """The layer as a plain two-factor matrix: one input mode, one output mode (a conv's
+    kernel window merged into its input)."""
+    tensorization, merge_spatial = layer_class(lp.kind).matrix_layout(lp.shape)
+    return layout_of(lp, tensorization, merge_spatial)
+
+
+def svd_layout(the_plan: CompressionPlan) -> dict[str, Layout]:
+    """Every planned layer's :func:`matrix_layout` (built as a two-factor tensor train: a
+    two-core ring would be a trace of a product, not a matrix factorization)."""
+    return {lp.name: matrix_layout(lp) for lp in the_plan.layers}
 
 
 def matrix_spectrum(lp: LayerPlan, module: nn.Module, whiten: torch.Tensor | None = None) -> torch.Tensor:
     """Relative squared singular values of a layer in its matrix layout (of the whitened
     weight, whose truncation error is the output error, when ``whiten`` is given)."""
     cls = layer_class(lp.kind)
-    w = cls.weight_tensor(layer_weight(module, lp), lp.tensorization)
+    lay = matrix_layout(lp)
+    w = cls.weight_tensor(layer_weight(module, lp), lay.tensorization)
     if whiten is not None:
         w = whitened_tensor(w, whiten)
-    return unfolding_spectrum(w, plan_modes(lp)[0])
+    return unfolding_spectrum(w, lay.modes[0])
 
 
 def threshold_ranks(the_plan: CompressionPlan, spectra: Mapping[str, torch.Tensor], target: float) -> dict[str, int]:
     """Matrix ranks keeping every slice whose relative energy per parameter is above one
     global threshold, the loosest that meets ``target`` (bisection: the size shrinks as the
     threshold rises). A layer is never cut below rank 1; one not smaller than dense counts dense."""
-    value = {lp.name: spectra[lp.name] / sum(plan_modes(lp)) for lp in the_plan.layers}
+    layouts = svd_layout(the_plan)
+    value = {lp.name: spectra[lp.name] / sum(layouts[lp.name].modes) for lp in the_plan.layers}
 
     def ranks_at(tau: float) -> dict[str, int]:
         return {name: max(1, int((v >= tau).sum())) for name, v in value.items()}
 
     def ratio(tau: float) -> float:
-        return the_plan.dense_params / plan_params(the_plan, {n: [r, 1] for n, r in ranks_at(tau).items()}, "tt")
+        ranks = {n: [r, 1] for n, r in ranks_at(tau).items()}
+        return the_plan.dense_params / plan_params(the_plan, ranks, "tt", layouts)
 
     positive = [float(v[v > 0].min()) for v in value.values() if bool((v > 0).any())]
     low, high = (min(positive), max(float(v.max()) for v in value.values()) * 2) if positive else (0.0, 1.0)
@@ -455,12 +475,10 @@ def layer_rank_cap(lp: LayerPlan, decomp: str) -> int:
 
 
 def planned_params(the_plan: CompressionPlan, rank: int, decomp: str) -> int:
-    """Model size if every planned layer starts at ``rank`` (capped per layer)."""
-    total = the_plan.dense_params
-    for lp in the_plan.layers:
-        r = lp.rank if lp.rank is not None else min(rank, layer_rank_cap(lp, decomp))
-        total += layer_size(lp, r, decomp) - lp.params_before
-    return total
+    """Model size if every planned layer starts at ``rank`` (capped per layer), as built."""
+    ranks = {lp.name: lp.rank if lp.rank is not None else min(rank, layer_rank_cap(lp, decomp))
+             for lp in the_plan.layers}
+    return plan_params(the_plan, ranks, decomp, dense_if_larger=False)
 
 
 def generous_rank(the_plan: CompressionPlan, target: float, decomp: str) -> int:
@@ -473,7 +491,7 @@ def generous_rank(the_plan: CompressionPlan, target: float, decomp: str) -> int:
     return RANK_LADDER[-1]
 
 
-def generous_layer_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> dict[str, Any]:
+def generous_layer_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> dict[str, Ranks]:
     """Each layer's generous start: its explicit rank, else the :func:`generous_rank`, but
     never a start bigger than the layer was."""
     chosen = generous_rank(the_plan, target, decomp)
@@ -481,17 +499,10 @@ def generous_layer_ranks(the_plan: CompressionPlan, target: float, decomp: str) 
             for lp in the_plan.layers}
 
 
-def generous_ranks(the_plan: CompressionPlan, target: float, decomp: str) -> None:
-    """Give every layer without an explicit rank its generous start (:func:`generous_layer_ranks`)."""
-    ranks = generous_layer_ranks(the_plan, target, decomp)
-    for lp in the_plan.layers:
-        lp.rank = ranks[lp.name]
-
-
-def _ladder_overshoots(the_plan: CompressionPlan, config: Any) -> bool:
-    """Whether the generous ladder would start the model already past ``config.target``."""
-    ranks = generous_layer_ranks(the_plan, config.target, config.decomp)
-    return the_plan.dense_params / plan_params(the_plan, ranks, config.decomp) >= config.target
+def _ladder_overshoots(the_plan: CompressionPlan, options: SelectorOptions) -> bool:
+    """Whether the generous ladder would start the model already past ``options.target``."""
+    ranks = generous_layer_ranks(the_plan, options.target, options.decomp)
+    return the_plan.dense_params / plan_params(the_plan, ranks, options.decomp) >= options.target
 
 
 class RankSelector:
@@ -520,30 +531,30 @@ class RankSelector:
     def gated(self) -> bool:
         return self.gate is not None
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
-                whiten: Mapping[str, torch.Tensor] | None = None) -> FaithfulStart | None:
-        """Fill in every planned layer's layout and starting ranks; a gated selector returns
-        the :class:`FaithfulStart` it chose (None when the user set the rank). ``whiten``
-        holds the input factors of the layers observed on calibration data (init
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
+                whiten: StartFactors | None = None) -> Prepared:
+        """How every planned layer starts (layout, ranks, decomposition, whitening); a gated
+        selector adds the :class:`FaithfulStart` it chose (None when the user set the rank).
+        ``whiten`` holds the factors of the layers observed on calibration data (init
         ``activations``)."""
         raise NotImplementedError
 
-    def gate_factory(self, config: Any, layers: int = 0) -> Callable[[int, torch.dtype], Gate] | None:
+    def gate_factory(self, options: SelectorOptions, layers: int = 0) -> Callable[[int, torch.dtype], Gate] | None:
         """``make_gate(size, dtype)`` for the bonds of a model with ``layers`` factorized
         layers, or None for an ungated model."""
         return None
 
-    def needs_calibration(self, config: Any) -> bool:
-        """Whether a run with ``config`` must observe the layers' inputs before ``prepare``."""
-        return self.calibrates or (self.gated and config.init == "activations")
+    def needs_calibration(self, options: SelectorOptions) -> bool:
+        """Whether a run with ``options`` must observe the layers' inputs before ``prepare``."""
+        return self.calibrates or (self.gated and options.init == "activations")
 
 
 class L0Selector(RankSelector, name="l0"):
     help = "learned ℓ0 gates on every rank slice (the paper)"
     gate = L0Gate
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
-                whiten: Mapping[str, torch.Tensor] | None = None) -> FaithfulStart | None:
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
+                whiten: StartFactors | None = None) -> Prepared:
         """A faithful start when the weights allow one (``start="auto"``), else the ladder.
 
         When every layer can start within ``start_error`` of its pretrained weight, it does
@@ -559,58 +570,61 @@ class L0Selector(RankSelector, name="l0"):
         start fitted to activations does): the plan's own ten-mode split of SmolLM2's
         embedding needs bonds of 2,548 there, and the run ran out of 24 GiB.
         """
-        if config.rank is not None:
-            return None  # the plan carries the user's rank
+        if options.rank is not None:
+            return Prepared(planned_starts(the_plan, options.decomp))  # the plan carries the user's rank
         start = None
-        if config.start != "ladder":
-            overshoots = config.start == "auto" and not whiten and _ladder_overshoots(the_plan, config)
-            trial = copy.deepcopy(the_plan)
-            start = faithful_start(trial, module, config.target, config.decomp, config.start_error,
-                                   fixed_layouts=config.tensorization, whiten=whiten, least_error=overshoots)
-            if config.start == "faithful" or not start.unfaithful or whiten or overshoots:
-                the_plan.layers[:] = trial.layers
-                return start
-        generous_ranks(the_plan, config.target, config.decomp)
-        if start is not None:
-            start.chosen = "ladder"
-        return start
+        observed = whiten is not None and bool(whiten.inputs)
+        if options.start != "ladder":
+            overshoots = options.start == "auto" and not observed and _ladder_overshoots(the_plan, options)
+            faithful = faithful_start(the_plan, module, options.target, options.decomp, options.start_error,
+                                      fixed_layouts=options.fixed_layouts, whiten=whiten, least_error=overshoots)
+            start = faithful.faithful
+            if options.start == "faithful" or not start.unfaithful or observed or overshoots:
+                return faithful
+            start = replace(start, chosen="ladder")
+        ranks = generous_layer_ranks(the_plan, options.target, options.decomp)
+        return Prepared(planned_starts(the_plan, options.decomp, ranks), start)
 
-    def gate_factory(self, config: Any, layers: int = 0) -> Callable[[int, torch.dtype], Gate]:
-        mu = 1.0 + start_margin(config.gate_margin, layers) * config.sigma
-        return lambda size, dtype: L0Gate(size, config.sigma, mu_init=mu, dtype=dtype)
+    def gate_factory(self, options: SelectorOptions, layers: int = 0) -> Callable[[int, torch.dtype], Gate]:
+        mu = 1.0 + start_margin(options.gate_margin, layers) * options.sigma
+        return lambda size, dtype: L0Gate(size, options.sigma, mu_init=mu, dtype=dtype)
 
 
 class ReinforceSelector(L0Selector, name="reinforce"):
     help = "Bernoulli gates trained by REINFORCE (supplementary §2.1), M samples per step"
     gate = BernoulliGate
 
-    def gate_factory(self, config: Any, layers: int = 0) -> Callable[[int, torch.dtype], Gate]:
+    def gate_factory(self, options: SelectorOptions, layers: int = 0) -> Callable[[int, torch.dtype], Gate]:
         return lambda size, dtype: BernoulliGate(size, dtype=dtype)
 
 
 class UniformSelector(RankSelector, name="uniform"):
     help = "one rank for every bond, the largest that meets the target (TRN)"
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
-                whiten: Mapping[str, torch.Tensor] | None = None) -> None:
-        uniform_ranks(the_plan, config.target, config.decomp)
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
+                whiten: StartFactors | None = None) -> Prepared:
+        ranks = uniform_ranks(the_plan, options.target, options.decomp)
+        return Prepared(planned_starts(the_plan, options.decomp, ranks))
 
 
 class EnergySelector(RankSelector, name="energy"):
     help = "singular values of the pretrained weights, allocated greedily over all layers"
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
-                whiten: Mapping[str, torch.Tensor] | None = None) -> None:
-        energy_ranks(the_plan, module, config.target, config.decomp)
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
+                whiten: StartFactors | None = None) -> Prepared:
+        ranks = energy_ranks(the_plan, module, options.target)
+        return Prepared(planned_starts(the_plan, options.decomp, ranks))
 
 
 class SVDSelector(RankSelector, name="svd"):
     help = "no tensor network: each weight as two low-rank factors, ranks allocated like energy"
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
-                whiten: Mapping[str, torch.Tensor] | None = None) -> None:
-        svd_layout(the_plan)
-        energy_ranks(the_plan, module, config.target, config.decomp)
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
+                whiten: StartFactors | None = None) -> Prepared:
+        layouts = svd_layout(the_plan)
+        ranks = energy_ranks(the_plan, module, options.target, layouts)
+        return Prepared(Starts(tuple(LayerStart(lp.name, layouts[lp.name], ranks[lp.name], "tt")
+                                     for lp in the_plan.layers)))
 
 
 class WhitenedSVDSelector(RankSelector, name="whitened-svd"):
@@ -618,21 +632,20 @@ class WhitenedSVDSelector(RankSelector, name="whitened-svd"):
             "(SVD-LLM's whitening), ranks allocated over all layers")
     calibrates = True
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
-                whiten: Mapping[str, torch.Tensor] | None = None) -> None:
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
+                whiten: StartFactors | None = None) -> Prepared:
         """Matrix layout; each layer's whitened spectrum (its weight's, when it was not
         observed); one global threshold on relative output energy per parameter."""
-        whiten = whiten or {}
-        svd_layout(the_plan)
-        spectra = {lp.name: matrix_spectrum(lp, module, whiten.get(lp.name)) for lp in the_plan.layers}
-        set_matrix_ranks(the_plan, threshold_ranks(the_plan, spectra, config.target), whiten)
+        inputs = whiten.inputs if whiten is not None else {}
+        spectra = {lp.name: matrix_spectrum(lp, module, inputs.get(lp.name)) for lp in the_plan.layers}
+        return Prepared(matrix_starts(the_plan, threshold_ranks(the_plan, spectra, options.target), inputs))
 
 
-def set_matrix_ranks(the_plan: CompressionPlan, ranks: Mapping[str, int], whiten: Mapping[str, torch.Tensor]) -> None:
-    """Give every planned two-factor layer its rank and, where it was observed, its input factor."""
-    for lp in the_plan.layers:
-        lp.rank = [ranks[lp.name], 1]
-        lp.whiten = whiten.get(lp.name)
+def matrix_starts(the_plan: CompressionPlan, ranks: Mapping[str, int], whiten: Mapping[str, torch.Tensor]) -> Starts:
+    """Every planned layer as two factors (:func:`matrix_layout`, a train) at its rank and, where
+    it was observed, fitted with its input factor."""
+    return Starts(tuple(LayerStart(lp.name, matrix_layout(lp), (ranks[lp.name], 1), "tt", whiten.get(lp.name))
+                        for lp in the_plan.layers))
 
 
 def same_ratio_ranks(the_plan: CompressionPlan, target: float) -> dict[str, int]:
@@ -643,13 +656,15 @@ def same_ratio_ranks(the_plan: CompressionPlan, target: float) -> dict[str, int]
     parameters is rank p·mn / (m + n), never below 1. The share is found by bisection (the
     model grows with it); ranks are rounded down, so the target holds.
     """
-    sides = {lp.name: (plan_modes(lp)[0], math.prod(plan_modes(lp)[1:])) for lp in the_plan.layers}
+    layouts = svd_layout(the_plan)
+    sides = {name: (lay.modes[0], math.prod(lay.modes[1:])) for name, lay in layouts.items()}
 
     def ranks_at(share: float) -> dict[str, int]:
         return {name: max(1, min(m, n, int(share * m * n / (m + n)))) for name, (m, n) in sides.items()}
 
     def ratio(share: float) -> float:
-        return the_plan.dense_params / plan_params(the_plan, {n: [r, 1] for n, r in ranks_at(share).items()}, "tt")
+        ranks = {n: [r, 1] for n, r in ranks_at(share).items()}
+        return the_plan.dense_params / plan_params(the_plan, ranks, "tt", layouts)
 
     if ratio(0.0) < target:
         raise TargetError(f"the same share in every layer cannot reach {target:g}x, even at rank 1 "
@@ -665,22 +680,23 @@ class SVDLLMSelector(WhitenedSVDSelector, name="svd-llm"):
     help = ("SVD-LLM as published: whitened two-factor truncation, the same share of parameters "
             "kept in every layer, embeddings left dense")
 
-    def prepare(self, the_plan: CompressionPlan, module: nn.Module, config: Any,
-                whiten: Mapping[str, torch.Tensor] | None = None) -> None:
+    def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
+                whiten: StartFactors | None = None) -> Prepared:
         """Why a separate row: ``whitened-svd``'s global threshold compares relative energies
         across layers, which spends most of a mild target on a large embedding (SmolLM2's
         tied embedding, also its output head, went to rank 26 of 576 at 1.5x). SVD-LLM
-        itself compresses every linear weight by the same ratio and never the embeddings."""
-        embeddings = [lp for lp in the_plan.layers if lp.kind == "embedding"]
-        the_plan.layers[:] = [lp for lp in the_plan.layers if lp.kind != "embedding"]
-        the_plan.skipped += [Skipped(lp.name, lp.kind, "svd-llm leaves embeddings dense") for lp in embeddings]
-        svd_layout(the_plan)
-        set_matrix_ranks(the_plan, self.matrix_ranks(the_plan, config), whiten or {})
+        itself compresses every linear weight by the same ratio and never the embeddings:
+        they are returned as kept dense, and the report lists them as skipped."""
+        dense = tuple(Skipped(lp.name, lp.kind, "svd-llm leaves embeddings dense")
+                      for lp in the_plan.layers if layer_class(lp.kind).lookup)
+        kept = the_plan.leaving_dense(dense)
+        starts = matrix_starts(kept, self.matrix_ranks(kept, options), whiten.inputs if whiten is not None else {})
+        return Prepared(replace(starts, dense=dense))
 
-    def matrix_ranks(self, the_plan: CompressionPlan, config: Any) -> dict[str, int]:
+    def matrix_ranks(self, the_plan: CompressionPlan, options: SelectorOptions) -> dict[str, int]:
         """The rank of every two-factor layer left in the plan: one share of parameters each
         (a benchmark's ablation puts other ranks on the same truncation here)."""
-        return same_ratio_ranks(the_plan, config.target)
+        return same_ratio_ranks(the_plan, options.target)
 
 
 #: The selector a run uses unless told otherwise: the paper's method.

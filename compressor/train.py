@@ -31,7 +31,7 @@ from .distributed import World
 from .errors import DataError, TrainingError
 from .gate_phase import GatePhase
 from .gates import reinforce_surrogate
-from .graph import set_training
+from .surgery import set_training
 from .losses import task_loss
 from .resume import Position, ResumeError, RunInterrupted, StopRequest, check_same_run, restore_model, save_state
 from .runspec import RunSpec

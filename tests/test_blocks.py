@@ -81,7 +81,8 @@ def test_hidden_loss_is_zero_for_equal_states_and_measures_each_channel_in_its_o
 
 
 def test_objective_adds_the_weighted_hidden_term_to_the_logit_kl():
-    from compressor.graph import apply, plan, set_training
+    from compressor.planner import plan
+    from compressor.surgery import apply, set_training
     from compressor.losses import task_loss
     from compressor.runspec import begin_run
     from compressor.selectors import get_selector
@@ -91,9 +92,11 @@ def test_objective_adds_the_weighted_hidden_term_to_the_logit_kl():
     losses = {}
     for weight in (0.0, 2.0):
         config = CompressConfig(target=1.5, min_params=500, distill_hidden=weight, epochs=1)
-        the_plan = plan(model, config, example=data[0])
-        get_selector("l0").prepare(the_plan, model, config)
-        gm = apply(model, the_plan, config, make_gate=get_selector("l0").gate_factory(config)).model
+        the_plan = plan(model, config.plan_options(), example=data[0])
+        options = config.selector_options()
+        starts, _ = get_selector("l0").prepare(the_plan, model, options)
+        gm = apply(model, the_plan, starts, sigma=config.sigma, seed=config.seed,
+                   make_gate=get_selector("l0").gate_factory(options)).model
         teacher = set_training(tiny_llama(2), False)
         spec = begin_run(config.settled(len(the_plan.layers)), data, gm, the_plan.dense_params)
         run = FineTune(set_training(gm, False), teacher, data, spec)

@@ -12,7 +12,8 @@ from compressor import Blueprint, compress, load, read_blueprint, read_metadata,
 from compressor.blueprint import blueprint_of
 from compressor.data import TensorLoader
 from compressor.errors import CheckpointError
-from compressor.graph import count_state, tn_layers
+from compressor.plan import count_state
+from compressor.surgery import tn_layers
 from compressor.layers import TiedTNLinear, TNEmbedding
 from compressor.zoo import DigitsNet
 

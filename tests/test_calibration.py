@@ -14,7 +14,9 @@ from compressor.cli import main
 from compressor.config import CompressConfig
 from compressor.data import TensorLoader
 from compressor.errors import ConfigError, TargetError
-from compressor.graph import apply, plan, tn_layers
+from compressor.plan import StartFactors
+from compressor.planner import plan
+from compressor.surgery import apply, tn_layers
 from compressor.layers import TNLinear
 from compressor.selectors import get_selector
 
@@ -69,7 +71,7 @@ def test_input_grams_are_the_inputs_gram_matrices_with_padding_left_out():
             return self.inner(inputs)
 
     wrapped = Keyword()
-    the_plan = plan(wrapped, CompressConfig(min_params=1))
+    the_plan = plan(wrapped, CompressConfig(min_params=1).plan_options())
     grams = input_grams(wrapped, the_plan, [{"inputs": x, "attention_mask": mask}], batches=1)
     real = x[mask.bool()].double()
     assert torch.allclose(grams["inner.fc1"], real.T @ real, atol=1e-10)
@@ -113,14 +115,16 @@ def test_a_whitened_multi_mode_input_is_refused_with_one_line():
 
 
 def _start(model: nn.Module, x: torch.Tensor, config: CompressConfig):
-    the_plan = plan(model, config)
+    the_plan = plan(model, config.plan_options())
     loader = TensorLoader(x, None, 100)
     whiten = None
     if config.init == "activations":
         grams = input_grams(model, the_plan, loader, config.calibration_batches)
-        whiten = {n: whitening(g) for n, g in grams.items()}
-    start = get_selector("l0").prepare(the_plan, model, config, whiten)
-    gm = apply(model, the_plan, config, make_gate=get_selector("l0").gate_factory(config)).model.eval()
+        whiten = StartFactors({n: whitening(g) for n, g in grams.items()})
+    options = config.selector_options()
+    starts, start = get_selector("l0").prepare(the_plan, model, options, whiten)
+    gm = apply(model, the_plan, starts, sigma=config.sigma, seed=config.seed,
+               make_gate=get_selector("l0").gate_factory(options)).model.eval()
     return the_plan, start, gm
 
 
@@ -219,14 +223,14 @@ def test_svd_llm_keeps_one_share_in_every_layer_and_the_embedding_dense():
     shares = {name: layer.ranks[0] * sum(layer.modes) / math.prod(layer.modes) for name, layer in layers.items()}
     assert abs(shares["fc1"] - shares["fc2"]) < 0.05, shares  # one share, up to rounding a rank down
     # the share is the largest that meets the target: one more rank everywhere would miss it
-    the_plan = plan(model, CompressConfig(min_params=1, rank_select="svd-llm"))
-    from compressor.selectors import plan_params, svd_layout
-    the_plan.layers[:] = [lp for lp in the_plan.layers if lp.name != "embed"]  # as the selector leaves it
-    svd_layout(the_plan)
+    the_plan = plan(model, CompressConfig(min_params=1, rank_select="svd-llm").plan_options())
+    from compressor.plan import Skipped, plan_params
+    from compressor.selectors import svd_layout
+    the_plan = the_plan.leaving_dense([Skipped("embed", "embedding", "dense")])  # as the selector leaves it
     ranks = same_ratio_ranks(the_plan, 1.25)
     assert "embed" not in ranks and [ranks["fc1"], ranks["fc2"]] == [layers["fc1"].ranks[0], layers["fc2"].ranks[0]]
     bigger = {n: [r + 1, 1] for n, r in ranks.items()}
-    assert the_plan.dense_params / plan_params(the_plan, bigger, "tt") < 1.25
+    assert the_plan.dense_params / plan_params(the_plan, bigger, "tt", svd_layout(the_plan)) < 1.25
 
 
 def test_svd_llm_says_when_the_embedding_alone_is_too_big_for_the_target():
@@ -261,7 +265,7 @@ def test_an_embedding_is_calibrated_by_token_counts_with_padding_left_out():
     ids = _zipf_ids(200, 60, seed=1)
     mask = torch.ones_like(ids)
     mask[:5, 6:] = 0
-    the_plan = plan(model, CompressConfig(min_params=1))
+    the_plan = plan(model, CompressConfig(min_params=1).plan_options())
     grams = input_grams(model, the_plan, [{"input_ids": ids, "attention_mask": mask}], batches=1)
     assert torch.equal(grams["embed"], torch.bincount(ids[mask.bool()], minlength=60).double())
     factor = whitening(grams["embed"])
@@ -275,7 +279,7 @@ def test_token_counts_cover_more_batches_than_the_activations_and_stop_each_forw
     loader = [{"input_ids": ids[i:i + 4]} for i in range(0, 40, 4)]  # 10 batches
     heads_run = []
     model.head.register_forward_pre_hook(lambda mod, args: heads_run.append(1))
-    the_plan = plan(model, CompressConfig(min_params=1))
+    the_plan = plan(model, CompressConfig(min_params=1).plan_options())
     grams = input_grams(model, the_plan, loader, batches=2, count_batches=6)
     assert torch.equal(grams["embed"], torch.bincount(ids[:24].reshape(-1), minlength=60).double())
     x = model.embed(ids[:8]).detach().reshape(-1, 24)
@@ -295,7 +299,7 @@ def test_counting_stops_at_the_activations_batches_when_an_embedding_is_not_reac
     model = Skips()
     ids = _zipf_ids(400, 60, seed=5)
     loader = [{"input_ids": ids[i:i + 4]} for i in range(0, 40, 4)]
-    the_plan = plan(model, CompressConfig(min_params=1))
+    the_plan = plan(model, CompressConfig(min_params=1).plan_options())
     model.calls = 0  # planning traced the forward once
     grams = input_grams(model, the_plan, loader, batches=2, count_batches=6)
     assert torch.equal(grams["embed"], torch.bincount(ids[:8].reshape(-1), minlength=60).double())
@@ -331,10 +335,11 @@ def test_an_activations_start_weighs_the_embedding_by_counts_on_a_real_batch():
     model = Tokens(vocab=60, dim=24)
     ids = _zipf_ids(400, 60, seed=3)
     config = CompressConfig(target=1.5, init="activations", start_error=0.05, min_params=1)
-    the_plan = plan(model, config)
+    the_plan = plan(model, config.plan_options())
     loader = [{"input_ids": ids[i:i + 10]} for i in range(0, 40, 10)]
     grams = input_grams(model, the_plan, loader, 4)
-    start = get_selector("l0").prepare(the_plan, model, config, {n: whitening(g) for n, g in grams.items()})
+    whiten = StartFactors({n: whitening(g) for n, g in grams.items()})
+    _, start = get_selector("l0").prepare(the_plan, model, config.selector_options(), whiten)
     assert {s.name for s in start.layers if s.whitened} == {"embed", "head"}
     emb = next(s for s in start.layers if s.name == "embed")
     assert emb.layout.modes[0] == 60  # the whole vocabulary in one core, where the counts fold back

@@ -12,7 +12,7 @@ import torch
 from compressor import compress
 from compressor.data import TensorLoader
 from compressor.errors import ConfigError
-from compressor.graph import tn_layers
+from compressor.surgery import tn_layers
 from compressor.distributed import RoundRobin
 
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from compressor import tensornet as tn
 from compressor.config import CompressConfig
-from compressor.graph import apply, layer_weight, plan, tn_layers
+from compressor.planner import plan
+from compressor.surgery import apply, layer_weight, tn_layers
 from compressor.layers import layer_class
 from compressor.selectors import (
     START_ERROR,
@@ -49,31 +50,34 @@ def _linear(weight: torch.Tensor) -> OneLayer:
 
 
 def _start(model: nn.Module, config: CompressConfig):
-    """(plan, FaithfulStart, gated model at step 0 in evaluation mode) as ``compress`` builds them."""
+    """(plan, starts, FaithfulStart, gated model at step 0 in evaluation mode) as ``compress`` builds them."""
     selector = get_selector(config.rank_select)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers cannot be traced: the module walk warns
-        the_plan = plan(model, config)
-    start = selector.prepare(the_plan, model, config)
-    gm = apply(model, the_plan, config, make_gate=selector.gate_factory(config)).model.eval()
-    return the_plan, start, gm
+        the_plan = plan(model, config.plan_options())
+    options = config.selector_options()
+    starts, start = selector.prepare(the_plan, model, options)
+    gm = apply(model, the_plan, starts, sigma=config.sigma, seed=config.seed,
+               make_gate=selector.gate_factory(options)).model.eval()
+    return the_plan, starts, start, gm
 
 
-def _built_errors(model: nn.Module, the_plan, gm) -> dict[str, float]:
+def _built_errors(model: nn.Module, the_plan, starts, gm) -> dict[str, float]:
     """Relative Frobenius error of every built layer's weight against the dense one."""
     out = {}
     layers = tn_layers(gm)
     for lp in the_plan.layers:
         layer = layers[lp.name]
-        w = layer_class(lp.kind).weight_tensor(layer_weight(model, lp), lp.tensorization).reshape(layer.modes)
+        tz = starts.of(lp.name).layout.tensorization
+        w = layer_class(lp.kind).weight_tensor(layer_weight(model, lp), tz).reshape(layer.modes)
         with torch.no_grad():
             out[lp.name] = float(torch.linalg.norm(layer.dense_tensor().double() - w.double()) / torch.linalg.norm(w.double()))
     return out
 
 
-def _check_start_is_what_it_says(model, the_plan, start, gm, eps):
+def _check_start_is_what_it_says(model, the_plan, starts, start, gm, eps):
     """Each layer: built error within its recorded bound, faithful iff within eps, never above dense."""
-    errors = _built_errors(model, the_plan, gm)
+    errors = _built_errors(model, the_plan, starts, gm)
     layers = tn_layers(gm)
     for st in start.layers:
         layer = layers[st.name]
@@ -87,12 +91,12 @@ def _check_start_is_what_it_says(model, the_plan, start, gm, eps):
 
 def test_a_rank_4_matrix_starts_as_a_rank_4_matrix_factorization():
     model = _linear(_low_rank(256, 256, torch.tensor([4.0, 3.0, 2.0, 1.0]), seed=0))
-    the_plan, start, gm = _start(model, CompressConfig(target=2))
+    the_plan, starts, start, gm = _start(model, CompressConfig(target=2))
     (st,) = start.layers
-    layouts = [lay.modes for lay in candidate_layouts(plan(model, CompressConfig(target=2)).layers[0])]
+    layouts = [lay.modes for lay in candidate_layouts(plan(model, CompressConfig(target=2).plan_options()).layers[0])]
     assert (4, 8, 8, 4, 8, 8) in layouts and (256, 256) in layouts  # the default was a candidate, and lost
     assert st.layout.modes == (256, 256) and st.ranks == (4, 1) and st.params == 4 * 512
-    errors = _check_start_is_what_it_says(model, the_plan, start, gm, START_ERROR)
+    errors = _check_start_is_what_it_says(model, the_plan, starts, start, gm, START_ERROR)
     assert errors["layer"] < 1e-5
     # 28x already at the exact start: nothing left for the gates to give up, and the report can say so
     assert start.gates_idle and start.ratio > 20 and start.used_eps == TIGHTEST_ERROR
@@ -103,10 +107,10 @@ def test_a_weight_with_small_tensor_train_ranks_keeps_its_many_modes():
     modes, ranks = (4, 8, 8, 4, 8, 8), [1, 2, 2, 16, 2, 2, 1]
     cores = [torch.randn(ranks[k], n, ranks[k + 1], generator=g) for k, n in enumerate(modes)]
     model = _linear(tn.contract(cores).reshape(256, 256).T)  # W^T is the tensor
-    the_plan, start, gm = _start(model, CompressConfig(target=2))
+    the_plan, starts, start, gm = _start(model, CompressConfig(target=2))
     (st,) = start.layers
     assert st.layout.modes == modes and st.params <= tn.param_count(modes, ranks[1:]) < 16 * 512
-    errors = _check_start_is_what_it_says(model, the_plan, start, gm, START_ERROR)
+    errors = _check_start_is_what_it_says(model, the_plan, starts, start, gm, START_ERROR)
     assert errors["layer"] < 1e-4
 
 
@@ -115,46 +119,46 @@ def test_a_conv_whose_kernel_matrix_is_low_rank_starts_merged():
     with torch.no_grad():
         conv.weight.copy_(_low_rank(32, 16 * 9, torch.tensor([3.0, 2.0, 1.0]), seed=2).reshape(32, 16, 3, 3))
     model = OneLayer(conv)
-    the_plan, start, gm = _start(model, CompressConfig(target=2, decomp="tr"))
+    the_plan, starts, start, gm = _start(model, CompressConfig(target=2, decomp="tr"))
     (st,) = start.layers
     assert st.layout.merge_spatial and st.layout.modes == (144, 32) and st.params == 3 * (144 + 32)
-    assert the_plan.layers[0].decomp == "tt"  # a start is a train: no one-slice closing gate
+    assert starts.layers[0].decomp == "tt"  # a start is a train: no one-slice closing gate
     x = torch.randn(2, 16, 8, 8)
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x), atol=1e-4)
-    _check_start_is_what_it_says(model, the_plan, start, gm, START_ERROR)
+    _check_start_is_what_it_says(model, the_plan, starts, start, gm, START_ERROR)
 
 
 def test_a_full_rank_weight_cannot_start_faithfully_and_is_listed_at_its_best_within_dense():
     torch.manual_seed(3)
     model = _linear(torch.randn(128, 128))
-    the_plan, start, gm = _start(model, CompressConfig(target=2, start="faithful"))
+    the_plan, starts, start, gm = _start(model, CompressConfig(target=2, start="faithful"))
     (st,) = start.unfaithful
     assert st.name == "layer" and START_ERROR < st.error < 1
     # no layout can tell: the plan's own one, as faithful as the dense size allows
-    own = plan(model, CompressConfig(target=2)).layers[0]
+    own = plan(model, CompressConfig(target=2).plan_options()).layers[0]
     assert st.layout.tensorization == own.tensorization and st.layout.modes == (4, 4, 8, 4, 4, 8)
     assert 0.9 * 128 * 128 < st.params <= 128 * 128
-    _check_start_is_what_it_says(model, the_plan, start, gm, START_ERROR)
+    _check_start_is_what_it_says(model, the_plan, starts, start, gm, START_ERROR)
 
 
 def test_a_start_that_would_overshoot_the_target_is_made_more_faithful_instead():
     spectrum = torch.exp(-torch.arange(256) / 10.0)
     model = _linear(_low_rank(256, 256, spectrum, seed=4))
-    loose = faithful_start(plan(model, CompressConfig(target=3)), model, 100.0, "tr")
+    loose = faithful_start(plan(model, CompressConfig(target=3).plan_options()), model, 100.0, "tr").faithful
     assert loose.ratio > 3 and loose.used_eps == START_ERROR and not loose.gates_idle
-    the_plan, start, gm = _start(model, CompressConfig(target=3))
+    the_plan, starts, start, gm = _start(model, CompressConfig(target=3))
     assert TIGHTEST_ERROR < start.used_eps < START_ERROR
     assert 2.7 < start.ratio < 3 and not start.gates_idle  # just short of the target: the gates make the last cuts
     (st,) = start.layers
     assert st.faithful and st.error <= start.used_eps
-    _check_start_is_what_it_says(model, the_plan, start, gm, START_ERROR)
+    _check_start_is_what_it_says(model, the_plan, starts, start, gm, START_ERROR)
 
 
 def test_a_looser_tolerance_starts_smaller():
     spectrum = torch.exp(-torch.arange(128) / 12.0)
     model = _linear(_low_rank(128, 192, spectrum, seed=5))
-    sizes = [faithful_start(plan(model, CompressConfig(target=2)), model, 1000.0, "tt", eps).layers[0].params
+    sizes = [faithful_start(plan(model, CompressConfig(target=2).plan_options()), model, 1000.0, "tt", eps).faithful.layers[0].params
              for eps in (0.005, 0.02, 0.1)]
     assert sizes[0] > sizes[1] > sizes[2]
 
@@ -162,18 +166,18 @@ def test_a_looser_tolerance_starts_smaller():
 def test_user_tensorization_and_layer_ranks_are_kept(trained_digits_net):
     config = CompressConfig(target=2, tensorization={"fc1": ((8, 64), (96,))}, layer_ranks={"fc2": 3},
                             decomp="tt", start="faithful")
-    the_plan, start, gm = _start(trained_digits_net, config)
+    the_plan, starts, start, gm = _start(trained_digits_net, config)
     assert [s.name for s in start.layers] == ["fc1"]
     assert start.layers[0].layout.modes == (8, 64, 96) == tuple(tn_layers(gm)["fc1"].modes)
-    _check_start_is_what_it_says(trained_digits_net, the_plan, start, gm, START_ERROR)
+    _check_start_is_what_it_says(trained_digits_net, the_plan, starts, start, gm, START_ERROR)
     assert tn_layers(gm)["fc2"].ranks == [3, 3, 3, 1]  # the plain rank, capped per bond
 
 
 def test_the_gated_digits_net_at_step_0_keeps_the_dense_accuracy(trained_digits_net, digits):
     _, _, xte, yte = digits
     for selector in ("l0", "reinforce"):
-        the_plan, start, gm = _start(trained_digits_net, CompressConfig(target=6, rank_select=selector, start="faithful"))
-        _check_start_is_what_it_says(trained_digits_net, the_plan, start, gm, START_ERROR)
+        the_plan, starts, start, gm = _start(trained_digits_net, CompressConfig(target=6, rank_select=selector, start="faithful"))
+        _check_start_is_what_it_says(trained_digits_net, the_plan, starts, start, gm, START_ERROR)
         with torch.no_grad():
             dense, ours = trained_digits_net(xte), gm(xte)
         acc_dense = float((dense.argmax(1) == yte).float().mean())
@@ -195,9 +199,9 @@ def test_a_tiny_bert_with_pretrained_looking_weights_starts_faithful():
             k = min(rows, cols)
             w = _low_rank(rows, cols, torch.exp(-torch.arange(k) / (k / 8)), seed=10 + i, noise=0.01)
             mod.weight.copy_(w / w.norm() * mod.weight.norm())
-    the_plan, start, gm = _start(model, CompressConfig(target=2))
+    the_plan, starts, start, gm = _start(model, CompressConfig(target=2))
     assert len(start.layers) == 15 and not start.unfaithful  # embeddings and every encoder Linear
-    errors = _check_start_is_what_it_says(model, the_plan, start, gm, START_ERROR)
+    errors = _check_start_is_what_it_says(model, the_plan, starts, start, gm, START_ERROR)
     assert max(errors.values()) <= START_ERROR
     assert 1.2 < start.ratio < 2  # smaller than dense, and the gates still have the last cuts to make
     ids = torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(1))
@@ -212,27 +216,26 @@ def test_a_padded_vocabulary_may_start_unpadded_as_a_matrix():
     with torch.no_grad():
         emb.weight.copy_(_low_rank(1009, 32, torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]), seed=6))
     model = OneLayer(emb)
-    own = plan(model, CompressConfig(target=2)).layers[0]
+    own = plan(model, CompressConfig(target=2).plan_options()).layers[0]
     assert math.prod(own.tensorization[0]) > 1009
-    the_plan, start, gm = _start(model, CompressConfig(target=2))
+    the_plan, starts, start, gm = _start(model, CompressConfig(target=2))
     (st,) = start.layers
     assert st.layout.modes == (1009, 32) and st.ranks == (5, 1) and st.faithful
     idx = torch.arange(1009)
     with torch.no_grad():
         assert torch.allclose(gm(idx), model(idx), atol=1e-5)
-    _check_start_is_what_it_says(model, the_plan, start, gm, START_ERROR)
+    _check_start_is_what_it_says(model, the_plan, starts, start, gm, START_ERROR)
 
 
 def test_auto_falls_back_to_the_ladder_when_a_layer_cannot_start_faithfully():
     torch.manual_seed(3)
     model = _linear(torch.randn(128, 128))  # full rank: nothing low-rank to keep
-    the_plan = plan(model, CompressConfig(target=2))
-    start = get_selector("l0").prepare(the_plan, model, CompressConfig(target=2))
+    the_plan = plan(model, CompressConfig(target=2).plan_options())
+    starts, start = get_selector("l0").prepare(the_plan, model, CompressConfig(target=2).selector_options())
     assert start.chosen == "ladder" and len(start.unfaithful) == 1
-    ladder = plan(model, CompressConfig(target=2))
-    get_selector("l0").prepare(ladder, model, CompressConfig(target=2, start="ladder"))
-    assert [(lp.tensorization, lp.rank) for lp in the_plan.layers] == [(lp.tensorization, lp.rank) for lp in ladder.layers]
-    assert isinstance(the_plan.layers[0].rank, int)  # one ladder rank, not a bond list from the weights
+    ladder, _ = get_selector("l0").prepare(the_plan, model, CompressConfig(target=2, start="ladder").selector_options())
+    assert [(st.layout, st.ranks) for st in starts.layers] == [(st.layout, st.ranks) for st in ladder.layers]
+    assert isinstance(starts.layers[0].ranks, int)  # one ladder rank, not a bond list from the weights
 
 
 def test_the_report_says_how_the_run_started(trained_digits_net, digits_loaders):
@@ -255,12 +258,12 @@ def test_auto_keeps_the_faithful_start_when_the_ladder_would_start_past_a_mild_t
     model = OneLayer(nn.Linear(1024, 1024, bias=False))
     for target, chosen in ((1.5, "faithful"), (40.0, "ladder")):
         config = CompressConfig(target=target, min_params=1)
-        the_plan = plan(model, config)
-        start = get_selector("l0").prepare(the_plan, model, config)
+        the_plan = plan(model, config.plan_options())
+        starts, start = get_selector("l0").prepare(the_plan, model, config.selector_options())
         assert start.chosen == chosen and start.unfaithful
         if chosen == "faithful":  # the least-error layout within dense, not the plan's own split
-            own = faithful_start(plan(model, config), model, target, "tt").layers[0]
+            own = faithful_start(plan(model, config.plan_options()), model, target, "tt").faithful.layers[0]
             assert start.layers[0].error <= own.error and start.layers[0].params <= start.layers[0].dense
-        gm = apply(model, the_plan, config).model
+        gm = apply(model, the_plan, starts, sigma=config.sigma, seed=config.seed).model
         ratio = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in gm.parameters())
         assert ratio < target

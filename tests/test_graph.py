@@ -14,10 +14,17 @@ from compressor.checkpoint import read_metadata
 from compressor.config import CompressConfig
 from compressor.data import TensorLoader
 from compressor.errors import CheckpointError, ModelError
-from compressor.graph import Site, apply, plan, set_submodule, tn_layers
+from compressor.plan import Site, planned_starts
+from compressor.planner import plan
+from compressor.surgery import apply, set_submodule, tn_layers
 from compressor.layers import TiedTNLinear, TNLinear
 
 FULL = CompressConfig(target=1.1, rank=4096, decomp="tt", min_params=0)  # every bond at its exact rank
+
+
+def _apply(model, the_plan, config=FULL):
+    """``apply`` with every layer at the plan's own layout and the user's rank (``config.rank``)."""
+    return apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma, seed=config.seed)
 
 
 class Gained(nn.Module):
@@ -50,9 +57,9 @@ def test_apply_leaves_the_plan_and_model_alone_and_reports_sites():
     torch.manual_seed(0)
     model = Net().eval()
     config = CompressConfig(target=1.2, rank=64, decomp="tt", min_params=0)
-    the_plan = plan(model, config)  # fx sees head (a Linear); block's F.linear is not a module call
+    the_plan = plan(model, config.plan_options())  # fx sees head (a Linear); block's F.linear is not a module call
     before_plan, before_state = copy.deepcopy(the_plan), copy.deepcopy(model.state_dict())
-    applied = apply(model, the_plan, config)
+    applied = _apply(model, the_plan, config)
     assert the_plan == before_plan
     assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
     assert applied.sites == {"head": Site("head")}
@@ -66,10 +73,10 @@ def test_graph_layer_whose_name_is_taken_lives_under_a_new_name_and_round_trips(
     x = torch.randn(256, 48)
     program = _program(model, x)
     config = CompressConfig(target=1.5, rank=64, decomp="tt", min_params=0)
-    the_plan = plan(program, config)
+    the_plan = plan(program, config.plan_options())
     names = [lp.name for lp in the_plan.layers]
     assert "block" in names
-    applied = apply(program, the_plan, config)
+    applied = _apply(program, the_plan, config)
     assert [lp.name for lp in the_plan.layers] == names  # the plan is never renamed
     assert applied.sites["block"] == Site("block_tn", "block.weight", None)
     assert applied.homeless == {"block_tn"}
@@ -101,16 +108,16 @@ def test_transformer_encoder_layer_out_proj_is_skipped_and_its_mlp_compressed(ex
     model = Encoder().eval()
     x = torch.randn(3, 6, 32)
     if example:
-        the_plan = plan(model, FULL, example=x)
+        the_plan = plan(model, FULL.plan_options(), example=x)
         assert the_plan.source == "export"
     else:
         with pytest.warns(UserWarning, match="could not trace"):
-            the_plan = plan(model, FULL)
+            the_plan = plan(model, FULL.plan_options())
     reasons = {s.name: s.reason for s in the_plan.skipped}
     assert reasons == {"layer.self_attn.out_proj": "nn.MultiheadAttention computes with out_proj.weight itself "
                                                    "(F.multi_head_attention_forward), not by calling the layer"}
     assert {lp.name for lp in the_plan.layers} == {"layer.linear1", "layer.linear2", "head"}
-    slim = apply(model, the_plan, FULL).model
+    slim = _apply(model, the_plan).model
     with torch.no_grad():  # eval + no_grad takes torch's fused fast path, which reads linear1.weight itself
         assert (slim(x) - model(x)).abs().max() < 1e-4
     assert (slim(x) - model(x)).abs().max() < 1e-4
@@ -144,10 +151,10 @@ def test_reused_and_functionally_tied_weights_are_planned_once_and_explained(exa
     model = Reuse().eval()
     idx = torch.randint(0, 60, (4, 5))
     if example:  # make fx fail so the export analysis runs
-        import compressor.graph as graph
+        import compressor.trace as trace
 
-        monkeypatch.setattr(graph, "_fx_reads", lambda m: (_ for _ in ()).throw(RuntimeError("no fx")))
-    the_plan = plan(model, FULL, example=idx)
+        monkeypatch.setattr(trace, "_fx_reads", lambda m: (_ for _ in ()).throw(RuntimeError("no fx")))
+    the_plan = plan(model, FULL.plan_options(), example=idx)
     assert the_plan.source == ("export" if example else "module")
     assert [lp.name for lp in the_plan.layers] == ["block"]  # called twice, planned once
     reasons = {s.name: s.reason for s in the_plan.skipped}
@@ -155,7 +162,7 @@ def test_reused_and_functionally_tied_weights_are_planned_once_and_explained(exa
     assert "read outside the layer, by the model's forward" in reasons["emb"]
     assert reasons["scaled"] == "subclass Scaled of Linear overrides forward"
     assert reasons["unused"].startswith("never called by forward()")
-    slim = apply(model, the_plan, FULL).model
+    slim = _apply(model, the_plan).model
     with torch.no_grad():
         assert (slim(idx) - model(idx)).abs().max() < 1e-4
 
@@ -177,9 +184,9 @@ def test_a_module_under_two_names_is_replaced_under_both_and_round_trips(tmp_pat
     torch.manual_seed(0)
     model = Aliased().eval()
     x = torch.randn(5, 24)
-    the_plan = plan(model, FULL)
+    the_plan = plan(model, FULL.plan_options())
     assert [lp.name for lp in the_plan.layers] == ["a"] and not the_plan.skipped
-    slim = apply(model, the_plan, FULL).model
+    slim = _apply(model, the_plan).model
     assert slim.a is slim.inner.b and isinstance(slim.a, TNLinear)
     back = load(save(slim, tmp_path / "aliased.safetensors"), base=Aliased)
     assert back.a is back.inner.b
@@ -207,20 +214,20 @@ def test_options_for_a_tied_head_belong_to_its_source_and_an_unused_tied_head_is
     torch.manual_seed(0)
     model = TwoHeads().eval()
     with pytest.raises(ModelError, match="head shares its weight with emb: give its per-layer options to emb"):
-        plan(model, replace(FULL, layer_ranks={"head": 4}))
+        plan(model, replace(FULL, layer_ranks={"head": 4}).plan_options())
     model.forward = lambda idx: model.head2(model.emb(idx))  # head is never called now
-    the_plan = plan(model, FULL)
+    the_plan = plan(model, FULL.plan_options())
     assert the_plan.source == "module" and the_plan.layers[0].tied == ("head", "head2")
-    slim = apply(model, the_plan, FULL).model
+    slim = _apply(model, the_plan).model
     assert not any(t.shape == (60, 24) for t in slim.state_dict().values())  # no dense copy left behind
 
 
 def test_a_tie_whose_source_went_dense_refuses_to_save(tmp_path):
     torch.manual_seed(0)
     model = TwoHeads().eval()
-    the_plan = plan(model, FULL)
+    the_plan = plan(model, FULL.plan_options())
     assert the_plan.layers[0].tied == ("head", "head2") and len(the_plan.layers) == 1
-    slim = apply(model, the_plan, FULL).model
+    slim = _apply(model, the_plan).model
     assert isinstance(slim.head, TiedTNLinear) and slim.head2.source is slim.emb and slim.head2.bias is not None
     idx = torch.randint(0, 60, (3, 4))
     with torch.no_grad():
@@ -235,7 +242,7 @@ def test_a_doctored_tie_entry_is_refused_before_anything_is_built(tmp_path):
 
     torch.manual_seed(0)
     model = TwoHeads().eval()
-    slim = apply(model, plan(model, FULL), FULL).model
+    slim = _apply(model, plan(model, FULL.plan_options())).model
     path = save(slim, tmp_path / "tied.safetensors")
     meta = read_metadata(path)
     assert meta["version"] == 2 and set(meta["tied"]) == {"head", "head2"}
@@ -259,3 +266,18 @@ def test_a_doctored_tie_entry_is_refused_before_anything_is_built(tmp_path):
         save_file(tensors, str(doctored), metadata={"compressor": json.dumps(meta)})
         with pytest.raises(CheckpointError, match=f"tied layer '{name}'.*{message}|{message}.*tied layer '{name}'"):
             load(doctored, base=TwoHeads)
+
+
+def test_a_plan_is_a_frozen_value():
+    from dataclasses import FrozenInstanceError
+
+    model = Net().eval()
+    the_plan = plan(model, FULL.plan_options())
+    assert isinstance(the_plan.layers, tuple) and isinstance(the_plan.skipped, tuple)
+    with pytest.raises(FrozenInstanceError):
+        the_plan.layers[0].rank = 3
+    with pytest.raises(FrozenInstanceError):
+        the_plan.dense_params = 0
+    applied = _apply(model, the_plan)
+    with pytest.raises(FrozenInstanceError):
+        applied.model = model

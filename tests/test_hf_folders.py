@@ -143,7 +143,7 @@ def tokenized_batches(tokenizer, n_batches, seed, labels=False):
 @pytest.mark.parametrize("kind", ["encoder", "causal-lm"])
 def test_api_on_tiny_transformers_with_tokenizer_dicts(kind, tmp_path):
     from compressor import save
-    from compressor.graph import count_state
+    from compressor.plan import count_state
 
     torch.manual_seed(0)
     tok = word_tokenizer()

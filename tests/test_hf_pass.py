@@ -5,7 +5,6 @@ batch, then swaps factorized layers into the model itself. Tied weights are fact
 and shared, GPT-2's Conv1D is a linear layer, and every layer not compressed says why.
 """
 
-import copy
 import math
 
 import pytest
@@ -17,7 +16,9 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from compressor.checkpoint import load, read_metadata, save  # noqa: E402
 from compressor.config import CompressConfig  # noqa: E402
-from compressor.graph import apply, count_state, plan, tn_layers  # noqa: E402
+from compressor.plan import count_state, planned_starts  # noqa: E402
+from compressor.planner import plan  # noqa: E402
+from compressor.surgery import apply, tn_layers  # noqa: E402
 from compressor.layers import TiedTNLinear, TNConv1D, TNEmbedding  # noqa: E402
 
 VOCAB = 240
@@ -60,7 +61,7 @@ def planned():
     out = {}
     for name in ("bert", "llama", "gpt2"):
         model = tiny(name)
-        out[name] = (model, plan(model, FULL, example=batch()))
+        out[name] = (model, plan(model, FULL.plan_options(), example=batch()))
     return out
 
 
@@ -85,7 +86,7 @@ def test_plan_comes_from_export_accounts_for_every_layer_and_changes_nothing(pla
 
 def test_layers_too_small_to_gain_are_listed_with_the_reason():
     model = tiny("bert")
-    the_plan = plan(model, CompressConfig(target=1.5), example=batch())  # the default min_params
+    the_plan = plan(model, CompressConfig(target=1.5).plan_options(), example=batch())  # the default min_params
     small = {n for n, m in _layers(model).items() if m.weight.numel() < 1000}
     assert small and small == {s.name for s in the_plan.skipped if "too small to gain" in s.reason}
     assert {lp.name for lp in the_plan.layers} == set(_layers(model)) - small
@@ -94,7 +95,7 @@ def test_layers_too_small_to_gain_are_listed_with_the_reason():
 def test_without_an_example_the_module_walk_is_used_and_says_why():
     model = tiny("llama")
     with pytest.warns(UserWarning, match="no example input"):
-        the_plan = plan(model, FULL)
+        the_plan = plan(model, FULL.plan_options())
     assert the_plan.source == "module-walk"
     tied = {lp.name: lp.tied for lp in the_plan.layers}
     assert tied["model.embed_tokens"] == ("lm_head",)  # identity still finds the tie
@@ -104,7 +105,7 @@ def test_without_an_example_the_module_walk_is_used_and_says_why():
 @pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
 def test_full_rank_model_computes_what_the_dense_one_did_for_any_batch_shape(planned, name):
     model, the_plan = planned[name]
-    applied = apply(model, the_plan, FULL)
+    applied = apply(model, the_plan, planned_starts(the_plan, FULL.decomp), sigma=FULL.sigma, seed=FULL.seed)
     assert type(applied.model) is type(model)  # the user's own class, layers swapped by attribute
     for shape in ((2, 8), (3, 13)):
         inputs = batch(*shape, seed=shape[1])
@@ -120,10 +121,9 @@ def test_lower_ranks_approximate_and_the_error_falls_with_the_rank(planned):
     errors = []
     for rank in (2, 8, 4096):
         config = CompressConfig(target=1.1, rank=rank, decomp="tt", min_params=0)
-        the_plan = copy.deepcopy(full_plan)
-        for lp in the_plan.layers:
-            lp.rank = rank
-        errors.append(max_rel_diff(logits(apply(model, the_plan, config).model, inputs), ref))
+        starts = planned_starts(full_plan, config.decomp, {lp.name: rank for lp in full_plan.layers})
+        slim = apply(model, full_plan, starts, sigma=config.sigma, seed=config.seed).model
+        errors.append(max_rel_diff(logits(slim, inputs), ref))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4 and errors[0] < 1.0
 
 
@@ -135,7 +135,7 @@ def test_llama_tied_embedding_is_planned_once_shared_counted_once_and_round_trip
     assert "lm_head" not in {lp.name for lp in the_plan.layers} | {s.name for s in the_plan.skipped}
     assert emb_plan[0].params_before == VOCAB * 32  # the shared table once
 
-    applied = apply(model, the_plan, FULL)
+    applied = apply(model, the_plan, planned_starts(the_plan, FULL.decomp), sigma=FULL.sigma, seed=FULL.seed)
     slim = applied.model
     emb, head = slim.model.embed_tokens, slim.lm_head
     assert isinstance(emb, TNEmbedding) and isinstance(head, TiedTNLinear) and head.source is emb
@@ -167,7 +167,7 @@ def test_gpt2_conv1d_layers_are_factorized_and_round_trip(planned, tmp_path):
     assert conv1d and all(kinds[n] == "conv1d" for n in conv1d)
     lp = next(lp for lp in the_plan.layers if lp.name == "transformer.h.0.mlp.c_fc")
     assert lp.shape == (128, 32)  # planned as the Linear it is: (out, in)
-    slim = apply(model, the_plan, FULL).model
+    slim = apply(model, the_plan, planned_starts(the_plan, FULL.decomp), sigma=FULL.sigma, seed=FULL.seed).model
     layer = slim.get_submodule("transformer.h.0.mlp.c_fc")
     assert isinstance(layer, TNConv1D)
     dense = layer.to_dense()  # back to dense: a Conv1D again, with the stored (in, out) layout
@@ -185,10 +185,10 @@ def test_bert_masked_lm_head_shares_the_table_and_keeps_its_shared_bias():
     model = transformers.BertForMaskedLM(config).eval()
     with torch.no_grad():
         model.cls.predictions.bias.normal_()
-    the_plan = plan(model, FULL, example=batch())
+    the_plan = plan(model, FULL.plan_options(), example=batch())
     word = next(lp for lp in the_plan.layers if lp.name == "bert.embeddings.word_embeddings")
     assert word.tied == ("cls.predictions.decoder",)
-    slim = apply(model, the_plan, FULL).model
+    slim = apply(model, the_plan, planned_starts(the_plan, FULL.decomp), sigma=FULL.sigma, seed=FULL.seed).model
     decoder = slim.cls.predictions.decoder
     assert isinstance(decoder, TiedTNLinear) and decoder.bias is slim.cls.predictions.bias
     inputs = batch(2, 7)  # BERT's padding row (token 0) appears: the tied head uses the stored row too
@@ -198,7 +198,7 @@ def test_bert_masked_lm_head_shares_the_table_and_keeps_its_shared_bias():
 
 def test_skip_embedding_keeps_a_tied_embedding_and_its_head_dense():
     model = tiny("llama")
-    the_plan = plan(model, CompressConfig(skip=("embedding",), min_params=1), example=batch())
+    the_plan = plan(model, CompressConfig(skip=("embedding",), min_params=1).plan_options(), example=batch())
     names = {lp.name for lp in the_plan.layers}
     assert "model.embed_tokens" not in names and "lm_head" not in names
     assert any(n.endswith("mlp.down_proj") for n in names)  # the rest is still compressed

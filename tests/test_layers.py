@@ -313,7 +313,7 @@ def test_inspect_reports_merge_spatial_conv_checkpoint(tmp_path):
     import compressor
     from compressor.cli import main
     from compressor.data import TensorLoader
-    from compressor.graph import tn_layers
+    from compressor.surgery import tn_layers
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),

@@ -9,7 +9,9 @@ from compressor.cli import main
 from compressor.config import CompressConfig
 from compressor.data import TensorLoader
 from compressor.errors import ConfigError
-from compressor.graph import apply, plan, replace_module, tn_layers
+from compressor.plan import planned_starts
+from compressor.planner import plan
+from compressor.surgery import apply, replace_module, tn_layers
 from compressor.refit import refit_layers
 from test_calibration import TwoLayers, _anisotropic
 
@@ -67,17 +69,18 @@ def test_without_refit_the_slim_layers_keep_what_the_gate_phase_trained():
 def test_refit_gives_a_layer_that_went_dense_its_pretrained_weight_back():
     model = TwoLayers()
     config = CompressConfig(target=2, decomp="tt", rank=4, min_params=1, refit=True)
-    the_plan = plan(model, config)
-    applied = apply(model, the_plan, config)
+    the_plan = plan(model, config.plan_options())
+    starts = planned_starts(the_plan, config.decomp)  # the user's rank, in each layer's own layout
+    applied = apply(model, the_plan, starts, sigma=config.sigma, seed=config.seed)
     went_dense = tn_layers(applied.model)["fc2"].to_dense()
     replace_module(applied.model, "fc2", went_dense)
     with torch.no_grad():
         went_dense.weight.add_(1.0)
         for core in applied.model.fc1.cores:
             core.mul_(1.5)
-    assert refit_layers(applied.model, model, the_plan, applied, config) == 2
+    assert refit_layers(applied.model, model, the_plan, starts, applied.sites, config.seed) == 2
     assert torch.equal(applied.model.fc2.weight, model.fc2.weight)
-    start = apply(model, the_plan, config).model  # the same ranks, fitted afresh
+    start = apply(model, the_plan, starts, sigma=config.sigma, seed=config.seed).model  # the same ranks, fitted afresh
     assert all(torch.equal(a, b) for a, b in zip(applied.model.fc1.cores, start.fc1.cores))
 
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -6,7 +8,8 @@ from compressor.errors import CompressorError
 from compressor.config import CompressConfig
 from compressor.data import TensorLoader
 from compressor.gates import BernoulliGate
-from compressor.graph import apply, plan, tn_layers
+from compressor.planner import plan
+from compressor.surgery import apply, tn_layers
 from compressor.selectors import get_selector, selector_names
 from compressor.tensornet import contract
 
@@ -26,9 +29,10 @@ def test_every_selector_reaches_the_target(trained_digits_net, digits, selector)
 def _build(config, model):
     """The run's model at step 0: planned, laid out and sized by the selector, gated or not."""
     selector = get_selector(config.rank_select)
-    the_plan = plan(model, config)
-    selector.prepare(the_plan, model, config)
-    return apply(model, the_plan, config, make_gate=selector.gate_factory(config)).model
+    the_plan = plan(model, config.plan_options())
+    options = config.selector_options()
+    starts, _ = selector.prepare(the_plan, model, options)
+    return apply(model, the_plan, starts, sigma=config.sigma, seed=config.seed, make_gate=selector.gate_factory(options)).model
 
 
 def _relative_error(config, model):
@@ -92,16 +96,17 @@ def test_baselines_build_ungated_layers_at_their_final_ranks(trained_digits_net,
 
 
 def test_a_new_selector_registers_itself_and_is_accepted_by_the_config(trained_digits_net):
-    from compressor.selectors import L0Selector, RankSelector
+    from compressor.selectors import L0Selector, Prepared, RankSelector
 
     class HalfRank(L0Selector, name="test-half"):
         help = "l0 gates from half the generous rank"
 
-        def prepare(self, the_plan, module, config):
-            super().prepare(the_plan, module, config)
-            for lp in the_plan.layers:
-                lp.rank = ([max(1, r // 2) for r in lp.rank] if isinstance(lp.rank, list)
-                           else max(1, lp.rank // 2))  # a faithful start's bonds, or one ladder rank
+        def prepare(self, the_plan, module, options, whiten=None):
+            starts, start = super().prepare(the_plan, module, options, whiten)
+            halved = tuple(replace(st, ranks=max(1, st.ranks // 2) if isinstance(st.ranks, int)
+                                   else tuple(max(1, r // 2) for r in st.ranks))  # a faithful start's bonds,
+                           for st in starts.layers)                                # or one ladder rank
+            return Prepared(replace(starts, layers=halved), start)
 
     try:
         assert "test-half" in selector_names()
@@ -140,3 +145,36 @@ def test_fixed_ranks_count_the_padding_row_and_meet_the_target(selector):
     assert report.ratio >= 3 and not report.forced
     emb = tn_layers(res.model)["emb"]
     assert torch.equal(emb.padding_row, model.emb.weight[0].detach())
+
+
+def test_svd_llm_returns_its_embeddings_as_kept_dense_and_the_report_lists_them():
+    from test_calibration import Lookup
+
+    model = Lookup()
+    config = CompressConfig(target=1.25, decomp="tt", rank_select="svd-llm", min_params=1)
+    the_plan = plan(model, config.plan_options())
+    starts, faithful = get_selector("svd-llm").prepare(the_plan, model, config.selector_options())
+    assert faithful is None and [st.name for st in starts.layers] == ["fc1", "fc2"]
+    assert [(s.name, s.reason) for s in starts.dense] == [("embed", "svd-llm leaves embeddings dense")]
+    assert "embed" in {lp.name for lp in the_plan.layers}  # the planner's plan is left as it was
+    assert [lp.name for lp in the_plan.leaving_dense(starts.dense).layers] == ["fc1", "fc2"]
+    ids = torch.randint(0, 100, (40, 10), generator=torch.Generator().manual_seed(0))
+    res = compress(model, [{"input_ids": ids[i:i + 10]} for i in range(0, 40, 10)], "tt", "1.25x",
+                   rank_select="svd-llm", epochs=0, min_params=1)
+    assert [layer.name for layer in res.report.layers] == ["fc1", "fc2"]
+    assert res.report.skipped[-1] == {"name": "embed", "kind": "embedding", "reason": "svd-llm leaves embeddings dense"}
+
+
+def test_selectors_read_typed_options_and_return_their_starts():
+    import inspect
+
+    from compressor.selectors import Prepared, RankSelector, SelectorOptions
+
+    for selector in RankSelector.registry.values():
+        for method in ("prepare", "gate_factory", "needs_calibration"):
+            signature = inspect.signature(getattr(selector, method))
+            assert signature.parameters["options"].annotation == "SelectorOptions", (selector.name, method)
+            assert "Any" not in str(signature), (selector.name, method)
+        assert inspect.signature(selector.prepare).return_annotation == "Prepared"
+    assert set(SelectorOptions.__dataclass_fields__) >= {"target", "decomp", "rank", "start", "init"}
+    assert Prepared._fields == ("starts", "faithful")

@@ -9,7 +9,8 @@ from compressor import compress
 from compressor.calibration import input_grams, start_factors, whitening
 from compressor.config import CompressConfig
 from compressor.errors import ConfigError
-from compressor.graph import apply, plan, tn_layers
+from compressor.planner import plan
+from compressor.surgery import apply, tn_layers
 from compressor.layers import TNEmbedding
 from compressor.refit import refit_layers
 from compressor.selectors import get_selector
@@ -36,7 +37,7 @@ class TiedLM(nn.Module):
 
 
 def _calibrated(model: TiedLM, ids: torch.Tensor):
-    the_plan = plan(model, CompressConfig(min_params=1))
+    the_plan = plan(model, CompressConfig(min_params=1).plan_options())
     loader = [{"input_ids": ids[i:i + 20]} for i in range(0, len(ids), 20)]
     return the_plan, input_grams(model, the_plan, loader, len(loader))
 
@@ -54,7 +55,7 @@ def test_calibration_observes_the_tied_head_and_factors_its_gram_matrix():
     hidden = (model.embed(ids) @ model.body).detach().reshape(-1, DIM).double()
     assert torch.allclose(grams["head"], hidden.T @ hidden, rtol=1e-5)
     factors = start_factors(model, the_plan, grams)
-    assert set(factors) == {"embed"} and set(factors.heads) == {"embed"}
+    assert set(factors.inputs) == {"embed"} and set(factors.heads) == {"embed"}
     assert torch.allclose(factors.heads["embed"], whitening(grams["head"]))
 
 
@@ -63,7 +64,7 @@ def test_the_two_sided_start_is_the_weighted_truncation_folded_back_and_fits_the
     ids = _zipf_ids(800, VOCAB, seed=5)
     the_plan, grams = _calibrated(model, ids)
     factors = start_factors(model, the_plan, grams)
-    counts, head = factors["embed"], factors.heads["embed"]
+    counts, head = factors.inputs["embed"], factors.heads["embed"]
     e = model.embed.weight.detach().double()
     with torch.no_grad():
         dense_logits = model(ids)
@@ -89,17 +90,18 @@ def test_an_activations_start_and_its_refit_fit_a_tied_embedding_to_both_sides()
     ids = _zipf_ids(800, VOCAB, seed=6)
     config = CompressConfig(target=1.5, init="activations", start_error=0.05, min_params=1, decomp="tt")
     the_plan, grams = _calibrated(model, ids)
-    start = get_selector("l0").prepare(the_plan, model, config, start_factors(model, the_plan, grams))
-    lp = the_plan.layers[0]
-    assert start.layers[0].head_weighted and lp.whiten_out is not None and lp.tensorization == MATRIX
-    applied = apply(model, the_plan, config)
+    starts, start = get_selector("l0").prepare(the_plan, model, config.selector_options(),
+                                               start_factors(model, the_plan, grams))
+    st = starts.of("embed")
+    assert start.layers[0].head_weighted and st.whiten_out is not None and st.layout.tensorization == MATRIX
+    applied = apply(model, the_plan, starts, sigma=config.sigma, seed=config.seed)
     layer = tn_layers(applied.model)["embed"]
-    expected = _start(model, layer.ranks[0], lp.whiten, lp.whiten_out)
+    expected = _start(model, layer.ranks[0], st.whiten, st.whiten_out)
     with torch.no_grad():
         assert torch.allclose(layer(torch.arange(VOCAB)), expected(torch.arange(VOCAB)), atol=1e-5)
         for core in layer.cores:
             core.mul_(0.5)  # what a gate phase might leave; the refit starts again from both factors
-    assert refit_layers(applied.model, model, the_plan, applied, config) == 1
+    assert refit_layers(applied.model, model, the_plan, starts, applied.sites, config.seed) == 1
     with torch.no_grad():
         assert torch.allclose(layer(torch.arange(VOCAB)), expected(torch.arange(VOCAB)), atol=1e-5)
 

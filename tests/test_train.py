@@ -7,15 +7,18 @@ from compressor.config import CompressConfig
 from compressor.controller import SizeMeter, TargetController, planned_ratio
 from compressor.data import TensorLoader
 from compressor.gates import L0Gate
-from compressor.graph import apply, plan, tn_layers
+from compressor.plan import planned_starts
+from compressor.planner import plan
+from compressor.surgery import apply, tn_layers
 from compressor.runspec import DEFAULT_GATE_LR, begin_run, default_epochs, gate_lr
 from compressor.train import FineTune, cosine_lr
 
 
 def _gated(model, target=4.0):
     config = CompressConfig(target=target, rank=16)
-    the_plan = plan(model, config)
-    gm = apply(model, the_plan, config, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+    the_plan = plan(model, config.plan_options())
+    gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+               seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
     return gm, SizeMeter(gm, the_plan.dense_params)
 
 
@@ -71,9 +74,9 @@ def test_gate_means_are_bounded(trained_digits_net):
 
 def test_gates_started_above_the_usual_bound_are_not_pulled_down(trained_digits_net):
     config = CompressConfig(target=4.0, rank=16)
-    the_plan = plan(trained_digits_net, config)
-    gm = apply(trained_digits_net, the_plan, config,
-               make_gate=lambda size, dtype: L0Gate(size, mu_init=2.0, dtype=dtype)).model
+    the_plan = plan(trained_digits_net, config.plan_options())
+    gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+               seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, mu_init=2.0, dtype=dtype)).model
     meter = SizeMeter(gm, the_plan.dense_params)
     gate = meter.gates()[0]
     with torch.no_grad():
@@ -87,9 +90,9 @@ def test_calibration_ignores_how_far_above_one_the_gates_are_parked(trained_digi
     lams = []
     for mu in (1.0, 2.0):
         config = CompressConfig(target=4.0, rank=16)
-        the_plan = plan(trained_digits_net, config)
-        gm = apply(trained_digits_net, the_plan, config,
-                   make_gate=lambda size, dtype: L0Gate(size, mu_init=mu, dtype=dtype)).model
+        the_plan = plan(trained_digits_net, config.plan_options())
+        gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+                   seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, mu_init=mu, dtype=dtype)).model
         meter = SizeMeter(gm, the_plan.dense_params)
         torch.manual_seed(0)
         lams.append(_controller(meter, 10.0).calibrate(lambda: torch.nn.functional.cross_entropy(gm(x), y)))
@@ -149,7 +152,7 @@ def test_finetune_freezes_at_the_target_and_keeps_it(trained_digits_net, digits)
     gm, meter = _gated(trained_digits_net)
     target = 1.5 * meter.ratio()  # the gates must close slices to get there
     config = CompressConfig(target=target, rank=16, epochs=2)
-    the_plan = plan(trained_digits_net, config)
+    the_plan = plan(trained_digits_net, config.plan_options())
     dense_params = the_plan.dense_params
     events = []
     loader = TensorLoader(xtr, ytr, 64, shuffle=True)
@@ -178,7 +181,7 @@ def test_a_short_budget_reaches_the_target_through_the_gates_not_by_force(traine
     target = 1.3 * meter.ratio()
     config = CompressConfig(target=target, rank=16, epochs=1, max_steps=16, gate_lr=rate)
     events = []
-    the_plan = plan(trained_digits_net, config)
+    the_plan = plan(trained_digits_net, config.plan_options())
     loader = TensorLoader(digits[0], digits[1], 64, shuffle=True)
     spec = begin_run(config.settled(len(the_plan.layers)), loader, gm, the_plan.dense_params)
     assert spec.schedule.gate_steps == 8 and spec.gates.lr == (rate or gate_lr(None, meter.gates()[0].travel(), 8))
@@ -203,8 +206,9 @@ def test_force_on_thousands_of_slices_closes_the_least_valuable_in_rounds_and_la
     model = _Wide()
     config = CompressConfig(target=2.0, decomp="tt", layer_ranks={"fc": [512, 1]},
                             tensorization={"fc": ((1024,), (1024,))}, min_params=1)
-    the_plan = plan(model, config)
-    gm = apply(model, the_plan, config, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+    the_plan = plan(model, config.plan_options())
+    gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+               seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
     layer = tn_layers(gm)["fc"]
     weak = torch.arange(0, 512, 2)  # every other slice made 100x weaker: these must go first
     with torch.no_grad():
@@ -237,10 +241,11 @@ def test_forced_closing_keeps_a_floor_on_every_bond_and_drops_it_only_when_the_t
     model = _WideAndNarrow()
     config = CompressConfig(target=2.0, decomp="tt", layer_ranks={"wide": [256, 1], "narrow": [64, 1]},
                             tensorization={"wide": ((2048,), (256,)), "narrow": ((64,), (64,))}, min_params=1)
-    the_plan = plan(model, config)
+    the_plan = plan(model, config.plan_options())
     # at 115x even every bond at its floor (wide 2, narrow 1) gives only 111.6x: the floor must go
     for target, floor_holds in ((1.6, True), (115.0, False)):
-        gm = apply(model, the_plan, config, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
+        gm = apply(model, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+                   seed=config.seed, make_gate=lambda size, dtype: L0Gate(size, dtype=dtype)).model
         meter = SizeMeter(gm, the_plan.dense_params)
         TargetController(meter, target, 100).force()
         wide = tn_layers(gm)["wide"].open_ranks()[0]

@@ -13,7 +13,9 @@ from compressor.controller import SizeMeter, TargetController
 from compressor.data import TensorLoader
 from compressor.errors import DataError
 from compressor.gates import BernoulliGate
-from compressor.graph import apply, count_params, plan
+from compressor.plan import count_params, planned_starts
+from compressor.planner import plan
+from compressor.surgery import apply
 from compressor.layers import TNEmbedding, TNLinear
 from compressor.selectors import get_selector
 
@@ -63,8 +65,9 @@ def test_a_loader_that_runs_dry_is_a_clear_error_not_a_hang(trained_digits_net, 
 def test_reinforce_give_back_reopens_for_real(trained_digits_net):
     config = CompressConfig(target=4, rank_select="reinforce", rank=16)
     selector = get_selector("reinforce")
-    the_plan = plan(trained_digits_net, config)
-    gm = apply(trained_digits_net, the_plan, config, make_gate=selector.gate_factory(config)).model
+    the_plan = plan(trained_digits_net, config.plan_options())
+    gm = apply(trained_digits_net, the_plan, planned_starts(the_plan, config.decomp), sigma=config.sigma,
+               seed=config.seed, make_gate=selector.gate_factory(config.selector_options())).model
     meter = SizeMeter(gm, the_plan.dense_params)
     assert isinstance(meter.gates()[0], BernoulliGate)
     target = 2 * meter.ratio()
@@ -231,8 +234,8 @@ def test_grouped_convs_are_skipped_with_the_same_reason_from_a_pt2(digits):
     x = digits[0][:256]
     program = torch.export.export(model, (x[:4].clone(),), dynamic_shapes=({0: torch.export.Dim("b")},))
     config = CompressConfig(target=2, min_params=100)
-    from_module = {s.name: s.reason for s in plan(model, config).skipped}
-    from_graph = {s.name: s.reason for s in plan(program, config).skipped}
+    from_module = {s.name: s.reason for s in plan(model, config.plan_options()).skipped}
+    from_graph = {s.name: s.reason for s in plan(program, config.plan_options()).skipped}
     assert "grouped convolution (groups=16)" in from_module["depthwise"]
     assert from_graph["depthwise"] == from_module["depthwise"]
     res = compress(program, TensorLoader(x, None, 64), "tr", 1.5, min_params=100, epochs=1)
@@ -307,7 +310,7 @@ def test_tied_and_reused_weights_are_planned_once_and_never_crash(how, as_progra
     source = (torch.export.export(model, (idx[:4],), dynamic_shapes=({0: torch.export.Dim("b")},))
               if as_program else model)
     config = CompressConfig(target=1.1, min_params=100)
-    the_plan = plan(source, config)
+    the_plan = plan(source, config.plan_options())
     sharers = [u for lp in the_plan.layers for u in lp.tied]
     names = [lp.name for lp in the_plan.layers] + sharers + [s.name for s in the_plan.skipped]
     assert len(names) == len(set(names))  # nothing planned or reported twice
