@@ -1,6 +1,6 @@
-"""The architecture the README promises holds in the code.
+"""The architecture docs/architecture.md promises holds in the code.
 
-* imports run down the README's module map, never back up (a module may import only
+* imports run down docs/architecture.md's module map, never back up (a module may import only
   modules listed above it), type-only imports included: there are none left to hide a circle
   behind ``if TYPE_CHECKING``, and no module reaches another through an import circle;
 * every module of the package is on the map;
@@ -23,8 +23,8 @@ MAX_CLASS_LINES = 250
 
 
 def _module_map() -> list[str]:
-    """Module names in the order of the README's module map table."""
-    text = (ROOT / "README.md").read_text()
+    """Module names in the order of docs/architecture.md's module map table."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
     section = text[text.index("Module map"):]
     order = []
     for line in section.splitlines():
