@@ -108,9 +108,23 @@ def save(model: nn.Module | Blueprinted, path: str | os.PathLike, extra: dict[st
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers users train and serve with: ``torch.compile``'s
+    ``OptimizedModule`` (``_orig_mod``) and DDP / ``DataParallel`` (``module``). Their state dict
+    prefixes every name, which would not load onto the base model."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def _model_and_blueprint(slim: Any, blueprint: Blueprint | None) -> tuple[nn.Module, Blueprint]:
     """The model to save and the blueprint describing it (an explicit ``blueprint`` wins)."""
     if isinstance(slim, nn.Module):
+        slim = unwrapped(slim)
         return slim, blueprint if blueprint is not None else blueprint_of(slim)
     if isinstance(slim, Blueprinted) and isinstance(slim.model, nn.Module):
         return slim.model, blueprint if blueprint is not None else slim.blueprint

@@ -2,6 +2,7 @@
 that never had one (rebuilt by ``load``, or its layers moved into a new module) is saved
 correctly all the same; nothing is ever stored on the model."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -71,6 +72,16 @@ def test_a_model_rebuilt_by_load_saves_again_with_the_same_description(module_ru
     # With the file's own blueprint, the description is written back whole (run's target included).
     same = save(rebuilt, tmp_path / "same.safetensors", blueprint=read_blueprint(first))
     assert read_metadata(same) == meta
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["torch.compile", "DataParallel"])
+def test_a_wrapped_slim_model_saves_as_the_model_inside(module_run, digits, tmp_path, wrap):
+    res, xte = module_run, digits[2]
+    plain = save(res.model, tmp_path / "plain.safetensors")
+    # A copy: torch.compile marks the module it wraps. Saved without "_orig_mod." / "module." prefixes.
+    wrapped = save(wrap(copy.deepcopy(res.model)), tmp_path / "wrapped.safetensors")
+    assert read_metadata(wrapped) == read_metadata(plain)
+    assert torch.equal(_logits(load(wrapped, base=DigitsNet), xte), _logits(res.model, xte))
 
 
 def test_slim_layers_moved_into_a_new_module_save_and_load_onto_a_matching_base(digits, tmp_path):
