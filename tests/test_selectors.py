@@ -17,10 +17,19 @@ from compressor.tensornet import contract
 @pytest.mark.parametrize("selector", ["uniform", "energy", "svd", "reinforce"])
 def test_every_selector_reaches_the_target(trained_digits_net, digits, selector):
     xtr, ytr, xte, yte = digits
+    with torch.no_grad():  # the dense accuracy, counted by hand
+        dense = float((trained_digits_net(xte).argmax(1) == yte).float().mean())
     res = compress(trained_digits_net, TensorLoader(xtr, ytr, 64, shuffle=True), "tr", "6x",
                    eval_loader=TensorLoader(xte, yte, 512), rank_select=selector, epochs=2)
     assert res.report.ratio >= 6
-    assert res.report.accuracy > 0.6
+    with torch.no_grad():  # the compressed model's accuracy, counted by hand as well
+        own = float((res.model.eval()(xte).argmax(1) == yte).float().mean())
+    assert res.report.accuracy == pytest.approx(own, abs=1e-6)
+    # Margin measured over seeds 0, 1, 2 (compress seed and loader seed) for these four
+    # selectors against a dense 97.8 %: the largest drop was 3.6 points (reinforce, seed 2),
+    # the others 0.8 points or less; 6 points leaves 1.5x headroom. Random cores of matched
+    # scale trained the same 2 epochs reach only 69.6-78.0 %, far below.
+    assert res.report.accuracy >= dense - 0.06, (res.report.accuracy, dense)
     if selector == "uniform":
         ranks = res.report.layers[0].final_ranks
         assert len(set(r for r in ranks[1:-1])) <= 2  # one rank, capped only where a mode is small
