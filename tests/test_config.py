@@ -70,4 +70,10 @@ def test_invalid_target_raises_target_error(target):
 def test_none_means_the_tool_chooses():
     config = CompressConfig(rank=None, lam=None, epochs=None, max_steps=None, lr=None, filter_fn=None)
     assert config.rank is None and config.lr is None
+    # None reaches what reads it, and survives a copy through the config's own fields
+    assert config.plan_options().rank is None and config.selector_options().rank is None
+    from dataclasses import fields
+    again = CompressConfig(**{f.name: getattr(config, f.name) for f in fields(config)})
+    assert again == config and again.rank is None and again.plan_options() == config.plan_options()
+    assert CompressConfig(rank=8).plan_options().rank == 8 and CompressConfig(rank=8).selector_options().rank == 8
     assert CompressConfig(epochs=0, lam=0.0, rank=8, layer_ranks={"fc1": [4, 6]}).epochs == 0

@@ -91,7 +91,10 @@ def test_cores_and_gates_take_the_models_dtype(trained_digits_net, digits, dtype
     layers = tn_layers(result.model)
     assert layers and all(c.dtype == dtype for layer in layers.values() for c in layer.cores)
     assert 4.0 <= result.report.ratio <= 4.2
-    assert result.report.accuracy >= result.report.dense_accuracy - (0.05 if dtype == torch.float64 else 0.15)
+    # Measured over seeds 0, 1, 2 (compress and loader seed) for the bfloat16 model: drops of
+    # -0.3, 0.3 and 0.8 points against a dense 97.8 %; 3 points leaves over 3x headroom (the
+    # float64 model tracks float32, whose drops on this net stay under 1 point).
+    assert result.report.accuracy >= result.report.dense_accuracy - 0.03
 
 
 def test_bf16_autocast_fine_tunes_a_float32_model(trained_digits_net, digits):

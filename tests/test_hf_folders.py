@@ -117,6 +117,11 @@ def test_cli_folder_in_folder_out_and_load_alone(bert_folder, tmp_path):
     original = load_model_folder(bert_folder / "model")
     inputs = tok(sentences(12, seed=7), padding=True, truncation=True, max_length=128, return_tensors="pt")
     assert cosine == pytest.approx(mean_cosine(slim, original, dict(inputs)), abs=1e-4) and 0.5 < cosine <= 1.0
+    with torch.no_grad():  # the same figure computed here: mask-weighted mean of the last hidden states, then cosine
+        m = inputs["attention_mask"][..., None].float()
+        pooled = [(net(**inputs).last_hidden_state * m).sum(1) / m.sum(1) for net in (slim, original)]
+        by_hand = float(((pooled[0] * pooled[1]).sum(-1) / (pooled[0].norm(dim=-1) * pooled[1].norm(dim=-1))).mean())
+    assert cosine == pytest.approx(by_hand, abs=1e-4)
 
 
 def test_cli_folder_bad_inputs(bert_folder, tmp_path):

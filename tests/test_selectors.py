@@ -17,10 +17,19 @@ from compressor.tensornet import contract
 @pytest.mark.parametrize("selector", ["uniform", "energy", "svd", "reinforce"])
 def test_every_selector_reaches_the_target(trained_digits_net, digits, selector):
     xtr, ytr, xte, yte = digits
+    with torch.no_grad():  # the dense accuracy, counted by hand
+        dense = float((trained_digits_net(xte).argmax(1) == yte).float().mean())
     res = compress(trained_digits_net, TensorLoader(xtr, ytr, 64, shuffle=True), "tr", "6x",
                    eval_loader=TensorLoader(xte, yte, 512), rank_select=selector, epochs=2)
     assert res.report.ratio >= 6
-    assert res.report.accuracy > 0.6
+    with torch.no_grad():  # the compressed model's accuracy, counted by hand as well
+        own = float((res.model.eval()(xte).argmax(1) == yte).float().mean())
+    assert res.report.accuracy == pytest.approx(own, abs=1e-6)
+    # Margin measured over seeds 0, 1, 2 (compress seed and loader seed) for these four
+    # selectors against a dense 97.8 %: the largest drop was 3.6 points (reinforce, seed 2),
+    # the others 0.8 points or less; 6 points leaves 1.5x headroom. Random cores of matched
+    # scale trained the same 2 epochs reach only 69.6-78.0 %, far below.
+    assert res.report.accuracy >= dense - 0.06, (res.report.accuracy, dense)
     if selector == "uniform":
         ranks = res.report.layers[0].final_ranks
         assert len(set(r for r in ranks[1:-1])) <= 2  # one rank, capped only where a mode is small
@@ -93,6 +102,17 @@ def test_baselines_build_ungated_layers_at_their_final_ranks(trained_digits_net,
     gm = _build(CompressConfig(target=6, rank_select=name), trained_digits_net)
     layers = tn_layers(gm)
     assert layers and all(not layer.gated for layer in layers.values())
+    for layer in layers.values():  # the bonds the cores really have are the ranks the layer reports
+        ranks = list(layer.ranks)
+        assert [(c.shape[0], c.shape[-1]) for c in layer.cores] == [(ranks[i - 1], ranks[i]) for i in range(len(ranks))]
+    if name == "uniform":  # one rank, capped only where a mode is small
+        assert len(set(ranks[1:-1])) <= 2
+    # The target is met by the model as built (parameters counted here), and not by a wide
+    # margin: the selectors size the ranks to the target. Measured at step 0 on this net:
+    # uniform 6.44x, energy 6.02-6.09x, svd 6.42x; 10 % above the target bounds them all.
+    dense = sum(p.numel() for p in trained_digits_net.parameters())
+    ratio = dense / sum(p.numel() for p in gm.parameters())
+    assert 6.0 <= ratio <= 6.6, ratio
 
 
 def test_a_new_selector_registers_itself_and_is_accepted_by_the_config(trained_digits_net):

@@ -118,15 +118,43 @@ def test_update_steers_lambda_then_reports_reached_or_forced(trained_digits_net)
     assert easy.update(3) == "reached"
 
 
+def _grad_l1(loss, params):
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return sum(float(g.abs().sum()) for g in grads if g is not None)
+
+
 def test_calibrate_balances_task_and_penalty_gradients(trained_digits_net, digits):
+    """At step 0 the penalty's pull on the gate means, λ·|∂penalty/∂μ|₁, is the documented
+    share (CALIBRATION_SHARE = 5 %) of the task's pull |∂task/∂μ|₁. Both gradients are
+    recomputed here with plain autograd; the ratio must lie within a factor of 1.5 of the
+    share (the calibration is an exact ratio, so any drift means the balance broke). A task
+    loss scaled by 10 must scale λ by 10: a constant λ cannot pass."""
+    from compressor.controller import CALIBRATION_SHARE
+
     gm, meter = _gated(trained_digits_net)
     control = _controller(meter, 10.0)
     x, y = digits[0][:64], digits[1][:64]
-    lam = control.calibrate(lambda: torch.nn.functional.cross_entropy(gm(x), y))
+
+    def task():
+        torch.manual_seed(0)  # same gate noise for the calibration and the check below
+        return torch.nn.functional.cross_entropy(gm(x), y)
+
+    lam = control.calibrate(task)
     assert math.isfinite(lam) and lam > 0 and lam != 1.0
     assert control.lam == 1.0  # measured, not yet given: under torchrun the ranks agree on their mean first
     control.start_from(lam)
     assert control.lam == lam
+
+    mus = [g.mu for g in meter.gates()]
+    assert all(float(mu.detach().max()) <= 1.0 for mu in mus)  # default gates start at most at 1: no clamp needed
+    t = _grad_l1(task(), mus)
+    p = _grad_l1(meter.penalty(control.penalty_kind), mus)
+    assert t > 0 and p > 0
+    share = lam * p / t
+    assert CALIBRATION_SHARE / 1.5 <= share <= CALIBRATION_SHARE * 1.5, share
+
+    lam10 = _controller(meter, 10.0).calibrate(lambda: 10 * task())
+    assert lam10 == pytest.approx(10 * lam, rel=1e-3)
 
 
 def test_the_controller_state_round_trips(trained_digits_net):
