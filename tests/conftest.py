@@ -8,6 +8,8 @@ from torch import nn
 from compressor.data import TensorLoader, load_digits_data, split_holdout
 from compressor.zoo import DigitsNet
 
+pytest_plugins = ["pytester"]  # tests/test_dependencies.py runs pytest on a copy of this file
+
 
 @pytest.fixture(scope="session")
 def digits():
