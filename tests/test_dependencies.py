@@ -46,6 +46,18 @@ def test_digits_without_scikit_learn_from_python_is_one_data_error(no_sklearn):
         resolve_data("digits")
 
 
+def test_plot_without_matplotlib_says_which_extra_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(main, [str(LENET5), "--target", "5x", "--data", "digits", "-o", str(out),
+                                       "--plot", str(tmp_path / "run.png")])
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --plot needs matplotlib"), result.stderr
+    assert "pip install 'compressor[plot]'" in lines[0]
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------ extras in the package's metadata
 
 def _extra(name: str) -> set[str]:
