@@ -26,12 +26,10 @@ def no_sklearn(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
 
 
-@pytest.mark.parametrize("command", ["run", "eval"])
-def test_digits_without_scikit_learn_says_which_extra_to_install(no_sklearn, tmp_path, command):
+def test_digits_without_scikit_learn_says_which_extra_to_install(no_sklearn, tmp_path):
     out = tmp_path / "x.safetensors"
-    args = ([str(LENET5), "--decomp", "tr", "--target", "5x", "--data", "digits", "-o", str(out), "--epochs", "1"]
-            if command == "run" else ["eval", str(LENET5), "--data", "digits"])
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, [str(LENET5), "--decomp", "tr", "--target", "5x", "--data", "digits",
+                                       "-o", str(out), "--epochs", "1"])
     assert result.exit_code == 2, (result.exit_code, result.output)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -158,7 +156,8 @@ def test_the_gpu_skip_alone_passes_in_ci(with_our_conftest, monkeypatch):
 
 def test_a_module_skipped_at_collection_fails_in_ci(with_our_conftest, monkeypatch):
     monkeypatch.setenv("COMPRESSOR_CI_NO_SKIPS", "1")
-    with_our_conftest.makepyfile('import pytest\npytest.importorskip("no_such_module_xyz")\n\ndef test_x():\n    pass\n')
+    with_our_conftest.makepyfile(test_skipped='import pytest\npytest.importorskip("no_such_module_xyz")\n',
+                                 test_runs="def test_runs():\n    pass\n")
     result = with_our_conftest.runpytest("-rs")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*skips that fail CI*", "*no_such_module_xyz*"])
