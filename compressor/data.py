@@ -29,6 +29,7 @@ __all__ = [
     "fashion_mnist_dir",
     "load_fashion_mnist",
     "load_digits_data",
+    "DIGITS_HINT",
     "load_tensor_file",
     "TensorLoader",
     "split_holdout",
@@ -49,6 +50,10 @@ _FASHION_FILES = {
 # IDX magic numbers: two zero bytes, type code 0x08 (unsigned byte), number of dims.
 _IDX_IMAGES_MAGIC = 0x00000803
 _IDX_LABELS_MAGIC = 0x00000801
+
+#: What to install for ``--data digits`` (scikit-learn, an optional extra).
+DIGITS_HINT = ("the 'digits' data set needs scikit-learn, which is optional: "
+               "install it with `pip install 'compressor[digits]'` (or `pip install scikit-learn`)")
 
 _ACCEPTED_SPECS = (
     "'fashion-mnist', 'fashion-mnist:/path/to/idx-folder', 'digits', "
@@ -176,15 +181,14 @@ def load_digits_data() -> Tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled 8x8 digits (1,797 images) as float32 (N,1,8,8) in [0,1]
     and int64 labels.
 
-    Ships inside the sklearn wheel, so it is the dataset that exists everywhere: the
-    default for quick tests and examples.
+    Ships inside the sklearn wheel, so it needs no download: the data set of the tests and
+    quick demos. scikit-learn is not a core dependency but the ``digits`` extra (the core
+    install stays small); without it this raises one :class:`DataError` naming the extra.
     """
     try:
         from sklearn.datasets import load_digits
-    except ImportError:  # pragma: no cover - sklearn is a dependency
-        raise DataError(
-            "the 'digits' data set needs scikit-learn; install it with `pip install scikit-learn`"
-        ) from None
+    except ImportError:
+        raise DataError(DIGITS_HINT) from None
     bunch = load_digits()
     x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / np.float32(16.0))
     y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))

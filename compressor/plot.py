@@ -16,7 +16,7 @@ def check_available() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install matplotlib") from None
+        raise ConfigError("--plot needs matplotlib, which is optional: install it with `pip install 'compressor[plot]'` (or `pip install matplotlib`)") from None
 
 
 def plot_run(report, path: str | Path) -> Path:

@@ -8,6 +8,8 @@ from torch import nn
 from compressor.data import TensorLoader, load_digits_data, split_holdout
 from compressor.zoo import DigitsNet
 
+pytest_plugins = ["pytester"]  # tests/test_dependencies.py runs pytest on a copy of this file
+
 
 @pytest.fixture(scope="session")
 def digits():
@@ -66,3 +68,50 @@ def real_fashion_mnist() -> Path:
     pytest.fail(f"real Fashion-MNIST is missing from {DEBIAN_FASHION_MNIST} ({', '.join(missing)}): install it with "
                 f"`apt-get install dataset-fashion-mnist` (.ci/run does), or set {SKIP_FASHION_MNIST_ENV}=1 "
                 "to skip the tests that need it on purpose", pytrace=False)
+
+
+# Skips in CI. pytest prints every skip's reason (`-rs` in pyproject's addopts). A skip hides a
+# feature that no longer runs, so in CI (.ci/run sets COMPRESSOR_CI_NO_SKIPS=1) the run fails
+# when any test skips for a reason other than the GPU ones below: CI has no GPU, so the GPU
+# test skips there and nothing else may. Locally (the variable unset) skips only show in the
+# summary, so a developer without the Fashion-MNIST package can still run the rest.
+CI_NO_SKIPS_ENV = "COMPRESSOR_CI_NO_SKIPS"
+#: Skip reasons allowed in CI: the GPU test on a machine without CUDA, and the one check that
+#: needs a machine without CUDA (tests/test_distributed.py).
+GPU_SKIP_REASONS = frozenset({"no GPU on this machine", "this machine has a GPU"})
+_unexpected_skips: list[tuple[str, str]] = []
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+
+
+def _note_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if reason not in GPU_SKIP_REASONS:
+            _unexpected_skips.append((report.nodeid, reason))
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def pytest_collectreport(report):  # a module-level importorskip skips at collection
+    _note_skip(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get(CI_NO_SKIPS_ENV) == "1" and _unexpected_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if os.environ.get(CI_NO_SKIPS_ENV) == "1" and _unexpected_skips:
+        terminalreporter.section("skips that fail CI", sep="=", red=True, bold=True)
+        for nodeid, reason in _unexpected_skips:
+            terminalreporter.line(f"{nodeid}: {reason}")
+        terminalreporter.line(f"{len(_unexpected_skips)} skipped for a reason other than the GPU's; "
+                              f"{CI_NO_SKIPS_ENV}=1 makes that a failure (only the GPU test may skip)")
