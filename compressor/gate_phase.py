@@ -22,7 +22,7 @@ from torch import nn
 from .controller import SizeMeter, TargetController
 from .distributed import World
 from .surgery import evaluation_mode, replace_module, set_training, tn_layers
-from .resume import random_state_kept
+from .resume import random_state_kept, set_loader_epoch
 from .runspec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,14 @@ class GatePhase:
 
         Calibrated in training mode, the mode the gate phase runs in: the task gradient it
         balances is the one the steps see, through noisy gates (evaluation-mode gates give
-        another, several times larger gradient), whatever mode the model came in."""
+        another, several times larger gradient), whatever mode the model came in. The batch is
+        the first of the first epoch, however often the loader was read before (the fit check,
+        calibration, an evaluation on the same loader)."""
         if self.spec.gates.lam is not None:
             self.control.start_from(self.spec.gates.lam)
         elif not self.frozen:
             set_training(self.model, True)
+            set_loader_epoch(self.loader, 0)  # the first training batch, whatever passes came before
             batch = next(iter(self.loader))
             lam = self.control.calibrate(lambda: self.task_loss(batch))
             self.control.start_from(self.world.sum([lam])[0] / self.world.size)  # every rank starts alike

@@ -23,6 +23,8 @@ TARGET = 8.0
 def _run(model, digits, **kwargs):
     xtr, ytr, _, _ = digits
     loader = TensorLoader(xtr, ytr, 64, shuffle=True, seed=0)
+    if kwargs.get("eval_loader") == "the training loader":
+        kwargs["eval_loader"] = loader  # each evaluation moves its epoch counter
     return compress(copy.deepcopy(model), loader, "tr", TARGET, **RUN, **kwargs)
 
 
@@ -59,14 +61,17 @@ def test_gates_learn_in_this_setting(plain_run):
     assert plain_run.report.ratio >= TARGET
 
 
-@pytest.mark.parametrize("how", ["tensor loader", "torch DataLoader", "logging callback"])
+@pytest.mark.parametrize("how", ["tensor loader", "torch DataLoader", "the training loader", "logging callback"])
 def test_a_run_is_the_same_evaluated_or_not(plain_run, trained_digits_net, digits, how):
-    """Without ``eval_loader``, with one (step 0 and every epoch: a loader of our own, or a
-    ``DataLoader`` drawing a base seed per pass), or with a callback drawing random numbers:
+    """Without ``eval_loader``, with one (step 0 and every epoch: a loader of our own, a
+    ``DataLoader`` drawing a base seed per pass, or the training loader itself, whose epoch
+    counter each evaluation moves), or with a callback drawing random numbers:
     the same seed gives the same ranks, steps, ratio and weights, bit for bit."""
     _, _, xte, yte = digits
     if how == "tensor loader":
         kwargs = {"eval_loader": TensorLoader(xte, yte, 256)}
+    elif how == "the training loader":
+        kwargs = {"eval_loader": how}
     elif how == "torch DataLoader":
         data = torch.utils.data.TensorDataset(xte, yte)
         kwargs = {"eval_loader": torch.utils.data.DataLoader(data, batch_size=256)}
