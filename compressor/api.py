@@ -22,7 +22,7 @@ from .distributed import World
 from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .plan import CompressionPlan, Site, Starts, count_params, count_state, min_params
 from .trace import as_module
-from .surgery import Applied, apply, set_training, tn_layers
+from .surgery import Applied, apply, evaluation_mode, set_training, tn_layers
 from .blueprint import Blueprint
 from .selectors import FaithfulStart, get_selector
 from .blocks import shared_blocks
@@ -30,7 +30,7 @@ from .batches import ForwardFn, check_labels, describe_inputs, forward, require_
 from .losses import count_correct
 from .refit import refit_layers
 from .report import LayerReport, Report, history_fields, start_summary
-from .resume import load_state
+from .resume import load_state, random_state_kept
 from .runspec import begin_run
 from .train import TrainEvent, TrainHistory, finetune
 
@@ -49,18 +49,19 @@ def evaluate(model: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = 
     """Top-1 accuracy of ``model`` on a loader of labelled batches (per token for sequences).
 
     Under several processes each counts its own batches and the counts are summed, so every
-    rank gets the accuracy over all of them."""
-    was_training = model.training
-    set_training(model, False)
+    rank gets the accuracy over all of them.
+
+    A side measurement: every submodule is left in the mode it was in, and no random
+    generator moves (a ``DataLoader`` draws a base seed per pass), so a run evaluated every
+    epoch trains exactly as one never evaluated."""
     correct = seen = 0
-    with torch.no_grad():
+    with evaluation_mode(model), random_state_kept(), torch.no_grad():
         for batch in loader:
             ran = forward(model, batch, forward_fn)
             if ran.labels is None:
                 raise DataError("accuracy needs labels: the evaluation loader yields inputs only")
             right, counted = count_correct(ran)
             correct, seen = correct + right, seen + counted
-    set_training(model, was_training)
     correct, seen = World.current().sum([correct, seen])
     if seen == 0:
         raise DataError("the evaluation loader is empty")
@@ -285,17 +286,12 @@ def _check_applied(model: nn.Module, batch: Any, forward_fn: ForwardFn | None) -
     fallback), fails here with a clear error instead of a raw one minutes later. Runs in
     evaluation mode, so no gate noise, dropout or BatchNorm statistics are touched.
     """
-    modes = {m: m.training for m in model.modules()}
-    set_training(model, False)
     try:
-        with torch.no_grad():
+        with evaluation_mode(model), torch.no_grad():
             forward(model, batch, forward_fn)
     except Exception as exc:
         raise ModelError(f"the model fails once its layers are factorized ({first_line(exc, 200)}); a layer's "
                          "weight is probably used outside the layer: leave that layer out with filter_fn") from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _resolve_config(config: CompressConfig | None, decomp: str | None, target: Any,

@@ -43,7 +43,7 @@ from .batches import ForwardFn, attention_mask, forward, split_batch
 from .distributed import World
 from .layers import layer_class
 from .plan import CompressionPlan, LayerPlan, StartFactors
-from .surgery import set_training
+from .surgery import evaluation_mode
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,9 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
         return {}
     seen = _Observer({lp.name: lp.shape[0] for lp in the_plan.layers if is_counted(lp) and lp.name in names})
     handles = [model.get_submodule(name).register_forward_pre_hook(seen.hook(name)) for name in names]
-    was_training = model.training
-    set_training(model, False)
     counted = batches
     try:
-        with torch.no_grad():
+        with evaluation_mode(model), torch.no_grad():
             total = max(batches, count_batches) if seen.sizes else batches
             for i, batch in enumerate(itertools.islice(iter(loader), total)):
                 seen.counting, seen.fired = i >= batches, set()
@@ -161,7 +159,6 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
     finally:
         for h in handles:
             h.remove()
-        set_training(model, was_training)
     world = world or World.current()
     for name in names:  # the same order on every rank (the same layers run on any batch)
         if name in seen.grams:

@@ -21,8 +21,8 @@ from torch import nn
 
 from .controller import SizeMeter, TargetController
 from .distributed import World
-from .surgery import replace_module, set_training, tn_layers
-from .resume import random_state_kept
+from .surgery import evaluation_mode, replace_module, set_training, tn_layers
+from .resume import random_state_kept, set_loader_epoch
 from .runspec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,18 @@ class GatePhase:
         return self.control.lam
 
     def start(self) -> None:
-        """λ for the first step: the user's, or calibrated on the first batch (the ranks' mean)."""
+        """λ for the first step: the user's, or calibrated on the first batch (the ranks' mean).
+
+        Calibrated in training mode, the mode the gate phase runs in: the task gradient it
+        balances is the one the steps see, through noisy gates (evaluation-mode gates give
+        another, several times larger gradient), whatever mode the model came in. The batch is
+        the first of the first epoch, however often the loader was read before (the fit check,
+        calibration, an evaluation on the same loader)."""
         if self.spec.gates.lam is not None:
             self.control.start_from(self.spec.gates.lam)
         elif not self.frozen:
+            set_training(self.model, True)
+            set_loader_epoch(self.loader, 0)  # the first training batch, whatever passes came before
             batch = next(iter(self.loader))
             lam = self.control.calibrate(lambda: self.task_loss(batch))
             self.control.start_from(self.world.sum([lam])[0] / self.world.size)  # every rank starts alike
@@ -147,13 +155,8 @@ class GatePhase:
 
     def _mean_task_loss(self, batches: list[Any]) -> float:
         """Mean task loss of the model in evaluation mode on ``batches``, over every rank."""
-        was_training = self.model.training
-        set_training(self.model, False)
-        try:
-            with torch.no_grad(), self.spec.autocast(self.model):
-                total = sum(float(self.task_loss(batch)) for batch in batches)
-        finally:
-            set_training(self.model, was_training)
+        with evaluation_mode(self.model), torch.no_grad(), self.spec.autocast(self.model):
+            total = sum(float(self.task_loss(batch)) for batch in batches)
         total, count = self.world.sum([total, float(len(batches))])
         return total / max(count, 1.0)
 

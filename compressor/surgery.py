@@ -8,13 +8,14 @@ a ``call_module`` node. A module that shared the weight computes from the new la
 (:func:`tie_in`). Neither the model nor the plan is changed.
 
 Also the model utilities the later stages share: :func:`tn_layers`, :func:`tied_layers`,
-:func:`set_training`, :func:`replace_module`, and :func:`site_in`, where a checkpoint's layer goes.
+:func:`set_training`, :func:`evaluation_mode`, :func:`replace_module`, and :func:`site_in`, where a checkpoint's layer goes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,22 @@ def set_training(module: nn.Module, mode: bool) -> nn.Module:
         for sub in module.modules():
             sub.training = mode
     return module
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in evaluation mode for a block, then every submodule back in its own mode.
+
+    Restoring only the top module's flag would flatten a model whose parts are in different
+    modes (a factorized layer training inside a model in evaluation mode, a frozen BatchNorm),
+    so whether a run was evaluated, probed or checked would change how it trains."""
+    modes = [(m, m.training) for m in module.modules()]
+    set_training(module, False)
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _aten_args(node: fx.Node) -> dict[str, Any]:
@@ -188,6 +205,7 @@ def apply(model: Any, the_plan: CompressionPlan, starts: Starts, *, sigma: float
         if progress:
             progress(lp.name, i, len(the_plan.layers))
         layer = build_layer(lp, by_name[lp.name], dense_source(module, lp), sigma, gen, make_gate)
+        layer.train(_mode_of(module, lp))  # the mode of what it replaces, not a new module's default
         site = _graph_site(module, lp) if lp.weight_attr is not None else Site(lp.name)
         swap_in(module, site, layer)
         sites[lp.name] = site
@@ -195,6 +213,11 @@ def apply(model: Any, the_plan: CompressionPlan, starts: Starts, *, sigma: float
             tie_in(module, user, layer)
             tied[user] = site.name
     return Applied(module, sites, tied)
+
+
+def _mode_of(module: nn.Module, lp: LayerPlan) -> bool:
+    """Whether the layer ``lp`` replaces is in training mode (a graph's weight: the graph's mode)."""
+    return module.get_submodule(lp.name).training if lp.weight_attr is None else module.training
 
 
 def tie_in(module: nn.Module, name: str, source: TNLayer) -> None:

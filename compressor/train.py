@@ -33,7 +33,8 @@ from .gate_phase import GatePhase
 from .gates import reinforce_surrogate
 from .surgery import set_training
 from .losses import task_loss
-from .resume import Position, ResumeError, RunInterrupted, StopRequest, check_same_run, restore_model, save_state
+from .resume import (Position, ResumeError, RunInterrupted, StopRequest, check_same_run, random_state_kept,
+                     restore_model, save_state)
 from .runspec import RunSpec
 
 #: Steps between snapshots of the last good state (restored if the loss turns NaN).
@@ -209,7 +210,7 @@ class FineTune:
         self.total = spec.schedule.total_steps
         self.world = World.current()
         self.runner = self.world.wrap(model)  # what a training step calls: DDP with several processes
-        self.emit = (callback if self.world.main else None) or (lambda e: None)
+        self.emit = _side_effect_free(callback) if callback is not None and self.world.main else (lambda e: None)
         self.evaluate, self.resume_state = evaluate, resume_state
         self.history = TrainHistory(gate_lr=spec.gates.lr)
         self.passes = Passes(model, teacher, spec)
@@ -299,6 +300,7 @@ class FineTune:
         else:
             self.history.reopened = self.gates.give_back()
         message = self._prune(refit=True)
+        set_training(self.model, True)  # the weight phase trains whatever the probe or refit left
         self.history.frozen_at = self.position.step
         self._snapshot()
         self.optimizers = self._optimizers()
@@ -331,11 +333,11 @@ class FineTune:
         the state there and raises :class:`~compressor.resume.RunInterrupted`.
         """
         try:
+            if self.teacher is not None:
+                set_training(self.teacher, False)
             self._start()
             self._event("start", ratio=self.gates.control.start_ratio if self.position.step == 0 else
                         self.gates.meter.ratio())
-            if self.teacher is not None:
-                set_training(self.teacher, False)
             self._snapshot()
             with StopRequest(enabled=self.spec.state_file is not None) as stop:
                 while self.position.step < self.total:
@@ -364,6 +366,7 @@ class FineTune:
         if self.resume_state is not None:
             self._restore(self.resume_state)
             return
+        set_training(self.model, True)  # whatever mode it came in (and whether it was evaluated at step 0)
         self.gates.start()
         if self.gates.frozen:
             self._prune(refit=False)
@@ -423,6 +426,15 @@ class FineTune:
         self.position = Position.saved(state)
         self.tallies = tuple(Tally(**t) for t in state["tallies"])
         self.history.resumed_from = self.position.step
+
+
+def _side_effect_free(callback: Callable[[TrainEvent], None]) -> Callable[[TrainEvent], None]:
+    """``callback`` run without moving the run's random generators: what a progress display
+    or a user's logging draws cannot change the training."""
+    def emit(event: TrainEvent) -> None:
+        with random_state_kept():
+            callback(event)
+    return emit
 
 
 def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, spec: RunSpec, *,
