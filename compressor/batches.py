@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import DataError
+from .trace import unwrapped
 
 #: ``forward_fn(model, batch) -> (output, labels)``: how to run a model on a batch of any shape.
 ForwardFn = Callable[[nn.Module, Any], "tuple[Any, torch.Tensor | None]"]
@@ -52,9 +53,7 @@ class Ran:
 def predicts_next_token(model: nn.Module) -> bool:
     """A Hugging Face causal LM (``...ForCausalLM``, ``...LMHeadModel``): by its convention the
     labels are the input ids, unshifted, and the loss compares position t with token t + 1."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    name = type(model).__name__
+    name = type(unwrapped(model)).__name__
     return name.endswith(("ForCausalLM", "LMHeadModel"))
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-import torch
-from torch import fx, nn
+from torch import nn
 
 from .errors import CheckpointError
 from .plan import Site, count_state, tensor_key
 from .surgery import tn_layers
+from .trace import is_export_graph
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,6 @@ class Blueprinted(Protocol):
 
     model: nn.Module
     blueprint: Blueprint
-
-
-def is_export_graph(model: nn.Module) -> bool:
-    """True for a module traced by ``torch.export`` (its graph calls aten operators): there a
-    factorized layer replaced an aten call, and which one cannot be told from the model."""
-    return isinstance(model, fx.GraphModule) and any(
-        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes)
 
 
 def dense_size(model: nn.Module) -> int:

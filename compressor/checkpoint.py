@@ -32,7 +32,7 @@ from .errors import CheckpointError, CompressorError, ModelError, first_line
 from .files import atomic_write, read_safetensors, read_safetensors_header
 from .plan import Site, count_state, tensor_key
 from .surgery import set_submodule, set_training, site_in, swap_in, tied_layers, tn_layers
-from .trace import as_module, is_graph_model
+from .trace import as_module, is_graph_model, unwrapped
 from .layers import TiedTNLinear, TNLayer, layer_class, tied_head_size
 from .model_files import load_model
 
@@ -106,19 +106,6 @@ def save(model: nn.Module | Blueprinted, path: str | os.PathLike, extra: dict[st
         meta["aliases"] = aliases
     header = {"compressor": json.dumps(meta)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-
-
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside the wrappers users train and serve with: ``torch.compile``'s
-    ``OptimizedModule`` (``_orig_mod``) and DDP / ``DataParallel`` (``module``). Their state dict
-    prefixes every name, which would not load onto the base model."""
-    while True:
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def _model_and_blueprint(slim: Any, blueprint: Blueprint | None) -> tuple[nn.Module, Blueprint]:

@@ -40,6 +40,28 @@ def is_graph_model(module: nn.Module) -> bool:
     )
 
 
+def is_export_graph(model: nn.Module) -> bool:
+    """True for a module traced by ``torch.export`` (its graph calls aten operators), even once
+    every Linear / Conv2d / Embedding call was replaced by a factorized layer, which
+    :func:`is_graph_model` no longer sees: a slim graph's layers cannot tell which aten call
+    each replaced."""
+    return isinstance(model, fx.GraphModule) and any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers users train and serve with: ``torch.compile``'s
+    ``OptimizedModule`` (``_orig_mod``) and DDP / ``DataParallel`` (``module``). Their state dict
+    prefixes every name, which would not load onto the base model."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def get_attr(root: nn.Module, target: str) -> Any:
     """The attribute at dotted path ``target`` (a graph's ``get_attr`` target)."""
     obj: Any = root
