@@ -35,6 +35,7 @@ from compressor import compress, evaluate  # noqa: E402
 from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
 from compressor.selectors import DEFAULT_SELECTOR, get_selector, selector_names  # noqa: E402
+from provenance import code_version  # noqa: E402
 from rows import parse_row, row_name, row_of  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 
@@ -99,6 +100,7 @@ def main() -> None:
                        "accuracy": r.accuracy,
                        "seconds": time.perf_counter() - t0, "steps": r.steps, "forced": r.forced,
                        "ratio_before_force": r.ratio_before_force, "refitted": res.history.refitted,
+                       "chosen": r.chosen, "code": code_version(),
                        "layers": [{"name": l.name, "initial_ranks": l.initial_ranks, "final_ranks": l.final_ranks,
                                    "params_after": l.params_after, "kept_dense": l.kept_dense} for l in r.layers]}
                 runs.append(run)
@@ -117,7 +119,7 @@ def write_outputs(result, json_path: Path, out: Path, suffix: str) -> None:
 
 
 def _result(args, dense_acc, runs, started):
-    return {"command": " ".join(["python"] + sys.argv), "quick": args.quick, "epochs": args.epochs,
+    return {"command": " ".join(["python"] + sys.argv), "code": code_version(), "quick": args.quick, "epochs": args.epochs,
             "decomp": args.decomp, "dense_accuracy": dense_acc, "seconds": time.perf_counter() - started,
             "threads": torch.get_num_threads(), "runs": runs, "summary": summarize(runs)}
 
