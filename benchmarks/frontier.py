@@ -40,6 +40,8 @@ from rows import parse_row, row_name, row_of  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 
 SELECTORS = list(selector_names())
+#: The code this process runs, read once: the tree may change while a long grid runs.
+CODE = code_version()
 
 
 def main() -> None:
@@ -100,7 +102,7 @@ def main() -> None:
                        "accuracy": r.accuracy,
                        "seconds": time.perf_counter() - t0, "steps": r.steps, "forced": r.forced,
                        "ratio_before_force": r.ratio_before_force, "refitted": res.history.refitted,
-                       "chosen": r.chosen, "code": code_version(),
+                       "chosen": r.chosen, "code": CODE,
                        "layers": [{"name": l.name, "initial_ranks": l.initial_ranks, "final_ranks": l.final_ranks,
                                    "params_after": l.params_after, "kept_dense": l.kept_dense} for l in r.layers]}
                 runs.append(run)
@@ -119,7 +121,7 @@ def write_outputs(result, json_path: Path, out: Path, suffix: str) -> None:
 
 
 def _result(args, dense_acc, runs, started):
-    return {"command": " ".join(["python"] + sys.argv), "code": code_version(), "quick": args.quick, "epochs": args.epochs,
+    return {"command": " ".join(["python"] + sys.argv), "code": CODE, "quick": args.quick, "epochs": args.epochs,
             "decomp": args.decomp, "dense_accuracy": dense_acc, "seconds": time.perf_counter() - started,
             "threads": torch.get_num_threads(), "runs": runs, "summary": summarize(runs)}
 
