@@ -53,6 +53,7 @@ from compressor.data import TensorLoader  # noqa: E402
 from compressor.plan import count_state  # noqa: E402
 from compressor.hf_folders import load_model_folder, load_tokenizer, perplexity, read_texts, tokenize  # noqa: E402
 from compressor.selectors import get_selector  # noqa: E402
+from provenance import code_version  # noqa: E402
 from rows import Row, parse_row, row_of  # noqa: E402
 
 DATA = HERE / "data"
@@ -66,6 +67,8 @@ ALL_RUNS = ("l0:activations+refit", "l0:weights", "energy", "svd", "whitened-svd
 #: the strongest baseline of the full grid (each row costs minutes of set-up alone).
 QUICK_RUNS = ("l0:activations+refit", "l0:weights", "svd-llm")
 #: Layer types of a LLaMA-style block, in the order the tables list them.
+#: The code this process runs, read once: the tree may change while a long grid runs.
+CODE = code_version()
 LAYER_TYPES = ("embedding", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -131,7 +134,8 @@ def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict
     ppl = perplexity(result.model, test, args.eval_batch_size)
     r = result.report
     record = {"selector": selector, "init": init, "target": float(target.rstrip("x")), "ratio": r.ratio,
-              "perplexity": ppl, "steps": r.steps, "tokens": r.steps * args.batch_size * args.tokens_per_example,
+              "perplexity": ppl, "steps": r.steps, "tokens": sum(r.tokens_per_rank), "seed": args.seed,
+              "chosen": r.chosen, "code": CODE,
               "seconds": seconds, "params": r.params, "dense_params": r.dense_params, "forced": r.forced,
               "start": r.start, "by_layer_type": where_the_budget_went(r),
               "distill_hidden": (args.distill_hidden or 0.0) if steps else 0.0, "skip": list(args.skip),
@@ -169,7 +173,7 @@ def unigram_perplexity(train: dict[str, torch.Tensor], test: dict[str, torch.Ten
 def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """The JSON at ``path`` with ``records`` replacing the runs they repeat; written atomically."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    key = lambda r: (row_of(r), r["target"], r["steps"] > 0, r.get("distill_hidden") or 0.0,  # noqa: E731
+    key = lambda r: (row_of(r), r["target"], r.get("seed", 0), r["steps"] > 0, r.get("distill_hidden") or 0.0,  # noqa: E731
                      tuple(r.get("skip") or ()), r.get("gate_fraction"), gate_rate(r), bool(r.get("head_weighted")))
     new_keys = {key(r) for r in records}
     result = {**old, **meta, "runs": [r for r in old["runs"] if key(r) not in new_keys] + records}
@@ -301,7 +305,9 @@ def main() -> None:
     ap.add_argument("--gate-lr", type=float, default=None,
                     help="gated rows: Adam learning rate of the gate means (default: compress's, which a short budget "
                          "raises; the rate used is in each record and its row's name)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0",
+                    help="comma list of seeds (each seeds the calibration sample, the data order and the gate noise); "
+                         "rows with several seeds are given as mean ± std and compared with a noise band")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--report", action="store_true", help="only redraw the table and plot from the JSON")
     ap.add_argument("--out", default=None, help="JSON path (default results/llm.json, quick: results/llm_quick.json)")
@@ -320,7 +326,7 @@ def main() -> None:
     tokens = args.tokens if args.tokens is not None else (4_000 if args.quick else 100_000)
     held_out = args.held_out if args.held_out is not None else (32 if args.quick else 256)
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(0)
     model = load_model_folder(FOLDER).eval()
     tokenizer = load_tokenizer(FOLDER)
     train = tokenize(read_texts(TEXT / "train.txt"), tokenizer, args.max_length)
@@ -342,15 +348,17 @@ def main() -> None:
             sys.exit(f"error: {path} holds runs made with other settings "
                      f"({', '.join(f'{k}={old.get(k)}' for k in same)}); a part must match them, or use --out")
     result = merge(path, meta, []) if path.exists() else {**meta, "runs": []}
-    for target in targets:
-        for row in runs:
-            budgets = [] if args.no_finetune_rows == "only" else [steps]
-            if not get_selector(row.selector).gated and args.no_finetune_rows != "no":
-                budgets.append(0)
-            for n in budgets:
-                record = run_one(model, train, test, row, target, n, args)
-                record["dense_perplexity"] = dense_ppl
-                result = merge(path, meta, [record])
+    for seed in (int(s) for s in args.seeds.split(",")):
+        args.seed = seed
+        for target in targets:
+            for row in runs:
+                budgets = [] if args.no_finetune_rows == "only" else [steps]
+                if not get_selector(row.selector).gated and args.no_finetune_rows != "no":
+                    budgets.append(0)
+                for n in budgets:
+                    record = run_one(model, train, test, row, target, n, args)
+                    record["dense_perplexity"] = dense_ppl
+                    result = merge(path, meta, [record])
     finish(result, path)
 
 

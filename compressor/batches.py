@@ -50,6 +50,15 @@ class Ran:
     hidden: list[torch.Tensor] | None = None  # each block's output, when hidden-state distillation records them
 
 
+def token_count(ran: Ran) -> int:
+    """The real tokens of a batch the loss saw: its ``attention_mask``'s ones, every position of
+    per-token outputs without a mask, 0 when the outputs are not per token (images, sentences).
+    Counted, not estimated, so a budget in tokens means what the loss learned from."""
+    if ran.mask is not None:
+        return int(ran.mask.sum())
+    return int(ran.out.shape[0] * ran.out.shape[1]) if ran.kind == "logits" and ran.out.dim() == 3 else 0
+
+
 def predicts_next_token(model: nn.Module) -> bool:
     """A Hugging Face causal LM (``...ForCausalLM``, ``...LMHeadModel``): by its convention the
     labels are the input ids, unshifted, and the loss compares position t with token t + 1."""

@@ -58,6 +58,8 @@ class Report:
     start: dict[str, Any] | None = None
     # Training examples each process saw (one entry per rank; several under torchrun).
     samples_per_rank: list[int] = field(default_factory=list)
+    # Real (non-padding) tokens the loss saw, per process (zeros when the batches are not tokens).
+    tokens_per_rank: list[int] = field(default_factory=list)
     # The options the run left to the tool, as the tool set them (init, refit, lr, gate_lr).
     chosen: dict[str, Any] = field(default_factory=dict)
 
@@ -69,7 +71,7 @@ def history_fields(history: TrainHistory) -> dict[str, Any]:
     """The report's fields that the fine-tune's history gives, by name."""
     return {"steps": history.steps, "forced": history.forced, "ratio_before_force": history.ratio_before_force,
             "epochs": history.epochs, "resumed_from": history.resumed_from,
-            "samples_per_rank": history.samples_per_rank}
+            "samples_per_rank": history.samples_per_rank, "tokens_per_rank": history.tokens_per_rank}
 
 
 def start_summary(start: Any, accuracy: float | None) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .batches import Ran, forward
+from .batches import Ran, forward, token_count
 from .blocks import BlockRecorder, shared_blocks
 from .distributed import World
 from .errors import DataError, TrainingError
@@ -74,6 +74,8 @@ class TrainHistory:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     samples: int = 0  # training examples this process saw (a resumed run counts its own)
     samples_per_rank: list[int] = field(default_factory=list)  # every process's, at the end
+    tokens: int = 0  # real (non-padding) tokens of the batches the loss saw (0: the batches are not tokens)
+    tokens_per_rank: list[int] = field(default_factory=list)
     # Whether the weight phase started from refitted cores (None: no refit was offered), and,
     # when the run measured both starts, their mean task loss on the probe batches.
     refitted: bool | None = None
@@ -248,6 +250,7 @@ class FineTune:
         for tally in self.tallies:
             tally.add(task, out)
         self.history.samples += int(out.out.shape[0])
+        self.history.tokens += token_count(out)
         if not frozen and (decision := gates.update(step)) is not None:
             self._freeze(decision)
         if step % self.spec.log_every == 0 or step == self.total:
@@ -354,6 +357,7 @@ class FineTune:
         control = self.gates.control
         self.history.steps = self.position.step
         self.history.samples_per_rank = [int(n) for n in self.world.gather(self.history.samples)]
+        self.history.tokens_per_rank = [int(n) for n in self.world.gather(self.history.tokens)]
         self.history.forced, self.history.ratio_before_force = control.forced, control.ratio_before_force
         set_training(self.model, False)
         self.emit(TrainEvent("end", self.position.step, self.total, self.position.epoch,

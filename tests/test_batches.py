@@ -137,6 +137,20 @@ def test_compress_a_model_fed_dict_batches_with_token_labels():
     assert {l.name for l in result.report.layers} == {"emb", "mix", "head"}
 
 
+def test_the_report_counts_the_real_tokens_the_loss_saw():
+    """3 epochs of 6 padded batches: 18 steps, each batch's attention_mask counted, not
+    steps x batch x a mean length (images, which are not tokens, count none)."""
+    torch.manual_seed(0)
+    train = dict_batches(labels="ids")
+    result = compress(TaggerForCausalLM().eval(), train, target="2x", epochs=3, min_params=500)
+    per_epoch = sum(int(b["attention_mask"].sum()) for b in train)
+    assert per_epoch < 6 * 8 * 10  # the padding is not counted
+    assert result.report.steps == 18 and result.report.tokens_per_rank == [3 * per_epoch]
+    images = [(torch.randn(8, 64), torch.randint(0, 4, (8,))) for _ in range(3)]
+    mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    assert compress(mlp, images, target="2x", epochs=1, min_params=500).report.tokens_per_rank == [0]
+
+
 def test_label_free_distillation_on_sequence_outputs():
     torch.manual_seed(0)
     model = TokenTagger().eval()
