@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,9 @@ from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
 from compressor.selectors import DEFAULT_SELECTOR, get_selector, selector_names  # noqa: E402
 from provenance import code_version  # noqa: E402
+from render import update_documents  # noqa: E402
 from rows import parse_row, row_name, row_of  # noqa: E402
+from tables import frontier_row_order, frontier_summary, frontier_table  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 
 SELECTORS = list(selector_names())
@@ -64,7 +65,7 @@ def main() -> None:
     json_path = out / f"frontier{suffix}.json"
     if args.report:
         result = json.loads(json_path.read_text())
-        result["summary"] = summarize(result["runs"])
+        result["summary"] = frontier_summary(result["runs"])
         write_outputs(result, json_path, out, suffix)
         return
     targets = [float(t) for t in (args.targets or ("20" if args.quick else "5,10,20,50,100")).split(",")]
@@ -114,63 +115,19 @@ def main() -> None:
 
 def write_outputs(result, json_path: Path, out: Path, suffix: str) -> None:
     json_path.write_text(json.dumps(result, indent=2))
-    (out / f"frontier{suffix}.md").write_text(table(result))
+    (out / f"frontier{suffix}.md").write_text(frontier_table(result))
     plot(result, out / f"frontier{suffix}.png", out / f"ranks_l0{suffix}.png")
-    print(table(result))
+    print(frontier_table(result))
     print("wrote", json_path)
+    if not suffix:
+        for doc in update_documents({"frontier", "frontier-verdicts"}):
+            print("rendered", doc)
 
 
 def _result(args, dense_acc, runs, started):
     return {"command": " ".join(["python"] + sys.argv), "code": CODE, "quick": args.quick, "epochs": args.epochs,
             "decomp": args.decomp, "dense_accuracy": dense_acc, "seconds": time.perf_counter() - started,
-            "threads": torch.get_num_threads(), "runs": runs, "summary": summarize(runs)}
-
-
-def summarize(runs):
-    out = {}
-    for r in runs:
-        if "error" in r:
-            continue
-        name = row_name(*row_of(r))
-        key = f"{name}@{r['target']:g}x"
-        out.setdefault(key, {"selector": r["selector"], "row": name, "target": r["target"], "acc": [], "ratio": [],
-                             "seconds": []})
-        out[key]["acc"].append(r["accuracy"])
-        out[key]["ratio"].append(r["ratio"])
-        out[key]["seconds"].append(r["seconds"])
-    for v in out.values():
-        v["acc_mean"] = statistics.mean(v["acc"])
-        v["acc_std"] = statistics.stdev(v["acc"]) if len(v["acc"]) > 1 else 0.0
-        v["ratio_mean"] = statistics.mean(v["ratio"])
-        v["seconds_mean"] = statistics.mean(v["seconds"])
-    return out
-
-
-def _row_order(name: str) -> tuple[int, str]:
-    """Rows in the selectors' registry order, a selector's variants after its default."""
-    base = name.split(" ")[0].rstrip(",")
-    return (SELECTORS.index(base) if base in SELECTORS else len(SELECTORS), name)
-
-
-def table(result) -> str:
-    summ = result["summary"]
-    targets = sorted({v["target"] for v in summ.values()})
-    names = sorted({v["row"] for v in summ.values()}, key=_row_order)
-    lines = [f"Dense LeNet-5: {100 * result['dense_accuracy']:.2f}% test accuracy. "
-             f"Fine-tuning budget: {result['epochs']} epochs for every selector.", "",
-             "| selector | " + " | ".join(f"{t:g}x" for t in targets) + " |",
-             "|---|" + "---|" * len(targets)]
-    for s in names:
-        cells = []
-        for t in targets:
-            v = summ.get(f"{s}@{t:g}x")
-            if v is None:
-                cells.append("n/a")
-            else:
-                pm = f" ± {100 * v['acc_std']:.2f}" if len(v["acc"]) > 1 else ""
-                cells.append(f"{100 * v['acc_mean']:.2f}{pm}% @ {v['ratio_mean']:.1f}x")
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            "threads": torch.get_num_threads(), "runs": runs, "summary": frontier_summary(runs)}
 
 
 def plot(result, frontier_png: Path, ranks_png: Path) -> None:
@@ -181,7 +138,7 @@ def plot(result, frontier_png: Path, ranks_png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, s in enumerate(sorted({row_name(*row_of(r)) for r in result["runs"]},
-                                 key=_row_order)):
+                                 key=frontier_row_order)):
         pts = sorted((summ["ratio_mean"], 100 * summ["acc_mean"]) for summ in result["summary"].values()
                      if summ["row"] == s)
         if pts:

@@ -23,11 +23,13 @@ import torch
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from compressor import compress, evaluate, export_program, load, save  # noqa: E402
 from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
+from provenance import code_version  # noqa: E402
+from render import update_documents  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +41,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--report", action="store_true", help="only render the README table from the JSON files")
     args = ap.parse_args()
+    if args.report:
+        return _render()
+    code = code_version()
 
     torch.manual_seed(args.seed)
     dense = lenet5()
@@ -88,7 +94,7 @@ def main() -> None:
                 "layers": [{"name": l.name, "tensorization": l.tensorization, "initial_ranks": l.initial_ranks,
                             "final_ranks": l.final_ranks, "params_before": l.params_before,
                             "params_after": l.params_after} for l in r.layers],
-                "skipped": r.skipped, "epochs": r.epochs,
+                "skipped": r.skipped, "epochs": r.epochs, "chosen": r.chosen, "code": code,
             }
             runs.append(run)
             print(json.dumps({k: v for k, v in run.items() if k not in ("epochs", "layers", "skipped")}), flush=True)
@@ -99,6 +105,13 @@ def main() -> None:
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "torch_threads": torch.get_num_threads(),
                                "runs": runs}, indent=2))
     print("wrote", out)
+    if not args.out:
+        _render()
+
+
+def _render() -> None:
+    for doc in update_documents({"lenet5"}):
+        print("rendered", doc)
 
 
 if __name__ == "__main__":

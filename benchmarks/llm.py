@@ -32,10 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
-import statistics
 import sys
 import tempfile
 import time
@@ -54,7 +51,9 @@ from compressor.plan import count_state  # noqa: E402
 from compressor.hf_folders import load_model_folder, load_tokenizer, perplexity, read_texts, tokenize  # noqa: E402
 from compressor.selectors import get_selector  # noqa: E402
 from provenance import code_version  # noqa: E402
+from render import BLOCKS, update_documents  # noqa: E402
 from rows import Row, parse_row, row_of  # noqa: E402
+from tables import gate_rate, llm_budget_tables, llm_label, llm_table  # noqa: E402
 
 DATA = HERE / "data"
 FOLDER = DATA / "smollm2"
@@ -185,72 +184,6 @@ def merge(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> di
     return result
 
 
-#: The gate means' learning rate every run used before it became budget-dependent (and before
-#: records carried it); a row at this rate keeps its old name.
-FIXED_GATE_LR = 0.05
-
-
-def gate_rate(run: dict[str, Any]) -> float | None:
-    """The gate means' learning rate of a gated run (None for an ungated one)."""
-    if not get_selector(run["selector"]).gated:
-        return None
-    return run.get("gate_lr", FIXED_GATE_LR)
-
-
-def label(run: dict[str, Any]) -> str:
-    # Every learning selector's row names its start, the default included (both l0 rows are in the grid).
-    name = run["selector"] + (f" ({run['init']} init)" if get_selector(run["selector"]).gated else "")
-    name += ", refit" if run.get("refit") else ""
-    if run.get("distill_hidden"):
-        name += f", + hidden states x{run['distill_hidden']:g}"
-    if run.get("gate_fraction") is not None:
-        name += f", gates in the first {100 * run['gate_fraction']:g} %"
-    if gate_rate(run) not in (None, FIXED_GATE_LR):
-        name += f", gate lr {gate_rate(run):.2g}"
-    if run.get("head_weighted"):  # runs before the tied embedding's start weighed its head side lack the field
-        name += ", embedding weighted by its head"
-    if run.get("skip"):
-        name += ", " + " and ".join(run["skip"]) + " dense"
-    return name + ("" if run["steps"] else ", no fine-tune")
-
-
-def table(result: dict[str, Any]) -> str:
-    runs = result["runs"]
-    targets = sorted({r["target"] for r in runs})
-    rows: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
-    for r in runs:
-        rows[label(r)][r["target"]] = r
-    lines = [f"Dense SmolLM2-135M: held-out perplexity {result['dense_perplexity']:.2f} "
-             f"({result['held_out']} examples of unseen plays, max length {result['max_length']}). "
-             f"Budget: {result['budget_tokens']:,} tokens of distillation per fine-tuned run."
-             + (f" A unigram model of the fine-tuning text (no context) scores {result['unigram_perplexity']:.1f}."
-                if "unigram_perplexity" in result else ""), "",
-             "| selector | " + " | ".join(f"{t:g}x" for t in targets) + " |", "|---|" + "---|" * len(targets)]
-    order = {sel: i for i, sel in enumerate(("l0", "reinforce", "svd-llm", "whitened-svd", "energy", "svd", "uniform"))}
-
-    def rank(name: str) -> tuple:
-        return ("no fine-tune" in name, order.get(name.split(" ")[0].rstrip(","), 9), name)
-    for name, by_target in sorted(rows.items(), key=lambda item: rank(item[0])):
-        cells = [f"{by_target[t]['perplexity']:.1f} @ {by_target[t]['ratio']:.2f}x" if t in by_target else "n/a"
-                 for t in targets]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def budget_table(run: dict[str, Any]) -> str:
-    """Where the gates of one l0 run spent the budget, per layer type."""
-    lines = [f"{label(run)} at {run['target']:g}x ({run['ratio']:.3f}x):", "",
-             "| layer type | layers | tensorization | start rank (mean) | learned rank (mean) | slices closed | "
-             "ratio | kept dense |", "|---|---|---|---|---|---|---|---|"]
-    for kind, row in run["by_layer_type"].items():
-        tz = max(row["tensorizations"], key=row["tensorizations"].get)
-        start = statistics.mean(sum(r) for r in row["start_ranks"])
-        final = statistics.mean(sum(r) for r in row["final_ranks"] if r) if any(row["final_ranks"]) else 0.0
-        lines.append(f"| {kind} | {row['layers']} | {tz} | {start:.0f} | {final:.0f} | "
-                     f"{100 * row['closed_share']:.0f} % | {row['ratio']:.2f}x | {row['kept_dense']} |")
-    return "\n".join(lines) + "\n"
-
-
 def plot(result: dict[str, Any], png: Path) -> None:
     import matplotlib
 
@@ -260,7 +193,7 @@ def plot(result: dict[str, Any], png: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in result["runs"]:  # every delivered ratio is its target within 0.1 %: plot at the target
-        by_label[label(r)].append((r["target"], r["perplexity"]))
+        by_label[llm_label(r)].append((r["target"], r["perplexity"]))
     for i, (name, pts) in enumerate(sorted(by_label.items())):
         pts.sort()
         style = "o-" if "no fine-tune" not in name else "x--"
@@ -363,14 +296,13 @@ def main() -> None:
 
 
 def finish(result: dict[str, Any], path: Path) -> None:
-    text = table(result)
-    for run in sorted(result["runs"], key=lambda r: (r["target"], label(r))):
-        if run["selector"] == "l0":
-            text += "\n" + budget_table(run)
+    text = llm_table(result) + "\n" + llm_budget_tables(result)
     path.with_suffix(".md").write_text(text)
     plot(result, path.with_suffix(".png"))
     print(text)
     print("wrote", path, path.with_suffix(".md"), path.with_suffix(".png"))
+    for doc in update_documents({name for name, (files, _) in BLOCKS.items() if path.name in files}):
+        print("rendered", doc)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""Put every published results table into the documents, from the JSON the benchmarks wrote.
+
+A document marks a rendered block like this (the lines between the markers are replaced)::
+
+    <!-- rendered: frontier -->
+    ...
+    <!-- end rendered -->
+
+``BLOCKS`` names each block and says which JSON files under ``benchmarks/results/`` it is made
+from (the functions are in ``tables.py``). Every benchmark's ``--report`` calls
+:func:`update_documents`; ``python benchmarks/render.py`` renders them all and
+``--check`` only says which documents differ (``tests/test_rendered.py`` does the same).
+
+    python benchmarks/render.py            # rewrite README.md and docs/*.md from the JSON
+    python benchmarks/render.py --check    # exit 1 when a document differs from its JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import tables  # noqa: E402
+
+RESULTS = HERE / "results"
+DOCUMENTS = (HERE.parent / "README.md", *sorted((HERE.parent / "docs").glob("*.md")))
+BLOCK = re.compile(r"(<!-- rendered: ([\w-]+) -->\n)(.*?)(<!-- end rendered -->)", re.S)
+
+
+def _is_default_or_baseline(name: str) -> bool:
+    return name.startswith(("l0, tool defaults", "svd-llm", "whitened-svd"))
+
+
+#: block name -> (the JSON files it reads, in order; the function of their contents that renders it)
+BLOCKS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
+    "lenet5": (("lenet5_module.json", "lenet5_export.json", "lenet5_module_nolabels.json"), tables.lenet5_table),
+    "frontier": (("frontier.json",), tables.frontier_table),
+    "frontier-verdicts": (("frontier.json",), tables.frontier_verdicts),
+    "llm": (("llm.json",), tables.llm_table),
+    "llm-budget": (("llm.json",), tables.llm_budget_tables),
+    "llm-seeds": (("llm_seeds.json",), lambda r: tables.llm_table(r, _is_default_or_baseline)),
+    "llm-seeds-verdicts": (("llm_seeds.json",), tables.llm_verdicts),
+    "cost": (("cost.json",), tables.cost_table),
+    "cost-transformer": (("cost_transformer.json",), tables.cost_transformer_table),
+}
+
+
+def render_block(name: str, results: Path = RESULTS) -> str:
+    """The Markdown of block ``name`` from the JSON in ``results``."""
+    if name not in BLOCKS:
+        raise SystemExit(f"error: unknown rendered block {name!r} (known: {', '.join(BLOCKS)})")
+    files, make = BLOCKS[name]
+    contents: list[Any] = [json.loads((results / f).read_text()) for f in files]
+    return make(*contents)
+
+
+def render_text(text: str, results: Path = RESULTS, only: set[str] | None = None) -> str:
+    """``text`` with every marked block (or those named in ``only``) rendered again."""
+    def fill(m: re.Match) -> str:
+        if only is not None and m.group(2) not in only:
+            return m.group(0)
+        return m.group(1) + render_block(m.group(2), results) + m.group(4)
+    return BLOCK.sub(fill, text)
+
+
+def update_documents(only: set[str] | None = None, results: Path = RESULTS) -> list[Path]:
+    """Render the blocks into every document; the documents that changed."""
+    changed = []
+    for doc in DOCUMENTS:
+        text = doc.read_text()
+        new = render_text(text, results, only)
+        if new != text:
+            doc.write_text(new)
+            changed.append(doc)
+    return changed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a document differs")
+    args = ap.parse_args()
+    if args.check:
+        stale = [d for d in DOCUMENTS if render_text(d.read_text()) != d.read_text()]
+        for d in stale:
+            print(f"{d.relative_to(HERE.parent)} differs from its JSON: run python benchmarks/render.py")
+        sys.exit(1 if stale else 0)
+    for doc in update_documents():
+        print("rendered", doc.relative_to(HERE.parent))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Every published results table, as a pure function of the JSON a benchmark wrote.
+
+The benchmark scripts measure and write JSON; this module turns JSON into the Markdown that
+README.md and docs/ show (``render.py`` puts it between the documents' markers, and
+``tests/test_rendered.py`` fails when a document and its JSON disagree). Nothing here measures,
+times or reads anything but the records it is given, so a figure in a document can always be
+traced to the file and the command that made it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+from rows import DEFAULT_ROW, row_name, row_of
+from compressor.selectors import get_selector, selector_names
+
+SELECTORS = list(selector_names())
+
+
+# ------------------------------------------------------------------ noise bands
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def verdict(ours: list[float], theirs: list[float], higher_is_better: bool) -> str:
+    """``ahead``, ``tie`` or ``behind``: whether the difference of the means exceeds two standard
+    errors of that difference (each side's sample variance over its number of seeds). A side with
+    one seed has no spread to judge by: the verdict then says so."""
+    if len(ours) < 2 or len(theirs) < 2:
+        return "one seed: no verdict"
+    (a, sa), (b, sb) = mean_std(ours), mean_std(theirs)
+    band = 2 * math.sqrt(sa ** 2 / len(ours) + sb ** 2 / len(theirs))
+    better = (a - b) if higher_is_better else (b - a)
+    if abs(better) <= band:
+        return "tie"
+    return "ahead" if better > 0 else "behind"
+
+
+# ------------------------------------------------------------------ LeNet-5 (lenet5.py)
+def lenet5_table(module: dict[str, Any], export: dict[str, Any], nolabels: dict[str, Any]) -> str:
+    """One row per ``lenet5.py`` run: accuracy against the dense model, ratio counted on the saved
+    checkpoint, its size, wall time."""
+    rows = [(run, "`nn.Module`") for run in module["runs"]]
+    rows += [(run, "`torch.export` program") for run in export["runs"]]
+    rows += [(run, "inputs only (distilled, no labels)") for run in nolabels["runs"]]
+    first = rows[0][0]
+    lines = [f"Dense model: {100 * first['dense_accuracy']:.2f} % test accuracy, {first['dense_params']:,} "
+             f"parameters ({first['dense_bytes'] / 1e6:.1f} MB). The ratio is counted on the saved checkpoint.", "",
+             "| run | test accuracy | ratio | checkpoint | steps | wall time |", "|---|---|---|---|---|---|"]
+    for run, what in sorted(rows, key=lambda rw: -float(rw[0]["target"].rstrip("x"))):
+        delta = 100 * (run["accuracy"] - run["dense_accuracy"])
+        lines.append(f"| {run['decomp'].upper()} {run['target'].rstrip('x')}×, {what} | {100 * run['accuracy']:.2f} % "
+                     f"({delta:+.2f}) | {run['ratio_checkpoint']:.2f}× | {run['checkpoint_bytes'] / 1e3:.0f} kB | "
+                     f"{run['steps']:,} | {run['seconds']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ selectors on LeNet-5 (frontier.py)
+def frontier_summary(runs: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per row and target: the accuracies, ratios and wall times of its seeds, and their means."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        if "error" in r:
+            continue
+        name = row_name(*row_of(r))
+        entry = out.setdefault(f"{name}@{r['target']:g}x", {"selector": r["selector"], "row": name,
+                                                            "target": r["target"], "acc": [], "ratio": [],
+                                                            "seconds": []})
+        entry["acc"].append(r["accuracy"])
+        entry["ratio"].append(r["ratio"])
+        entry["seconds"].append(r["seconds"])
+    for v in out.values():
+        v["acc_mean"], v["acc_std"] = mean_std(v["acc"])
+        v["ratio_mean"] = statistics.mean(v["ratio"])
+        v["seconds_mean"] = statistics.mean(v["seconds"])
+    return out
+
+
+def frontier_row_order(name: str) -> tuple[int, str]:
+    """Rows in the selectors' registry order, a selector's variants after its default."""
+    base = name.split(" ")[0].rstrip(",")
+    return (SELECTORS.index(base) if base in SELECTORS else len(SELECTORS), name)
+
+
+def frontier_table(result: dict[str, Any]) -> str:
+    """Accuracy @ ratio per row and target, mean ± std over the seeds."""
+    summ = frontier_summary(result["runs"])
+    targets = sorted({v["target"] for v in summ.values()})
+    names = sorted({v["row"] for v in summ.values()}, key=frontier_row_order)
+    seeds = sorted({len(v["acc"]) for v in summ.values()})
+    lines = [f"Dense LeNet-5: {100 * result['dense_accuracy']:.2f}% test accuracy. Fine-tuning budget: "
+             f"{result['epochs']} epochs for every selector; {' or '.join(map(str, seeds))} seeds per cell "
+             "(mean ± std).", "",
+             "| selector | " + " | ".join(f"{t:g}x" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+    for s in names:
+        cells = []
+        for t in targets:
+            v = summ.get(f"{s}@{t:g}x")
+            if v is None:
+                cells.append("n/a")
+                continue
+            pm = f" ± {100 * v['acc_std']:.2f}" if len(v["acc"]) > 1 else ""
+            cells.append(f"{100 * v['acc_mean']:.2f}{pm}% @ {v['ratio_mean']:.1f}x")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + _code_note(result["runs"])
+
+
+def frontier_verdicts(result: dict[str, Any]) -> str:
+    """The tool's default run against the best fixed-rank baseline at each target, with a noise band."""
+    summ = frontier_summary(result["runs"])
+    ours_name = row_name(*DEFAULT_ROW)
+    lines = [f"`{ours_name}` against the best baseline at each target (the ungated selector with the highest "
+             "mean); *ahead* or *behind* when the difference of the means exceeds two standard errors, else "
+             "*tie*:", "", "| target | tool defaults | best baseline | difference (points) | verdict |",
+             "|---|---|---|---|---|"]
+    for t in sorted({v["target"] for v in summ.values()}):
+        ours = summ.get(f"{ours_name}@{t:g}x")
+        baselines = [v for v in summ.values() if v["target"] == t and not get_selector(v["selector"]).gated]
+        if ours is None or not baselines:
+            continue
+        best = max(baselines, key=lambda v: v["acc_mean"])
+        lines.append(f"| {t:g}x | {100 * ours['acc_mean']:.2f} % | {best['row']}: {100 * best['acc_mean']:.2f} % | "
+                     f"{100 * (ours['acc_mean'] - best['acc_mean']):+.2f} | "
+                     f"{verdict(ours['acc'], best['acc'], higher_is_better=True)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ SmolLM2 (llm.py)
+#: The gate means' learning rate every run used before it became budget-dependent (and before
+#: records carried it); a row at this rate keeps its old name.
+FIXED_GATE_LR = 0.05
+
+
+def gate_rate(run: dict[str, Any]) -> float | None:
+    """The gate means' learning rate of a gated run (None for an ungated one)."""
+    if not get_selector(run["selector"]).gated:
+        return None
+    return run.get("gate_lr", FIXED_GATE_LR)
+
+
+def llm_label(run: dict[str, Any]) -> str:
+    """A row's name: the selector, its start and every setting that differs from the plain run."""
+    if row_of(run) == DEFAULT_ROW:
+        name = row_name(*DEFAULT_ROW)
+    else:
+        name = run["selector"] + (f" ({run['init']} init)" if get_selector(run["selector"]).gated else "")
+        name += ", refit" if run.get("refit") else ""
+        if gate_rate(run) not in (None, FIXED_GATE_LR):
+            name += f", gate lr {gate_rate(run):.2g}"
+        if run.get("head_weighted"):  # runs before the tied embedding's start weighed its head side lack the field
+            name += ", embedding weighted by its head"
+    if run.get("distill_hidden"):
+        name += f", + hidden states x{run['distill_hidden']:g}"
+    if run.get("gate_fraction") is not None:
+        name += f", gates in the first {100 * run['gate_fraction']:g} %"
+    if run.get("skip"):
+        name += ", " + " and ".join(run["skip"]) + " dense"
+    return name + ("" if run["steps"] else ", no fine-tune")
+
+
+def _llm_order(name: str) -> tuple:
+    order = {sel: i for i, sel in enumerate(("l0", "reinforce", "svd-llm", "whitened-svd", "energy", "svd", "uniform"))}
+    return ("no fine-tune" in name, order.get(name.split(" ")[0].rstrip(","), 9), name)
+
+
+def _llm_cell(runs: list[dict[str, Any]]) -> str:
+    ppl = [r["perplexity"] for r in runs]
+    ratio = statistics.mean(r["ratio"] for r in runs)
+    if len(ppl) == 1:
+        return f"{ppl[0]:.1f} @ {ratio:.2f}x"
+    mean, std = mean_std(ppl)
+    return f"{mean:.1f} ± {std:.1f} ({len(ppl)} seeds) @ {ratio:.2f}x"
+
+
+def llm_header(result: dict[str, Any]) -> str:
+    """What every row of an llm.py table shares: the dense model, the held-out set, the budget."""
+    fine_tuned = [r for r in result["runs"] if r["steps"]]
+    steps = sorted({r["steps"] for r in fine_tuned})
+    counted = [r["tokens"] for r in fine_tuned if r.get("code")]
+    budget = (f"{' or '.join(map(str, steps))} steps of {result['batch_size']} examples per fine-tuned run"
+              + (f" ({statistics.mean(counted):,.0f} real tokens on average, counted)" if counted else ""))
+    unigram = (f" A unigram model of the fine-tuning text (no context) scores {result['unigram_perplexity']:.1f}."
+               if "unigram_perplexity" in result else "")
+    return (f"Dense SmolLM2-135M: held-out perplexity {result['dense_perplexity']:.2f} ({result['held_out']} "
+            f"examples of unseen plays, max length {result['max_length']}). Budget: {budget}.{unigram}")
+
+
+def llm_table(result: dict[str, Any], keep: Callable[[str], bool] = lambda name: True) -> str:
+    """Perplexity @ ratio per row (``keep`` picks rows by name) and target; several seeds as mean ± std."""
+    runs = result["runs"]
+    targets = sorted({r["target"] for r in runs})
+    rows: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if keep(llm_label(r)):
+            rows[llm_label(r)][r["target"]].append(r)
+    lines = [llm_header(result), "", "| selector | " + " | ".join(f"{t:g}x" for t in targets) + " |",
+             "|---|" + "---|" * len(targets)]
+    for name, by_target in sorted(rows.items(), key=lambda item: _llm_order(item[0])):
+        lines.append(f"| {name} | " + " | ".join(_llm_cell(by_target[t]) if t in by_target else "n/a"
+                                                  for t in targets) + " |")
+    chosen = [r for by_target in rows.values() for rs in by_target.values() for r in rs]
+    return "\n".join(lines) + "\n" + _code_note(chosen)
+
+
+def llm_verdicts(result: dict[str, Any], baseline: str = "svd-llm") -> str:
+    """The tool's default run against ``baseline`` at each target, over the seeds both have."""
+    by: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for r in result["runs"]:
+        by[(llm_label(r), r["target"])].append(r["perplexity"])
+    ours = row_name(*DEFAULT_ROW)
+    lines = [f"`{ours}` against `{baseline}` (lower perplexity is better); *ahead* or *behind* when the difference "
+             "of the means exceeds two standard errors, else *tie*:", "",
+             f"| target | {ours} | {baseline} | difference | verdict |", "|---|---|---|---|---|"]
+    for t in sorted({r["target"] for r in result["runs"]}):
+        a, b = by.get((ours, t)), by.get((baseline, t))
+        if not a or not b:
+            continue
+        (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+        lines.append(f"| {t:g}x | {ma:.1f} ± {sa:.1f} | {mb:.1f} ± {sb:.1f} | {100 * (ma - mb) / mb:+.1f} % | "
+                     f"{verdict(a, b, higher_is_better=False)} |")
+    return "\n".join(lines) + "\n"
+
+
+def bond_ranks(ranks: list[int], decomp: str) -> list[int]:
+    """The ranks a report shows: a TT's closing bond of 1 is not a rank."""
+    return ranks[:-1] if decomp == "tt" and ranks and ranks[-1] == 1 else ranks
+
+
+def llm_budget_table(run: dict[str, Any], decomp: str) -> str:
+    """Where the gates of one l0 run spent the budget, per layer type."""
+    lines = [f"{llm_label(run)} at {run['target']:g}x ({run['ratio']:.3f}x):", "",
+             "| layer type | layers | tensorization | start rank (mean) | learned rank (mean) | slices closed | "
+             "ratio | kept dense |", "|---|---|---|---|---|---|---|---|"]
+    for kind, row in run["by_layer_type"].items():
+        tz = max(row["tensorizations"], key=row["tensorizations"].get)
+        start = statistics.mean(sum(bond_ranks(r, decomp)) for r in row["start_ranks"])
+        finals = [sum(bond_ranks(r, decomp)) for r in row["final_ranks"] if r]
+        lines.append(f"| {kind} | {row['layers']} | {tz} | {start:.0f} | {statistics.mean(finals) if finals else 0:.0f} "
+                     f"| {100 * row['closed_share']:.0f} % | {row['ratio']:.2f}x | {row['kept_dense']} |")
+    return "\n".join(lines) + "\n"
+
+
+def llm_budget_tables(result: dict[str, Any]) -> str:
+    """The budget table of every gated run in the file."""
+    gated = [r for r in result["runs"] if get_selector(r["selector"]).gated]
+    return "\n".join(llm_budget_table(r, result.get("decomp", "tt"))
+                     for r in sorted(gated, key=lambda r: (r["target"], llm_label(r), r.get("seed", 0))))
+
+
+# ------------------------------------------------------------------ cost (cost.py, cost_transformer.py)
+def cost_table(cost: dict[str, Any]) -> str:
+    """Time and memory ratios of LeNet-5, dense against TR, medians of interleaved runs."""
+    step, infer = cost["train_step_ratio"], cost["inference"]
+    lines = ["| | ratio |", "|---|---|",
+             f"| training step, TR vs dense (batch 128) | {step['tr_vs_dense']:.2f}× |",
+             f"| training step, gated TR (task loss + λ · penalty, the controller's update) vs ungated TR | "
+             f"{step['gated_vs_tr']:.2f}× (paper: 1.5×) |"]
+    if "epoch_seconds" in cost:
+        e = cost["epoch_seconds"]
+        lines.append(f"| full training epoch on Fashion-MNIST, gated TR vs dense | {e['gated_vs_dense']:.2f}× "
+                     f"({e['dense']:.1f} s vs {e['gated_tr']:.1f} s) |")
+    slim = cost.get("slim_source", "the slim model")
+    for batch in ("256", "1"):
+        lines.append(f"| inference, {slim} vs dense, batch {batch} | {infer['batch_' + batch]['slim_vs_dense']:.2f}× |")
+    mem = cost["peak_memory_mb"]
+    lines.append(f"| peak memory of a training step (dense / TR / gated TR) | {mem['dense']:.0f} / {mem['tr']:.0f} / "
+                 f"{mem['gated']:.0f} MB |")
+    return "\n".join(lines) + "\n"
+
+
+def cost_transformer_table(cost: dict[str, Any]) -> str:
+    """One training step of a BERT-style encoder, per start, against the dense step."""
+    names = {"faithful": "faithful (default when the weights allow it)", "ladder": "ladder, rank 64"}
+    lines = ["| start | model at step 0 | TR vs dense | gated TR vs dense | how the linear layers contract |",
+             "|---|---|---|---|---|"]
+    for start, v in cost["starts"].items():
+        paths = ", ".join(f"{n} {p}" for p, n in v["paths"].items() if n)
+        lines.append(f"| {names.get(start, start)} | {v['start_ratio']:.2f}× | {v['tr_vs_dense']:.2f}× | "
+                     f"{v['gated_vs_dense']:.2f}× | {paths} |")
+    return "\n".join(lines) + "\n"
+
+
+def _code_note(runs: Iterable[dict[str, Any]]) -> str:
+    """Which code made the records: every version named, and how many runs predate versioned records."""
+    versions: dict[str, int] = defaultdict(int)
+    for r in runs:
+        versions[r.get("code", "")] += 1
+    lines = []
+    named = sorted(v for v in versions if v)
+    if named:
+        lines.append(f"Code: {', '.join(f'`{v}`' for v in named)}.")
+    if versions.get(""):
+        lines.append(f"{versions['']} run(s) predate versioned records (made before 2026-12-06, when a run stopped "
+                     "depending on whether it is evaluated).")
+    return "".join(f"\n{line}\n" for line in lines)
