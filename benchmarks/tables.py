@@ -56,7 +56,7 @@ def lenet5_table(module: dict[str, Any], export: dict[str, Any], nolabels: dict[
         lines.append(f"| {run['decomp'].upper()} {run['target'].rstrip('x')}×, {what} | {100 * run['accuracy']:.2f} % "
                      f"({delta:+.2f}) | {run['ratio_checkpoint']:.2f}× | {run['checkpoint_bytes'] / 1e3:.0f} kB | "
                      f"{run['steps']:,} | {run['seconds']:.0f} s |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _code_note(run for run, _ in rows)
 
 
 # ------------------------------------------------------------------ selectors on LeNet-5 (frontier.py)
@@ -269,7 +269,7 @@ def cost_table(cost: dict[str, Any]) -> str:
     mem = cost["peak_memory_mb"]
     lines.append(f"| peak memory of a training step (dense / TR / gated TR) | {mem['dense']:.0f} / {mem['tr']:.0f} / "
                  f"{mem['gated']:.0f} MB |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _code_note([cost])
 
 
 def cost_transformer_table(cost: dict[str, Any]) -> str:
@@ -281,7 +281,7 @@ def cost_transformer_table(cost: dict[str, Any]) -> str:
         paths = ", ".join(f"{n} {p}" for p, n in v["paths"].items() if n)
         lines.append(f"| {names.get(start, start)} | {v['start_ratio']:.2f}× | {v['tr_vs_dense']:.2f}× | "
                      f"{v['gated_vs_dense']:.2f}× | {paths} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _code_note([cost])
 
 
 def _code_note(runs: Iterable[dict[str, Any]]) -> str:
