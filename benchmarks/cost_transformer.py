@@ -16,8 +16,13 @@ low-rank structure to keep). For each linear layer the row says which way the fo
 contracts at this batch size (opt_einsum's FLOP-optimal order): ``input-first`` (the input
 meets a core first) or ``rebuild`` (the cores are joined into the weight first).
 
-    python benchmarks/cost_transformer.py [--repeats 7]
-Writes benchmarks/results/cost_transformer.json.
+The ``gated_tr`` step here is the same distillation step with the gates riding along in one
+Adam (no λ · penalty, no controller): it prices the gates in the forward and backward only.
+
+    python benchmarks/cost_transformer.py [--repeats 7] [--out PATH]
+    python benchmarks/cost_transformer.py --report   # only render the documents' table
+Writes benchmarks/results/cost_transformer.json (and renders the documents) unless ``--out``
+says otherwise.
 """
 
 from __future__ import annotations
@@ -31,13 +36,17 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from compressor.plan import count_state  # noqa: E402
 from compressor.surgery import set_training, tn_layers  # noqa: E402
 from compressor.layers import TNLinear  # noqa: E402
 
 from cost import gated_model, interleaved, ungated  # noqa: E402  (the LeNet-5 cost script's helpers)
+from provenance import code_version  # noqa: E402
+from render import update_documents  # noqa: E402
+
+DEFAULT_OUT = HERE / "results" / "cost_transformer.json"
 
 
 def encoder(vocab=30522, width=384, layers=2):
@@ -81,7 +90,13 @@ def step_fn(model, teacher_out, batch):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="where the JSON goes; the documents are rendered "
+                                                             "only when it is the default")
+    ap.add_argument("--report", action="store_true", help="only render the documents' table from the JSON")
     args = ap.parse_args()
+    if args.report:
+        return render()
+    code = code_version()
     dense = encoder()
     batch = {"input_ids": torch.randint(0, 30522, (32, 64)),
              "attention_mask": torch.ones(32, 64, dtype=torch.long)}
@@ -104,11 +119,19 @@ def main() -> None:
         result["starts"][start] = row
         print(f"{start}: dense {t['dense'] * 1e3:.0f} ms, tr {t['tr'] * 1e3:.0f} ms, gated {t['gated_tr'] * 1e3:.0f} ms"
               f" -> gated/dense {row['gated_vs_dense']:.2f}, start {row['start_ratio']:.2f}x, paths {row['paths']}")
-    result["command"] = " ".join(["python"] + sys.argv)
-    result["threads"] = torch.get_num_threads()
-    out = HERE / "results" / "cost_transformer.json"
+    result.update(command=" ".join(["python"] + sys.argv), code=code, threads=torch.get_num_threads())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print("wrote", out)
+    if out.resolve() == DEFAULT_OUT.resolve():
+        render()
+
+
+def render() -> None:
+    """Put cost_transformer.json's table into the documents (``--report``, and after a measurement)."""
+    for doc in update_documents({"cost-transformer"}):
+        print("rendered", doc)
 
 
 if __name__ == "__main__":
