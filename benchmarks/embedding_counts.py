@@ -94,6 +94,10 @@ def main(ranks=(128, 278, 375), calibration_examples: int = 64, counted_examples
     out = HERE / "results" / "embedding_counts.json"
     out.write_text(json.dumps(rows, indent=1))
     print("wrote", out)
+    from render import blocks_reading, update_documents  # the documents' tables made from this file
+
+    for doc in update_documents(blocks_reading(out.name)):
+        print("rendered", doc)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
 from compressor.selectors import DEFAULT_SELECTOR, get_selector, selector_names  # noqa: E402
 from provenance import code_version  # noqa: E402
-from render import update_documents  # noqa: E402
+from render import blocks_reading, update_documents  # noqa: E402
 from rows import parse_row, row_name, row_of  # noqa: E402
 from tables import frontier_row_order, frontier_summary, frontier_table  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
@@ -120,7 +120,7 @@ def write_outputs(result, json_path: Path, out: Path, suffix: str) -> None:
     print(frontier_table(result))
     print("wrote", json_path)
     if not suffix:
-        for doc in update_documents({"frontier", "frontier-verdicts"}):
+        for doc in update_documents(blocks_reading("frontier.json")):
             print("rendered", doc)
 
 

@@ -29,7 +29,7 @@ from compressor import compress, evaluate, export_program, load, save  # noqa: E
 from compressor.data import TensorLoader, load_fashion_mnist  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 from provenance import code_version  # noqa: E402
-from render import update_documents  # noqa: E402
+from render import blocks_reading, update_documents  # noqa: E402
 
 
 def main() -> None:
@@ -110,7 +110,7 @@ def main() -> None:
 
 
 def _render() -> None:
-    for doc in update_documents({"lenet5"}):
+    for doc in update_documents(blocks_reading("lenet5_module.json", "lenet5_export.json", "lenet5_module_nolabels.json")):
         print("rendered", doc)
 
 

@@ -47,16 +47,27 @@ LLM_SUMMARY_ROWS = ("l0 (activations init), refit, gate lr 0.14, embedding weigh
 #: block name -> (the JSON files it reads, in order; the function of their contents that renders it)
 BLOCKS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "lenet5": (("lenet5_module.json", "lenet5_export.json", "lenet5_module_nolabels.json"), tables.lenet5_table),
+    "lenet5-ranks": (("lenet5_module.json", "lenet5_export.json", "lenet5_module_nolabels.json"), tables.lenet5_ranks),
     "frontier": (("frontier.json",), tables.frontier_table),
     "frontier-verdicts": (("frontier.json",), tables.frontier_verdicts),
+    "frontier-refit": (("frontier.json",), tables.frontier_refit),
+    "frontier-layers": (("frontier.json",), tables.frontier_layers),
     "llm": (("llm.json",), tables.llm_table),
     "llm-summary": (("llm.json",), lambda r: tables.llm_table(r, LLM_SUMMARY_ROWS.__contains__)),
     "llm-budget": (("llm.json",), tables.llm_budget_tables),
     "llm-seeds": (("llm_seeds.json",), lambda r: tables.llm_table(r, _is_default_or_baseline)),
     "llm-seeds-verdicts": (("llm_seeds.json",), tables.llm_verdicts),
+    "smollm2-cli": (("smollm2_cli_1.5x.json",), tables.llm_cli_run),
+    "learned-ranks": (("learned_ranks.json", "llm.json"), tables.learned_ranks_table),
+    "embedding-counts": (("embedding_counts.json",), tables.embedding_counts_table),
     "cost": (("cost.json",), tables.cost_table),
     "cost-transformer": (("cost_transformer.json",), tables.cost_transformer_table),
 }
+
+
+def blocks_reading(*files: str) -> set[str]:
+    """The blocks made from any of ``files``: what a benchmark that wrote them renders again."""
+    return {name for name, (needs, _) in BLOCKS.items() if set(needs) & set(files)}
 
 
 def render_block(name: str, results: Path = RESULTS) -> str:

@@ -44,19 +44,55 @@ def verdict(ours: list[float], theirs: list[float], higher_is_better: bool) -> s
 def lenet5_table(module: dict[str, Any], export: dict[str, Any], nolabels: dict[str, Any]) -> str:
     """One row per ``lenet5.py`` run: accuracy against the dense model, ratio counted on the saved
     checkpoint, its size, wall time."""
-    rows = [(run, "`nn.Module`") for run in module["runs"]]
-    rows += [(run, "`torch.export` program") for run in export["runs"]]
-    rows += [(run, "inputs only (distilled, no labels)") for run in nolabels["runs"]]
+    rows = _lenet5_rows(module, export, nolabels)
     first = rows[0][0]
     lines = [f"Dense model: {100 * first['dense_accuracy']:.2f} % test accuracy, {first['dense_params']:,} "
              f"parameters ({first['dense_bytes'] / 1e6:.1f} MB). The ratio is counted on the saved checkpoint.", "",
              "| run | test accuracy | ratio | checkpoint | steps | wall time |", "|---|---|---|---|---|---|"]
-    for run, what in sorted(rows, key=lambda rw: -float(rw[0]["target"].rstrip("x"))):
+    for run, what in rows:
         delta = 100 * (run["accuracy"] - run["dense_accuracy"])
         lines.append(f"| {run['decomp'].upper()} {run['target'].rstrip('x')}×, {what} | {100 * run['accuracy']:.2f} % "
                      f"({delta:+.2f}) | {run['ratio_checkpoint']:.2f}× | {run['checkpoint_bytes'] / 1e3:.0f} kB | "
                      f"{run['steps']:,} | {run['seconds']:.0f} s |")
     return "\n".join(lines) + "\n" + _code_note(run for run, _ in rows)
+
+
+def _lenet5_rows(module: dict[str, Any], export: dict[str, Any], nolabels: dict[str, Any]) -> list[tuple[dict, str]]:
+    rows = [(run, "`nn.Module`") for run in module["runs"]]
+    rows += [(run, "`torch.export` program") for run in export["runs"]]
+    rows += [(run, "inputs only (distilled, no labels)") for run in nolabels["runs"]]
+    return sorted(rows, key=lambda rw: -float(rw[0]["target"].rstrip("x")))
+
+
+def _chosen(run: dict[str, Any]) -> str:
+    """What the tool chose for the options left to it, as its report records it."""
+    if "chosen" not in run:
+        return "not recorded"
+    return ", ".join(f"{k} {v}" for k, v in run["chosen"].items()) or "nothing left to choose"
+
+
+def lenet5_ranks(module: dict[str, Any], export: dict[str, Any], nolabels: dict[str, Any]) -> str:
+    """Per ``lenet5.py`` run: the ranks each layer learned (start -> learned, parameters before ->
+    after), what the tool chose, and how far the reloaded checkpoint and the ``.pt2`` are from the
+    compressed model's logits."""
+    rows = _lenet5_rows(module, export, nolabels)
+    names = [layer["name"] for layer in rows[0][0]["layers"]]
+    lines = ["| run | " + " | ".join(f"{n}: learned ranks (parameters)" for n in names)
+             + " | chosen by the tool | max abs logit difference: reload / `.pt2` / `.pt2` batch 1 |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for run, what in rows:
+        cells = []
+        for n in names:
+            layer = next((l for l in run["layers"] if l["name"] == n), None)
+            if layer is None:
+                cells.append("n/a")
+                continue
+            ranks = ",".join(map(str, bond_ranks(layer["final_ranks"], run["decomp"])))
+            cells.append(f"({ranks}) ({layer['params_before']:,} → {layer['params_after']:,})")
+        diffs = " / ".join(f"{run[k]:.1g}" for k in ("reload_max_abs_diff", "pt2_max_abs_diff", "pt2_batch1_max_abs_diff"))
+        lines.append(f"| {run['decomp'].upper()} {run['target'].rstrip('x')}×, {what} | " + " | ".join(cells)
+                     + f" | {_chosen(run)} | {diffs} |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ selectors on LeNet-5 (frontier.py)
@@ -126,6 +162,51 @@ def frontier_verdicts(result: dict[str, Any]) -> str:
         lines.append(f"| {t:g}x | {100 * ours['acc_mean']:.2f} % | {best['row']}: {100 * best['acc_mean']:.2f} % | "
                      f"{100 * (ours['acc_mean'] - best['acc_mean']):+.2f} | "
                      f"{verdict(ours['acc'], best['acc'], higher_is_better=True)} |")
+    return "\n".join(lines) + "\n"
+
+
+def frontier_refit(result: dict[str, Any]) -> str:
+    """Per target: how often the default run chose to refit at the freeze, and what refitting is
+    worth there (the weights start always refitted against never refitted, with a noise band)."""
+    summ = frontier_summary(result["runs"])
+    sel = DEFAULT_ROW.selector
+    never, always, ours = row_name(sel, "weights", False), row_name(sel, "weights", True), row_name(*DEFAULT_ROW)
+    lines = [f"`{ours}` chooses at the freeze whether to refit; `{never}` never refits, `{always}` always does "
+             "(both from the weights). *ahead* or *behind*: refitting against not, beyond two standard errors:", "",
+             f"| target | `{ours}` refitted (seeds) | {ours} | {never} | {always} | refit minus no refit (points) "
+             "| verdict |", "|---|---|---|---|---|---|---|"]
+
+    def acc(v: dict[str, Any] | None) -> str:
+        return "n/a" if v is None else f"{100 * v['acc_mean']:.2f} %"
+
+    for t in sorted({v["target"] for v in summ.values()}):
+        d, n, a = (summ.get(f"{name}@{t:g}x") for name in (ours, never, always))
+        runs = [r for r in result["runs"] if "error" not in r and row_of(r) == DEFAULT_ROW and r["target"] == t]
+        refitted = f"{sum(bool(r.get('refitted')) for r in runs)} of {len(runs)}" if runs else "n/a"
+        diff = f"{100 * (a['acc_mean'] - n['acc_mean']):+.2f}" if a and n else "n/a"
+        judged = verdict(a["acc"], n["acc"], higher_is_better=True) if a and n else "n/a"
+        lines.append(f"| {t:g}x | {refitted} | {acc(d)} | {acc(n)} | {acc(a)} | {diff} | {judged} |")
+    return "\n".join(lines) + "\n"
+
+
+def frontier_layers(result: dict[str, Any], target: float | None = None) -> str:
+    """How each row splits the parameters between the layers at ``target`` (default: the mildest),
+    mean over the seeds; a layer stored dense counts its dense weight."""
+    runs = [r for r in result["runs"] if "error" not in r]
+    target = min(r["target"] for r in runs) if target is None else target
+    runs = [r for r in runs if r["target"] == target]
+    names = [l["name"] for l in runs[0]["layers"]]
+    by_row: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        by_row[row_name(*row_of(r))].append(r)
+    lines = [f"Parameters each row leaves in each compressed layer at {target:g}x (mean over its seeds):", "",
+             "| selector | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for name in sorted(by_row, key=frontier_row_order):
+        cells = []
+        for n in names:
+            counts = [l["params_after"] for r in by_row[name] for l in r["layers"] if l["name"] == n]
+            cells.append(f"{statistics.mean(counts):,.0f}" if counts else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +313,10 @@ def bond_ranks(ranks: list[int], decomp: str) -> list[int]:
 
 def llm_budget_table(run: dict[str, Any], decomp: str) -> str:
     """Where the gates of one l0 run spent the budget, per layer type."""
-    lines = [f"{llm_label(run)} at {run['target']:g}x ({run['ratio']:.3f}x):", "",
+    frozen = (f"gates frozen at step {run['frozen_at']} of {run['steps']}" if run.get("frozen_at") is not None
+              else "freeze step not recorded")
+    reached = "forced closing" if run.get("forced") else "the gates"
+    lines = [f"{llm_label(run)} at {run['target']:g}x ({run['ratio']:.3f}x; {frozen}; target reached by {reached}):", "",
              "| layer type | layers | tensorization | start rank (mean) | learned rank (mean) | slices closed | "
              "ratio | kept dense |", "|---|---|---|---|---|---|---|---|"]
     for kind, row in run["by_layer_type"].items():
@@ -249,6 +333,80 @@ def llm_budget_tables(result: dict[str, Any]) -> str:
     gated = [r for r in result["runs"] if get_selector(r["selector"]).gated]
     return "\n".join(llm_budget_table(r, result.get("decomp", "tt"))
                      for r in sorted(gated, key=lambda r: (r["target"], llm_label(r), r.get("seed", 0))))
+
+
+def llm_cli_run(run: dict[str, Any]) -> str:
+    """The SmolLM2-135M walk-through with the command-line tool: budget, perplexities, ranks per layer type."""
+    b, ppl, start = run["budget"], run["perplexity"], run["start"]
+    lines = [f"Budget: {b['steps']} steps, {b['examples']:,} examples, {b['tokens']:,} tokens of distillation "
+             f"(calibration {b['calibration_tokens']:,} tokens), max length {b['max_length']}; "
+             f"{run['wall_seconds'] / 60:.0f} min wall time, peak memory {run['peak_rss_gib']} GiB ({run['machine']}). "
+             f"Target reached by: {run['target_reached_by']}. Held out: {run['held_out']}.", "",
+             "| model | ratio | held-out perplexity |", "|---|---|---|",
+             f"| dense (float32) | 1.00× | {ppl['dense']:.1f} |",
+             f"| gated start, step 0 ({start['whitened_layers']} layers whitened) | {start['ratio']:.2f}× | "
+             f"{ppl['step0']:.1f} |",
+             f"| result | {run['ratio']:.2f}× | {ppl['result']:.1f} |", "",
+             f"Mean cosine of the result's outputs with the dense model's: {run['mean_cosine_with_dense']:.2f}.", "",
+             "| layer type | start rank (mean) | learned rank (mean) | learned (min, max) | ratio | kept dense |",
+             "|---|---|---|---|---|---|"]
+    notes = []
+    for kind, v in run["ranks_by_layer_type"].items():
+        spread = ", ".join(f"{m} {v['final_' + m]}" for m in ("min", "max") if "final_" + m in v)
+        lines.append(f"| {kind} | {v.get('start_mean', v.get('start')):.0f} | {v.get('final_mean', v.get('final')):.0f} "
+                     f"| {spread} | {v['ratio']:.2f}x | {v.get('kept_dense', 0)} |")
+        if "note" in v:
+            notes.append(f"{kind}: {v['note']}.")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def learned_ranks_table(ablation: dict[str, Any], result: dict[str, Any]) -> str:
+    """SVD-LLM's truncation at the ranks an l0 run learned, against that l0 run and SVD-LLM's own
+    allocation, fine-tuned alike and without fine-tuning; then the share of parameters each keeps
+    per layer type."""
+    lines = [f"Dense SmolLM2-135M: held-out perplexity {ablation['dense_perplexity']:.2f}.", "",
+             "| target | run | fine-tuned | no fine-tune |", "|---|---|---|---|"]
+    shares: list[tuple[str, dict[str, Any]]] = []
+    for t in sorted({r["target"] for r in ablation["runs"]}):
+        source = [r for r in result["runs"] if r["selector"] == "l0" and r.get("skip") == ["embedding"]
+                  and not r.get("refit") and r["target"] == t][:1]
+        svd_llm = [r for r in result["runs"] if r["selector"] == "svd-llm" and r["target"] == t]
+        at_l0 = [r for r in ablation["runs"] if r["target"] == t]
+        l0_name = f"`{llm_label(source[0])}`" if source else "l0"
+        for name, short, runs in ((f"svd-llm's truncation at the ranks {l0_name} learned", "svd-llm at l0's ranks", at_l0),
+                                  ("svd-llm (one share of parameters per layer)", "svd-llm", svd_llm),
+                                  (f"{l0_name} (the run the ranks come from)", "l0", source)):
+            if not runs:
+                continue
+            tuned = [r["perplexity"] for r in runs if r["steps"]]
+            raw = [r["perplexity"] for r in runs if not r["steps"]]
+            lines.append(f"| {t:g}x | {name} | {statistics.mean(tuned):.1f} | " if tuned else f"| {t:g}x | {name} | n/a | ")
+            lines[-1] += f"{statistics.mean(raw):.1f} |" if raw else "n/a |"
+            shares.append((f"{short} at {t:g}x", runs[0]))
+    kinds = list(dict.fromkeys(k for _, r in shares for k in r["by_layer_type"]))
+    lines += ["", "Share of each layer type's dense parameters kept:", "",
+              "| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for name, r in shares:
+        cells = []
+        for k in kinds:
+            row = r["by_layer_type"].get(k)
+            cells.append(f"{100 * row['params_after'] / row['params_before']:.0f} %" if row else "dense")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def embedding_counts_table(counts: dict[str, Any]) -> str:
+    """Held-out perplexity of SmolLM2-135M with only its tied embedding truncated, per rank and weighting."""
+    kinds = list(dict.fromkeys(k.split(" ", 2)[2] for k in counts if k.startswith("rank ")))
+    ranks = sorted({int(k.split(" ")[1]) for k in counts if k.startswith("rank ")})
+    seen = {k: v for k, v in counts.items() if k.startswith("distinct_")}
+    lines = [f"Dense: held-out perplexity {counts['dense']:.1f}. Distinct tokens seen: "
+             + ", ".join(f"{v:,} ({k.removeprefix('distinct_').replace('_', ' ')})" for k, v in seen.items()) + ".", "",
+             "| rank | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for r in ranks:
+        lines.append(f"| {r} | " + " | ".join(f"{counts[f'rank {r} {k}']:,.1f}" if f"rank {r} {k}" in counts else "n/a"
+                                            for k in kinds) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ cost (cost.py, cost_transformer.py)
