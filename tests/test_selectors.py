@@ -198,3 +198,74 @@ def test_selectors_read_typed_options_and_return_their_starts():
         assert inspect.signature(selector.prepare).return_annotation == "Prepared"
     assert set(SelectorOptions.__dataclass_fields__) >= {"target", "decomp", "rank", "start", "init"}
     assert Prepared._fields == ("starts", "faithful")
+
+
+def test_reinforce_estimates_the_exact_gradient_of_the_expected_cost():
+    """REINFORCE-ℓ0 on a layer small enough to enumerate every gate state: the gradients its
+    surrogate gives, averaged over many draws, against the exact gradients of the expected cost
+    E_z[J(z) + λ·size(z)] (gate means) and of E_z[J(z)] (weights)."""
+    import math
+
+    from torch import nn
+
+    from compressor.controller import SizeMeter
+    from compressor.gates import reinforce_surrogate
+    from compressor.layers import TNLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(TNLinear.from_dense(nn.Linear(4, 6), "tt", 3, gated=False)).train()
+    layer = model[0].set_gates_(lambda size: BernoulliGate(size))
+    gate = next(iter(layer.gates.values()))
+    assert gate.mu.numel() == 3
+    with torch.no_grad():
+        gate.mu.copy_(torch.tensor([0.3, 0.55, 0.8]))
+    meter, lam, samples = SizeMeter(model, 4 * 6 + 6), 2.0, 4
+    x, target = torch.randn(8, 4), torch.randn(8, 6)
+
+    def task():
+        return nn.functional.mse_loss(model(x), target)
+
+    exact_mu, exact_cores = _exact_gradients(gate, layer, task, lambda: lam * meter.sampled_penalty("params"))
+    # The baseline is the mean cost of the M samples, the sample's own included: the estimate
+    # is the exact gradient scaled by (M - 1) / M (a smaller step, the same direction).
+    scale = (samples - 1) / samples
+
+    draws = 300
+    per_draw = []
+    for _ in range(draws):
+        gate.mu.grad = None
+        tasks, sizes, logps = [], [], []
+        for _ in range(samples):  # what a training step does (Trainer._reinforce)
+            tasks.append(task())
+            sizes.append(meter.sampled_penalty("params"))
+            logps.append(gate.log_prob())
+        reinforce_surrogate(tasks, sizes, logps, lam).backward()  # the cores' gradients add up
+        per_draw.append(gate.mu.grad.clone())
+    estimate = torch.stack(per_draw).mean(0)
+    spread = torch.stack(per_draw).std(0) / math.sqrt(draws)  # the standard error of the mean
+    # Measured (seed 0): exact gradients 0.51-0.71 after the scale, the estimate within 0.02 of
+    # them, standard errors 0.028-0.043. A flipped sign, a log-probability missing the closed
+    # slices' term or a cost without λ·size lands 0.2-1.4 away.
+    assert (estimate - scale * exact_mu).abs().max() < 4 * spread.max(), (estimate, scale * exact_mu, spread)
+    # What the baseline buys: without it the same draws spread 4-5x wider (standard errors 0.14-0.19).
+    assert spread.max() < 0.08, spread
+    for got, want in zip(layer.cores, exact_cores):  # the weights' ordinary gradient, unscaled
+        assert (got.grad / draws - want).abs().max() < 0.1 * want.abs().max(), (got.grad / draws, want)
+
+
+def _exact_gradients(gate, layer, task, size_cost):
+    """d/dmu E_z[J(z) + size_cost(z)] and d/dcores E_z[J(z)] over every state z of ``gate``
+    (each weighted by its probability under the means)."""
+    import itertools
+
+    real_forward, p = gate.forward, gate.mu.clamp(0, 1)
+    expected_cost = expected_task = 0.0
+    for state in itertools.product([0.0, 1.0], repeat=gate.mu.numel()):
+        z = torch.tensor(state)
+        gate.last_z, gate.forward = z, (lambda z=z: z)
+        prob = torch.prod(z * p + (1 - z) * (1 - p))
+        j = task()
+        expected_cost = expected_cost + prob * (float(j.detach()) + size_cost())
+        expected_task = expected_task + prob.detach() * j
+    gate.forward = real_forward
+    return torch.autograd.grad(expected_cost, gate.mu)[0], torch.autograd.grad(expected_task, list(layer.cores))

@@ -263,19 +263,43 @@ def test_a_checkpoint_from_a_module_loads_onto_its_pt2_and_back(trained_digits_n
                 assert (load(path, base=base)(xte) - ref).abs().max() < 1e-5, (res.report.source, base)
 
 
-def test_eval_with_a_pt2_base_for_a_module_checkpoint(trained_digits_net, digits, tmp_path):
+def test_eval_with_a_pt2_base_for_a_module_checkpoint(trained_digits_net, digits, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
+    import compressor.cli
     from compressor.cli import main
+    from compressor.zoo import DigitsNet
 
-    xtr, ytr, xte = digits[0], digits[1], digits[2]
+    xtr, ytr, xte, yte = digits
     pt2 = tmp_path / "model.pt2"
     torch.export.save(_program_of(trained_digits_net, xte), str(pt2))
     res = compress(trained_digits_net, TensorLoader(xtr, ytr, 64, shuffle=True), "tr", 4, epochs=1)
     path = save(res, tmp_path / "slim.safetensors")
+    monkeypatch.setattr(compressor.cli.out_console, "_width", 200)  # every table row on one line
     result = CliRunner().invoke(main, ["eval", str(path), "--data", "digits", "--base", str(pt2)])
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
-    assert "top-1 agreement" in result.output
+    # What eval must print, computed here: the checkpoint loaded onto the module class (not the
+    # .pt2), the original read back from the .pt2 file, on the digits split eval uses.
+    slim, original = load(path, base=DigitsNet).eval(), torch.export.load(str(pt2)).module()
+    with torch.no_grad():
+        a, b = slim(xte), original(xte)
+    assert torch.equal(b, trained_digits_net(xte))  # the file holds the original
+    expected = {"accuracy (compressed)": f"{100 * float((a.argmax(-1) == yte).float().mean()):.2f}%",
+                "accuracy (original)": f"{100 * float((b.argmax(-1) == yte).float().mean()):.2f}%",
+                "top-1 agreement with original": f"{100 * float((a.argmax(-1) == b.argmax(-1)).float().mean()):.2f}%",
+                "max |logit difference|": f"{float((a - b).abs().max()):.4f}"}
+    shown = {label: _cell_after(label, result.output) for label in expected}
+    assert shown == expected, result.output
+    assert float(shown["max |logit difference|"]) > 0.01  # a 4x model differs: the comparison is not vacuous
+
+
+def _cell_after(label, text):
+    """The table cell printed right after ``label`` in rich output."""
+    import re
+
+    m = re.search(re.escape(label) + r"\s*│\s*(\S+)", text)
+    assert m, f"{label!r} not in:\n{text}"
+    return m.group(1)
 
 
 # ------------------------------------------------------------------ shared and tied weights: never planned twice, never a crash
@@ -303,7 +327,7 @@ class TiedLM(nn.Module):
 
 @pytest.mark.parametrize("how", ["identity", "functional"])
 @pytest.mark.parametrize("as_program", [False, True])
-def test_tied_and_reused_weights_are_planned_once_and_never_crash(how, as_program):
+def test_tied_and_reused_weights_are_planned_once_and_never_crash(how, as_program, tmp_path):
     torch.manual_seed(0)
     model = TiedLM(how).eval()
     idx = torch.randint(0, 100, (64, 6))
@@ -324,8 +348,36 @@ def test_tied_and_reused_weights_are_planned_once_and_never_crash(how, as_progra
         assert "shared" in reasons["emb"] and reasons["lm_head"].startswith("never called")
     res = compress(source, TensorLoader(idx, None, 16), "tr", 1.1, min_params=100, epochs=1)
     assert "mix" in {l.name for l in res.report.layers}
+    slim = res.model
     with torch.no_grad():
-        assert res.model(idx).shape == (64, 6, 100)
+        out = slim(idx)
+        assert out.shape == (64, 6, 100)
+        # TiedLM's forward written out from the compressed model's weights: the block applied
+        # twice with the same weights, the head reading the embedding's (trained) table
+        assert (out - _tied_lm_by_hand(slim, idx)).abs().max() < 1e-4
+        assert (out - model(idx)).abs().max() > 1e-2  # the fine-tune moved it: the check is not vacuous
+    back = load(save(res, tmp_path / "slim.safetensors"), base=source if as_program else (lambda: TiedLM(how)))
+    with torch.no_grad():
+        assert torch.equal(back(idx), out)
+    if how == "identity":  # the tie survives loading: one table, read by both
+        shared = ((back.lm_head.source, back.emb) if not as_program
+                  else (back.get_submodule("lm_head").weight, back.get_submodule("emb").weight))
+        assert shared[0] is shared[1]
+
+
+def _tied_lm_by_hand(slim, idx):
+    """TiedLM's forward from ``slim``'s layers: each called as a layer where it is one (factorized
+    or dense), else (a torch.export program's parameter holder) its weight and bias applied."""
+
+    def linear(name, h):
+        m = slim.get_submodule(name)
+        return m(h) if isinstance(m, (nn.Linear, TNLinear)) else nn.functional.linear(h, m.weight, m.bias)
+
+    emb = slim.get_submodule("emb")
+    table = emb(torch.arange(100)) if isinstance(emb, (nn.Embedding, TNEmbedding)) else emb.weight
+    h = torch.tanh(linear("block", table[idx]))
+    h = torch.tanh(linear("mix", torch.tanh(linear("block", h))))
+    return nn.functional.linear(h, table)  # tied: the head's weight is the embedding's table
 
 
 # ------------------------------------------------------------------ the ratio is the one on disk
