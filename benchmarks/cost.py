@@ -54,7 +54,7 @@ from compressor.surgery import apply, set_training, tn_layers  # noqa: E402
 from compressor.train import Optimizers  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 from provenance import code_version  # noqa: E402
-from render import update_documents  # noqa: E402
+from render import output_arguments, update_documents  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "cost.json"
 #: The slim model's l0 run: this many training images, one epoch (its ranks are what matter).
@@ -270,9 +270,7 @@ def main() -> None:
                                                        "(default: a short l0 run's, saved and loaded back)")
     ap.add_argument("--no-epoch", action="store_true", help="skip the full-epoch comparison")
     ap.add_argument("--repeats", type=int, default=25)
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="where the JSON goes; the documents are rendered "
-                                                             "only when it is the default")
-    ap.add_argument("--report", action="store_true", help="only render the documents' table from cost.json")
+    output_arguments(ap, DEFAULT_OUT)
     args = ap.parse_args()
     if args.report:
         return render()

@@ -44,7 +44,7 @@ from compressor.layers import TNLinear  # noqa: E402
 
 from cost import gated_model, interleaved, ungated  # noqa: E402  (the LeNet-5 cost script's helpers)
 from provenance import code_version  # noqa: E402
-from render import update_documents  # noqa: E402
+from render import output_arguments, update_documents  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "cost_transformer.json"
 
@@ -90,9 +90,7 @@ def step_fn(model, teacher_out, batch):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="where the JSON goes; the documents are rendered "
-                                                             "only when it is the default")
-    ap.add_argument("--report", action="store_true", help="only render the documents' table from the JSON")
+    output_arguments(ap, DEFAULT_OUT)
     args = ap.parse_args()
     if args.report:
         return render()

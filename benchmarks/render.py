@@ -103,6 +103,13 @@ def update_documents(only: set[str] | None = None, results: Path = RESULTS) -> l
     return changed
 
 
+def output_arguments(ap: argparse.ArgumentParser, default_out: Path) -> None:
+    """``--out`` and ``--report``, as every benchmark that renders a block takes them."""
+    ap.add_argument("--out", default=str(default_out), help="where the JSON goes; the documents are rendered "
+                                                            "only when it is the default")
+    ap.add_argument("--report", action="store_true", help="only render the documents' blocks from the JSON")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a document differs")
