@@ -68,6 +68,42 @@ def evaluate(model: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = 
     return correct / seen
 
 
+@dataclass(frozen=True)
+class OutputCheck:
+    """What :func:`compare_outputs` saw: how many examples gave NaN/Inf outputs, and against a
+    reference the top-1 agreement and the largest difference, over examples finite in both."""
+
+    examples: int
+    nonfinite: int
+    reference_nonfinite: int = 0
+    agreement: float | None = None  # share of examples whose top-1 class is the reference's (2-D outputs)
+    max_difference: float | None = None  # None: no example is finite in both
+
+
+def compare_outputs(model: nn.Module, inputs: Iterable, reference: nn.Module | None = None) -> OutputCheck:
+    """Run ``model`` (and ``reference``) on batches of inputs: non-finite outputs are counted, never
+    folded into a difference or an agreement as if they were numbers."""
+    n = bad = ref_bad = agree = 0
+    worst: float | None = None
+    with evaluation_mode(model), torch.no_grad():
+        for x in inputs:
+            a = model(x)
+            finite = torch.isfinite(a.reshape(a.shape[0], -1)).all(1)
+            n, bad = n + a.shape[0], bad + int((~finite).sum())
+            if reference is None:
+                continue
+            b = reference(x)
+            both = finite & torch.isfinite(b.reshape(b.shape[0], -1)).all(1)
+            ref_bad += int((~torch.isfinite(b.reshape(b.shape[0], -1)).all(1)).sum())
+            if a.dim() == 2:
+                agree += int(((a.argmax(-1) == b.argmax(-1)) & both).sum())
+            if bool(both.any()):
+                worst = max(worst or 0.0, float((a[both] - b[both]).abs().max()))
+    if reference is None:
+        return OutputCheck(n, bad)
+    return OutputCheck(n, bad, ref_bad, agree / n if n else None, worst)
+
+
 def _expected_input(module: nn.Module) -> str:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -81,6 +117,17 @@ def _expected_input(module: nn.Module) -> str:
             dims = ["batch" if not isinstance(d, int) else str(d) for d in node.meta["val"].shape]
             return "(" + ", ".join(dims) + ")"
     return "the model's input shape"
+
+
+def check_finite(module: nn.Module) -> None:
+    """Every floating-point parameter of ``module`` is finite: a NaN or Inf would reach the TT-SVD
+    (a raw ``LinAlgError``) or the loss (a wrong diagnosis), so it is named here."""
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise ModelError(f"the model's weight {name} holds {bad:,} NaN or infinite values (of {p.numel():,}); "
+                             "no layer can be factorized or fine-tuned from them: check how the model was trained "
+                             "or saved")
 
 
 def check_batch(teacher: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = None) -> tuple[bool, Any]:
@@ -208,6 +255,7 @@ def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, examp
     selector needs it, and choose how each starts (after checking that the model has the blocks
     hidden-state distillation would match). Returns the plan (without the layers the selector
     keeps dense), the starts, the faithful start for the report and the settled options."""
+    check_finite(module)  # before calibration and the TT-SVD, which would fail on them without a name
     if config.distill_hidden > 0:
         shared_blocks(module, teacher)  # a model without repeated blocks fails now, not after calibration
     stage("planning which layers to factorize")

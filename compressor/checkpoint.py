@@ -143,7 +143,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a safetensors file but not a compressor checkpoint (no 'compressor' metadata)")
     try:
         meta = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: bad JSON, or an integer of more than 4300 digits
         raise CheckpointError(f"{path} has corrupted compressor metadata") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} has corrupted compressor metadata")
@@ -163,6 +163,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     for name, entry in meta.get("tied", {}).items():
         check_tied(path, name, entry, meta["layers"], shapes)
     return meta
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity, sorted."""
+    return sorted(name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
 
 
 def read_blueprint(path: str | os.PathLike) -> Blueprint:
@@ -197,9 +202,18 @@ def check_tied(path: Path, name: str, entry: Any, layers: dict[str, Any], shapes
         raise CheckpointError(f"{path}: tied layer {name!r} needs a bias {key!r} of shape [{out}]")
 
 
+#: No size or count in a checkpoint can exceed this (a tensor has fewer than 2**63 elements).
+MAX_SIZE = 2 ** 62
+
+
 def _is_int(value: Any, low: int = 0) -> bool:
-    """A JSON integer (not a bool, not a float) of at least ``low``."""
-    return type(value) is int and value >= low
+    """A JSON integer (not a bool, not a float) of at least ``low`` and at most :data:`MAX_SIZE`."""
+    return type(value) is int and low <= value <= MAX_SIZE
+
+
+def _is_fraction(value: Any) -> bool:
+    """A JSON number between 0 and 1 (an accuracy): never NaN or infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def _check_fields(path: Path, meta: dict[str, Any]) -> None:
@@ -213,7 +227,7 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
         ("extra", isinstance(extra, dict)),
         ("extra.arch", isinstance(extra, dict) and isinstance(extra.get("arch", ""), str)),
         ("extra.report", report is None or isinstance(report, dict)),
-        ("extra.report.accuracy", accuracy is None or (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool))),
+        ("extra.report.accuracy", accuracy is None or _is_fraction(accuracy)),
     ]
     problems.append(("tied", isinstance(meta.get("tied", {}), dict)))
     aliases = meta.get("aliases", {})
@@ -304,12 +318,26 @@ def rebuild(base: Any, meta: dict[str, Any], trust_pickle: bool = False) -> nn.M
     for name, entry in meta["layers"].items():
         try:
             site = site_in(module, name, entry.get("weight_attr"), entry.get("bias_attr"))
-            swap_in(module, site, TNLayer.from_spec(entry["spec"]))
+            layer = TNLayer.from_spec(entry["spec"])
+            _check_dense_shape(module, site, layer)
+            swap_in(module, site, layer)
         except (AttributeError, KeyError, ModelError, RuntimeError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint does not fit this base architecture at layer {name!r} "
                                   f"({first_line(exc)})") from None
     _rebuild_tied(module, meta.get("tied", {}))
     return module
+
+
+def _check_dense_shape(module: nn.Module, site: Site, layer: TNLayer) -> None:
+    """The base's dense layer at ``site`` has the weight shape the factorized layer stands for
+    (a base built from a config that lies about a size is refused here, not run)."""
+    if site.in_graph:
+        weight = module.get_parameter(site.weight_attr)
+    else:
+        weight = layer.dense_view(module.get_submodule(site.name)).weight
+    if tuple(weight.shape) != tuple(layer.dense_shape()):
+        raise ValueError(f"the base's dense weight is {list(weight.shape)[:8]}, the checkpoint's "
+                         f"{list(layer.dense_shape())}")
 
 
 def _rebuild_tied(module: nn.Module, tied: dict[str, Any]) -> None:
@@ -326,6 +354,14 @@ def _rebuild_tied(module: nn.Module, tied: dict[str, Any]) -> None:
                                   f"({first_line(exc)})") from None
 
 
+def check_fits(path: str | os.PathLike, base: nn.Module) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint at ``path`` loads onto ``base``: every
+    factorized layer stands for the base's dense layer at its place, and the rest of the state has
+    the base's names and shapes. Reads only the header; ``base`` may be built on ``meta``."""
+    meta = read_metadata(path)
+    _check_state(path, rebuild(base, meta), meta.get("aliases", {}))
+
+
 def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.Module:
     """Rebuild the slim model saved at ``path`` on top of ``base`` (model, factory or .pt2 path).
 
@@ -333,6 +369,8 @@ def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.M
     """
     meta = read_metadata(path)  # validated against the file before anything is allocated
     module = rebuild(base, meta, trust_pickle)
+    _check_state(path, module, meta.get("aliases", {}))
+    materialize(module)
     tensors = read_safetensors(path, CheckpointError, "checkpoint")
     for name, written in meta.get("aliases", {}).items():
         tensors[name] = tensors[written]
@@ -347,6 +385,44 @@ def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.M
             f"the checkpoint does not match the base architecture: missing {sorted(result.missing_keys)[:5]}, "
             f"unexpected {sorted(result.unexpected_keys)[:5]}")
     return set_training(module, False)
+
+
+def _check_state(path: str | os.PathLike, module: nn.Module, aliases: dict[str, str]) -> None:
+    """Every tensor of the rebuilt model's state is in the file with its shape, and the file holds
+    nothing else: checked on the header, before any tensor is read or any memory is given to a base
+    built on the ``meta`` device."""
+    _, shapes = read_safetensors_header(path, CheckpointError, "checkpoint")
+    state = {name: tuple(t.shape) for name, t in module.state_dict(keep_vars=True).items()}
+    for name, shape in state.items():
+        stored = shapes.get(aliases.get(name, name))
+        if stored is not None and stored != shape:
+            raise CheckpointError(f"the checkpoint {path} does not fit the base architecture: size mismatch for "
+                                  f"{name}: the file holds {list(stored)[:8]}, the base {list(shape)[:8]}")
+    missing = sorted(name for name in state if aliases.get(name, name) not in shapes)
+    unexpected = sorted(set(shapes) - set(state))
+    if missing or unexpected:
+        raise CheckpointError(f"the checkpoint does not match the base architecture: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+
+
+def materialize(module: nn.Module) -> nn.Module:
+    """Give the parameters and buffers of a base built on the ``meta`` device (sized, holding
+    nothing) empty CPU memory, the same tensor wherever one is shared; loading fills them.
+    A non-persistent buffer on ``meta`` has no value to load and is refused."""
+    made: dict[int, torch.Tensor] = {}
+    for owner_name, owner in module.named_modules():
+        for store in (owner._parameters, owner._buffers):
+            for name, t in store.items():
+                if t is None or not t.is_meta:
+                    continue
+                if store is owner._buffers and name in owner._non_persistent_buffers_set:
+                    raise CheckpointError(f"the base's buffer {owner_name}.{name} is on the meta device and no "
+                                          "checkpoint holds its value")
+                if id(t) not in made:
+                    empty = torch.empty_like(t, device="cpu")
+                    made[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                store[name] = made[id(t)]
+    return module
 
 
 def export_program(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:

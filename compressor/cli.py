@@ -25,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .api import compress, evaluate
-from .checkpoint import export_program, load, read_metadata, save
+from .api import compare_outputs, compress, evaluate
+from .checkpoint import export_program, load, nonfinite_tensors, read_metadata, save
 from .data import TensorLoader, load_tensor_file, resolve_data
 from .distributed import init_from_env, leave
 from .surgery import set_training
@@ -37,7 +37,7 @@ from .plot import check_available, plot_run
 from .config import CompressConfig
 from .errors import CheckpointError, CompressorError, DataError, ModelError, first_line
 from .hf_folders import (SLIM_CHECKPOINT, folder_copies, folder_fidelity, is_model_folder, load_model_folder,
-                         slim_checkpoint_in, text_data)
+                         position_limit, slim_checkpoint_in, text_data)
 from .files import read_safetensors, stale_temporaries, staged_outputs
 from .resume import RunInterrupted
 
@@ -328,14 +328,14 @@ def _plan_outputs(model: Path, output: Path | None, export_pt2: bool, plot: Path
 
 
 def _read_inputs(model: Path, data_spec: str, eval_data: Path | None, arch: str | None, trust_pickle: bool,
-                 batch_size: int, seed: int, max_length: int):
+                 batch_size: int, seed: int, max_length: int | None):
     """(original model, training loader, evaluation loader or None, example input) of a run."""
     if is_model_folder(model):
         original = load_model_folder(model, trust_pickle=trust_pickle)
         if eval_data or data_spec.lower() in ("digits", "fashion-mnist") or data_spec.endswith(".safetensors"):
             raise DataError("a model folder takes --data as text: a text file (one example per line) or a folder "
                             "of .txt files")
-        train, _ = text_data(data_spec, model, max_length, seed)
+        train, _ = text_data(data_spec, model, max_length, seed, limit=position_limit(original))
         return original, TensorLoader(train, None, batch_size, shuffle=True, seed=seed), None, None
     original = load_model(model, arch=arch, trust_pickle=trust_pickle)
     data = _load_data(data_spec, str(eval_data) if eval_data else None)
@@ -435,8 +435,9 @@ def config_options(command):
 @click.option("--data", "data_spec", required=True,
               help="fashion-mnist[:DIR], digits, or a .safetensors file with 'inputs' (and optional 'labels'); "
                    "for a model folder: a text file (one example per line) or a folder of .txt files")
-@click.option("--max-length", type=int, default=128, show_default=True,
-              help="tokens per text example (model folders; longer lines are truncated)")
+@click.option("--max-length", type=int, default=None,
+              help="tokens per text example (model folders; longer lines are truncated) [default: 128, or the "
+                   "model's max_position_embeddings if fewer]")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help=".safetensors with held-out inputs/labels")
 @click.option("--arch", default=None, help="package.module:factory building the architecture for a state-dict MODEL")
 @click.option("--trust-pickle", is_flag=True,
@@ -446,7 +447,7 @@ def config_options(command):
               help="training batch size, per process (under torchrun each of N processes takes this many)")
 @config_option("seed")
 @output_options
-def run(model: Path, data_spec: str, max_length: int, eval_data: Path | None, output: Path | None,
+def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | None, output: Path | None,
         arch: str | None, trust_pickle: bool, batch_size: int, force: bool, export_pt2: bool, plot: Path | None,
         report_json: Path | None, state_file: Path | None, resume: bool, **settings: Any) -> None:
     """Compress MODEL to --target and write a slim safetensors checkpoint.
@@ -514,8 +515,10 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
         tensors = read_safetensors(checkpoint, CheckpointError, "checkpoint")
     except CompressorError as exc:
         _fail(exc)
+    bad = nonfinite_tensors(tensors)
     if as_json:
-        click.echo(json.dumps({k: v for k, v in meta.items() if k != "tensor_names"}, indent=2))
+        shown = {k: v for k, v in meta.items() if k != "tensor_names"}
+        click.echo(json.dumps({**shown, "nonfinite_tensors": bad} if bad else shown, indent=2))
         return
     params = sum(t.numel() for t in tensors.values())
     dense = meta.get("dense_params")
@@ -531,6 +534,9 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
             _fail(ModelError(f"{checkpoint}: layer {name!r} has an unreadable spec ({exc})"))
         t.add_row(name, s["kind"], s["decomp"], _fmt_ranks(modes), _fmt_ranks(s["ranks"]), f"{n:,}")
     out_console.print(t)
+    if bad:
+        out_console.print(f"[bold red]not finite:[/bold red] {len(bad)} of {len(tensors)} tensors hold NaN or "
+                          f"infinite values: {', '.join(bad[:5])}" + (", ..." if len(bad) > 5 else ""))
     acc = meta.get("extra", {}).get("report", {}).get("accuracy")
     if acc is not None:
         out_console.print(f"test accuracy at compression time: {100 * acc:.2f}%")
@@ -573,23 +579,31 @@ def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | No
         rows = []
         if y is not None:
             rows.append(("accuracy (compressed)", f"{100 * evaluate(slim, loader):.2f}%"))
-        if original is not None:
-            ref = set_training(as_module(original), False)
-            agree = n = 0
-            worst = 0.0
-            with torch.no_grad():
-                for xb in TensorLoader(x, None, batch_size):
-                    a, b = slim(xb), ref(xb)
-                    agree += int((a.argmax(-1) == b.argmax(-1)).sum()) if a.dim() == 2 else 0
-                    n += xb.shape[0]
-                    worst = max(worst, float((a - b).abs().max()))
-            if y is not None:
-                rows.append(("accuracy (original)", f"{100 * evaluate(ref, loader):.2f}%"))
-            rows.append(("top-1 agreement with original", f"{100 * agree / n:.2f}%"))
-            rows.append(("max |logit difference|", f"{worst:.4f}"))
+        ref = set_training(as_module(original), False) if original is not None else None
+        check = compare_outputs(slim, TensorLoader(x, None, batch_size), ref)
+        if ref is not None and y is not None:
+            rows.append(("accuracy (original)", f"{100 * evaluate(ref, loader):.2f}%"))
+        rows += _fidelity_rows(check, ref is not None)
     except CompressorError as exc:
         _fail(exc)
     _print_metrics(f"{checkpoint} on {data_spec} ({x.shape[0]:,} samples, {time.perf_counter() - t0:.1f} s)", rows)
+
+
+def _fidelity_rows(check, compared: bool) -> list[tuple[str, str]]:
+    """Rows of what :func:`compare_outputs` saw: NaN/Inf outputs said as such, never as a difference of 0."""
+    rows = []
+    for who, bad in (("compressed", check.nonfinite), ("original", check.reference_nonfinite)):
+        if bad:
+            rows.append((f"outputs ({who})", f"not finite: NaN/Inf for {bad:,} of {check.examples:,} examples"))
+    if not compared:
+        return rows
+    rows.append(("top-1 agreement with original", f"{100 * check.agreement:.2f}%"))
+    if check.max_difference is None:
+        rows.append(("max |logit difference|", "not finite (no example has finite outputs from both models)"))
+    else:
+        over = f" (over the examples finite in both)" if check.nonfinite or check.reference_nonfinite else ""
+        rows.append(("max |logit difference|", f"{check.max_difference:.4f}{over}"))
+    return rows
 
 
 def _print_metrics(title: str, rows: list[tuple[str, str]]) -> None:
