@@ -26,7 +26,7 @@ from .surgery import Applied, apply, evaluation_mode, set_training, tn_layers
 from .blueprint import Blueprint
 from .selectors import FaithfulStart, get_selector
 from .blocks import shared_blocks
-from .batches import ForwardFn, check_labels, describe_inputs, forward, require_reiterable, split_batch
+from .batches import BatchCheck, ForwardFn, check_labels, describe_inputs, forward, located, require_reiterable, split_batch
 from .losses import count_correct
 from .refit import refit_layers
 from .report import LayerReport, Report, history_fields, start_summary
@@ -56,10 +56,12 @@ def evaluate(model: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = 
     epoch trains exactly as one never evaluated."""
     correct = seen = 0
     with evaluation_mode(model), random_state_kept(), torch.no_grad():
-        for batch in loader:
-            ran = forward(model, batch, forward_fn)
-            if ran.labels is None:
-                raise DataError("accuracy needs labels: the evaluation loader yields inputs only")
+        for i, batch in enumerate(loader, 1):
+            with located(f"evaluation batch {i}"):
+                ran = forward(model, batch, forward_fn)
+                if ran.labels is None:
+                    raise DataError("accuracy needs labels: the evaluation loader yields inputs only")
+                check_labels(ran)
             right, counted = count_correct(ran)
             correct, seen = correct + right, seen + counted
     correct, seen = World.current().sum([correct, seen])
@@ -131,7 +133,8 @@ def check_finite(module: nn.Module) -> None:
 
 
 def check_batch(teacher: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = None) -> tuple[bool, Any]:
-    """Run one batch through the original model: does the data fit? Are there labels?"""
+    """Run one batch through the original model: does the data fit? Are there labels? (Every later
+    batch is held to its answer as it is trained on: :class:`~compressor.batches.BatchCheck`.)"""
     try:
         batch = next(iter(loader))
     except StopIteration:
@@ -145,15 +148,15 @@ def check_batch(teacher: nn.Module, loader: Iterable, forward_fn: ForwardFn | No
         inputs = describe_inputs(split_batch(batch)[0]) if forward_fn is None else "given to forward_fn"
         raise DataError(f"a batch {inputs} does not fit the model; expected {_expected_input(teacher)} "
                         f"({first_line(exc, 200)})") from None
-    if ran.labels is not None:
-        check_labels(ran)
+    with located("the first batch"):
+        BatchCheck()(ran)
     return ran.labels is not None, batch
 
 
 def compress(model: Any, loader: Iterable, decomp: str | None = None, target: Any = None, *,
              config: CompressConfig | None = None, eval_loader: Iterable | None = None,
              callback: Callable[[TrainEvent], None] | None = None, state_file: str | Path | None = None,
-             resume: bool = False, **options: Any) -> CompressResult:
+             resume: bool = False, keep_state: bool = False, **options: Any) -> CompressResult:
     """Compress ``model`` to at least ``target`` times fewer parameters.
 
     ``loader`` yields ``(x, y)`` (cross-entropy on the labels) or ``x`` alone (distillation
@@ -162,8 +165,8 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     labels) gives the accuracies in the report.  Returns the slim model and a report.
 
     ``state_file``: where the run keeps its resumable state (every ``checkpoint_every`` steps,
-    and on Ctrl-C/SIGTERM, raising :class:`~compressor.resume.RunInterrupted`); ``resume=True``
-    continues the run saved there (same model, data and options). Delete it once safe.
+    on Ctrl-C/SIGTERM raising :class:`~compressor.resume.RunInterrupted`, with ``keep_state`` when
+    training ends); ``resume=True`` continues the run saved there (same model, data, options).
     """
     started = time.perf_counter()
     config = _resolve_config(config, decomp, target, options)
@@ -191,9 +194,10 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
     start_acc = evaluate_fn(applied.model) if evaluate_fn is not None and saved is None else None  # step 0
     refit = _refit(module, the_plan, starts, applied.sites, config)
-    spec = begin_run(settled, loader, applied.model, the_plan.dense_params, applied.keep_factorized, state_file)
+    spec = begin_run(settled, loader, applied.model, the_plan.dense_params, applied.keep_factorized, state_file, keep_state)
     slim, history = finetune(applied.model, teacher if spec.distillation.needs_teacher(has_labels) else None,
-                             loader, spec, callback=callback, evaluate=evaluate_fn, refit=refit, resume_state=saved)
+                             loader, spec, callback=callback, evaluate=evaluate_fn, refit=refit, resume_state=saved,
+                             labelled=has_labels)
 
     layers = tn_layers(slim)
     blueprint = Blueprint(the_plan.source, the_plan.dense_params,

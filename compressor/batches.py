@@ -14,6 +14,7 @@ evaluation) goes through :func:`forward`, so one convention holds everywhere:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,6 +28,8 @@ from .trace import unwrapped
 ForwardFn = Callable[[nn.Module, Any], "tuple[Any, torch.Tensor | None]"]
 #: Mapping keys that hold labels (taken out of the model's keyword inputs).
 LABEL_KEY = "labels"
+#: Label value that marks a position to ignore (the PyTorch and Hugging Face convention).
+IGNORE_INDEX = -100
 #: Output keys tried in order when a model returns a mapping or a ``ModelOutput``.
 OUTPUT_KEYS = (("logits", "logits"), ("last_hidden_state", "hidden"))
 
@@ -136,7 +139,8 @@ def forward(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = None) -
     """Run ``model`` on one raw batch, the same way at every stage of a run.
 
     The batch goes where the model is (data loaders yield CPU tensors; the model may be on
-    a GPU); a ``forward_fn`` is given the batch as it came."""
+    a GPU); a ``forward_fn`` is given the batch as it came. A batch without a single example
+    is refused before the model sees it (its loss would be NaN, blamed on the learning rate)."""
     if forward_fn is None and (device := model_device(model)) is not None:
         batch = to_device(batch, device)
     if forward_fn is not None:
@@ -147,9 +151,20 @@ def forward(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = None) -
         inputs = split_batch(batch)[0] if isinstance(batch, Mapping) else None
     else:
         inputs, labels = split_batch(batch)
+        if examples(inputs) == 0:
+            raise DataError(f"the batch {describe_inputs(inputs)} is empty: it holds no example")
         raw = call_model(model, inputs)
     out, kind = output_tensor(raw)
+    if out.dim() > 0 and out.shape[0] == 0:
+        raise DataError(f"the batch is empty: the model's output has shape {tuple(out.shape)}")
     return Ran(out, labels, attention_mask(inputs), kind, predicts_next_token(model))
+
+
+def examples(inputs: Any) -> int | None:
+    """How many examples a batch's inputs hold: the first dimension of their first tensor
+    (None when no input is a tensor with a dimension)."""
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
+    return next((int(v.shape[0]) for v in values if torch.is_tensor(v) and v.dim() > 0), None)
 
 
 def describe_inputs(inputs: Any) -> str:
@@ -180,10 +195,49 @@ def check_labels(ran: Ran) -> None:
     else:
         raise DataError(f"labels given but the model outputs shape {tuple(out.shape)}, not (batch, classes) or "
                         "(batch, tokens, vocabulary)")
-    real = y[y != -100]
-    if real.numel() and (int(real.max()) >= out.shape[-1] or int(real.min()) < 0):
-        bad = int(real.max()) if int(real.max()) >= out.shape[-1] else int(real.min())
-        raise DataError(f"label {bad} is out of range for a model with {out.shape[-1]} outputs")
+    classes = out.shape[-1]
+    bad = (y >= classes) | ((y < 0) & (y != IGNORE_INDEX))
+    if bool(bad.any()):  # one reduction and one sync a batch: cheap beside the forward
+        raise DataError(f"label {int(y[bad][0])} is out of range for a model with {classes} outputs")
+
+
+@dataclass
+class BatchCheck:
+    """Every batch a run reads held to the first one's conventions, at no extra forward: labelled
+    or not as the first was (``labelled``, None until the first batch says), labels that fit
+    the outputs (:func:`check_labels`). The caller says which batch failed (:func:`located`)."""
+
+    labelled: bool | None = None
+
+    def __call__(self, ran: Ran) -> Ran:
+        labelled = ran.labels is not None
+        if self.labelled is None:
+            self.labelled = labelled
+        elif labelled != self.labelled:
+            had, has = ("inputs alone", "labels") if labelled else ("labels", "no labels")
+            raise DataError(f"it has {has} but the first batch had {had}: a loader yields (x, y) batches "
+                            "throughout, or inputs alone throughout")
+        if labelled:
+            check_labels(ran)
+        return ran
+
+
+@contextmanager
+def located(where: str) -> Iterator[None]:
+    """A data error inside the block names the batch it came from: ``"batch 7 of epoch 2: ..."``."""
+    try:
+        yield
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+
+
+def check_pass(count: int, expected: int, epoch: int) -> None:
+    """A full pass of the loader gives as many batches as the run was planned with (its length,
+    or its first pass): a loader that runs dry or shrinks would silently stretch the budget."""
+    if count != expected:
+        got = "no batch" if count == 0 else f"{count} batches"
+        raise DataError(f"the data loader yielded {got} in epoch {epoch} but {expected} per pass when the run "
+                        "was planned; it must give a full pass every time it is iterated")
 
 
 def require_reiterable(loader: Iterable, what: str = "data loader") -> Iterable:

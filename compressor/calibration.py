@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .batches import ForwardFn, attention_mask, forward, split_batch
+from .batches import ForwardFn, attention_mask, forward, located, split_batch
 from .distributed import World
 from .layers import layer_class
 from .plan import CompressionPlan, LayerPlan, StartFactors
@@ -150,7 +150,8 @@ def input_grams(model: nn.Module, the_plan: CompressionPlan, loader: Iterable, b
                 seen.counting, seen.fired = i >= batches, set()
                 seen.mask = attention_mask(split_batch(batch)[0]) if forward_fn is None else None
                 try:
-                    forward(model, batch, forward_fn)
+                    with located(f"calibration batch {i + 1}"):
+                        forward(model, batch, forward_fn)
                 except _Counted:
                     counted = i + 1
                     continue

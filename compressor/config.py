@@ -56,8 +56,13 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 # Checks named in a field's metadata: ``check(label, value)`` raises ConfigError, where
 # ``label`` is how the message names the option (the field name unless metadata says otherwise).
+def _number(value: Any) -> bool:
+    """A real number (not a bool, not a string); NaN and infinities included, judged by the caller."""
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
 def positive(label: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+    if not _number(value) or not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{label} must be a number > 0, got {value!r}")
 
 
@@ -72,17 +77,43 @@ def non_negative_int(label: str, value: Any) -> None:
 
 
 def non_negative(label: str, value: Any) -> None:
-    if value < 0:
-        raise ConfigError(f"{label} must be >= 0, got {value}")
+    if not _number(value) or not value >= 0:
+        raise ConfigError(f"{label} must be >= 0, got {value!r}")
 
 
 def finite_non_negative(label: str, value: Any) -> None:
-    if not (value >= 0 and math.isfinite(value)):
-        raise ConfigError(f"{label} must be >= 0, got {value}")
+    if not _number(value) or not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"{label} must be >= 0 and finite, got {value!r}")
+
+
+#: The largest gate noise std accepted: at σ = 10 a gate near 1 is already a coin flip every
+#: step (Φ(1/10) ≈ 0.54), so a larger σ only overflows (σ = 1e300 ends in a float overflow).
+MAX_SIGMA = 10.0
+
+
+def gate_noise(label: str, value: Any) -> None:
+    positive(label, value)
+    if value > MAX_SIGMA:
+        raise ConfigError(f"{label} must be at most {MAX_SIGMA:g} (the gates' noise std; 0.5 in the paper), "
+                          f"got {value!r}")
+
+
+#: Seeds run from 0 to the largest int64: every generator a run seeds (torch's, a loader's
+#: ``torch.Generator``, NumPy's) takes them all.
+MAX_SEED = 2 ** 63 - 1
+
+
+def seed_value(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{label} must be an integer from 0 to 2**63 - 1, got {value!r}")
+
+
+#: Device types that hold no data (``meta``) or none a model can run on.
+NO_RUN_DEVICES = ("meta",)
 
 
 def unit_fraction(label: str, value: Any) -> None:
-    if not 0.0 < value <= 1.0:
+    if not _number(value) or not 0.0 < value <= 1.0:
         raise ConfigError(f"{label} must be in (0, 1], got {value}")
 
 
@@ -103,9 +134,12 @@ def forward_function(label: str, value: Any) -> None:
 
 def device_name(label: str, value: Any) -> None:
     try:
-        torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, TypeError):
         raise ConfigError(f"{label} {value!r} is not a device; write it like cpu, cuda or cuda:1") from None
+    if device.type in NO_RUN_DEVICES:
+        raise ConfigError(f"{label} {value!r} holds no data and cannot run a model; write it like cpu, cuda "
+                          "or cuda:1")
 
 
 def rank_map(label: str, value: Any) -> None:
@@ -157,7 +191,8 @@ class CompressConfig:
         "help": "training batches whose layer inputs fit an activations start (an embedding's token counts "
                 "cover up to 128, which cost little more than loading them)", "check": positive_int})
     sigma: float = field(default=0.5, metadata={
-        "help": "gate noise std (0.5 works best in the IJCAI 2024 paper)", "check": positive})
+        "help": f"gate noise std, at most {MAX_SIGMA:g} (0.5 works best in the IJCAI 2024 paper)",
+        "check": gate_noise})
     gate_margin: float | None = field(default=None, metadata={
         "help": "gate means start this many sigmas above 1, so training noise spares the start (default: 0 "
                 "for up to 16 factorized layers, 2 for deeper stacks, whose layers multiply each other's noise)",
@@ -197,7 +232,7 @@ class CompressConfig:
         "help": "Adam learning rate of the gate means (default 0.05, raised on a short budget so that a gate "
                 "can close within a quarter of the gate phase)", "check": positive})
     weight_decay: float = field(default=0.0, metadata={
-        "help": "weight decay of the cores and other weights", "check": non_negative})
+        "help": "weight decay of the cores and other weights", "check": finite_non_negative})
     distill: float = field(default=0.0, metadata={
         "help": "weight of distillation from the original model when labels exist (0 = off); "
                 "without labels the run always distils",
@@ -234,7 +269,8 @@ class CompressConfig:
     bf16: bool = field(default=False, metadata={
         "help": "fine-tune under bfloat16 autocast (weights stay in their dtype)"})
     seed: int = field(default=0, metadata={
-        "help": "random seed of the run (the CLI also shuffles the training data with it)"})
+        "help": "random seed of the run, 0 to 2**63 - 1 (the CLI also shuffles the training data with it)",
+        "check": seed_value})
     log_every: int = field(default=20, metadata={
         "help": "steps between progress events", "check": positive_int})
     checkpoint_every: int | None = field(default=None, metadata={

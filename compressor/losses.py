@@ -12,11 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .batches import Ran
+from .batches import IGNORE_INDEX, Ran
 from .blocks import hidden_loss
-
-#: Label value that marks a position to ignore (the PyTorch and Hugging Face convention).
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ class RunSpec:
     forward_fn: ForwardFn | None
     chosen: Settled  # what the tool chose for the options left to it, and why
     fingerprint: dict[str, Any]  # what makes a resumed run the same run (``resume.fingerprint``)
+    keep_final: bool = False  # save the state once more when the budget is spent (``compress(keep_state=)``)
 
     def autocast(self, model: nn.Module) -> ContextManager:
         """bfloat16 autocast for the forward (:attr:`bf16`), on ``model``'s device type."""
@@ -118,7 +119,8 @@ class RunSpec:
 
 
 def begin_run(settled: Settled, loader: Iterable, model: nn.Module, dense_params: int,
-              keep_factorized: Collection[str] = (), state_file: str | Path | None = None) -> RunSpec:
+              keep_factorized: Collection[str] = (), state_file: str | Path | None = None,
+              keep_final: bool = False) -> RunSpec:
     """Start a fine-tune of the gated ``model`` on ``loader``: seed the run's random stream
     (``settled.config.seed``), then settle its :class:`RunSpec`.
 
@@ -141,4 +143,5 @@ def begin_run(settled: Settled, loader: Iterable, model: nn.Module, dense_params
                    distillation=distillation, dense_params=dense_params, seed=config.seed, log_every=config.log_every,
                    checkpoint_every=config.checkpoint_every,
                    state_file=Path(state_file) if state_file is not None else None, bf16=config.bf16,
-                   forward_fn=config.forward_fn, chosen=settled, fingerprint=identity)
+                   forward_fn=config.forward_fn, chosen=settled, fingerprint=identity,
+                   keep_final=keep_final and state_file is not None)

@@ -16,6 +16,7 @@ budget in the weight phase. Every option comes from the run's
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import signal
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .batches import Ran, forward, token_count
+from .batches import BatchCheck, Ran, check_pass, forward, located, token_count
 from .blocks import BlockRecorder, shared_blocks
 from .distributed import World
 from .errors import DataError, TrainingError
@@ -34,8 +35,10 @@ from .gates import reinforce_surrogate
 from .surgery import set_training
 from .losses import task_loss
 from .resume import (Position, ResumeError, RunInterrupted, StopRequest, check_same_run, random_state_kept,
-                     restore_model, save_state)
+                     restore_model, save_state, set_rng_state)
 from .runspec import RunSpec
+
+log = logging.getLogger(__name__)
 
 #: Steps between snapshots of the last good state (restored if the loss turns NaN).
 SNAPSHOT_EVERY = 100
@@ -154,8 +157,9 @@ class Passes:
     """One batch through the model being trained and, when a loss needs it, the original model,
     with their blocks' outputs recorded when hidden-state distillation matches them."""
 
-    def __init__(self, model: nn.Module, teacher: nn.Module | None, spec: RunSpec):
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, spec: RunSpec, check: BatchCheck | None = None):
         self.model, self.teacher, self.spec = model, teacher, spec
+        self.check = check or BatchCheck()  # every batch held to the first one's conventions
         # (student, original) recorders of the blocks' outputs
         self.recorders: tuple[BlockRecorder, BlockRecorder] | None = None
         if spec.distillation.hidden > 0 and teacher is not None:
@@ -175,8 +179,9 @@ class Passes:
         return ran
 
     def student(self, runner: nn.Module, batch: Any) -> Ran:
-        """The trained model on ``batch``, called through ``runner`` (itself, or DDP around it)."""
-        return self._recorded(runner, batch, 0)
+        """The trained model on ``batch``, called through ``runner`` (itself, or DDP around it),
+        its labels checked (:class:`~compressor.batches.BatchCheck`)."""
+        return self.check(self._recorded(runner, batch, 0))
 
     def original(self, batch: Any, student: Ran) -> Ran | None:
         """The original model's output on ``batch``, when a loss will use it."""
@@ -207,7 +212,8 @@ class FineTune:
     def __init__(self, model: nn.Module, teacher: nn.Module | None, loader: Iterable, spec: RunSpec, *,
                  callback: Callable[[TrainEvent], None] | None = None,
                  evaluate: Callable[[nn.Module], float] | None = None,
-                 refit: Callable[[nn.Module], int] | None = None, resume_state: dict[str, Any] | None = None):
+                 refit: Callable[[nn.Module], int] | None = None, resume_state: dict[str, Any] | None = None,
+                 labelled: bool | None = None):
         self.model, self.teacher, self.loader, self.spec = model, teacher, loader, spec
         self.total = spec.schedule.total_steps
         self.world = World.current()
@@ -215,7 +221,7 @@ class FineTune:
         self.emit = _side_effect_free(callback) if callback is not None and self.world.main else (lambda e: None)
         self.evaluate, self.resume_state = evaluate, resume_state
         self.history = TrainHistory(gate_lr=spec.gates.lr)
-        self.passes = Passes(model, teacher, spec)
+        self.passes = Passes(model, teacher, spec, BatchCheck(labelled))
         self.gates = GatePhase(model, spec, loader, self.passes.task_loss, refit)
         self.position = Position()
         self.tallies = (Tally(), Tally())  # (progress window, current epoch)
@@ -345,6 +351,7 @@ class FineTune:
             with StopRequest(enabled=self.spec.state_file is not None) as stop:
                 while self.position.step < self.total:
                     self._run_epoch(stop)
+            self._keep_final()
         finally:
             self.passes.close()
         if not self.gates.frozen:  # budget ended inside the gate phase (e.g. epochs=0 or tiny max_steps)
@@ -387,15 +394,15 @@ class FineTune:
                 break
             if self.world.any(stop.requested):  # all ranks stop at the same step boundary
                 raise RunInterrupted(self.position.step, self.total, self.save_state(), stop.signum or signal.SIGINT)
-            self._step(batch)
+            with located(f"batch {self.position.batch_in_epoch + 1} of epoch {self.position.epoch}"):
+                self._step(batch)
             self.position.batch_in_epoch += 1
             step, every = self.position.step, self.spec.checkpoint_every
             if every and self.spec.state_file is not None and step % every == 0 and step < self.total:
                 self.save_state()
+        else:  # the pass ended by itself, not at the end of the budget: was it a full one?
+            check_pass(self.position.batch_in_epoch, self.spec.schedule.batches_per_epoch, self.position.epoch)
         tally = self.tallies[1]
-        if tally.batches == 0:
-            raise DataError(f"the data loader yielded no batch in epoch {self.position.epoch}; it must give a full "
-                            "pass every time it is iterated")
         eval_acc = self.evaluate(self.model) if self.evaluate is not None else None
         self.history.epochs.append({
             "epoch": self.position.epoch, "step": self.position.step, "ratio": self.gates.meter.ratio(),
@@ -404,6 +411,18 @@ class FineTune:
         self._event("epoch", accuracy=tally.accuracy(), eval_accuracy=eval_acc)
 
     # ----------------------------------------------------------------- saved state
+    def _keep_final(self) -> None:
+        """When the run keeps its final state, save it at the end of the budget: whatever fails after the
+        training (an output that cannot be written) costs none of it, since a resumed run goes
+        straight to the end. A state that cannot be saved is said, and the run goes on."""
+        if not self.spec.keep_final or self.history.resumed_from == self.total:
+            return
+        try:
+            self.save_state()
+        except OSError as exc:
+            log.warning("could not save the finished run's state in %s (%s)", self.spec.state_file,
+                        exc.strerror or exc)
+
     def save_state(self) -> Path:
         """Write everything a resumed run needs to continue from this step boundary (rank 0
         writes it; the ranks hold the same model, gates and optimiser state)."""
@@ -430,6 +449,8 @@ class FineTune:
         self.position = Position.saved(state)
         self.tallies = tuple(Tally(**t) for t in state["tallies"])
         self.history.resumed_from = self.position.step
+        if self.position.step >= self.total:  # saved at the end: no epoch will take the random state up
+            set_rng_state(state["rng"])
 
 
 def _side_effect_free(callback: Callable[[TrainEvent], None]) -> Callable[[TrainEvent], None]:
@@ -445,15 +466,16 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, spec
              callback: Callable[[TrainEvent], None] | None = None,
              evaluate: Callable[[nn.Module], float] | None = None,
              refit: Callable[[nn.Module], int] | None = None,
-             resume_state: dict[str, Any] | None = None) -> tuple[nn.Module, TrainHistory]:
+             resume_state: dict[str, Any] | None = None, labelled: bool | None = None) -> tuple[nn.Module, TrainHistory]:
     """Train the gated model until the target holds, then fine-tune the pruned model, as
     ``spec`` says (from :func:`~compressor.runspec.begin_run`).
 
     ``teacher`` is the original model (used for distillation); ``evaluate(model) ->
     accuracy`` is called after each epoch; ``refit(model) -> layers`` re-fits the pruned
     cores when the gates freeze (``spec.gates.refit``); ``resume_state`` (from
-    :func:`compressor.resume.load_state`) continues a saved run. Returns the pruned model
-    and the history.
+    :func:`compressor.resume.load_state`) continues a saved run; ``labelled`` says whether the
+    run's batches carry labels (None: as the first batch trained on does). Returns the pruned
+    model and the history.
     """
     return FineTune(model, teacher, loader, spec, callback=callback, evaluate=evaluate, refit=refit,
-                    resume_state=resume_state).run()
+                    resume_state=resume_state, labelled=labelled).run()
