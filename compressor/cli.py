@@ -601,7 +601,7 @@ def _fidelity_rows(check, compared: bool) -> list[tuple[str, str]]:
     if check.max_difference is None:
         rows.append(("max |logit difference|", "not finite (no example has finite outputs from both models)"))
     else:
-        over = f" (over the examples finite in both)" if check.nonfinite or check.reference_nonfinite else ""
+        over = " (over the examples finite in both)" if check.nonfinite or check.reference_nonfinite else ""
         rows.append(("max |logit difference|", f"{check.max_difference:.4f}{over}"))
     return rows
 

@@ -29,7 +29,7 @@ from torch import nn
 from .batches import BatchCheck, Ran, check_pass, forward, located, token_count
 from .blocks import BlockRecorder, shared_blocks
 from .distributed import World
-from .errors import DataError, TrainingError
+from .errors import TrainingError
 from .gate_phase import GatePhase
 from .gates import reinforce_surrogate
 from .surgery import set_training
