@@ -13,10 +13,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def code_version() -> str:
-    """``git describe --always --dirty`` of the repository, or ``"unknown"`` outside a git checkout."""
+    """The commit (``git describe --always``), ``-dirty`` when anything but the results files
+    differs from it (a grid that merges into its own JSON must not mark its next part dirty),
+    or ``"unknown"`` outside a git checkout."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, timeout=30, check=True)
+        described = git("describe", "--always")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    if described.returncode != 0:
+        return "unknown"
+    return described.stdout.strip() + ("-dirty" if changed.stdout.strip() else "")
