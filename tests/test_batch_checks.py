@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from builders import ScriptedLoader
 from compressor import compress, evaluate
 from compressor.cli import main
 from compressor.config import CompressConfig
@@ -78,23 +79,14 @@ def test_an_empty_batch_is_named_not_blamed_on_the_learning_rate(trained_digits_
     _one_line(info, "(0, 1, 8, 8) is empty")
 
 
-class _Shrinking:
+def _shrinking(batches):
     """Says ten batches, and gives one fewer every pass (a hand-written loader bug)."""
-
-    def __init__(self, batches):
-        self.batches, self.passes = batches, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches[:len(self.batches) + 1 - self.passes])
+    return ScriptedLoader(batches, lambda k, b: b[:len(b) + 1 - k])
 
 
 def test_a_loader_that_yields_fewer_batches_each_pass_is_refused(trained_digits_net, batches):
     with pytest.raises(DataError) as info:  # before: silently more, shorter epochs
-        compress(trained_digits_net, _Shrinking(batches), "tr", 4, **RUN)
+        compress(trained_digits_net, _shrinking(batches), "tr", 4, **RUN)
     _one_line(info, "yielded 9 batches in epoch 1 but 10 per pass")
 
 

@@ -12,6 +12,8 @@ tokenizers = pytest.importorskip("tokenizers")
 from click.testing import CliRunner  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+import builders  # noqa: E402
+from builders import random_sentences  # noqa: E402
 from compressor import compress, load  # noqa: E402
 from compressor.cli import main  # noqa: E402
 from compressor.errors import DataError, ModelError  # noqa: E402
@@ -22,17 +24,11 @@ WORDS = ("the cat dog sat on a mat and ran to house big small red blue tree unde
 
 
 def sentences(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(4, 12, (1,), generator=g)),),
-                                                          generator=g)) for _ in range(n)]
+    return random_sentences(WORDS, n, seed, longest=12)
 
 
 def word_tokenizer():
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return builders.word_tokenizer(WORDS)
 
 
 def low_rank_(model, rank=6, seed=0):

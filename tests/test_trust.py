@@ -7,6 +7,7 @@ import tensorly as tl
 import torch
 from torch import nn
 
+from builders import ScriptedLoader
 from compressor import compress, export_program, load, save
 from compressor.config import CompressConfig
 from compressor.controller import SizeMeter, TargetController
@@ -41,23 +42,14 @@ def test_a_generator_loader_is_refused_with_one_line(trained_digits_net, digits)
     assert "\n" not in str(info.value)
 
 
-class _RunsDry:
+def _runs_dry(batches):
     """Re-iterable on paper, with a length, but empty after two passes (a hand-written loader bug)."""
-
-    def __init__(self, batches):
-        self.batches, self.passes = batches, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches if self.passes <= 2 else [])
+    return ScriptedLoader(batches, lambda k, b: b if k <= 2 else [])
 
 
 def test_a_loader_that_runs_dry_is_a_clear_error_not_a_hang(trained_digits_net, digits):
     xtr, ytr = digits[0], digits[1]
-    loader = _RunsDry([(xtr[i:i + 64], ytr[i:i + 64]) for i in range(0, 640, 64)])
+    loader = _runs_dry([(xtr[i:i + 64], ytr[i:i + 64]) for i in range(0, 640, 64)])
     with pytest.raises(DataError, match="no batch in epoch 2"):  # before: epoch after epoch, forever
         compress(trained_digits_net, loader, "tr", 4, epochs=3, lam=1.0)
 

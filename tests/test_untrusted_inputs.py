@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+import builders  # noqa: E402
+from builders import random_sentences  # noqa: E402
 from compressor import compress, load, save  # noqa: E402
 from compressor.cli import main  # noqa: E402
 from compressor.errors import CheckpointError, CompressorError, ModelError  # noqa: E402
@@ -33,18 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def sentences(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(4, 10, (1,), generator=g)),),
-                                                          generator=g)) for _ in range(n)]
+    return random_sentences(WORDS, n, seed, longest=10)
 
 
 def word_tokenizer():
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                                eos_token="[SEP]")
+    return builders.word_tokenizer(WORDS, eos_token="[SEP]")
 
 
 def llama_config(**overrides):
