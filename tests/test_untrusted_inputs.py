@@ -26,8 +26,8 @@ import builders  # noqa: E402
 from builders import random_sentences  # noqa: E402
 from compressor import compress, load, save  # noqa: E402
 from compressor.cli import main  # noqa: E402
-from compressor.errors import CheckpointError, CompressorError, ModelError  # noqa: E402
-from compressor.hf_folders import load_model_folder  # noqa: E402
+from compressor.errors import CheckpointError, CompressorError, DataError, ModelError  # noqa: E402
+from compressor.hf_folders import load_model_folder, text_data  # noqa: E402
 from compressor.zoo import DigitsNet  # noqa: E402
 
 WORDS = "the cat dog sat on a mat and ran to house big small red blue tree bird fish".split()
@@ -144,11 +144,16 @@ def test_max_length_beyond_the_models_positions_is_one_error_line(llama, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_of_a_folder_reads_no_more_tokens_than_the_model_has_positions(llama, tmp_path):
-    """``compress eval`` on a folder reads up to 128 tokens; a model with 16 positions reads 16."""
-    slim = copy_folder(llama / "slim", tmp_path / "slim", _claim("max_position_embeddings", 16))
+def test_the_default_max_length_is_the_models_positions_when_fewer(llama, tmp_path):
+    """Without --max-length, text is cut at 128 tokens or the model's positions, whichever is less;
+    ``compress eval`` on a folder does the same."""
     long_lines = tmp_path / "long.txt"
     long_lines.write_text("\n".join(" ".join(WORDS * 3) for _ in range(4)) + "\n")  # 54 tokens each
+    assert text_data(str(long_lines), llama / "model", None, limit=16)[0]["input_ids"].shape[1] == 16
+    assert text_data(str(long_lines), llama / "model", None, limit=None)[0]["input_ids"].shape[1] == 54
+    with pytest.raises(DataError, match="16 positions"):
+        text_data(str(long_lines), llama / "model", 17, limit=16)
+    slim = copy_folder(llama / "slim", tmp_path / "slim", _claim("max_position_embeddings", 16))
     r = invoke("eval", slim, "--data", long_lines)
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert "perplexity" in r.output
