@@ -188,18 +188,27 @@ def test_staged_outputs_take_no_name_someone_else_took(tmp_path):
 
 
 # ------------------------------------------------------------------ inputs are never outputs
+def _own_copy(files, tmp_path, name):
+    """A copy of a data file for this test alone (the code before overwrote it)."""
+    copy = tmp_path / name
+    copy.write_bytes((files / name).read_bytes())
+    return copy
+
+
 @pytest.mark.parametrize("option", ["-o", "--report-json", "--plot", "--state"])
 def test_no_output_may_be_the_training_data_even_with_force(files, tmp_path, option):
-    data = files / "data.safetensors"
+    data = _own_copy(files, tmp_path, "data.safetensors")
     before = data.read_bytes()
     extra = [option, data] if option == "-o" else ["-o", tmp_path / "slim.safetensors", option, data]
-    line = quick_error(invoke(run_args(files, *extra, "--force")))  # before: the data was overwritten
+    args = run_args(files, *extra, "--force")
+    args[args.index("--data") + 1] = str(data)
+    line = quick_error(invoke(args))  # before: the data was overwritten
     assert "is the --data file" in line and "even with --force" in line
     assert data.read_bytes() == before
 
 
 def test_no_output_may_be_the_held_out_data_or_a_link_to_it(files, tmp_path):
-    held = files / "held.safetensors"
+    held = _own_copy(files, tmp_path, "held.safetensors")
     before = held.read_bytes()
     link = tmp_path / "link.json"
     link.symlink_to(held)
