@@ -11,6 +11,7 @@ output file exists; outputs are written atomically.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 import sys
 import time
@@ -37,8 +38,8 @@ from .plot import check_available, plot_run
 from .config import CompressConfig
 from .errors import CheckpointError, CompressorError, DataError, ModelError, first_line
 from .hf_folders import (SLIM_CHECKPOINT, folder_copies, folder_fidelity, is_model_folder, load_model_folder,
-                         position_limit, slim_checkpoint_in, text_data)
-from .files import read_safetensors, stale_temporaries, staged_outputs
+                         own_file, position_limit, slim_checkpoint_in, text_data)
+from .files import OutputAppeared, probe_writable, read_safetensors, stale_temporaries, staged_outputs
 from .resume import RunInterrupted
 
 err_console = Console(stderr=True)
@@ -270,14 +271,16 @@ def config_option(name: str, *flags: str, **overrides: Any):
     return click.option(*(flags or (flag,)), name, **kwargs)
 
 
-def _check_files(model: Path, outputs: dict[str, Path], state_file: Path | None, force: bool, resume: bool,
-                 sweep: bool = True) -> Path:
-    """Check every path a run will write before any work; returns the state file's path.
-    ``sweep`` removes what a killed run left half-written (rank 0 alone does)."""
+def _check_files(inputs: dict[str, Path], outputs: dict[str, Path], state_file: Path | None, force: bool,
+                 resume: bool, main: bool = True) -> Path:
+    """Check every path a run will write before any work; returns the state file's path. On the
+    process that writes (``main``), every output location is probed (a file made and removed
+    there) and what a killed run left half-written is swept (never a live run's temporaries)."""
     state_file = state_file or outputs["checkpoint"].with_suffix(".resume.pt")
-    _check_outputs(model, list(outputs.values()) + [state_file], force, skip_existing=[state_file])
+    _check_outputs(inputs, list(outputs.values()) + [state_file], force, skip_existing=[state_file])
     _check_state_file(state_file, resume, force)
-    for path in [*outputs.values(), state_file] if sweep else []:
+    for path in [*outputs.values(), state_file] if main else []:
+        probe_writable(path, ModelError)
         for leftover in stale_temporaries(path):  # from a run killed while writing
             leftover.unlink(missing_ok=True)
     return state_file
@@ -292,13 +295,33 @@ def _check_state_file(state_file: Path, resume: bool, force: bool) -> None:
                          "or --force to start over")
 
 
-def _check_outputs(model: Path, outputs: list[Path], force: bool, skip_existing: list[Path] = ()) -> None:
-    """Refuse before any work if an output would clobber the input, an existing file or another output
-    (``skip_existing``: outputs whose existence is judged elsewhere)."""
+def _input_paths(model: Path, data_spec: str, eval_data: Path | None) -> dict[str, Path]:
+    """The files and folders a run reads, by what the user called them: never written, even with --force."""
+    data = Path(data_spec.split(":", 1)[1]) if data_spec.lower().startswith("fashion-mnist:") else Path(data_spec)
+    named = {"the input model": model, "the --data": data, "the --eval-data": eval_data}
+    return {what: path for what, path in named.items() if path is not None and path.exists()}
+
+
+def _is_input(out: Path, inputs: dict[str, Path]) -> str | None:
+    """What ``out`` would overwrite or write into: an input (also through a link), or a path inside
+    the input model folder (a data folder is read for its .txt files alone)."""
+    target = out.resolve()
+    for what, path in inputs.items():
+        if target == path.resolve() or (out.exists() and os.path.samefile(out, path)):
+            return f"{what} {'folder' if path.is_dir() else 'file'}"
+        if what == "the input model" and path.is_dir() and target.is_relative_to(path.resolve()):
+            return f"inside {what} folder {path}"
+    return None
+
+
+def _check_outputs(inputs: dict[str, Path], outputs: list[Path], force: bool, skip_existing: list[Path] = ()) -> None:
+    """Refuse before any work if an output would clobber an input (even with --force), an existing file
+    or another output (``skip_existing``: outputs whose existence is judged elsewhere)."""
     seen: set[Path] = set()
     for out in outputs:
-        if model.exists() and out.resolve() == model.resolve():
-            raise ModelError(f"output {out} is the input model; choose another path")
+        if (what := _is_input(out, inputs)) is not None:
+            raise ModelError(f"output {out} is {what}; inputs are never written, even with --force: choose "
+                             "another path")
         if out.resolve() in seen:
             raise ModelError(f"{out} is named for two outputs; give each output its own path")
         seen.add(out.resolve())
@@ -308,20 +331,23 @@ def _check_outputs(model: Path, outputs: list[Path], force: bool, skip_existing:
             raise ModelError(f"{out} already exists; pass --force to overwrite it")
 
 
-def _plan_outputs(model: Path, output: Path | None, export_pt2: bool, plot: Path | None,
+def _plan_outputs(model: Path, output: str | None, export_pt2: bool, plot: Path | None,
                   report_json: Path | None) -> dict[str, Path]:
     """Every file a run will write, by kind. A model folder in gives a model folder out:
-    its config and tokenizer files beside the slim checkpoint (``copy:NAME`` kinds)."""
+    its config and tokenizer files beside the slim checkpoint (``copy:NAME`` kinds). For a
+    single-file model, an ``-o`` ending in ``/`` (or naming a folder) is the folder to write in."""
     if is_model_folder(model):
         if export_pt2:
             raise ModelError("--export-pt2 is for single-file models; a model folder is written as a folder")
-        folder = output or Path(model.name.rstrip("/") + "-slim")
+        folder = Path(output) if output else Path(model.name.rstrip("/") + "-slim")
         if folder.resolve() == model.resolve():
             raise ModelError(f"output {folder} is the input model folder; choose another folder")
         outputs = {"checkpoint": folder / SLIM_CHECKPOINT}
         outputs.update({f"copy:{src}": folder / src.name for src in folder_copies(model)})
     else:
-        output = output or Path(model.name.split(".")[0] + ".slim.safetensors")
+        name = model.name.split(".")[0] + ".slim.safetensors"
+        folder = output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir())
+        output = Path(output) / name if folder else Path(output) if output else Path(name)
         outputs = {"checkpoint": output, "pt2": output.with_suffix(".pt2") if export_pt2 else None}
     outputs.update({"plot": plot, "report": report_json})
     return {kind: path for kind, path in outputs.items() if path is not None}
@@ -345,11 +371,13 @@ def _read_inputs(model: Path, data_spec: str, eval_data: Path | None, arch: str 
     return original, train, (TensorLoader(xte, yte, 512) if yte is not None else None), xte[:8]
 
 
-def _write_outputs(result, outputs: dict[str, Path], arch: str | None, example: torch.Tensor) -> list[Path]:
-    """Write the checkpoint and every extra the user asked for, all or nothing."""
+def _write_outputs(result, outputs: dict[str, Path], arch: str | None, example: torch.Tensor,
+                   force: bool = False) -> list[Path]:
+    """Write the checkpoint and every extra the user asked for, all or nothing; without ``force``
+    an output another run wrote meanwhile is not replaced (:class:`~compressor.files.OutputAppeared`)."""
     rep = result.report
     extra = {"arch": arch} if arch else {}
-    with staged_outputs(list(outputs.values())) as tmp:
+    with staged_outputs(list(outputs.values()), overwrite=force) as tmp:
         save(result, tmp[outputs["checkpoint"]],
              extra={**extra, "report": {"accuracy": rep.accuracy, "dense_accuracy": rep.dense_accuracy}})
         if "pt2" in outputs:
@@ -363,9 +391,30 @@ def _write_outputs(result, outputs: dict[str, Path], arch: str | None, example: 
         if "report" in outputs:
             tmp[outputs["report"]].write_text(json.dumps(rep.to_dict(), indent=2))
         for kind, path in outputs.items():
-            if kind.startswith("copy:"):
-                tmp[path].write_bytes(Path(kind[len("copy:"):]).read_bytes())
+            if kind.startswith("copy:"):  # checked again as it is read: still the folder's own file
+                src = Path(kind[len("copy:"):])
+                tmp[path].write_bytes(own_file(src.parent, src.name).read_bytes())
     return list(outputs.values())
+
+
+def _unwritten(exc: Exception, state_file: Path) -> CompressorError:
+    """The one line a failed write at the end says: what failed, and where the trained run is kept.
+    Writers fail in their own ways (``OSError``, torch's ``RuntimeError``, safetensors' own error),
+    so any failure is said in one line; none costs the training."""
+    again = "--resume once it can be written"
+    if isinstance(exc, OutputAppeared):
+        what = f"{exc.filename} appeared while this run was going (another run wrote it) and is left as it is"
+        again = "--resume --force to replace it"
+    elif isinstance(exc, OSError):
+        what = f"could not write {exc.filename or 'the outputs'} ({exc.strerror or first_line(exc)})"
+    elif isinstance(exc, CompressorError):
+        what = str(exc).rstrip(".")
+    else:
+        what = f"could not write the outputs ({first_line(exc, 200, with_type=True)})"
+    if state_file.exists():
+        return CompressorError(f"{what}; no output was written. The trained run is kept in {state_file}: run the "
+                               f"same command with {again}, without training again")
+    return CompressorError(f"{what}; no output was written, and the run's state could not be kept either")
 
 
 def _print_summary(rep, written: list[Path]) -> None:
@@ -393,8 +442,9 @@ def _print_summary(rep, written: list[Path]) -> None:
 def output_options(command):
     """The options about what a run writes and keeps: outputs, overwriting, resumable state."""
     options = [
-        click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-                     help="slim checkpoint to write (default: MODEL name + .slim.safetensors)"),
+        click.option("-o", "--output", type=click.Path(), default=None,
+                     help="slim checkpoint to write (default: MODEL name + .slim.safetensors); a path ending in / "
+                          "(or an existing folder) is the folder to write it in; for a model folder, the folder out"),
         click.option("--force", is_flag=True, help="overwrite an existing output file"),
         click.option("--export-pt2", is_flag=True,
                      help="also write the slim model as a torch.export program (OUT.pt2)"),
@@ -447,7 +497,7 @@ def config_options(command):
               help="training batch size, per process (under torchrun each of N processes takes this many)")
 @config_option("seed")
 @output_options
-def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | None, output: Path | None,
+def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | None, output: str | None,
         arch: str | None, trust_pickle: bool, batch_size: int, force: bool, export_pt2: bool, plot: Path | None,
         report_json: Path | None, state_file: Path | None, resume: bool, **settings: Any) -> None:
     """Compress MODEL to --target and write a slim safetensors checkpoint.
@@ -462,7 +512,8 @@ def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | N
         if batch_size <= 0:
             raise DataError(f"--batch-size must be positive, got {batch_size}")
         outputs = _plan_outputs(model, output, export_pt2, plot, report_json)
-        state_file = _check_files(model, outputs, state_file, force, resume, sweep=world.main)
+        state_file = _check_files(_input_paths(model, data_spec, eval_data), outputs, state_file, force, resume,
+                                  main=world.main)
         if plot:
             check_available()  # before minutes of training, not after
         original, train, test, example = _read_inputs(model, data_spec, eval_data, arch, trust_pickle,
@@ -470,11 +521,14 @@ def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | N
         view = ProgressView(err_console) if world.main else None
         try:
             result = compress(original, train, config=config, eval_loader=test, callback=view,
-                              state_file=state_file, resume=resume)
+                              state_file=state_file, resume=resume, keep_state=True)
         finally:
             if view is not None:
                 view.close()
-        written = _write_outputs(result, outputs, arch, example) if world.main else []
+        try:
+            written = _write_outputs(result, outputs, arch, example, force) if world.main else []
+        except Exception as exc:  # a full disk, a folder gone read-only: the training is not lost
+            raise _unwritten(exc, state_file) from None
         world.barrier()  # every rank ends once the files are written
         leave()
         if world.main:

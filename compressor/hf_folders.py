@@ -252,9 +252,30 @@ def text_data(spec: str, folder: str | os.PathLike, max_length: int | None, seed
 
 
 def folder_copies(folder: str | os.PathLike) -> list[Path]:
-    """The files of a model folder a compressed folder carries over: config and tokenizer."""
+    """The files of a model folder a compressed folder carries over: its config and the tokenizer
+    files of :data:`TOKENIZER_FILES` it has, each checked to be the folder's own (:func:`own_file`)."""
     folder = Path(folder)
-    return [folder / "config.json"] + [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    names = ["config.json"] + [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    return [own_file(folder, name) for name in names]
+
+
+def own_file(folder: str | os.PathLike, name: str) -> Path:
+    """``folder / name``, refused when it is a link that resolves outside the folder.
+
+    A compressed folder is made to be published; a ``vocab.txt`` linked to ``~/.ssh/id_rsa``
+    would be copied into it content and all. A Hugging Face cache snapshot
+    (``models--org--name/snapshots/REV/``) links every file to its entry's ``blobs/``, which
+    belongs to the same model and is allowed.
+    """
+    folder, path = Path(folder), Path(folder) / name
+    home = folder.resolve()
+    roots = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in roots):
+        raise ModelError(f"{name} in {folder} is a link to {target}, outside the model folder; compressor copies "
+                         "only the folder's own files into the output: replace the link by a copy of the file if "
+                         "it belongs to the model")
+    return path
 
 
 def slim_checkpoint_in(folder: str | os.PathLike) -> Path:

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +189,63 @@ def test_perplexity_is_the_models_own_loss(tmp_path):
     with torch.no_grad():
         loss = model(**inputs, labels=ids).loss
     assert perplexity(model, inputs) == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+
+
+# ------------------------------------------------------------------ files outside the folder never leak out
+def _model_copy(bert_folder, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(bert_folder / "model", model)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a private key\n")
+    return model, secret
+
+
+@pytest.mark.parametrize("name", ["vocab.txt", "merges.txt", "generation_config.json"])
+def test_a_folder_file_linked_outside_the_folder_is_refused(bert_folder, tmp_path, name):
+    model, secret = _model_copy(bert_folder, tmp_path)
+    (model / name).symlink_to(secret)
+    out = tmp_path / "slim"
+    r = CliRunner().invoke(main, [str(model), "--data", str(bert_folder / "train.txt"), "--target", "2x",
+                                  "--epochs", "1", "--max-length", "16", "-o", str(out)])
+    assert r.exit_code == 2, (r.exit_code, r.stderr)  # before: the secret was copied into the output folder
+    assert r.stderr.strip().startswith("error:") and "\n" not in r.stderr.strip(), r.stderr
+    assert f"{name} in {model} is a link to {secret}, outside the model folder" in r.stderr
+    assert not out.exists()
+
+
+def test_links_inside_the_folder_or_its_hub_cache_entry_are_its_own(bert_folder, tmp_path):
+    from compressor.hf_folders import folder_copies, own_file
+
+    model, secret = _model_copy(bert_folder, tmp_path)
+    (model / "sub").mkdir()
+    (model / "tokenizer.json").rename(model / "sub" / "tokenizer.json")
+    (model / "tokenizer.json").symlink_to(Path("sub") / "tokenizer.json")
+    assert model / "tokenizer.json" in folder_copies(model)
+    entry = tmp_path / "hub" / "models--org--tiny"  # what huggingface_hub's cache looks like
+    snapshot, blobs = entry / "snapshots" / "0123abc", entry / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    (blobs / "f00d").write_text((model / "config.json").read_text())
+    (snapshot / "config.json").symlink_to(Path("..") / ".." / "blobs" / "f00d")
+    assert folder_copies(snapshot) == [snapshot / "config.json"]
+    (snapshot / "vocab.txt").symlink_to(secret)
+    with pytest.raises(ModelError, match="vocab.txt in .* is a link to .*secret.txt, outside the model folder"):
+        folder_copies(snapshot)
+    with pytest.raises(ModelError, match="outside the model folder"):
+        own_file(snapshot, "vocab.txt")
+
+
+def test_a_compressed_folder_honours_the_umask(bert_folder, tmp_path):
+    out = tmp_path / "slim"
+    old = os.umask(0o022)
+    try:
+        r = CliRunner().invoke(main, [str(bert_folder / "model"), "--data", str(bert_folder / "train.txt"),
+                                      "--target", "2x", "--epochs", "1", "--max-length", "16", "--batch-size", "64",
+                                      "-o", str(out)])
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.stderr
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert "tokenizer.json" in modes and set(modes.values()) == {"0o644"}, modes  # before: 0o600 everywhere
