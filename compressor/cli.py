@@ -518,13 +518,7 @@ def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | N
             check_available()  # before minutes of training, not after
         original, train, test, example = _read_inputs(model, data_spec, eval_data, arch, trust_pickle,
                                                       batch_size, config.seed, max_length)
-        view = ProgressView(err_console) if world.main else None
-        try:
-            result = compress(original, train, config=config, eval_loader=test, callback=view,
-                              state_file=state_file, resume=resume, keep_state=True)
-        finally:
-            if view is not None:
-                view.close()
+        result = _compress_showing_progress(original, train, test, config, state_file, resume, world.main)
         try:
             written = _write_outputs(result, outputs, arch, example, force) if world.main else []
         except Exception as exc:  # a full disk, a folder gone read-only: the training is not lost
@@ -539,6 +533,18 @@ def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | N
         _interrupted(stop, state_file, quiet=not world.main)
     if world.main:
         _print_summary(result.report, written)
+
+
+def _compress_showing_progress(original: Any, train: Any, test: Any, config: CompressConfig, state_file: Path,
+                               resume: bool, main: bool) -> Any:
+    """``compress`` with the progress view on stderr (rank 0 only), closed however the run ends."""
+    view = ProgressView(err_console) if main else None
+    try:
+        return compress(original, train, config=config, eval_loader=test, callback=view,
+                        state_file=state_file, resume=resume, keep_state=True)
+    finally:
+        if view is not None:
+            view.close()
 
 
 def _interrupted(stop: KeyboardInterrupt, state_file: Path | None, quiet: bool = False) -> None:
