@@ -65,7 +65,8 @@ def parse_duration(value: Any) -> float:
              "minute": 60, "minutes": 60, "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600}
     parts = list(_DURATION.finditer(text))
     if not text or "".join(p.group(0) for p in parts) != text or any(p.group(2) not in units for p in parts):
-        raise ConfigError(f"time budget {value!r} is not a duration; write it like 10m, 90s, 1.5h or a number of seconds")
+        raise ConfigError(f"time budget {value!r} is not a duration; write it like 10m, 90s, 1.5h or a number "
+                          "of seconds")
     if len(parts) > 1 and any(p.group(2) == "" for p in parts):
         raise ConfigError(f"time budget {value!r} is not a duration; give every part a unit, like 1h30m")
     return sum(float(p.group(1)) * units[p.group(2)] for p in parts)

@@ -284,7 +284,7 @@ class FineTune:
         opt.zero_grad()
         with self.spec.autocast(self.model):
             if gates.score_function and not frozen:
-                out, task, pen, loss = self.passes.reinforce(self.runner, batch, gates)  # backpropagates through its surrogate
+                out, task, pen, loss = self.passes.reinforce(self.runner, batch, gates)  # backward taken
             else:
                 out = self.passes.student(self.runner, batch)
                 task = task_loss(out, self.passes.original(batch, out), self.spec.distillation)
@@ -333,9 +333,8 @@ class FineTune:
 
     def _after_step(self) -> None:
         """The time plan and early stop (``Limits``); a gate phase the time budget shortens ends sooner."""
-        total = self.total
-        measure = (lambda: measured(self.gates.mean_task_loss, self.probe)) if self.weight_phase_start is not None \
-            else None
+        total, weights = self.total, self.weight_phase_start is not None
+        measure = (lambda: measured(self.gates.mean_task_loss, self.probe)) if weights else None
         for line in self.limits.after_step(self.position.step, measure):
             self._event("stage", message=line)
         if self.total < total and not self.gates.frozen:  # the gate phase keeps its share; its means move faster
