@@ -152,10 +152,10 @@ def test_a_time_budget_ends_a_long_run_in_time(trained_digits_net, digits):
     rep = res.report
     assert rep.stopped in ("time_budget", "early_stop") and rep.steps < rep.planned_steps == 100 * len(train)
     # Within a generous factor: 3 s end in under 10 s. The set-up before the first step (planning,
-    # the start's decompositions) is counted but cannot be planned; on a machine so loaded that it
-    # alone takes seconds, the fine-tune it leaves must still end within the factor.
+    # the start's decompositions: well under a second here) is counted but cannot be planned; on a
+    # machine so loaded that it alone takes seconds, the fine-tune after it must still end in time.
     tuning = sum(p["seconds"] for p in rep.phases.values())
-    assert took < max(10, took - tuning + 9) and tuning < 9 and rep.time_budget == 3.0
+    assert tuning < 9 and (took < 10 or took - tuning > 1) and rep.time_budget == 3.0
     assert res.history.frozen_at is not None and rep.ratio >= 4  # the gate phase ended inside the budget
     said = [e.message for e in events if e.kind == "stage"]
     assert any(m.startswith("fine-tuning budget: 2,300 steps") and "time budget 3.0 s" in m for m in said)
