@@ -298,11 +298,13 @@ def _run_device(config: CompressConfig) -> torch.device | None:
 
 
 def _stage_reporter(callback: Callable[[TrainEvent], None] | None) -> Callable[[str], None]:
-    """``stage(message)``: one set-up step before fine-tuning, logged and sent to ``callback``."""
+    """``stage(message)``: one set-up step before fine-tuning, logged and sent to ``callback``
+    (which draws nothing from the run's random stream: the budget's line comes after the seed)."""
     def stage(message: str) -> None:
         log.info(message)
         if callback is not None:
-            callback(TrainEvent("stage", 0, 0, 0, message=message))
+            with random_state_kept():
+                callback(TrainEvent("stage", 0, 0, 0, message=message))
     return stage
 
 
