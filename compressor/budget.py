@@ -262,7 +262,7 @@ class Limits:
 
     def __init__(self, total: int, limit: str, time_budget: float | None, started: float, world: World,
                  rule: StopRule | None):
-        self.planned, self.total, self.limit = total, total, limit
+        self.planned, self.total, self.limit, self.planned_limit = total, total, limit, limit
         self.pace = Pace(time_budget, started, world)
         self.early = EarlyStop(rule) if rule is not None else None
         self.cut_said = False
@@ -292,9 +292,15 @@ class Limits:
         return said
 
     def _fit(self, step: int, rate: float) -> list[str]:
-        """Cut the last step to what fits in the time budget at ``rate`` seconds a step."""
+        """Cut the last step to what fits in the time budget at ``rate`` seconds a step (or, when
+        the steps turned out faster than a cut assumed, give steps back, never past the plan)."""
         fits = self.pace.fitting(step, rate)
-        if fits is None or fits >= self.total:
+        if fits is None:
+            return []
+        if fits >= self.total:
+            if self.limit == "time_budget":
+                self.total = min(self.planned, fits)
+                self.limit = "time_budget" if self.total < self.planned else self.planned_limit
             return []
         self.total, self.limit = max(step, fits), "time_budget"
         if self.cut_said:
