@@ -26,12 +26,13 @@ from .surgery import Applied, apply, evaluation_mode, set_training, tn_layers
 from .blueprint import Blueprint
 from .selectors import FaithfulStart, get_selector
 from .blocks import shared_blocks
-from .batches import BatchCheck, ForwardFn, check_labels, describe_inputs, forward, located, require_reiterable, split_batch
+from .batches import BatchCheck, ForwardFn, check_labels, describe_inputs, forward, located, require_reiterable, split_batch, token_count
+from .budget import EARLY_STOP_BATCHES, EARLY_STOP_CHECKS, BatchSize, format_seconds
 from .losses import count_correct
 from .refit import refit_layers
 from .report import LayerReport, Report, history_fields, start_summary
 from .resume import load_state, random_state_kept
-from .runspec import begin_run
+from .runspec import RunSpec, begin_run
 from .train import TrainEvent, TrainHistory, finetune
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,10 @@ def check_finite(module: nn.Module) -> None:
                              "or saved")
 
 
-def check_batch(teacher: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = None) -> tuple[bool, Any]:
-    """Run one batch through the original model: does the data fit? Are there labels? (Every later
+def check_batch(teacher: nn.Module, loader: Iterable,
+                forward_fn: ForwardFn | None = None) -> tuple[bool, Any, BatchSize]:
+    """Run one batch through the original model: does the data fit? Are there labels? And what
+    does a batch hold (samples, real tokens: what the default budget is counted in)? (Every later
     batch is held to its answer as it is trained on: :class:`~compressor.batches.BatchCheck`.)"""
     try:
         batch = next(iter(loader))
@@ -150,7 +153,7 @@ def check_batch(teacher: nn.Module, loader: Iterable, forward_fn: ForwardFn | No
                         f"({first_line(exc, 200)})") from None
     with located("the first batch"):
         BatchCheck()(ran)
-    return ran.labels is not None, batch
+    return ran.labels is not None, batch, BatchSize(float(ran.out.shape[0]), float(token_count(ran)))
 
 
 def compress(model: Any, loader: Iterable, decomp: str | None = None, target: Any = None, *,
@@ -177,7 +180,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     module = as_module(model)
     device = _run_device(config)
     teacher = _frozen_copy(module, device)
-    has_labels, first_batch = check_batch(teacher, loader, config.forward_fn)
+    has_labels, first_batch, batch_size = check_batch(teacher, loader, config.forward_fn)
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
     stage = _stage_reporter(callback)
@@ -194,25 +197,55 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     evaluate_fn = (lambda m: evaluate(m, eval_loader, config.forward_fn)) if eval_loader is not None else None
     start_acc = evaluate_fn(applied.model) if evaluate_fn is not None and saved is None else None  # step 0
     refit = _refit(module, the_plan, starts, applied.sites, config)
-    spec = begin_run(settled, loader, applied.model, the_plan.dense_params, applied.keep_factorized, state_file, keep_state)
+    spec = begin_run(settled, loader, applied.model, the_plan.dense_params, applied.keep_factorized, state_file,
+                     keep_final=keep_state, batch=batch_size)
+    stage(budget_line(spec, eval_loader is not None))
     slim, history = finetune(applied.model, teacher if spec.distillation.needs_teacher(has_labels) else None,
                              loader, spec, callback=callback, evaluate=evaluate_fn, refit=refit, resume_state=saved,
-                             labelled=has_labels)
+                             labelled=has_labels, held_out=eval_loader, started=started)
 
     layers = tn_layers(slim)
     blueprint = Blueprint(the_plan.source, the_plan.dense_params,
                           tuple(s for s in applied.sites.values() if s.in_graph and s.name in layers),
                           config.decomp, config.target)
     acc = _final_accuracy(slim, history, eval_loader, config.forward_fn)
-    params = count_state(slim)
-    report = Report(
-        decomp=config.decomp, target=config.target, source=the_plan.source, dense_params=the_plan.dense_params,
-        params=params, ratio=the_plan.dense_params / params, layers=_layer_reports(the_plan, applied, initial, layers),
-        skipped=[{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
-        dense_accuracy=dense_acc, accuracy=acc, seconds=time.perf_counter() - started, **history_fields(history),
-        param_ratio=count_params(module) / count_params(slim), start=start_summary(start, start_acc),
-        chosen=settled.chosen(history.refitted, history.gate_lr))
+    report = _report(the_plan, applied, initial, slim, history, module, settled,
+                     dict(dense_accuracy=dense_acc, accuracy=acc, start=start_summary(start, start_acc)), started)
     return CompressResult(slim, report, history, blueprint)
+
+
+def _report(the_plan: CompressionPlan, applied: Applied, initial: dict[str, list[int]], slim: nn.Module,
+            history: TrainHistory, module: nn.Module, settled: Settled, measured: dict[str, Any],
+            started: float) -> Report:
+    """The run's :class:`Report`: sizes, layers, the fine-tune's history and ``measured``
+    (the accuracies and how the start went); its seconds run from ``started`` to now."""
+    config, params = settled.config, count_state(slim)
+    return Report(
+        decomp=config.decomp, target=config.target, source=the_plan.source, dense_params=the_plan.dense_params,
+        params=params, ratio=the_plan.dense_params / params,
+        layers=_layer_reports(the_plan, applied, initial, tn_layers(slim)),
+        skipped=[{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
+        seconds=time.perf_counter() - started, **history_fields(history), **measured,
+        param_ratio=count_params(module) / count_params(slim), chosen=settled.chosen(history.refitted, history.gate_lr))
+
+
+def budget_line(spec: RunSpec, held_out: bool) -> str:
+    """What the run will spend, said before its first step: the steps and what they hold, the
+    rule that set them, early stop and the time budget."""
+    schedule = spec.schedule
+    if schedule.budget is not None:
+        line = schedule.budget.describe(schedule.batches_per_epoch, spec.dense_params)
+    else:
+        line = f"fine-tuning budget: {schedule.epochs} epochs of {schedule.batches_per_epoch} batches (as asked)"
+    if schedule.limit == "max_steps":
+        line += f", cut to {schedule.total_steps:,} steps (max_steps)"
+    if spec.early_stop is not None:
+        data = "evaluation" if held_out else "training"
+        line += (f"; early stop: {EARLY_STOP_CHECKS} checks of the loss on {EARLY_STOP_BATCHES} {data} batches, "
+                 f"patience {spec.early_stop.patience}, min delta {spec.early_stop.min_delta:g}")
+    if spec.time_budget is not None:
+        line += f"; time budget {format_seconds(spec.time_budget)}"
+    return line
 
 
 def _check_loaders(loader: Iterable, eval_loader: Iterable | None) -> None:
@@ -316,11 +349,13 @@ def _run_device(config: CompressConfig) -> torch.device | None:
 
 
 def _stage_reporter(callback: Callable[[TrainEvent], None] | None) -> Callable[[str], None]:
-    """``stage(message)``: one set-up step before fine-tuning, logged and sent to ``callback``."""
+    """``stage(message)``: one set-up step before fine-tuning, logged and sent to ``callback``
+    (which draws nothing from the run's random stream: the budget's line comes after the seed)."""
     def stage(message: str) -> None:
         log.info(message)
         if callback is not None:
-            callback(TrainEvent("stage", 0, 0, 0, message=message))
+            with random_state_kept():
+                callback(TrainEvent("stage", 0, 0, 0, message=message))
     return stage
 
 

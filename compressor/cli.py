@@ -27,6 +27,7 @@ from rich.table import Table
 
 from . import __version__
 from .api import compare_outputs, compress, evaluate
+from .budget import STOPPED, format_seconds
 from .checkpoint import export_program, load, nonfinite_tensors, read_metadata, save
 from .data import TensorLoader, load_tensor_file, resolve_data
 from .distributed import init_from_env, leave
@@ -146,6 +147,9 @@ class ProgressView:
 
     def __call__(self, event) -> None:
         self._stage_done()
+        if event.kind == "stage" and (self.progress is not None or event.step > 0):  # said during fine-tuning
+            (self.progress.console if self.progress is not None else self.console).log(event.message)
+            return
         if event.kind == "stage":  # set-up before fine-tuning: a spinner while it runs, a line when done
             self.stage = (event.message, time.perf_counter())
             if self.console.is_terminal:
@@ -155,7 +159,7 @@ class ProgressView:
         if not self.console.is_terminal:  # a log file or a CI job: plain lines instead of a live bar
             if event.kind == "step":
                 self.console.log(_step_line(event))
-            elif event.kind in ("freeze", "force", "epoch"):
+            elif event.kind in ("freeze", "force", "epoch") or (event.kind == "end" and event.message):
                 self.console.log(_event_line(event))
             return
         if self.progress is None:
@@ -165,6 +169,8 @@ class ProgressView:
             self.callback = _progress_callback(self.progress, task)
         self.callback(event)
         if event.kind == "end":
+            if event.message:
+                self.progress.console.log(event.message)
             self.close()
 
     def close(self) -> None:
@@ -207,6 +213,8 @@ def _event_line(event) -> str:
                 + (f"; {event.message}" if event.message else ""))
     if event.kind == "force":
         return f"step {event.step}: {event.message} ({event.ratio:.2f}x)"
+    if event.kind == "end":
+        return event.message
     test = f", test accuracy {100 * event.eval_accuracy:.2f}%" if event.eval_accuracy is not None else ""
     return f"epoch {event.epoch}: ratio {event.ratio:.2f}x{test}"
 
@@ -435,8 +443,30 @@ def _print_summary(rep, written: list[Path]) -> None:
                       + (" — the controller closed extra slices to meet the target" if rep.forced else "")
                       + (" — more than 5 % past the target: the slices that closed last were large"
                          if rep.ratio > OVERSHOOT * rep.target else ""))
+    for line in spending_lines(rep):
+        out_console.print(line)
     for w in written:
         out_console.print(f"wrote {w} ({w.stat().st_size:,} bytes)")
+
+
+def spending_lines(rep) -> list[str]:
+    """What each phase of the fine-tune spent and why it stopped, from the report (nothing for a
+    report without phases)."""
+    if not rep.phases:
+        return []
+    lines = []
+    for name, label in (("gates", "gate phase"), ("weights", "weight phase")):
+        phase = rep.phases.get(name)
+        if phase is None:
+            continue
+        tokens = f", {int(phase['tokens']):,} tokens" if phase["tokens"] else ""
+        lines.append(f"{label}: {int(phase['steps']):,} steps, {int(phase['samples']):,} samples{tokens}, "
+                     f"{format_seconds(phase['seconds'])}")
+    stop = f"stopped at step {rep.steps:,} of {rep.planned_steps:,}: {STOPPED.get(rep.stopped, rep.stopped)}"
+    if rep.time_budget is not None:
+        stop += (f" (the run took {format_seconds(rep.seconds)} of its {format_seconds(rep.time_budget)} time "
+                 f"budget, {100 * rep.seconds / rep.time_budget:.0f} %)")
+    return lines + [stop]
 
 
 def output_options(command):
@@ -465,12 +495,14 @@ def output_options(command):
 
 #: The CompressConfig fields the main command offers, in --help order.
 RUN_CONFIG = ("epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "rank_select", "init", "calibration_batches", "start",
-              "start_error", "max_steps", "gate_fraction", "refit", "distill_loss", "distill_hidden", "log_every", "lr", "device")
+              "start_error", "max_steps", "early_stop", "early_stop_patience", "early_stop_min_delta", "gate_fraction",
+              "refit", "distill_loss", "distill_hidden", "log_every", "lr", "device")
 
 
 def config_options(command):
     """Every :data:`RUN_CONFIG` field as an option of ``command``."""
     command = config_option("bf16")(command)
+    command = config_option("time_budget", type=str, metavar="DURATION")(command)  # "10m": CompressConfig parses it
     command = config_option("skip", multiple=True, show_default=False)(command)
     for entry in reversed(RUN_CONFIG):
         name, *flags = (entry,) if isinstance(entry, str) else entry

@@ -7,6 +7,7 @@ fails in milliseconds with a one-line message instead of after minutes of fine-t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
@@ -49,6 +50,30 @@ def parse_target(target: Any) -> float:
     if target <= 1.0:
         raise TargetError(f"target {raw!r} must be greater than 1 (it is dense size / compressed size)")
     return target
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds of ``"10m"``, ``"90s"``, ``"1.5h"``, ``"1h30m"``, ``"600"`` or ``600``.
+
+    Anything else raises ``ConfigError``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"time budget {value!r} is not a duration")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip().lower().replace(" ", "")
+    units = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "mins": 60,
+             "minute": 60, "minutes": 60, "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600}
+    parts = list(_DURATION.finditer(text))
+    if not text or "".join(p.group(0) for p in parts) != text or any(p.group(2) not in units for p in parts):
+        raise ConfigError(f"time budget {value!r} is not a duration; write it like 10m, 90s, 1.5h or a number "
+                          "of seconds")
+    if len(parts) > 1 and any(p.group(2) == "" for p in parts):
+        raise ConfigError(f"time budget {value!r} is not a duration; give every part a unit, like 1h30m")
+    return sum(float(p.group(1)) * units[p.group(2)] for p in parts)
+
+
+#: A number and its unit, one part of a duration ("1h30m" has two).
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([a-z]*)")
 
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -115,6 +140,11 @@ NO_RUN_DEVICES = ("meta",)
 def unit_fraction(label: str, value: Any) -> None:
     if not _number(value) or not 0.0 < value <= 1.0:
         raise ConfigError(f"{label} must be in (0, 1], got {value}")
+
+
+def unit_interval(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{label} must be in [0, 1), got {value!r}")
 
 
 def skip_patterns(label: str, value: Any) -> None:
@@ -210,11 +240,29 @@ class CompressConfig:
     reinforce_samples: int = field(default=5, metadata={
         "help": "samples per step of the reinforce baseline", "check": positive_int})
     epochs: int | None = field(default=None, metadata={
-        "help": "fine-tuning epochs, gate phase + weight-only phase (default: chosen from the data size)",
+        "help": "fine-tuning epochs, gate phase + weight-only phase (default: a budget of 384,000 samples, or "
+                "tokens for token batches, fewer for a large model: 3e12 / its parameters; at least 100 steps, "
+                "whole epochs, at most 100; giving epochs turns early stop off)",
         "check": non_negative_int})
     max_steps: int | None = field(default=None, metadata={
-        "help": "stop after this many optimizer steps, whatever the epochs (default: no limit)",
+        "help": "stop after this many optimizer steps, whatever the epochs (default: no limit; giving it turns "
+                "early stop off)",
         "check": positive_int})
+    time_budget: float | None = field(default=None, metadata={
+        "help": "wall-clock limit of the whole run, e.g. 10m, 90s, 1.5h, or seconds as a number: the run times "
+                "its first steps and plans the gate and weight phases to end within it (default: no limit)",
+        "convert": parse_duration, "check": positive, "label": "time budget"})
+    early_stop: bool | None = field(default=None, metadata={
+        "help": "end the weight phase when the held-out loss stops improving: checked 10 times over the weight "
+                "phase on 4 batches of the evaluation data, or of the training data drawn at the start when "
+                "there is none (default: on, off when epochs or max_steps is given)"})
+    early_stop_patience: int = field(default=3, metadata={
+        "help": "early stop: checks in a row without improvement that end the weight phase",
+        "check": positive_int, "label": "early-stop patience"})
+    early_stop_min_delta: float = field(default=0.002, metadata={
+        "help": "early stop: the relative fall of the held-out loss below its best that counts as an "
+                "improvement (0.002: 0.2 %)",
+        "check": unit_interval, "label": "early-stop min delta"})
     gate_fraction: float = field(default=0.5, metadata={
         "help": "share of the budget in which the gates may move; the target is met by its end at the latest",
         "check": unit_fraction})
@@ -337,8 +385,10 @@ class CompressConfig:
         refit = (True if gated and deep else None if gated else False) if self.refit is None else self.refit
         lr = self.lr if self.lr is not None else DEEP_STACK_LR if deep else DEFAULT_LR
         margin = self.gate_margin if self.gate_margin is not None else DEEP_MARGIN if deep else 0.0
+        early_stop = self.early_stop if self.early_stop is not None else self.epochs is None and self.max_steps is None
         left = tuple(name for name in TOOL_CHOICES if getattr(self, name) in (None, "auto"))
-        return Settled(replace(self, init=init, refit=refit, lr=lr, gate_margin=margin), layers, deep, left)
+        return Settled(replace(self, init=init, refit=refit, lr=lr, gate_margin=margin, early_stop=early_stop),
+                       layers, deep, left)
 
 
 #: The options a run may leave to the tool and reports the values of, in the report's order.

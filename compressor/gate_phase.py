@@ -23,7 +23,7 @@ from .controller import SizeMeter, TargetController
 from .distributed import World
 from .surgery import evaluation_mode, replace_module, set_training, tn_layers
 from .resume import random_state_kept, set_loader_epoch
-from .runspec import RunSpec
+from .runspec import RunSpec, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,14 @@ class GatePhase:
         """After step ``step``: ``"reached"`` or ``"forced"`` when the gates must stop now (λ steered)."""
         return self.control.update(step)
 
+    def shorten(self, step: int, total: int) -> float | None:
+        """The budget now ends at ``total`` (a time budget cut it at ``step``): the gate phase keeps
+        its share of it (``gate_fraction``), never ending before ``step``. Returns the gate means'
+        learning rate for the shorter phase (None: no gates)."""
+        fraction = self.spec.schedule.gate_fraction
+        self.control.gate_steps = max(step, min(self.control.gate_steps, Schedule.gate_steps_of(total, fraction)))
+        return self.spec.gates.lr_for(self.control.gate_steps)
+
     def force(self) -> int:
         """Close slices until the target holds; the number closed."""
         return self.control.force()
@@ -138,11 +146,11 @@ class GatePhase:
                                            "at the learned ranks")
         with random_state_kept():  # the probe leaves the run's data order and noise as they were
             probe = list(itertools.islice(iter(self.loader), PROBE_BATCHES))
-            adapted = self._mean_task_loss(probe)
+            adapted = self.mean_task_loss(probe)
         adapted_state = copy.deepcopy(self.model.state_dict())
         layers = self.refit(self.model)
         with random_state_kept():
-            refitted = self._mean_task_loss(probe)
+            refitted = self.mean_task_loss(probe)
         losses = {"adapted": adapted, "refitted": refitted}
         if not refitted <= adapted:
             self.model.load_state_dict(adapted_state)
@@ -153,7 +161,7 @@ class GatePhase:
                                          f"task loss {refitted:.4g} on {PROBE_BATCHES} batches, {adapted:.4g} with "
                                          "the gate phase's weights")
 
-    def _mean_task_loss(self, batches: list[Any]) -> float:
+    def mean_task_loss(self, batches: list[Any]) -> float:
         """Mean task loss of the model in evaluation mode on ``batches``, over every rank."""
         with evaluation_mode(self.model), torch.no_grad(), self.spec.autocast(self.model):
             total = sum(float(self.task_loss(batch)) for batch in batches)

@@ -29,7 +29,7 @@ class LayerReport:
 
 @dataclass(kw_only=True)
 class Report:
-    """What happened to the model (built by keyword: nineteen fields are too many to place).
+    """What happened to the model (built by keyword: two dozen fields are too many to place).
 
     ``ratio`` = tensor elements of the dense model's state / those of the slim checkpoint
     (every tensor, buffers included, a shared tensor once): what ``target`` is met on.
@@ -62,6 +62,20 @@ class Report:
     tokens_per_rank: list[int] = field(default_factory=list)
     # The options the run left to the tool, as the tool set them (init, refit, lr, gate_lr).
     chosen: dict[str, Any] = field(default_factory=dict)
+    # The steps the schedule planned, and why the run stopped: "budget" (the default budget was
+    # spent), "epochs" or "max_steps" (as asked), "early_stop" or "time_budget".
+    planned_steps: int = 0
+    stopped: str = ""
+    # Per phase, "gates" (gates and weights learn until the freeze, pruning and refit included) and
+    # "weights" (the pruned model's fine-tune): steps, samples, tokens and seconds. The phases'
+    # steps add up to ``steps``; their seconds are the fine-tune's (``seconds`` adds the set-up).
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The default budget (None: the user gave epochs): unit (samples or tokens), per_batch,
+    # examples asked for, epochs, steps, and the part of the rule that set it (bound).
+    budget: dict[str, Any] | None = None
+    # Early stop's checks ([step, held-out loss]), best loss and stopping step (None: off).
+    early_stop: dict[str, Any] | None = None
+    time_budget: float | None = None  # the seconds the run was given (None: no limit)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,7 +85,10 @@ def history_fields(history: TrainHistory) -> dict[str, Any]:
     """The report's fields that the fine-tune's history gives, by name."""
     return {"steps": history.steps, "forced": history.forced, "ratio_before_force": history.ratio_before_force,
             "epochs": history.epochs, "resumed_from": history.resumed_from,
-            "samples_per_rank": history.samples_per_rank, "tokens_per_rank": history.tokens_per_rank}
+            "samples_per_rank": history.samples_per_rank, "tokens_per_rank": history.tokens_per_rank,
+            "planned_steps": history.planned_steps, "stopped": history.stopped,
+            "phases": {name: dict(counts) for name, counts in history.phases.items()},
+            "early_stop": history.early_stop, "time_budget": history.time_budget, "budget": history.budget}
 
 
 def start_summary(start: Any, accuracy: float | None) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ import copy
 import logging
 import math
 import signal
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -28,6 +29,7 @@ from torch import nn
 
 from .batches import BatchCheck, Ran, check_pass, forward, located, token_count
 from .blocks import BlockRecorder, shared_blocks
+from .budget import Limits, measured, new_phases, probe_batches
 from .distributed import World
 from .errors import TrainingError
 from .gate_phase import GatePhase
@@ -47,7 +49,9 @@ SNAPSHOT_EVERY = 100
 @dataclass
 class TrainEvent:
     """What a progress display needs; ``kind`` is start/step/epoch/freeze/force/end, or
-    ``stage`` (a set-up step before fine-tuning, described in ``message``)."""
+    ``stage`` (a line to say, in ``message``: a set-up step before fine-tuning, or during it the
+    time estimate after the first steps, a cut to fit the time budget, an early stop). The
+    ``end`` event's ``message`` says why the run stopped."""
 
     kind: str
     step: int
@@ -83,6 +87,20 @@ class TrainHistory:
     # when the run measured both starts, their mean task loss on the probe batches.
     refitted: bool | None = None
     refit_losses: dict[str, float] | None = None
+    planned_steps: int = 0  # the steps the schedule planned (a time budget or early stop may end sooner)
+    stopped: str = ""  # why the run stopped: budget, epochs, max_steps, early_stop or time_budget
+    # Per phase ("gates", "weights"): steps, samples, tokens and seconds (a resumed run's include the saved ones).
+    phases: dict[str, dict[str, float]] = field(default_factory=new_phases)
+    early_stop: dict[str, Any] | None = None  # its checks ([step, held-out loss]) and where it stopped (None: off)
+    time_budget: float | None = None  # seconds the run was given (None: no limit)
+    budget: dict[str, Any] | None = None  # the default budget the schedule came from (None: the user's epochs)
+
+    def count(self, phase: str, samples: int, tokens: int) -> None:
+        """One step of ``phase`` that saw ``samples`` and ``tokens``."""
+        counts = self.phases[phase]
+        self.samples, self.tokens = self.samples + samples, self.tokens + tokens
+        counts["steps"], counts["samples"], counts["tokens"] = (counts["steps"] + 1, counts["samples"] + samples,
+                                                                counts["tokens"] + tokens)
 
 
 def cosine_lr(base: float, t: int, span: int) -> float:
@@ -137,6 +155,13 @@ class Optimizers:
         for opt in (self.weights, self.gates):
             if opt is not None:
                 opt.step()
+
+    def gate_rate(self, lr: float | None) -> float | None:
+        """Set the gate means' learning rate (a gate phase the time budget shortened); returns it."""
+        if lr is not None and self.gates is not None:
+            for group in self.gates.param_groups:
+                group["lr"] = lr
+        return lr
 
     def decay(self, lr: float) -> None:
         """Set the weights' learning rate (the weight phase's cosine schedule)."""
@@ -195,6 +220,25 @@ class Passes:
         ran = self.student(self.model, batch)
         return task_loss(ran, self.original(batch, ran), self.spec.distillation)
 
+    def reinforce(self, runner: nn.Module, batch: Any, gates: GatePhase
+                  ) -> tuple[Ran, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """M Bernoulli samples of the gates, score-function gradient (supplementary §2.1):
+        (last output, mean task loss, mean sampled penalty, loss), the gradients already taken."""
+        lam = gates.lam
+        outs, tasks, sizes, logps = [], [], [], []
+        teacher = None
+        for i in range(self.spec.gates.samples):
+            outs.append(self.student(runner, batch))
+            teacher = self.original(batch, outs[-1]) if i == 0 else teacher
+            tasks.append(task_loss(outs[-1], teacher, self.spec.distillation))
+            size, logp = gates.sampled()
+            sizes.append(size)
+            logps.append(logp)
+        reinforce_surrogate(tasks, sizes, logps, lam).backward()
+        task = sum(j.detach() for j in tasks) / len(tasks)
+        pen = torch.tensor(sum(sizes) / len(sizes))
+        return outs[-1], task, pen, (task + lam * pen).detach()
+
     def close(self) -> None:
         """Remove the hooks: the models go back to the caller as they came."""
         for recorder in self.recorders or ():
@@ -213,10 +257,13 @@ class FineTune:
                  callback: Callable[[TrainEvent], None] | None = None,
                  evaluate: Callable[[nn.Module], float] | None = None,
                  refit: Callable[[nn.Module], int] | None = None, resume_state: dict[str, Any] | None = None,
-                 labelled: bool | None = None):
+                 labelled: bool | None = None, held_out: Iterable | None = None, started: float | None = None):
         self.model, self.teacher, self.loader, self.spec = model, teacher, loader, spec
-        self.total = spec.schedule.total_steps
         self.world = World.current()
+        self.limits = Limits(spec.schedule.total_steps, spec.schedule.limit, spec.time_budget,
+                             started if started is not None else time.perf_counter(), self.world, spec.early_stop)
+        self.held_out, self.probe = held_out, []  # early stop's loader and its batches
+        self.clock = time.perf_counter()  # since when the current phase's seconds count
         self.runner = self.world.wrap(model)  # what a training step calls: DDP with several processes
         self.emit = _side_effect_free(callback) if callback is not None and self.world.main else (lambda e: None)
         self.evaluate, self.resume_state = evaluate, resume_state
@@ -226,6 +273,11 @@ class FineTune:
         self.position = Position()
         self.tallies = (Tally(), Tally())  # (progress window, current epoch)
         self.weight_phase_start: int | None = None  # the weight phase's learning rate decays from here
+
+    @property
+    def total(self) -> int:
+        """The last step as planned now (a time budget or early stop may bring it forward)."""
+        return self.limits.total
 
     # ----------------------------------------------------------------- the step
     def _step(self, batch: Any) -> None:
@@ -237,7 +289,7 @@ class FineTune:
         opt.zero_grad()
         with self.spec.autocast(self.model):
             if gates.score_function and not frozen:
-                out, task, pen, loss = self._reinforce(batch)  # backpropagates through its surrogate
+                out, task, pen, loss = self.passes.reinforce(self.runner, batch, gates)  # backward taken
             else:
                 out = self.passes.student(self.runner, batch)
                 task = task_loss(out, self.passes.original(batch, out), self.spec.distillation)
@@ -255,8 +307,7 @@ class FineTune:
             opt.decay(cosine_lr(self.spec.lr, step - start, self.total - start))
         for tally in self.tallies:
             tally.add(task, out)
-        self.history.samples += int(out.out.shape[0])
-        self.history.tokens += token_count(out)
+        self.history.count("weights" if frozen else "gates", int(out.out.shape[0]), token_count(out))
         if not frozen and (decision := gates.update(step)) is not None:
             self._freeze(decision)
         if step % self.spec.log_every == 0 or step == self.total:
@@ -266,24 +317,6 @@ class FineTune:
             window.reset()
         if step % SNAPSHOT_EVERY == 0:
             self._snapshot()
-
-    def _reinforce(self, batch: Any) -> tuple[Ran, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """M Bernoulli samples of the gates, score-function gradient (supplementary §2.1):
-        (last output, mean task loss, mean sampled penalty, loss), the gradients already taken."""
-        lam = self.gates.lam
-        outs, tasks, sizes, logps = [], [], [], []
-        teacher = None
-        for i in range(self.spec.gates.samples):
-            outs.append(self.passes.student(self.runner, batch))
-            teacher = self.passes.original(batch, outs[-1]) if i == 0 else teacher
-            tasks.append(task_loss(outs[-1], teacher, self.spec.distillation))
-            size, logp = self.gates.sampled()
-            sizes.append(size)
-            logps.append(logp)
-        reinforce_surrogate(tasks, sizes, logps, lam).backward()
-        task = sum(j.detach() for j in tasks) / len(tasks)
-        pen = torch.tensor(sum(sizes) / len(sizes))
-        return outs[-1], task, pen, (task + lam * pen).detach()
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if torch.isfinite(loss):
@@ -296,6 +329,21 @@ class FineTune:
             f"state (step {self.good_step}); try a lower learning rate (lr={self.spec.lr})")
         err.model = self.model  # type: ignore[attr-defined]
         raise err
+
+    def _tick(self) -> None:
+        """Add the seconds since the last tick to the phase under way."""
+        now = time.perf_counter()
+        self.history.phases["gates" if self.weight_phase_start is None else "weights"]["seconds"] += now - self.clock
+        self.clock = now
+
+    def _after_step(self) -> None:
+        """The time plan and early stop (``Limits``); a gate phase the time budget shortens ends sooner."""
+        total, weights = self.total, self.weight_phase_start is not None
+        measure = (lambda: measured(self.gates.mean_task_loss, self.probe)) if weights else None
+        for line in self.limits.after_step(self.position.step, measure):
+            self._event("stage", message=line)
+        if self.total < total and not self.gates.frozen:  # the gate phase keeps its share; its means move faster
+            self.history.gate_lr = self.optimizers.gate_rate(self.gates.shorten(self.position.step, self.total))
 
     def _snapshot(self) -> None:
         self.good_state, self.good_step = copy.deepcopy(self.model.state_dict()), self.position.step
@@ -313,7 +361,9 @@ class FineTune:
         self.history.frozen_at = self.position.step
         self._snapshot()
         self.optimizers = self._optimizers()
+        self._tick()
         self.weight_phase_start = self.position.step
+        self.limits.weight_phase(self.position.step)
         self._event("freeze", message=message)
 
     def _prune(self, refit: bool) -> str:
@@ -348,6 +398,7 @@ class FineTune:
             self._event("start", ratio=self.gates.control.start_ratio if self.position.step == 0 else
                         self.gates.meter.ratio())
             self._snapshot()
+            self.limits.pace.begin(self.position.step)
             with StopRequest(enabled=self.spec.state_file is not None) as stop:
                 while self.position.step < self.total:
                     self._run_epoch(stop)
@@ -361,19 +412,19 @@ class FineTune:
             self._prune(refit=True)
         else:
             self._prune(refit=False)
-        control = self.gates.control
-        self.history.steps = self.position.step
-        self.history.samples_per_rank = [int(n) for n in self.world.gather(self.history.samples)]
-        self.history.tokens_per_rank = [int(n) for n in self.world.gather(self.history.tokens)]
-        self.history.forced, self.history.ratio_before_force = control.forced, control.ratio_before_force
+        self._tick()
+        _record_end(self.history, self.position.step, self.gates.control, self.limits, self.spec, self.world)
         set_training(self.model, False)
         self.emit(TrainEvent("end", self.position.step, self.total, self.position.epoch,
-                             ratio=self.gates.meter.ratio(), frozen=True))
+                             ratio=self.gates.meter.ratio(), frozen=True,
+                             message=self.limits.stopped(self.position.step)))
         return self.model, self.history
 
     def _start(self) -> None:
         """A fresh run takes its λ (and prunes at once if the target already holds); a resumed
         one takes everything from its state."""
+        if self.limits.early is not None:  # drawn now, the same batches for a resumed run
+            self.probe = probe_batches(self.held_out if self.held_out is not None else self.loader, self.spec.seed)
         if self.resume_state is not None:
             self._restore(self.resume_state)
             return
@@ -382,6 +433,7 @@ class FineTune:
         if self.gates.frozen:
             self._prune(refit=False)
             self.weight_phase_start = 0
+            self.limits.weight_phase(0)
         self.optimizers = self._optimizers()
 
     def _run_epoch(self, stop: StopRequest) -> None:
@@ -397,6 +449,7 @@ class FineTune:
             with located(f"batch {self.position.batch_in_epoch + 1} of epoch {self.position.epoch}"):
                 self._step(batch)
             self.position.batch_in_epoch += 1
+            self._after_step()
             step, every = self.position.step, self.spec.checkpoint_every
             if every and self.spec.state_file is not None and step % every == 0 and step < self.total:
                 self.save_state()
@@ -428,10 +481,12 @@ class FineTune:
         writes it; the ranks hold the same model, gates and optimiser state)."""
         if self.spec.state_file is None:
             raise ResumeError("no state file was given to save the run's state in")
+        self._tick()
         if not self.world.main:
             return self.spec.state_file
         return save_state(self.spec.state_file, {
             "fingerprint": self.spec.fingerprint, **self.position.state_dict(), **self.gates.state_dict(),
+            "limits": self.limits.state_dict(), "gate_steps": self.gates.control.gate_steps,
             "weight_phase_start": self.weight_phase_start, "model": self.model.state_dict(),
             **self.optimizers.state_dict(), "history": asdict(self.history),
             "tallies": [asdict(t) for t in self.tallies]})
@@ -444,6 +499,8 @@ class FineTune:
         self.gates.load_state_dict(state)
         self.runner = self.world.wrap(self.model)
         self.weight_phase_start = state["weight_phase_start"]
+        self.limits.load_state_dict(state["limits"])
+        self.gates.control.gate_steps = state["gate_steps"]
         self.optimizers = self._optimizers()
         self.optimizers.load_state_dict(state)
         self.position = Position.saved(state)
@@ -451,6 +508,19 @@ class FineTune:
         self.history.resumed_from = self.position.step
         if self.position.step >= self.total:  # saved at the end: no epoch will take the random state up
             set_rng_state(state["rng"])
+
+
+def _record_end(history: TrainHistory, step: int, control: Any, limits: Limits, spec: RunSpec, world: World) -> None:
+    """The history's totals at the end: steps, what every rank saw, what the controller forced,
+    why the run stopped (``limits``) and the budget it had."""
+    history.steps = step
+    history.samples_per_rank = [int(n) for n in world.gather(history.samples)]
+    history.tokens_per_rank = [int(n) for n in world.gather(history.tokens)]
+    history.forced, history.ratio_before_force = control.forced, control.ratio_before_force
+    history.planned_steps, history.stopped = limits.planned, limits.limit
+    history.early_stop = limits.early.summary() if limits.early is not None else None
+    history.time_budget = spec.time_budget
+    history.budget = asdict(spec.schedule.budget) if spec.schedule.budget is not None else None
 
 
 def _side_effect_free(callback: Callable[[TrainEvent], None]) -> Callable[[TrainEvent], None]:
@@ -466,7 +536,8 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, spec
              callback: Callable[[TrainEvent], None] | None = None,
              evaluate: Callable[[nn.Module], float] | None = None,
              refit: Callable[[nn.Module], int] | None = None,
-             resume_state: dict[str, Any] | None = None, labelled: bool | None = None) -> tuple[nn.Module, TrainHistory]:
+             resume_state: dict[str, Any] | None = None, labelled: bool | None = None,
+             held_out: Iterable | None = None, started: float | None = None) -> tuple[nn.Module, TrainHistory]:
     """Train the gated model until the target holds, then fine-tune the pruned model, as
     ``spec`` says (from :func:`~compressor.runspec.begin_run`).
 
@@ -474,8 +545,10 @@ def finetune(model: nn.Module, teacher: nn.Module | None, loader: Iterable, spec
     accuracy`` is called after each epoch; ``refit(model) -> layers`` re-fits the pruned
     cores when the gates freeze (``spec.gates.refit``); ``resume_state`` (from
     :func:`compressor.resume.load_state`) continues a saved run; ``labelled`` says whether the
-    run's batches carry labels (None: as the first batch trained on does). Returns the pruned
-    model and the history.
+    run's batches carry labels (None: as the first batch trained on does); ``held_out`` is the
+    loader whose first batches early stop measures (None: the training loader's); ``started`` is
+    when the run began (``time.perf_counter()``; the time budget counts from it, default: now).
+    Returns the pruned model and the history.
     """
     return FineTune(model, teacher, loader, spec, callback=callback, evaluate=evaluate, refit=refit,
-                    resume_state=resume_state, labelled=labelled).run()
+                    resume_state=resume_state, labelled=labelled, held_out=held_out, started=started).run()

@@ -7,7 +7,6 @@ one ``DataError`` line naming the batch; a bad option is one ``ConfigError`` lin
 """
 
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 

@@ -261,6 +261,8 @@ BAD = [
     (["--gate-margin", "-1"], "gate margin"),
     (["--distill-hidden", "-0.1"], "distill-hidden weight"),
     (["--distill-hidden", "1"], "repeated blocks"),  # the digits MLP has no blocks to match
+    (["--time-budget", "soon"], "time budget 'soon' is not a duration"),
+    (["--early-stop-patience", "0"], "early-stop patience"),
 ]
 
 
@@ -278,7 +280,8 @@ def test_config_options_are_generated_with_help():
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     for flag in ("--target", "--decomp", "--epochs", "--lambda", "--sigma", "--rank", "--rank-select", "--lr",
-                 "--seed", "--data", "--batch-size", "--report-json", "--gate-margin", "--distill-hidden"):
+                 "--seed", "--data", "--batch-size", "--report-json", "--gate-margin", "--distill-hidden",
+                 "--time-budget", "--early-stop / --no-early-stop", "--early-stop-patience", "--early-stop-min-delta"):
         assert flag in text
     assert "[" + "|".join(selector_names()) + "]" in text  # the choices come from the registry
     assert "initial l0 penalty weight" in text and "gate noise std" in text and "[default: 0.5]" in text
@@ -378,4 +381,9 @@ def test_progress_goes_to_a_log_as_plain_lines(files, tmp_path):
     steps = re.findall(r"step (\d+)/(\d+) (gates\+weights|weights): loss [\d.]+ ratio [\d.]+x", r.stderr)
     assert len(steps) >= 2 and all(int(s) % 3 == 0 or s == total for s, total, _ in steps)
     assert "planning which layers to factorize" in r.stderr and "building the factorized model" in r.stderr
+    assert "fine-tuning budget: 2 epochs of" in r.stderr and "s a step over the first 5 steps" in r.stderr
+    assert "stopped at step" in r.stderr  # the last event says why
+    phases = re.search(r"gate phase: ([\d,]+) steps.*\n.*weight phase: ([\d,]+) steps.*\n.*stopped at step ([\d,]+) "
+                       r"of ([\d,]+): the epochs asked for were done", r.stdout)
+    assert phases and int(phases[1]) + int(phases[2]) == int(phases[3]) == int(phases[4])
     assert "\x1b[" not in r.stderr  # no terminal control codes in a log

@@ -54,6 +54,10 @@ def test_choices_come_from_one_place():
     (dict(layer_ranks={"fc1": []}), r"layer_ranks\['fc1'\] must be positive integers"),
     (dict(reinforce_samples=0), "reinforce_samples must be a positive integer"),
     (dict(log_every=0), "log_every must be a positive integer"),
+    (dict(time_budget="soon"), "time budget 'soon' is not a duration"),
+    (dict(time_budget=0), "time budget must be a number > 0"),
+    (dict(early_stop_patience=0), "early-stop patience must be a positive integer"),
+    (dict(early_stop_min_delta=1.0), r"early-stop min delta must be in \[0, 1\)"),
 ])
 def test_invalid_values_raise_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -10,7 +10,8 @@ from compressor.gates import L0Gate
 from compressor.plan import planned_starts
 from compressor.planner import plan
 from compressor.surgery import apply, tn_layers
-from compressor.runspec import DEFAULT_GATE_LR, begin_run, default_epochs, gate_lr
+from compressor.budget import default_budget
+from compressor.runspec import DEFAULT_GATE_LR, begin_run, gate_lr
 from compressor.train import FineTune, cosine_lr
 
 
@@ -172,7 +173,8 @@ def test_schedules():
     assert cosine_lr(1.0, 0, 100) == pytest.approx(1.0)
     assert cosine_lr(1.0, 50, 100) == pytest.approx(0.525)
     assert cosine_lr(1.0, 100, 100) == pytest.approx(0.05)
-    assert default_epochs(10) == 100 and default_epochs(3000) == 2 and default_epochs(500) == 6
+    small = [default_budget(batches, 128, 61_706) for batches in (10, 3000, 500)]
+    assert [(b.epochs, b.steps) for b in small] == [(100, 1000), (1, 3000), (6, 3000)]
 
 
 def test_finetune_freezes_at_the_target_and_keeps_it(trained_digits_net, digits):
