@@ -246,6 +246,21 @@ class Passes:
 
 
 # ------------------------------------------------------------------ the run
+def _check_finite(loss: torch.Tensor, model: nn.Module, good: tuple[dict[str, torch.Tensor], int], step: int,
+                  lr: float) -> None:
+    """A non-finite loss stops the run with ``model`` back at its last good state (``good``: the
+    state and its step, when the shapes still fit: a prune since then changed them)."""
+    if torch.isfinite(loss):
+        return
+    sd, (good_state, good_step) = model.state_dict(), good
+    if sd.keys() == good_state.keys() and all(sd[k].shape == good_state[k].shape for k in sd):
+        model.load_state_dict(good_state)
+    err = TrainingError(f"the loss became {float(loss.detach())} at step {step}; stopped and kept the last good "
+                        f"state (step {good_step}); try a lower learning rate (lr={lr})")
+    err.model = model  # type: ignore[attr-defined]
+    raise err
+
+
 class FineTune:
     """One fine-tuning run: the loop over epochs and steps, its optimisers, events and history.
 
@@ -295,7 +310,7 @@ class FineTune:
                 task = task_loss(out, self.passes.original(batch, out), self.spec.distillation)
                 pen = torch.zeros(()) if frozen else gates.penalty()
                 loss = task if frozen else task + gates.lam * pen
-        self._check_finite(loss)
+        _check_finite(loss, self.model, (self.good_state, self.good_step), self.position.step, self.spec.lr)
         if loss.requires_grad:
             loss.backward()
         opt.step()
@@ -317,18 +332,6 @@ class FineTune:
             window.reset()
         if step % SNAPSHOT_EVERY == 0:
             self._snapshot()
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        if torch.isfinite(loss):
-            return
-        sd = self.model.state_dict()
-        if sd.keys() == self.good_state.keys() and all(sd[k].shape == self.good_state[k].shape for k in sd):
-            self.model.load_state_dict(self.good_state)
-        err = TrainingError(
-            f"the loss became {float(loss.detach())} at step {self.position.step}; stopped and kept the last good "
-            f"state (step {self.good_step}); try a lower learning rate (lr={self.spec.lr})")
-        err.model = self.model  # type: ignore[attr-defined]
-        raise err
 
     def _tick(self) -> None:
         """Add the seconds since the last tick to the phase under way."""

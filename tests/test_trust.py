@@ -175,7 +175,7 @@ def test_report_json_never_overwrites_the_input_or_an_existing_file(model_file, 
     assert not (tmp_path / "s.safetensors").exists() and not same.exists()
 
 
-def test_a_failure_after_training_writes_no_output_at_all(model_file, tmp_path, monkeypatch):
+def test_a_failure_after_training_writes_no_output_but_keeps_the_run(model_file, tmp_path, monkeypatch):
     import compressor.cli
 
     def broken_export(*args, **kwargs):
@@ -185,7 +185,9 @@ def test_a_failure_after_training_writes_no_output_at_all(model_file, tmp_path, 
     out = tmp_path / "out" / "slim.safetensors"
     line = _one_error_line(_run(model_file, "-o", out, "--export-pt2", "--report-json", tmp_path / "out" / "r.json"))
     assert "could not export" in line and "export backend exploded" in line
-    assert list((tmp_path / "out").iterdir()) == []  # no checkpoint, no report, no temporary file
+    # no checkpoint, no report, no temporary file: only the trained run, kept for --resume and named
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["slim.resume.pt"]
+    assert "slim.resume.pt" in line and "--resume" in line
 
 
 def test_a_successful_run_writes_every_output(model_file, tmp_path):
