@@ -46,6 +46,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from compressor import compress  # noqa: E402
 from compressor.plan import count_state  # noqa: E402
 from provenance import code_version  # noqa: E402
+from render import output_arguments, update_documents  # noqa: E402
 
 TEXT = HERE / "data" / "shakespeare"
 CACHE = HERE / "data" / "encoder_budget"
@@ -185,15 +186,26 @@ def main() -> None:
     ap.add_argument("--time-budget", default=None, help="e.g. 10m")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="MLM steps before compressing (default 400; "
                                                                       "quick 40)")
+    output_arguments(ap, RESULTS / "encoder_budget.json")
     args = ap.parse_args()
+    if args.report:
+        return render()
     record = run(args)
-    out = RESULTS / ("encoder_budget_quick.json" if args.quick else "encoder_budget.json")
+    out = RESULTS / "encoder_budget_quick.json" if args.quick else Path(args.out)
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
     runs = [r for r in runs if (r["options"], r["target"]) != (record["options"], record["target"])] + [record]
     out.write_text(json.dumps({"benchmark": "encoder_budget", "runs": runs}, indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("seconds", "steps", "planned_steps", "stopped", "ratio",
                                              "cosine_mean", "phases")}, indent=1))
     print(f"wrote {out}")
+    if out.resolve() == (RESULTS / "encoder_budget.json").resolve():
+        render()
+
+
+def render() -> None:
+    """Put encoder_budget.json's table into the documents (``--report``, and after a measurement)."""
+    for doc in update_documents({"encoder-budget"}):
+        print("rendered", doc)
 
 
 if __name__ == "__main__":

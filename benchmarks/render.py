@@ -60,6 +60,7 @@ BLOCKS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "smollm2-cli": (("smollm2_cli_1.5x.json",), tables.llm_cli_run),
     "learned-ranks": (("learned_ranks.json", "llm.json"), tables.learned_ranks_table),
     "embedding-counts": (("embedding_counts.json",), tables.embedding_counts_table),
+    "encoder-budget": (("encoder_budget.json",), tables.encoder_budget_table),
     "cost": (("cost.json",), tables.cost_table),
     "cost-transformer": (("cost_transformer.json",), tables.cost_transformer_table),
 }

@@ -409,6 +409,25 @@ def embedding_counts_table(counts: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------ default budget (encoder_budget.py)
+def encoder_budget_table(result: dict[str, Any]) -> str:
+    """Default runs on the sentence encoder: what the budget planned, what the run spent, the cosine kept."""
+    lines = ["| encoder | target | options | budget (set by) | steps taken | stopped by | gate phase | weight phase "
+             "| wall time | held-out cosine (mean, min) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        b, ph = r["budget"], r["phases"]
+        budget = f"{r['planned_steps']:,} steps ({b['bound']})" if b else f"{r['planned_steps']:,} steps (given)"
+        options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults"
+        phase = {k: f"{v['steps']} steps, {v['seconds']:.0f} s" for k, v in ph.items()}
+        lines.append(f"| {r['layers']} layers × {r['width']}, {r['dense_params'] / 1e6:.1f}M parameters, "
+                     f"{r['train_sentences']} sentences | {r['target']} | {options} | {budget} | {r['steps']:,} | "
+                     f"{r['stopped'].replace('_', ' ')} | {phase['gates']} | {phase['weights']} | "
+                     f"{r['seconds'] / 60:.1f} min | {r['cosine_mean']:.4f}, {r['cosine_min']:.4f} |")
+    threads = {r.get("torch_threads") for r in result["runs"]} - {None}
+    where = f" ({', '.join(str(t) for t in sorted(threads))} torch threads)" if threads else ""
+    return "\n".join(lines) + f"\n\nWall time of `compress` on this machine{where}.\n" + _code_note(result["runs"])
+
+
 # ------------------------------------------------------------------ cost (cost.py, cost_transformer.py)
 def cost_table(cost: dict[str, Any]) -> str:
     """Time and memory ratios of LeNet-5, dense against TR, medians of interleaved runs."""

@@ -37,7 +37,7 @@ from .resume import random_state_kept, set_loader_epoch
 #: A default budget for a small model: examples seen (samples, or real tokens for token batches).
 BUDGET_EXAMPLES = 384_000
 #: ... for a large one: examples x the dense model's parameters (tensor elements of its state).
-#: A 22M-parameter sentence encoder gets 136k tokens (7 epochs of 700 sentences of ~30 tokens).
+#: A 22.4M-parameter sentence encoder gets 134k tokens (11 epochs of its 700 sentences in encoder_budget.py).
 BUDGET_COMPUTE = 3e12
 #: At least this many steps (the gates need room to move), at most this many passes over the data.
 MIN_STEPS, MAX_EPOCHS = 100, 100
