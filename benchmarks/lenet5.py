@@ -102,8 +102,12 @@ def main() -> None:
                 print("   ", l["name"], l["initial_ranks"], "->", l["final_ranks"], l["params_before"], "->", l["params_after"])
     out = Path(args.out) if args.out else HERE / "results" / f"lenet5_{args.source}{'_nolabels' if args.no_labels else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    # A run replaces the earlier record of its target and decomposition; the other targets' records stay.
+    made = {(r["target"], r["decomp"]) for r in runs}
+    kept = [r for r in json.loads(out.read_text())["runs"] if (r["target"], r["decomp"]) not in made] \
+        if out.exists() else []
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "torch_threads": torch.get_num_threads(),
-                               "runs": runs}, indent=2))
+                               "runs": runs + kept}, indent=2))
     print("wrote", out)
     if not args.out:
         _render()
