@@ -211,15 +211,22 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     blueprint = Blueprint(the_plan.source, the_plan.dense_params,
                           tuple(s for s in applied.sites.values() if s.in_graph and s.name in layers),
                           config.decomp, asked)
-    quantization = quantize_model(slim, config.quantize)
-    if quantization is not None:
-        stage(f"int8: {len(quantization.tensors)} weights and cores quantized")
-        quantization.load_into(slim)  # measured as it will load
+    quantization = _quantized(slim, config.quantize, stage)
     acc = _final_accuracy(slim, history, eval_loader, config.forward_fn, measure=quantization is not None)
     measured = dict(target=asked, dense_accuracy=dense_acc, accuracy=acc, start=start_summary(start, start_acc),
                     **_sizes(the_plan.dense_params, count_state(slim), quantization, config.target))
     report = _report(the_plan, applied, initial, slim, history, module, settled, measured, started)
     return CompressResult(slim, report, history, blueprint, quantization)
+
+
+def _quantized(slim: nn.Module, scheme: str, stage: Callable[[str], None]) -> Quantization | None:
+    """``slim``'s weights quantized as ``scheme`` asks (None: not at all), the model given their
+    dequantized values: what the file will load as is what the run measures and returns."""
+    quantization = quantize_model(slim, scheme)
+    if quantization is not None:
+        stage(f"{scheme}: {len(quantization.tensors)} weights and cores quantized")
+        quantization.load_into(slim)
+    return quantization
 
 
 def _sizes(dense: int, elements: int, quantization: Quantization | None, aimed: float) -> dict[str, Any]:
