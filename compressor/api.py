@@ -21,7 +21,8 @@ from .config import CompressConfig, Settled
 from .distributed import World
 from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .plan import CompressionPlan, Site, Starts, count_params, count_state, min_params
-from .quantize import QUANTIZER, ByteBudget, Quantization, aim, byte_budget, planned_scales, quantize_model, state_bytes
+from .quantize import (QUANTIZER, ByteBudget, Quantization, aim, byte_budget, planned_scales, quantize_model,
+                       state_bytes)
 from .trace import as_module
 from .surgery import Applied, apply, evaluation_mode, set_training, tn_layers
 from .blueprint import Blueprint

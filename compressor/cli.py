@@ -505,7 +505,8 @@ def output_options(command):
 
 
 #: The CompressConfig fields the main command offers, in --help order.
-RUN_CONFIG = ("quantize", "epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "rank_select", "init", "calibration_batches", "start",
+RUN_CONFIG = ("quantize", "epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "rank_select", "init",
+              "calibration_batches", "start",
               "start_error", "max_steps", "early_stop", "early_stop_patience", "early_stop_min_delta", "gate_fraction",
               "refit", "distill_loss", "distill_hidden", "log_every", "lr", "device")
 
