@@ -21,6 +21,8 @@ from .config import CompressConfig, Settled
 from .distributed import World
 from .errors import ConfigError, DataError, ModelError, TargetError, first_line
 from .plan import CompressionPlan, Site, Starts, count_params, count_state, min_params
+from .quantize import (QUANTIZER, ByteBudget, Quantization, aim, byte_budget, planned_scales, quantize_model,
+                       state_bytes)
 from .trace import as_module
 from .surgery import Applied, apply, evaluation_mode, set_training, tn_layers
 from .blueprint import Blueprint
@@ -44,6 +46,7 @@ class CompressResult:
     report: Report
     history: TrainHistory
     blueprint: Blueprint  # what save writes besides the tensors (no tag is left on the model)
+    quantization: Quantization | None = None  # the int8 weights save writes (the model holds their values)
 
 
 def evaluate(model: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = None) -> float:
@@ -173,6 +176,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     """
     started = time.perf_counter()
     config = _resolve_config(config, decomp, target, options)
+    asked = config.target  # in bytes with quantization; the run aims at an element ratio (settled.config.target)
     saved = _resume_state(config, state_file, resume)
     _check_loaders(loader, eval_loader)
     selector = get_selector(config.rank_select)
@@ -207,21 +211,43 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     layers = tn_layers(slim)
     blueprint = Blueprint(the_plan.source, the_plan.dense_params,
                           tuple(s for s in applied.sites.values() if s.in_graph and s.name in layers),
-                          config.decomp, config.target)
-    acc = _final_accuracy(slim, history, eval_loader, config.forward_fn)
-    report = _report(the_plan, applied, initial, slim, history, module, settled,
-                     dict(dense_accuracy=dense_acc, accuracy=acc, start=start_summary(start, start_acc)), started)
-    return CompressResult(slim, report, history, blueprint)
+                          config.decomp, asked)
+    quantization = _quantized(slim, config.quantize, stage)
+    acc = _final_accuracy(slim, history, eval_loader, config.forward_fn, measure=quantization is not None)
+    measured = dict(target=asked, dense_accuracy=dense_acc, accuracy=acc, start=start_summary(start, start_acc),
+                    **_sizes(the_plan.dense_params, count_state(slim), quantization, config.target))
+    report = _report(the_plan, applied, initial, slim, history, module, settled, measured, started)
+    return CompressResult(slim, report, history, blueprint, quantization)
+
+
+def _quantized(slim: nn.Module, scheme: str, stage: Callable[[str], None]) -> Quantization | None:
+    """``slim``'s weights quantized as ``scheme`` asks (None: not at all), the model given their
+    dequantized values: what the file will load as is what the run measures and returns."""
+    quantization = quantize_model(slim, scheme)
+    if quantization is not None:
+        stage(f"{scheme}: {len(quantization.tensors)} weights and cores quantized")
+        quantization.load_into(slim)
+    return quantization
+
+
+def _sizes(dense: int, elements: int, quantization: Quantization | None, aimed: float) -> dict[str, Any]:
+    """The report's byte fields: the slim file's tensor bytes (its int8 values, scales and float32
+    rest) against the dense float32 file's, and the element ratio a byte target was aimed at."""
+    size, dense_size = state_bytes(elements, quantization), state_bytes(dense, None)
+    sizes = dict(bytes=size, dense_bytes=dense_size, bytes_ratio=dense_size / size)
+    if quantization is not None:
+        sizes.update(quantize=quantization.scheme, quantizer=QUANTIZER, aimed_ratio=aimed)
+    return sizes
 
 
 def _report(the_plan: CompressionPlan, applied: Applied, initial: dict[str, list[int]], slim: nn.Module,
             history: TrainHistory, module: nn.Module, settled: Settled, measured: dict[str, Any],
             started: float) -> Report:
-    """The run's :class:`Report`: sizes, layers, the fine-tune's history and ``measured``
-    (the accuracies and how the start went); its seconds run from ``started`` to now."""
+    """The run's :class:`Report`: sizes, layers, the fine-tune's history and ``measured`` (the
+    target asked, the accuracies, how the start went, the bytes); its seconds run from ``started`` to now."""
     config, params = settled.config, count_state(slim)
     return Report(
-        decomp=config.decomp, target=config.target, source=the_plan.source, dense_params=the_plan.dense_params,
+        decomp=config.decomp, source=the_plan.source, dense_params=the_plan.dense_params,
         params=params, ratio=the_plan.dense_params / params,
         layers=_layer_reports(the_plan, applied, initial, tn_layers(slim)),
         skipped=[{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
@@ -263,12 +289,13 @@ def _frozen_copy(module: nn.Module, device: torch.device | None) -> nn.Module:
 
 
 def _final_accuracy(slim: nn.Module, history: TrainHistory, eval_loader: Iterable | None,
-                    forward_fn: ForwardFn | None) -> float | None:
-    """The slim model's accuracy: the last epoch's, unless steps ran after it (then measured)."""
+                    forward_fn: ForwardFn | None, measure: bool = False) -> float | None:
+    """The slim model's accuracy: the last epoch's, unless steps ran after it or its weights changed
+    since (``measure``: quantized), then measured."""
     if eval_loader is None:
         return None
     last = history.epochs[-1] if history.epochs else None
-    if last is not None and last["eval_accuracy"] is not None and last["step"] == history.steps:
+    if not measure and last is not None and last["eval_accuracy"] is not None and last["step"] == history.steps:
         return last["eval_accuracy"]
     return evaluate(slim, eval_loader, forward_fn)
 
@@ -297,6 +324,9 @@ def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, examp
         shared_blocks(module, teacher)  # a model without repeated blocks fails now, not after calibration
     stage("planning which layers to factorize")
     the_plan = planner.plan(module, config.plan_options(), example=example)
+    budget = byte_budget(module, the_plan, config.target) if config.quantize != "none" else None
+    if budget is not None:  # a target in bytes: the element ratio that meets it with int8 weights
+        config = replace(config, target=aim(budget, the_plan, config.decomp, planned_scales(the_plan)))
     _check_reachable(the_plan, config)
     settled = _settle(config, the_plan, stage)
     config = settled.config
@@ -308,7 +338,28 @@ def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, examp
         whiten = calibration.start_factors(teacher, the_plan, grams)
     stage(f"choosing the starting layout and ranks of {len(the_plan.layers)} layers ({the_plan.source} plan)")
     starts, start = selector.prepare(the_plan, module, options, whiten)
+    if budget is not None:
+        settled, starts, start = _aim_bytes(budget, the_plan, settled, selector, (starts, start),
+                                            lambda c: selector.prepare(the_plan, module, c.selector_options(), whiten))
     return the_plan.leaving_dense(starts.dense), starts, start, settled
+
+
+def _aim_bytes(budget: ByteBudget, the_plan: CompressionPlan, settled: Settled, selector: Any,
+               prepared: tuple[Starts, FaithfulStart | None], prepare: Callable[[CompressConfig], Any]
+               ) -> tuple[Settled, Starts, FaithfulStart | None]:
+    """A byte target aimed again once the starts are known: their ranks bound the scales the
+    planned layers can end with (the first aim estimated them), so the element ratio the run
+    aims at can only rise. A gated run's controller takes it from here; a selector whose
+    ranks are final chooses them again at the new ratio (twice at most: the scales shrink)."""
+    for _ in range(3):
+        aimed = aim(budget, the_plan, settled.config.decomp, planned_scales(the_plan, prepared[0]))
+        if aimed <= settled.config.target:
+            break
+        settled = replace(settled, config=replace(settled.config, target=aimed))
+        if selector.gated:
+            break
+        prepared = prepare(settled.config)
+    return (settled, *prepared)
 
 
 def _build(module: nn.Module, the_plan: CompressionPlan, starts: Starts, selector: Any,

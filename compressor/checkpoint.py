@@ -29,18 +29,22 @@ from torch import nn
 from . import tensornet as tn
 from .blueprint import Blueprint, Blueprinted, blueprint_of
 from .errors import CheckpointError, CompressorError, ModelError, first_line
-from .files import atomic_write, read_safetensors, read_safetensors_header
+from .files import atomic_write, read_safetensors, read_safetensors_dtypes, read_safetensors_header
 from .plan import Site, count_state, tensor_key
 from .surgery import set_submodule, set_training, site_in, swap_in, tied_layers, tn_layers
 from .trace import as_module, is_graph_model, unwrapped
 from .layers import TiedTNLinear, TNLayer, layer_class, tied_head_size
 from .model_files import load_model
+from .quantize import Quantization, check_metadata, check_written, dequantized, scale_names
 
 FORMAT = "compressor.slim"
-VERSION = 2
+VERSION = 3
 #: Version 2 added ``tied`` (layers computing from another layer's cores); a file without
 #: ties is still written as version 1, so older readers keep reading it.
 TIED_VERSION = 2
+#: Version 3 added ``quantization`` (int8 tensors and their scales, see compressor/quantize.py):
+#: an older reader would cast the int8 values into float weights, so it must refuse the file.
+QUANTIZED_VERSION = 3
 
 
 def describe(model: nn.Module, blueprint: Blueprint) -> dict[str, Any]:
@@ -89,14 +93,18 @@ def describe_tied(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save(model: nn.Module | Blueprinted, path: str | os.PathLike, extra: dict[str, Any] | None = None, *,
-         blueprint: Blueprint | None = None) -> Path:
+         blueprint: Blueprint | None = None, quantization: Quantization | None = None) -> Path:
     """Write a slim model to ``path`` (.safetensors) atomically.
 
-    ``model`` is what ``compress`` returned (its model and blueprint) or a slim model. A model's
-    blueprint is ``blueprint`` when given, else what the model tells by itself
+    ``model`` is what ``compress`` returned (its model, blueprint and quantization) or a slim model. A
+    model's blueprint is ``blueprint`` when given, else what the model tells by itself
     (:func:`~compressor.blueprint.blueprint_of`): enough for factorized layers held as
     submodules, not for a ``torch.export`` graph. ``extra`` adds JSON to the metadata.
+    ``quantization`` (else the result's) writes those tensors as int8 with their scales; the
+    model must hold exactly their dequantized values (``Quantization.load_into``).
     """
+    if quantization is None and not isinstance(model, nn.Module):  # what compress returned
+        quantization = getattr(model, "quantization", None)
     model, blueprint = _model_and_blueprint(model, blueprint)
     meta = describe(model, blueprint)
     if extra:
@@ -104,6 +112,10 @@ def save(model: nn.Module | Blueprinted, path: str | os.PathLike, extra: dict[st
     tensors, aliases = _unique_tensors(model)
     if aliases:
         meta["aliases"] = aliases
+    if quantization is not None:
+        check_written(quantization, tensors)
+        tensors.update(quantization.file_tensors())
+        meta.update(version=QUANTIZED_VERSION, quantization=quantization.describe())
     header = {"compressor": json.dumps(meta)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
@@ -158,6 +170,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} holds no tensors")
     meta["tensor_names"] = list(shapes)
     _check_fields(path, meta)
+    check_metadata(path, meta, shapes, read_safetensors_dtypes(path, CheckpointError, "checkpoint"))
     for name, entry in meta["layers"].items():
         check_layer(path, name, entry, shapes)
     for name, entry in meta.get("tied", {}).items():
@@ -359,7 +372,7 @@ def check_fits(path: str | os.PathLike, base: nn.Module) -> None:
     factorized layer stands for the base's dense layer at its place, and the rest of the state has
     the base's names and shapes. Reads only the header; ``base`` may be built on ``meta``."""
     meta = read_metadata(path)
-    _check_state(path, rebuild(base, meta), meta.get("aliases", {}))
+    _check_state(path, rebuild(base, meta), meta.get("aliases", {}), scale_names(meta))
 
 
 def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.Module:
@@ -369,9 +382,9 @@ def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.M
     """
     meta = read_metadata(path)  # validated against the file before anything is allocated
     module = rebuild(base, meta, trust_pickle)
-    _check_state(path, module, meta.get("aliases", {}))
+    _check_state(path, module, meta.get("aliases", {}), scale_names(meta))
     materialize(module)
-    tensors = read_safetensors(path, CheckpointError, "checkpoint")
+    tensors = dequantized(path, meta, read_safetensors(path, CheckpointError, "checkpoint"))
     for name, written in meta.get("aliases", {}).items():
         tensors[name] = tensors[written]
     try:
@@ -387,10 +400,10 @@ def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.M
     return set_training(module, False)
 
 
-def _check_state(path: str | os.PathLike, module: nn.Module, aliases: dict[str, str]) -> None:
+def _check_state(path: str | os.PathLike, module: nn.Module, aliases: dict[str, str], scales: set[str]) -> None:
     """Every tensor of the rebuilt model's state is in the file with its shape, and the file holds
-    nothing else: checked on the header, before any tensor is read or any memory is given to a base
-    built on the ``meta`` device."""
+    nothing else but the ``scales`` of its quantized tensors: checked on the header, before any
+    tensor is read or any memory is given to a base built on the ``meta`` device."""
     _, shapes = read_safetensors_header(path, CheckpointError, "checkpoint")
     state = {name: tuple(t.shape) for name, t in module.state_dict(keep_vars=True).items()}
     for name, shape in state.items():
@@ -399,7 +412,7 @@ def _check_state(path: str | os.PathLike, module: nn.Module, aliases: dict[str, 
             raise CheckpointError(f"the checkpoint {path} does not fit the base architecture: size mismatch for "
                                   f"{name}: the file holds {list(stored)[:8]}, the base {list(shape)[:8]}")
     missing = sorted(name for name in state if aliases.get(name, name) not in shapes)
-    unexpected = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(shapes) - set(state) - scales)
     if missing or unexpected:
         raise CheckpointError(f"the checkpoint does not match the base architecture: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")

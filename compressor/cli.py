@@ -22,6 +22,7 @@ from typing import Any, get_args, get_type_hints
 import click
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -29,6 +30,7 @@ from . import __version__
 from .api import compare_outputs, compress, evaluate
 from .budget import STOPPED, format_seconds
 from .checkpoint import export_program, load, nonfinite_tensors, read_metadata, save
+from .quantize import dequantized, scale_names
 from .data import TensorLoader, load_tensor_file, resolve_data
 from .distributed import init_from_env, leave
 from .surgery import set_training
@@ -438,15 +440,24 @@ def _print_summary(rep, written: list[Path]) -> None:
                "the generous ladder (no faithful start within dense size)" if start.get("chosen") == "ladder" else "")
         out_console.print(f"step 0, before training: accuracy {100 * start['accuracy']:.2f}%"
                           + (f" ({start['ratio']:.2f}x, {how})" if how else ""))
-    out_console.print(f"ratio {rep.ratio:.2f}x on disk (target {rep.target:g}x; parameters alone "
-                      f"{rep.param_ratio:.2f}x) in {rep.seconds:.0f} s"
+    delivered = rep.bytes_ratio if rep.quantize != "none" else rep.ratio
+    out_console.print(_ratio_line(rep) + f" in {rep.seconds:.0f} s"
                       + (" — the controller closed extra slices to meet the target" if rep.forced else "")
                       + (" — more than 5 % past the target: the slices that closed last were large"
-                         if rep.ratio > OVERSHOOT * rep.target else ""))
+                         if delivered > OVERSHOOT * rep.target else ""))
     for line in spending_lines(rep):
         out_console.print(line)
     for w in written:
         out_console.print(f"wrote {w} ({w.stat().st_size:,} bytes)")
+
+
+def _ratio_line(rep) -> str:
+    """The delivered ratio against the target: in elements, or in bytes when the weights are quantized."""
+    if rep.quantize == "none":
+        return f"ratio {rep.ratio:.2f}x on disk (target {rep.target:g}x; parameters alone {rep.param_ratio:.2f}x)"
+    return (f"{rep.quantize} file {rep.bytes_ratio:.2f}x smaller than the dense float32 file: {rep.bytes:,} of "
+            f"{rep.dense_bytes:,} tensor bytes (target {rep.target:g}x in bytes, met at {rep.ratio:.2f}x in "
+            f"elements, aimed at {rep.aimed_ratio:.2f}x; parameters alone {rep.param_ratio:.2f}x)")
 
 
 def spending_lines(rep) -> list[str]:
@@ -494,7 +505,8 @@ def output_options(command):
 
 
 #: The CompressConfig fields the main command offers, in --help order.
-RUN_CONFIG = ("epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "rank_select", "init", "calibration_batches", "start",
+RUN_CONFIG = ("quantize", "epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "rank_select", "init",
+              "calibration_batches", "start",
               "start_error", "max_steps", "early_stop", "early_stop_patience", "early_stop_min_delta", "gate_fraction",
               "refit", "distill_loss", "distill_hidden", "log_every", "lr", "device")
 
@@ -605,14 +617,18 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
             checkpoint = slim_checkpoint_in(checkpoint)
         meta = read_metadata(checkpoint)
         tensors = read_safetensors(checkpoint, CheckpointError, "checkpoint")
+        dequantized(checkpoint, meta, tensors)  # its scales are finite and positive
     except CompressorError as exc:
         _fail(exc)
     bad = nonfinite_tensors(tensors)
+    file_bytes = checkpoint.stat().st_size
     if as_json:
         shown = {k: v for k, v in meta.items() if k != "tensor_names"}
+        shown["file_bytes"] = file_bytes
         click.echo(json.dumps({**shown, "nonfinite_tensors": bad} if bad else shown, indent=2))
         return
-    params = sum(t.numel() for t in tensors.values())
+    scales = scale_names(meta)
+    params = sum(t.numel() for name, t in tensors.items() if name not in scales)
     dense = meta.get("dense_params")
     t = Table(title=f"{checkpoint} — {params:,} parameters"
                     + (f", dense {dense:,} → {dense / params:.2f}x" if dense else ""), title_justify="left")
@@ -626,12 +642,27 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
             _fail(ModelError(f"{checkpoint}: layer {name!r} has an unreadable spec ({exc})"))
         t.add_row(name, s["kind"], s["decomp"], _fmt_ranks(modes), _fmt_ranks(s["ranks"]), f"{n:,}")
     out_console.print(t)
+    out_console.print(_bytes_line(meta, tensors, file_bytes))
     if bad:
         out_console.print(f"[bold red]not finite:[/bold red] {len(bad)} of {len(tensors)} tensors hold NaN or "
                           f"infinite values: {', '.join(bad[:5])}" + (", ..." if len(bad) > 5 else ""))
     acc = meta.get("extra", {}).get("report", {}).get("accuracy")
     if acc is not None:
         out_console.print(f"test accuracy at compression time: {100 * acc:.2f}%")
+
+
+def _bytes_line(meta: dict[str, Any], tensors: dict[str, torch.Tensor], file_bytes: int) -> str:
+    """The file's bytes, what its tensors take, and (quantized) how many are int8 and the ratio to the
+    dense float32 file's tensors."""
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    line = f"file {file_bytes:,} bytes, tensors {data:,}"
+    quant = meta.get("quantization")
+    if quant is None:
+        return line
+    dense = meta.get("dense_params")
+    made = escape(str(quant.get("quantizer", "?"))[:80])
+    line += f", {len(quant['tensors'])} of them {quant['scheme']} with float32 scales ({made})"
+    return line + (f", dense float32 {4 * dense:,} → {4 * dense / data:.2f}x in bytes" if dense else "")
 
 
 # ------------------------------------------------------------------ eval

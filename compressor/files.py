@@ -245,6 +245,17 @@ def read_safetensors_header(path: str | os.PathLike, error_cls: type[CompressorE
         raise error_cls(f"{what} {p} is not a readable safetensors file ({first_line(exc)}){hint}") from None
 
 
+def read_safetensors_dtypes(path: str | os.PathLike, error_cls: type[CompressorError], what: str) -> dict[str, str]:
+    """``{tensor name: dtype}`` of a safetensors file as its header names them (``F32``, ``I8``, ...),
+    without reading any tensor: what a file claims to hold is checked against what it holds."""
+    p = require_file(path, error_cls, what)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as exc:
+        raise error_cls(f"{what} {p} is not a readable safetensors file ({first_line(exc)})") from None
+
+
 def read_safetensors(path: str | os.PathLike, error_cls: type[CompressorError], what: str,
                      hint: str = "") -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file (on CPU); any failure is one ``error_cls`` line."""

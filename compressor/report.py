@@ -32,7 +32,8 @@ class Report:
     """What happened to the model (built by keyword: two dozen fields are too many to place).
 
     ``ratio`` = tensor elements of the dense model's state / those of the slim checkpoint
-    (every tensor, buffers included, a shared tensor once): what ``target`` is met on.
+    (every tensor, buffers included, a shared tensor once): what ``target`` is met on, unless the
+    weights are quantized (then ``bytes_ratio`` is).
     ``param_ratio`` counts parameters only, for comparison with papers.
     """
 
@@ -76,6 +77,16 @@ class Report:
     # Early stop's checks ([step, held-out loss]), best loss and stopping step (None: off).
     early_stop: dict[str, Any] | None = None
     time_budget: float | None = None  # the seconds the run was given (None: no limit)
+    # Bytes of the slim checkpoint's tensors (headers aside) and of the dense model's state in
+    # float32, and their ratio: what ``target`` is met on with ``quantize`` "int8" (its weights and
+    # cores int8 with their scales, made by ``quantizer``), where the run aimed at the element ratio
+    # ``aimed_ratio`` (None without quantization: the target counts elements).
+    bytes: int = 0
+    dense_bytes: int = 0
+    bytes_ratio: float | None = None
+    quantize: str = "none"
+    quantizer: str | None = None
+    aimed_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
