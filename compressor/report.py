@@ -76,6 +76,9 @@ class Report:
     # Early stop's checks ([step, held-out loss]), best loss and stopping step (None: off).
     early_stop: dict[str, Any] | None = None
     time_budget: float | None = None  # the seconds the run was given (None: no limit)
+    # The forms the slim model would be served in (``compress run --form``; the file keeps the
+    # cores): ``serving.FormChoice.to_dict()``, per layer the form, sizes and measured speed-ups.
+    forms: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
