@@ -150,7 +150,7 @@ def test_a_tied_head_goes_with_its_embedding_and_stays_tied(decomp):
             assert _close(emb(idx), table(idx)) and _close(logits(h), head(h))
             shared = (emb[0].weight, logits[1].weight) if form == "factors" else (emb.weight, logits.weight)
             assert shared[0] is shared[1]  # the V-row table is one Parameter: counted and saved once
-            assert logits[1 if form == "factors" else 0].bias is head.bias if form == "factors" else logits.bias is head.bias
+            assert (logits[1] if form == "factors" else logits).bias is head.bias  # a bias held elsewhere stays held
     r = table.ranks[1] * table.ranks[-1] + 1  # + the padding row's own rank
     assert group.params("factors") == 30 * r + 12 * r + r * 12 + 30  # E once, B and its transposed copy, bias
     assert group.params("dense") == 30 * 12 + 30
@@ -189,7 +189,8 @@ def test_options_weigh_each_served_shape_alike():
     params = {"a": {"cores": 10, "dense": 20}, "b": {"cores": 10, "dense": 20}}
     seconds = {"a": {"cores": (1.0, 100.0), "dense": (0.5, 100.0)}, "b": {"cores": (1.0, 300.0), "dense": (1.0, 30.0)}}
     opts = serving.options(params, seconds)
-    assert opts["a"]["cores"].cost == pytest.approx(0.5 + 0.25) and opts["a"]["dense"].cost == pytest.approx(0.25 + 0.25)
+    assert opts["a"]["cores"].cost == pytest.approx(0.5 + 0.25)
+    assert opts["a"]["dense"].cost == pytest.approx(0.25 + 0.25)
     assert opts["b"]["dense"].cost == pytest.approx(0.5 + 30 / 400)
 
 
@@ -409,3 +410,37 @@ def test_cli_bad_form_or_shape_is_one_error_line(digits_files, tmp_path):
     assert not (tmp_path / "s.safetensors").exists()
     _one_error(_run(["eval", tmp_path / "s.safetensors", "--data", "digits", "--form", "x"]), "unknown form 'x'")
     _one_error(_run(["inspect", tmp_path / "s.safetensors", "--form", "x"]), "unknown form 'x'")
+
+
+# ------------------------------------------------------------------ Hugging Face folders (GPT-2's Conv1D, tied heads)
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_slim_model_folder_loads_in_each_form(name, tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf_pass import batch, logits, tiny
+
+    from compressor.config import CompressConfig
+    from compressor.plan import planned_starts
+    from compressor.planner import plan
+    from compressor.surgery import apply
+
+    model = tiny(name)
+    config = CompressConfig(target=1.1, rank=3, decomp="tr", min_params=0)
+    the_plan = plan(model, config.plan_options(), example=batch())
+    slim = apply(model, the_plan, planned_starts(the_plan, "tr"), sigma=0.5, seed=0).model
+    for layer in slim.modules():
+        if isinstance(layer, TNLayer):
+            layer.prune_()
+    folder = tmp_path / "slim"
+    model.config.architectures = [type(model).__name__]  # what a folder's config names
+    model.config.save_pretrained(folder)
+    save(slim.eval(), folder / "model.slim.safetensors", blueprint=Blueprint("export", the_plan.dense_params,
+                                                                            target=1.1))
+    inputs = batch(2, 9)
+    want = logits(slim, inputs)
+    for form in ("factors", "dense", "auto"):
+        served = compressor.load(folder, form=form)
+        assert _close(logits(served, inputs), want), form
+        if form == "factors":  # nothing of compressor's left in the module tree
+            assert not any(type(m).__module__.startswith("compressor") for m in served.modules())
+            head, table = served.lm_head, served.get_input_embeddings()
+            assert head[1].weight is table[0].weight  # still tied
