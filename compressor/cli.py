@@ -448,7 +448,9 @@ def _print_summary(rep, written: list[Path]) -> None:
                          if rep.ratio > OVERSHOOT * rep.target else ""))
     for line in spending_lines(rep):
         out_console.print(line)
-    if rep.forms:
+    if rep.forms and "error" in rep.forms:
+        out_console.print(f"served forms not timed: {rep.forms['error']}")
+    elif rep.forms:
         out_console.print(forms_table(rep.forms))
     for w in written:
         out_console.print(f"wrote {w} ({w.stat().st_size:,} bytes)")
@@ -523,6 +525,16 @@ def _served(model, form: str, shapes: list, example: Any, blueprint, convert: bo
     if convert:
         return serve_as(model, form, budget=budget, shapes=shapes, example=example)[1]
     return choose(model, form, budget=budget, serve=serving(model, shapes, example))
+
+
+def _with_forms(result, form: str, shapes: list, example: Any):
+    """``result`` with the forms its model would be served in, in the report. A model the timing
+    cannot run (a program traced at one fixed shape) gets the reason instead: the run stands."""
+    try:
+        forms = _served(result.model, form, shapes, example, result.blueprint, convert=False).to_dict()
+    except Exception as exc:  # any failure of a forward on made-up inputs: said, never fatal
+        forms = {"asked": form, "error": first_line(exc, 200, with_type=not isinstance(exc, CompressorError))}
+    return dataclasses.replace(result, report=dataclasses.replace(result.report, forms=forms))
 
 
 def _speedups(values: list[float]) -> str:
@@ -607,8 +619,7 @@ def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | N
         result = _compress_showing_progress(original, train, test, config, state_file, resume, world.main)
         try:
             if world.main:  # what the slim model is served as: in the report and summary, not in the file
-                choice = _served(result.model, form, shapes, example, result.blueprint, convert=False)
-                result = dataclasses.replace(result, report=dataclasses.replace(result.report, forms=choice.to_dict()))
+                result = _with_forms(result, form, shapes, example)
             written = _write_outputs(result, outputs, arch, example, force) if world.main else []
         except Exception as exc:  # a full disk, a folder gone read-only: the training is not lost
             raise _unwritten(exc, state_file) from None

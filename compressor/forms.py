@@ -40,7 +40,7 @@ one extra rank (its own column in ``E`` and ``B``), so the lookup still returns 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -251,14 +251,3 @@ def form_table(model: nn.Module) -> dict[str, dict[str, int]]:
     for group in groups(model):
         out[group.name] = {form: n for form in FORMS if (n := group.params(form)) is not None}
     return out
-
-
-def stored_layers(spec_layers: Mapping[str, TNLayer]) -> dict[str, dict[str, int]]:
-    """:func:`form_table` of layers rebuilt one by one (``compress inspect``: no base model needed)."""
-    return {name: {form: n for form in FORMS if (n := Group(name, layer).params(form)) is not None}
-            for name, layer in spec_layers.items()}
-
-
-def members(model: nn.Module) -> dict[str, Sequence[str]]:
-    """``{layer: (its name, its tied heads' names)}``."""
-    return {g.name: g.members for g in groups(model)}

@@ -7,7 +7,6 @@ tested, not the machine), and load / the CLI take the option.
 """
 
 import json
-import math
 
 import pytest
 import torch
@@ -297,6 +296,15 @@ def test_load_serves_the_form_asked(slim_file, form):
     if form == "auto":  # never past the size target (1.5x of the dense size)
         assert count_state(served) <= meta["dense_params"] / 1.5
     assert "layers" in meta and set(meta["layers"]) == {"conv1", "conv2", "fc1", "fc2"}  # the file keeps the cores
+
+
+def test_a_torch_export_base_takes_the_forms_too(slim_file):
+    path, net, x = slim_file
+    program = torch.export.export(Net().eval(), (x,))
+    with torch.no_grad():
+        for form in ("factors", "dense"):
+            served = load(path, base=program, form=form)
+            assert _close(served(x), net(x)) and not any(isinstance(m, TNLayer) for m in served.modules())
 
 
 def test_a_bad_form_is_one_error_before_anything_is_read(tmp_path):
