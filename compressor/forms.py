@@ -209,7 +209,7 @@ class Group:
         made = self.layer.to_dense() if form == "dense" else factors(self.layer)
         if made is None:
             return None
-        made.train(self.layer.training)
+        made.to(self.layer.cores[0].device).train(self.layer.training)  # to_dense builds on the CPU
         return [made] + [_head(h, form, made).train(h.training) for _, h in self.heads]
 
     def params(self, form: str) -> int | None:

@@ -119,7 +119,8 @@ def serving(model: nn.Module, shapes: Sequence[Sequence[int]] | None = None, exa
     if tokens and isinstance(limit, int):
         full = tuple((s[0], min(s[1], limit)) + s[2:] if len(s) > 1 else s for s in full)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return Serving(full, tokens, int(getattr(table, "num_embeddings", 0)), dtype)
+    vocab = getattr(table, "num_embeddings", None) or (int(example.max()) + 1 if torch.is_tensor(example) else 1)
+    return Serving(full, tokens, int(vocab), dtype)
 
 
 # ------------------------------------------------------------------ measuring
@@ -138,7 +139,7 @@ def wall_clock(module: nn.Module, x: torch.Tensor) -> float:
 
 def _key(module: nn.Module, x: torch.Tensor) -> tuple:
     """Modules with equal keys take equal time on equal inputs: their type, structure and tensor shapes."""
-    parts: list[Any] = [type(module).__name__, repr(module), tuple(x.shape), x.dtype]
+    parts: list[Any] = [type(module).__name__, repr(module), tuple(x.shape), x.dtype, str(x.device)]
     for m in module.modules():
         if isinstance(m, TNLayer):
             parts.append(str(m.spec()))
@@ -155,14 +156,10 @@ def _interleaved(modules: Mapping[str, nn.Module], x: torch.Tensor, timer: Timer
     keys = {form: _key(m, x) for form, m in modules.items()}
     todo = {form: m for form, m in modules.items() if keys[form] not in cache}
     if todo:
-        warm = {form: timer(m, x) for form, m in todo.items()}
-        total = sum(warm.values())
-        repeats = min(MAX_REPEATS, max(MIN_REPEATS, int(SECONDS_PER_SHAPE / max(total, 1e-9))))
-        # A long call (a prefill) is barely touched by first-call costs (an einsum plan, allocation):
-        # its warm-up counts as a sample, a round saved where rounds are dear.
-        keep = total > 4 * SECONDS_PER_SHAPE
-        samples: dict[str, list[float]] = {form: [warm[form]] if keep else [] for form in todo}
-        for _ in range(repeats - keep):
+        warm = sum(timer(m, x) for m in todo.values())  # first calls plan einsums and allocate: not timed
+        repeats = min(MAX_REPEATS, max(MIN_REPEATS, int(SECONDS_PER_SHAPE / max(warm, 1e-9))))
+        samples: dict[str, list[float]] = {form: [] for form in todo}
+        for _ in range(repeats):
             for form, m in todo.items():
                 samples[form].append(timer(m, x))
         for form, times in samples.items():
