@@ -6,9 +6,10 @@ SmolLM2-135M's layer shapes twice: the matrix layout of the 1.5x CLI run (mean l
 each projection, ``results/smollm2_cli_1.5x.json``) and a balanced tensor-ring layout at rank 32
 (what ``--init weights`` builds). Every form is timed on the same input with the library's own
 microbenchmark (``serving._interleaved``: one warm-up call each, interleaved rounds, medians),
-so the ratios are robust to a busy machine; absolute times are for orientation only.
+so the ratios are robust to a busy machine; absolute times are for orientation only. Here each
+layer gets more rounds than ``load(form="auto")`` spends (``--rounds``, default 9 to 15).
 
-    OMP_NUM_THREADS=1 python benchmarks/forms.py [--out benchmarks/results/forms.json]
+    OMP_NUM_THREADS=1 python benchmarks/forms.py [--rounds 9] [--out benchmarks/results/forms.json]
 """
 
 from __future__ import annotations
@@ -87,11 +88,13 @@ def _line(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "forms.json")
+    parser.add_argument("--rounds", type=int, default=9, help="fewest interleaved rounds per layer and batch")
     args = parser.parse_args()
+    serving.MIN_REPEATS, serving.SECONDS_PER_SHAPE = args.rounds, 0.1
     print("speed-ups are the cores form's time / the form's (x2 = twice as fast as the cores)")
     rows = measure()
     meta = {"command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+            "threads": torch.get_num_threads(), "rounds": args.rounds, "machine": platform.processor() or platform.machine()}
     args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
