@@ -94,7 +94,8 @@ def main() -> None:
     print("speed-ups are the cores form's time / the form's (x2 = twice as fast as the cores)")
     rows = measure()
     meta = {"command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "rounds": args.rounds, "machine": platform.processor() or platform.machine()}
+            "threads": torch.get_num_threads(), "rounds": args.rounds,
+            "machine": platform.processor() or platform.machine()}
     args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
