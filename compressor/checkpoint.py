@@ -36,6 +36,8 @@ from .trace import as_module, is_graph_model, unwrapped
 from .layers import TiedTNLinear, TNLayer, layer_class, tied_head_size
 from .model_files import load_model
 from .quantize import Quantization, check_metadata, check_written, dequantized, scale_names
+from .forms import check_form
+from .serving import serve_as, size_budget
 
 FORMAT = "compressor.slim"
 VERSION = 3
@@ -375,11 +377,18 @@ def check_fits(path: str | os.PathLike, base: nn.Module) -> None:
     _check_state(path, rebuild(base, meta), meta.get("aliases", {}), scale_names(meta))
 
 
-def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.Module:
+def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False, *, form: str = "cores",
+         serve_shapes: Any = None, example: Any = None) -> nn.Module:
     """Rebuild the slim model saved at ``path`` on top of ``base`` (model, factory or .pt2 path).
 
     ``trust_pickle`` lets a ``base`` path run code when loaded (see ``model_files.load_model``).
+    ``form`` is how the factorized layers are served (``compressor.forms``): ``"cores"`` (the
+    default: the model the file holds, bit for bit, which trains further and saves again),
+    ``"factors"`` or ``"dense"`` for every layer, or ``"auto"``: each layer's fastest form at
+    ``serve_shapes`` (default: a decode step and an 8 x 128 prefill for token ids, else batch 1 and
+    256 of ``example``) within the checkpoint's size target (``compressor.serving``).
     """
+    form = check_form(form)  # before anything is read
     meta = read_metadata(path)  # validated against the file before anything is allocated
     module = rebuild(base, meta, trust_pickle)
     _check_state(path, module, meta.get("aliases", {}), scale_names(meta))
@@ -397,7 +406,12 @@ def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False) -> nn.M
         raise CheckpointError(
             f"the checkpoint does not match the base architecture: missing {sorted(result.missing_keys)[:5]}, "
             f"unexpected {sorted(result.unexpected_keys)[:5]}")
-    return set_training(module, False)
+    module = set_training(module, False)
+    if form == "cores":
+        return module
+    blueprint = read_blueprint(path)
+    return serve_as(module, form, budget=size_budget(blueprint.dense_params, blueprint.target),
+                    shapes=serve_shapes, example=example)[0]
 
 
 def _check_state(path: str | os.PathLike, module: nn.Module, aliases: dict[str, str], scales: set[str]) -> None:

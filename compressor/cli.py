@@ -10,6 +10,7 @@ output file exists; outputs are written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -29,19 +30,21 @@ from rich.table import Table
 from . import __version__
 from .api import compare_outputs, compress, evaluate
 from .budget import STOPPED, format_seconds
-from .checkpoint import export_program, load, nonfinite_tensors, read_metadata, save
-from .quantize import dequantized, scale_names
+from .checkpoint import export_program, load, nonfinite_tensors, read_blueprint, read_metadata, save
+from .forms import FORM_CHOICES, FORMS, Group, check_form
+from .quantize import dequantized
+from .serving import FormChoice, choose, parse_shape, serve_as, serving, size_budget
 from .data import TensorLoader, load_tensor_file, resolve_data
 from .distributed import init_from_env, leave
 from .surgery import set_training
 from .trace import as_module
-from .layers import TNLayer
+from .layers import TiedTNLinear, TNLayer
 from .model_files import import_arch, load_model
 from .plot import check_available, plot_run
 from .config import CompressConfig
 from .errors import CheckpointError, CompressorError, DataError, ModelError, first_line
 from .hf_folders import (SLIM_CHECKPOINT, folder_copies, folder_fidelity, is_model_folder, load_model_folder,
-                         own_file, position_limit, slim_checkpoint_in, text_data)
+                         load_slim_folder, own_file, position_limit, slim_checkpoint_in, text_data)
 from .files import OutputAppeared, probe_writable, read_safetensors, stale_temporaries, staged_outputs
 from .resume import RunInterrupted
 
@@ -447,6 +450,10 @@ def _print_summary(rep, written: list[Path]) -> None:
                          if delivered > OVERSHOOT * rep.target else ""))
     for line in spending_lines(rep):
         out_console.print(line)
+    if rep.forms and "error" in rep.forms:
+        out_console.print(f"served forms not timed: {rep.forms['error']}")
+    elif rep.forms:
+        out_console.print(forms_table(rep.forms))
     for w in written:
         out_console.print(f"wrote {w} ({w.stat().st_size:,} bytes)")
 
@@ -504,6 +511,62 @@ def output_options(command):
     return command
 
 
+def form_options(default: str, what: str):
+    """``--form`` and ``--serve-shape``: how the slim model's factorized layers are served (see forms.py)."""
+    def decorate(command):
+        command = click.option("--serve-shape", "serve_shapes", multiple=True, metavar="SHAPE",
+                               help="an input shape the model serves, e.g. 1x1 and 8x128 (token ids: batch x "
+                                    "tokens) or 256x1x28x28; a leading part (256) takes the rest from the data; "
+                                    "repeatable [default: 1x1 and 8x128 for token ids, else batch 1 and 256]")(command)
+        return click.option("--form", type=ConfigChoice(list(FORM_CHOICES)), default=default, show_default=True,
+                            help=f"{what}: cores (as stored), factors (two standard Linear/Conv2d/Embedding "
+                                 "modules per layer), dense, or auto (each layer's fastest at --serve-shape "
+                                 "within the size target, timed on this machine)")(command)
+    return decorate
+
+
+def _form_args(form: str, serve_shapes: tuple[str, ...]) -> tuple[str, list[tuple[int, ...]]]:
+    """The checked ``--form`` and parsed ``--serve-shape`` values (before any work)."""
+    return check_form(form), [parse_shape(s) for s in serve_shapes]
+
+
+def _served(model, form: str, shapes: list, example: Any, blueprint, convert: bool) -> FormChoice:
+    """The forms ``model`` (in cores) is served in, timed at the served shapes; converted when asked."""
+    budget = size_budget(blueprint.dense_params, blueprint.target)
+    if convert:
+        return serve_as(model, form, budget=budget, shapes=shapes, example=example)[1]
+    return choose(model, form, budget=budget, serve=serving(model, shapes, example))
+
+
+def _with_forms(result, form: str, shapes: list, example: Any):
+    """``result`` with the forms its model would be served in, in the report. A model the timing
+    cannot run (a program traced at one fixed shape) gets the reason instead: the run stands."""
+    try:
+        forms = _served(result.model, form, shapes, example, result.blueprint, convert=False).to_dict()
+    except Exception as exc:  # any failure of a forward on made-up inputs: said, never fatal
+        forms = {"asked": form, "error": first_line(exc, 200, with_type=not isinstance(exc, CompressorError))}
+    return dataclasses.replace(result, report=dataclasses.replace(result.report, forms=forms))
+
+
+def _speedups(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}x" if v == v else "-" for v in values) or "-"
+
+
+def forms_table(forms: dict[str, Any]) -> Table:
+    """The served forms (``FormChoice.to_dict()``): per layer its form, size and measured speed-ups."""
+    shapes = " / ".join("x".join(map(str, s)) for s in forms["shapes"])
+    budget = f", budget {forms['budget']:,}" if forms.get("budget") else ""
+    t = Table(title=f"served as {forms['asked']}: {forms['cores_params']:,} → {forms['params']:,} parameters"
+                    f"{budget} (the file keeps the cores){f'; timed at {shapes}' if shapes else ''}",
+              title_justify="left")
+    for col in ("layer", "form", "params", "speed-up vs cores", "vs dense"):
+        t.add_column(col, overflow="fold")
+    for layer in forms["layers"]:
+        t.add_row(" + ".join(layer["members"]), layer["form"], f"{layer['params'][layer['form']]:,}",
+                  _speedups(layer["speedup_vs_cores"]), _speedups(layer["speedup_vs_dense"]))
+    return t
+
+
 #: The CompressConfig fields the main command offers, in --help order.
 RUN_CONFIG = ("quantize", "epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "rank_select", "init",
               "calibration_batches", "start",
@@ -541,9 +604,11 @@ def config_options(command):
               help="training batch size, per process (under torchrun each of N processes takes this many)")
 @config_option("seed")
 @output_options
+@form_options("auto", "the forms the summary and report say the model is served in (the file keeps the cores)")
 def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | None, output: str | None,
         arch: str | None, trust_pickle: bool, batch_size: int, force: bool, export_pt2: bool, plot: Path | None,
-        report_json: Path | None, state_file: Path | None, resume: bool, **settings: Any) -> None:
+        report_json: Path | None, state_file: Path | None, resume: bool, form: str, serve_shapes: tuple[str, ...],
+        **settings: Any) -> None:
     """Compress MODEL to --target and write a slim safetensors checkpoint.
 
     Ctrl-C (or SIGTERM) stops after the current step and saves the run's state; the same
@@ -553,6 +618,7 @@ def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | N
     world = init_from_env()
     try:
         config = CompressConfig(**settings)  # the config options above: validated once, here
+        form, shapes = _form_args(form, serve_shapes)
         if batch_size <= 0:
             raise DataError(f"--batch-size must be positive, got {batch_size}")
         outputs = _plan_outputs(model, output, export_pt2, plot, report_json)
@@ -564,6 +630,8 @@ def run(model: Path, data_spec: str, max_length: int | None, eval_data: Path | N
                                                       batch_size, config.seed, max_length)
         result = _compress_showing_progress(original, train, test, config, state_file, resume, world.main)
         try:
+            if world.main:  # what the slim model is served as: in the report and summary, not in the file
+                result = _with_forms(result, form, shapes, example)
             written = _write_outputs(result, outputs, arch, example, force) if world.main else []
         except Exception as exc:  # a full disk, a folder gone read-only: the training is not lost
             raise _unwritten(exc, state_file) from None
@@ -610,14 +678,24 @@ def _interrupted(stop: KeyboardInterrupt, state_file: Path | None, quiet: bool =
 @main.command("inspect")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print the metadata as JSON")
-def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
-    """Per-layer ranks, sizes and the whole-model ratio of a slim CHECKPOINT."""
+@click.option("--forms", "time_forms", is_flag=True,
+              help="also time every layer's forms on this machine and show the ones --form picks (needs the "
+                   "architecture: a model folder has it, a file needs --base or --arch)")
+@click.option("--base", type=click.Path(path_type=Path), default=None, help="the original model (for --forms)")
+@click.option("--arch", default=None, help="package.module:factory building the architecture (for --forms)")
+@click.option("--trust-pickle", is_flag=True, help="allow --base to be pickled (runs code from the file!)")
+@form_options("auto", "with --forms, the forms to show")
+def inspect_cmd(checkpoint: Path, as_json: bool, time_forms: bool, base: Path | None, arch: str | None,
+                trust_pickle: bool, form: str, serve_shapes: tuple[str, ...]) -> None:
+    """Per-layer ranks, sizes in each form and the whole-model ratio of a slim CHECKPOINT."""
     try:
-        if checkpoint.is_dir():  # a compressed model folder
+        form, shapes = _form_args(form, serve_shapes)
+        folder = checkpoint if checkpoint.is_dir() else None
+        if folder is not None:  # a compressed model folder
             checkpoint = slim_checkpoint_in(checkpoint)
         meta = read_metadata(checkpoint)
         tensors = read_safetensors(checkpoint, CheckpointError, "checkpoint")
-        dequantized(checkpoint, meta, tensors)  # its scales are finite and positive
+        weights = dequantized(checkpoint, meta, tensors)  # (its scales are finite and positive)
     except CompressorError as exc:
         _fail(exc)
     bad = nonfinite_tensors(tensors)
@@ -627,21 +705,7 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
         shown["file_bytes"] = file_bytes
         click.echo(json.dumps({**shown, "nonfinite_tensors": bad} if bad else shown, indent=2))
         return
-    scales = scale_names(meta)
-    params = sum(t.numel() for name, t in tensors.items() if name not in scales)
-    dense = meta.get("dense_params")
-    t = Table(title=f"{checkpoint} — {params:,} parameters"
-                    + (f", dense {dense:,} → {dense / params:.2f}x" if dense else ""), title_justify="left")
-    for col in ("layer", "kind", "decomp", "modes", "ranks", "params"):
-        t.add_column(col)
-    for name, entry in meta["layers"].items():
-        s = entry["spec"]
-        try:
-            modes, n = TNLayer.spec_size(s)  # the layer class knows its own modes (merge_spatial convs too)
-        except (CompressorError, KeyError, TypeError, ValueError) as exc:
-            _fail(ModelError(f"{checkpoint}: layer {name!r} has an unreadable spec ({exc})"))
-        t.add_row(name, s["kind"], s["decomp"], _fmt_ranks(modes), _fmt_ranks(s["ranks"]), f"{n:,}")
-    out_console.print(t)
+    out_console.print(_layers_table(checkpoint, meta, weights))
     out_console.print(_bytes_line(meta, tensors, file_bytes))
     if bad:
         out_console.print(f"[bold red]not finite:[/bold red] {len(bad)} of {len(tensors)} tensors hold NaN or "
@@ -649,6 +713,71 @@ def inspect_cmd(checkpoint: Path, as_json: bool) -> None:
     acc = meta.get("extra", {}).get("report", {}).get("accuracy")
     if acc is not None:
         out_console.print(f"test accuracy at compression time: {100 * acc:.2f}%")
+    if time_forms:
+        try:
+            out_console.print(forms_table(_timed_forms(checkpoint, folder, base, arch, trust_pickle, form, shapes)))
+        except CompressorError as exc:
+            _fail(exc)
+
+
+def _layers_table(checkpoint: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Table:
+    """One row per factorized layer: modes, ranks, and its size in each form (a form that alone
+    would take the model past its size target in dim, marked over). ``tensors`` are the file's,
+    dequantized (no scales)."""
+    params = sum(t.numel() for t in tensors.values())
+    dense = meta.get("dense_params")
+    target = meta.get("extra", {}).get("target")
+    budget = size_budget(dense, target if isinstance(target, (int, float)) and not isinstance(target, bool) else None)
+    t = Table(title=f"{checkpoint} — {params:,} parameters"
+                    + (f", dense {dense:,} → {dense / params:.2f}x" if dense else "")
+                    + (f"; target {target:g}x allows {budget:,}" if budget else ""), title_justify="left")
+    for col in ("layer", "kind", "decomp", "modes", "ranks", "params", "as factors", "as dense"):
+        t.add_column(col)
+    for group in _stored_groups(checkpoint, meta, tensors):
+        s = meta["layers"][group.name]["spec"]
+        modes, n = TNLayer.spec_size(s)  # the layer class knows its own modes (merge_spatial convs too)
+        sizes = {f: group.params(f) for f in FORMS}
+        room = (budget if budget else params) - params
+        cells = ["-" if sizes[f] is None else f"{sizes[f]:,}" if sizes[f] - sizes["cores"] <= room
+                 else f"[dim]{sizes[f]:,} (over)[/dim]" for f in ("factors", "dense")]
+        t.add_row(" + ".join(group.members), s["kind"], s["decomp"], _fmt_ranks(modes), _fmt_ranks(s["ranks"]),
+                  f"{n:,}", *cells)
+    return t
+
+
+def _stored_groups(checkpoint: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[Group]:
+    """Every factorized layer of a checkpoint rebuilt from its spec and tensors (no base model), with
+    its tied heads: what :class:`~compressor.forms.Group` sizes each form of."""
+    layers = {}
+    for name, entry in meta["layers"].items():
+        try:
+            layer = TNLayer.from_spec(entry["spec"])
+            layer.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        except (CompressorError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+            _fail(ModelError(f"{checkpoint}: layer {name!r} has an unreadable spec ({first_line(exc)})"))
+        layers[name] = layer
+    heads: dict[str, list] = {}
+    for name, entry in meta.get("tied", {}).items():
+        if entry["kind"] == TiedTNLinear.kind:
+            head = TiedTNLinear(layers[entry["source"]], bias=entry["bias"])
+            if head.bias is not None:
+                head.bias.data.copy_(tensors[f"{name}.bias"])
+            heads.setdefault(entry["source"], []).append((name, head))
+    return [Group(name, layer, tuple(heads.get(name, ()))) for name, layer in layers.items()]
+
+
+def _timed_forms(checkpoint: Path, folder: Path | None, base: Path | None, arch: str | None, trust_pickle: bool,
+                 form: str, shapes: list) -> dict[str, Any]:
+    """``compress inspect --forms``: the slim model rebuilt, every layer's forms timed at the served shapes."""
+    if folder is not None:
+        model = load_slim_folder(folder)
+    elif base is not None or arch:
+        original = load_model(base, arch=arch, trust_pickle=trust_pickle) if base is not None else None
+        model = load(checkpoint, base=original if original is not None else (lambda: import_arch(arch)))
+    else:
+        raise ModelError("--forms times the layers in the model: give --base ORIGINAL_MODEL or --arch "
+                         "package.module:factory")
+    return _served(model, form, shapes, None, read_blueprint(checkpoint), convert=False).to_dict()
 
 
 def _bytes_line(meta: dict[str, Any], tensors: dict[str, torch.Tensor], file_bytes: int) -> str:
@@ -676,11 +805,16 @@ def _bytes_line(meta: dict[str, Any], tensors: dict[str, torch.Tensor], file_byt
 @click.option("--trust-pickle", is_flag=True,
               help="allow --base to be a pickled module or a .pt2 with pickled parts (runs code from the file!)")
 @click.option("--batch-size", type=int, default=512, show_default=True)
+@form_options("cores", "the form the slim model is evaluated in")
 def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | None, trust_pickle: bool,
-             batch_size: int) -> None:
+             batch_size: int, form: str, serve_shapes: tuple[str, ...]) -> None:
     """Accuracy of CHECKPOINT on the test split of DATA, and fidelity to the original model."""
+    try:
+        served = _form_args(form, serve_shapes)
+    except CompressorError as exc:
+        _fail(exc)
     if checkpoint.is_dir():
-        return _eval_folder(checkpoint, data_spec, base, trust_pickle, batch_size)
+        return _eval_folder(checkpoint, data_spec, base, trust_pickle, batch_size, served)
     try:
         meta = read_metadata(checkpoint)
         if base is not None:
@@ -695,21 +829,38 @@ def eval_cmd(checkpoint: Path, data_spec: str, base: Path | None, arch: str | No
             raise ModelError(f"say which architecture the checkpoint belongs to{hint}: --base ORIGINAL_MODEL "
                              "or --arch package.module:factory")
         slim = load(checkpoint, base=original if original is not None else (lambda: import_arch(arch)))
-        data = _load_data(data_spec, None)
-        x, y = data["test"]
-        loader = TensorLoader(x, y, batch_size)
+        x, y = _load_data(data_spec, None)["test"]
+        choice = _served(slim, *served, x[:8], read_blueprint(checkpoint), convert=True)
         t0 = time.perf_counter()
-        rows = []
-        if y is not None:
-            rows.append(("accuracy (compressed)", f"{100 * evaluate(slim, loader):.2f}%"))
-        ref = set_training(as_module(original), False) if original is not None else None
-        check = compare_outputs(slim, TensorLoader(x, None, batch_size), ref)
-        if ref is not None and y is not None:
-            rows.append(("accuracy (original)", f"{100 * evaluate(ref, loader):.2f}%"))
-        rows += _fidelity_rows(check, ref is not None)
+        rows = _eval_rows(slim, original, x, y, batch_size)
     except CompressorError as exc:
         _fail(exc)
     _print_metrics(f"{checkpoint} on {data_spec} ({x.shape[0]:,} samples, {time.perf_counter() - t0:.1f} s)", rows)
+    _print_served(choice)
+
+
+def _eval_rows(slim, original, x: torch.Tensor, y: torch.Tensor | None, batch_size: int) -> list[tuple[str, str]]:
+    """Accuracy of the slim model (and the original's), and how closely it follows the original."""
+    loader = TensorLoader(x, y, batch_size)
+    rows = []
+    if y is not None:
+        rows.append(("accuracy (compressed)", f"{100 * evaluate(slim, loader):.2f}%"))
+    ref = set_training(as_module(original), False) if original is not None else None
+    check = compare_outputs(slim, TensorLoader(x, None, batch_size), ref)
+    if ref is not None and y is not None:
+        rows.append(("accuracy (original)", f"{100 * evaluate(ref, loader):.2f}%"))
+    return rows + _fidelity_rows(check, ref is not None)
+
+
+def _print_served(choice: FormChoice) -> None:
+    """Which forms the evaluated model was in (nothing to say for the stored cores)."""
+    if choice.asked == "cores":
+        return
+    if choice.shapes:
+        out_console.print(forms_table(choice.to_dict()))
+    else:
+        counts = ", ".join(f"{n} {form}" for form, n in choice.counts().items())
+        out_console.print(f"evaluated as {choice.asked}: {counts} ({choice.params:,} parameters)")
 
 
 def _fidelity_rows(check, compared: bool) -> list[tuple[str, str]]:
@@ -738,14 +889,18 @@ def _print_metrics(title: str, rows: list[tuple[str, str]]) -> None:
     out_console.print(t)
 
 
-def _eval_folder(folder: Path, text: str, base: Path | None, trust_pickle: bool, batch_size: int) -> None:
+def _eval_folder(folder: Path, text: str, base: Path | None, trust_pickle: bool, batch_size: int,
+                 served: tuple[str, list]) -> None:
     """A compressed model folder on text: perplexity (causal LMs) and fidelity to --base."""
     try:
+        slim = load_slim_folder(folder)
+        choice = _served(slim, *served, None, read_blueprint(slim_checkpoint_in(folder)), convert=True)
         t0 = time.perf_counter()
-        n, rows = folder_fidelity(folder, text, base, EVAL_MAX_LENGTH, min(batch_size, 64), trust_pickle)
+        n, rows = folder_fidelity(folder, text, base, EVAL_MAX_LENGTH, min(batch_size, 64), trust_pickle, slim)
     except CompressorError as exc:
         _fail(exc)
     _print_metrics(f"{folder} on {text} ({n:,} examples, {time.perf_counter() - t0:.1f} s)", rows)
+    _print_served(choice)
 
 
 if __name__ == "__main__":  # pragma: no cover

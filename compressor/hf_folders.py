@@ -24,6 +24,7 @@ from .batches import forward, predicts_next_token
 from .data import TensorLoader
 from .errors import CheckpointError, DataError, ModelError, first_line
 from .files import read_safetensors_header
+from .forms import check_form
 from .losses import count_correct, label_loss
 
 HF_HINT = 'install the Hugging Face extra: pip install "compressor[hf]"'
@@ -305,14 +306,16 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def load_slim_folder(folder: str | os.PathLike) -> nn.Module:
-    """A compressed model folder as a working model, rebuilt from its config alone.
+def load_slim_folder(folder: str | os.PathLike, form: str = "cores", serve_shapes: Any = None) -> nn.Module:
+    """A compressed model folder as a working model, rebuilt from its config alone, its factorized
+    layers in ``form`` (see :func:`compressor.checkpoint.load`; a folder's model takes token ids).
 
     Every tensor of the compressed model is in the checkpoint, so no pretrained base is
     needed: the architecture comes from ``config.json``. It is first built on the ``meta``
     device and checked against the checkpoint's header (a config that lies about a size is
     one error, not an allocation), then built with parameters that only the checkpoint fills.
     """
+    form = check_form(form)
     folder = Path(folder)
     ckpt = slim_checkpoint_in(folder)
     _config(folder)
@@ -330,18 +333,27 @@ def load_slim_folder(folder: str | os.PathLike) -> nn.Module:
             base = cls(config)
     except Exception as exc:
         raise ModelError(f"transformers cannot build the model in {folder} ({first_line(exc, 200)})") from None
-    return checkpoint.load(ckpt, base=base).eval()
+    return checkpoint.load(ckpt, base=base, form=form, serve_shapes=serve_shapes).eval()
 
 
-def load(path: str | os.PathLike, base: Any = None, trust_pickle: bool = False) -> nn.Module:
+def load(path: str | os.PathLike, base: Any = None, trust_pickle: bool = False, *, form: str = "cores",
+         serve_shapes: Any = None, example: Any = None) -> nn.Module:
     """A compressed model: a folder written by ``compress`` (rebuilt from its config), or a slim
-    checkpoint rebuilt on ``base`` (a model, a factory, or a ``.pt2`` path)."""
+    checkpoint rebuilt on ``base`` (a model, a factory, or a ``.pt2`` path).
+
+    ``form``: how its factorized layers are served: ``"cores"`` (the default: the model the file
+    holds, exact, trainable, savable again), ``"factors"``, ``"dense"``, or ``"auto"``, each layer's
+    fastest at ``serve_shapes`` (input shapes; default a decode step and an 8 x 128 prefill for
+    token ids, else batch 1 and 256 of ``example``) that keeps the model within its size target.
+    """
+    form = check_form(form)
     if Path(path).is_dir():
-        return load_slim_folder(path)
+        return load_slim_folder(path, form, serve_shapes)
     if base is None:
         raise CheckpointError("a slim checkpoint file needs base= (the original model, a factory or a .pt2 path); "
                               "only a compressed model folder rebuilds from its config alone")
-    return checkpoint.load(path, base=base, trust_pickle=trust_pickle)
+    return checkpoint.load(path, base=base, trust_pickle=trust_pickle, form=form, serve_shapes=serve_shapes,
+                           example=example)
 
 
 @torch.no_grad()
@@ -381,10 +393,12 @@ def _figure(value: float, digits: int) -> str:
 
 
 def folder_fidelity(folder: str | os.PathLike, text: str, base: str | os.PathLike | None, max_length: int,
-                    batch_size: int, trust_pickle: bool = False) -> tuple[int, list[tuple[str, str]]]:
+                    batch_size: int, trust_pickle: bool = False,
+                    slim: nn.Module | None = None) -> tuple[int, list[tuple[str, str]]]:
     """(examples, metric rows) of a compressed folder on ``text``: perplexity for a causal LM,
-    and against the original folder (``base``) its perplexity or the embeddings' cosine."""
-    slim = load_slim_folder(folder)
+    and against the original folder (``base``) its perplexity or the embeddings' cosine.
+    ``slim``: the folder's model already loaded (in the form to measure), else loaded in cores."""
+    slim = load_slim_folder(folder) if slim is None else slim
     max_length = min(max_length, position_limit(slim) or max_length)  # the default, not the user's: fit it
     inputs = tokenize(read_texts(text), load_tokenizer(folder), max_length)
     original = load_model_folder(base, trust_pickle) if base is not None else None

@@ -87,6 +87,9 @@ class Report:
     quantize: str = "none"
     quantizer: str | None = None
     aimed_ratio: float | None = None
+    # The forms the slim model would be served in (``compress run --form``; the file keeps the
+    # cores): ``serving.FormChoice.to_dict()``, per layer the form, sizes and measured speed-ups.
+    forms: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,253 @@
+"""The forms a trained factorized layer can be served in: its cores, two standard factors, or dense.
+
+A factorized layer (``layers``) computes with its cores: the smallest form, the one a checkpoint
+keeps. The same weight can be served two other ways, each equal to it up to float round-off:
+
+* ``"factors"``: the ring cut in two, each half contracted into one matrix, served as two standard
+  modules with a narrow middle: ``nn.Linear(in, r, bias=False) -> nn.Linear(r, out)``; a conv's
+  ``k x k`` conv to ``r`` channels then a ``1 x 1`` conv (or ``1 x 1`` then ``k x k``); an
+  embedding's ``nn.Embedding(V, r) -> nn.Linear(r, D, bias=False)``. Two plain BLAS calls, no
+  einsum plan: what every runtime, quantizer (torchao's ``quantize_``) and compiler
+  (``torch.export``, ``torch.compile``) already knows, at ``r (in + out)`` parameters.
+* ``"dense"``: the weight rebuilt (``to_dense``): the largest form, often the fastest at large
+  batches.
+
+Where the ring is cut. The first factor must read the whole input and the second write the whole
+output, so the cut must separate the input modes from the output modes. A layer's cores list its
+inputs first and its outputs last, so on a ring exactly one pair of bonds does that: the bond
+between the last input core and the first output core, and the closing bond. A train's closing
+bond is 1, so ``r`` is the inner bond; a ring's ``r`` is the product of the two, ``r_s * r_0``
+(the factors hold ``r_s r_0 (in + out)`` parameters, as many as a two-core ring and more than a
+longer one). Any other cut leaves input and output modes on the same side, which no pair of
+standard modules computes. A conv has a third group, its kernel window (between the input and
+output channels), which may go with either side: a ``k x k`` conv to ``r`` channels then ``1 x 1``
+(window with the inputs), or ``1 x 1`` to ``r`` channels then ``k x k`` (window with the outputs).
+Both are legal; the one with fewer parameters is taken, which at stride 1 is also the one with
+fewer FLOPs per output pixel; a strided conv keeps the window with the inputs, since a ``1 x 1``
+conv first would run on the unstrided input.
+
+Tied layers (an LM head computing from the embedding's cores, :class:`~compressor.layers.TiedTNLinear`)
+go to the same form as their source and stay tied: in factors an embedding ``E (V x r)``,
+``B (D x r)`` serves its head as ``Linear(D, r)`` with ``B^T`` then ``Linear(r, V)`` whose weight
+*is* the embedding's ``E`` Parameter (the large part stays shared; the ``D x r`` part is copied,
+since no standard module reads a transpose); in dense the head's weight is the table itself, as in
+the original model. A factorized layer met under two names is converted once and put at both.
+
+An embedding's padding row is kept exactly: a zero row is a zero row of ``E``; any other row gets
+one extra rank (its own column in ``E`` and ``B``), so the lookup still returns it as stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import tensornet as tn
+from .errors import ConfigError
+from .layers import TiedTNLinear, TNConv2d, TNEmbedding, TNLayer, TNLinear
+from .plan import count_state
+from .surgery import replace_module, tied_layers, tn_layers
+
+#: The forms a layer can be served in, smallest first.
+FORMS = ("cores", "factors", "dense")
+#: What ``form=`` accepts: a form for every layer, or ``auto`` (each layer's fastest within the size target).
+FORM_CHOICES = ("auto",) + FORMS
+
+
+def check_form(form: object) -> str:
+    """``form`` if it is one of :data:`FORM_CHOICES`, else one :class:`ConfigError` line."""
+    if form not in FORM_CHOICES:
+        raise ConfigError(f"unknown form {form!r}: choose {', '.join(FORM_CHOICES)}")
+    return form  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ one layer
+@torch.no_grad()
+def _halves(layer: TNLayer, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left ``P x r``, right ``r x Q``) with ``left @ right`` the layer's weight tensor, cores
+    ``[:s]`` on the left (rows: their modes, row-major) and ``[s:]`` on the right; ``r`` is
+    bond ``s-1`` times the closing bond. Contracted in float64 so the factors lose nothing."""
+    if layer.gated:
+        raise ConfigError("a gated layer has no served form yet: prune it first (layer.prune_())")
+    cores = [c.detach().to(torch.float64) for c in layer.effective_cores()]
+    a, b = tn.merge_cores(cores[:s]), tn.merge_cores(cores[s:])  # (r0, P, rm), (rm, Q, r0)
+    r0, p, rm = a.shape
+    return a.permute(1, 0, 2).reshape(p, r0 * rm), b.permute(2, 0, 1).reshape(r0 * rm, b.shape[1])
+
+
+def split_rank(layer: TNLayer, s: int) -> int:
+    """The middle width of the factors cut before core ``s``: bond ``s-1`` times the closing bond."""
+    return layer.ranks[s - 1] * layer.ranks[-1]
+
+
+def _param(t: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(t.to(dtype).contiguous())
+
+
+def _linear(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Linear:
+    """A standard ``nn.Linear`` holding ``weight`` (out x in; a Parameter is shared as is) and ``bias``."""
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")  # no random init to throw away
+    lin.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.contiguous())
+    lin.bias = bias
+    return lin
+
+
+def linear_factors(layer: TNLinear) -> nn.Sequential | None:
+    """``Linear(in, r, bias=False) -> Linear(r, out)`` (None: the layer has no input or no output cores)."""
+    s = len(layer.in_modes)
+    if s == 0 or s == len(layer.modes):
+        return None
+    left, right = _halves(layer, s)
+    dtype = layer.cores[0].dtype
+    return nn.Sequential(_linear(left.T.to(dtype), None), _linear(right.T.to(dtype), layer.bias))
+
+
+def conv_split(layer: TNConv2d) -> int | None:
+    """Where a conv's ring is cut (None: nowhere): after the kernel window (``k x k`` then ``1 x 1``)
+    unless cutting before it (``1 x 1`` then ``k x k``) gives fewer parameters at stride 1."""
+    n, after_window = len(layer.modes), len(layer.modes) - len(layer.out_modes)
+    if after_window in (0, n):
+        return None
+    k = layer.kernel_size[0] * layer.kernel_size[1]
+    before = len(layer.in_modes)
+    if layer.merge_spatial or k == 1 or before == 0 or layer.stride != (1, 1):
+        return after_window
+    window_first = split_rank(layer, after_window) * (layer.in_channels * k + layer.out_channels)
+    window_last = split_rank(layer, before) * (layer.in_channels + k * layer.out_channels)
+    return before if window_last < window_first else after_window
+
+
+def conv_factors(layer: TNConv2d) -> nn.Sequential | None:
+    """Two ``nn.Conv2d``: ``k x k`` to ``r`` channels then ``1 x 1``, or ``1 x 1`` then ``k x k``
+    (:func:`conv_split`); the stride, padding and dilation go to the ``k x k`` one, the bias last."""
+    s = conv_split(layer)
+    if s is None:
+        return None
+    left, right = _halves(layer, s)
+    (kh, kw), c_in, c_out, r = layer.kernel_size, layer.in_channels, layer.out_channels, left.shape[1]
+    if s == len(layer.modes) - len(layer.out_modes):  # window with the inputs
+        first = left.T.reshape(r, c_in, kh, kw)
+        second, window = right.T.reshape(c_out, r, 1, 1), (kh, kw)
+    else:
+        first = left.T.reshape(r, c_in, 1, 1)
+        second, window = right.reshape(r, kh, kw, c_out).permute(3, 0, 1, 2), (1, 1)
+    dtype = layer.cores[0].dtype
+    convs = []
+    for weight, bias, own_window in ((first, None, window == (kh, kw)), (second, layer.bias, window != (kh, kw))):
+        conv = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=bias is not None,
+                         device="meta", **(dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+                                           if own_window else {}))
+        conv.weight, conv.bias = _param(weight, dtype), bias
+        convs.append(conv)
+    return nn.Sequential(*convs)
+
+
+def embedding_factors(layer: TNEmbedding) -> nn.Sequential | None:
+    """``Embedding(V, r) -> Linear(r, D, bias=False)``; the padding row kept exactly (module docstring)."""
+    s = len(layer.vocab_modes)
+    if s == 0 or s == len(layer.modes):
+        return None
+    left, right = _halves(layer, s)
+    table, out = left[: layer.num_embeddings].clone(), right.T  # (V, r), (D, r)
+    p = layer.padding_idx
+    if p is not None:
+        table[p] = 0
+        row = layer.padding_row.detach().to(torch.float64)
+        if bool(row.any()):  # a rank of its own: column r of E is the one-hot of p, column r of B the row
+            table = torch.cat([table, torch.zeros(table.shape[0], 1, dtype=table.dtype)], 1)
+            table[p, -1] = 1
+            out = torch.cat([out, row[:, None]], 1)
+    dtype = layer.cores[0].dtype
+    emb = nn.Embedding(table.shape[0], table.shape[1], padding_idx=p, device="meta")
+    emb.weight = _param(table, dtype)
+    return nn.Sequential(emb, _linear(out.to(dtype), None))
+
+
+def factors(layer: TNLayer) -> nn.Sequential | None:
+    """The layer as two standard modules (None: its cores cannot be cut between inputs and outputs)."""
+    if isinstance(layer, TNEmbedding):
+        return embedding_factors(layer)
+    if isinstance(layer, TNConv2d):
+        return conv_factors(layer)
+    if isinstance(layer, TNLinear):
+        return linear_factors(layer)
+    return None
+
+
+def _head(head: TiedTNLinear, form: str, source: nn.Module) -> nn.Module:
+    """The tied ``head`` computing from ``source`` in ``form`` (its weight shared, its bias its own)."""
+    if form == "dense":
+        return _linear(source.weight, head.bias)
+    first, second = source[0], source[1]
+    if head.transposed:  # x table^T = x B E^T: B^T copied, E shared
+        return nn.Sequential(_linear(second.weight.detach().T.clone(), None), _linear(first.weight, head.bias))
+    return nn.Sequential(first, _linear(second.weight, head.bias))
+
+
+# ------------------------------------------------------------------ a layer with what computes from it
+@dataclass(frozen=True)
+class Group:
+    """A factorized layer (under its first name) and the tied heads computing from its cores:
+    they are served in one form, so a tie stays a tie."""
+
+    name: str
+    layer: TNLayer
+    heads: tuple[tuple[str, TiedTNLinear], ...] = ()
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.name,) + tuple(name for name, _ in self.heads)
+
+    def in_form(self, form: str) -> list[nn.Module] | None:
+        """[the layer, then each head] in ``form`` (None: the layer has no such form)."""
+        if form == "cores":
+            return [self.layer] + [h for _, h in self.heads]
+        made = self.layer.to_dense() if form == "dense" else factors(self.layer)
+        if made is None:
+            return None
+        made.to(self.layer.cores[0].device).train(self.layer.training)  # to_dense builds on the CPU
+        return [made] + [_head(h, form, made).train(h.training) for _, h in self.heads]
+
+    def params(self, form: str) -> int | None:
+        """State elements of the group in ``form`` (a shared tensor once), or None."""
+        if form == "dense":  # counted, not built: the dense table of an LLM is large
+            biases = {id(h.bias): h.bias.numel() for _, h in self.heads if h.bias is not None}
+            return self.layer.dense_param_count() + sum(biases.values())
+        made = self.in_form(form)
+        return None if made is None else count_state(nn.ModuleList(made))
+
+
+def groups(model: nn.Module) -> list[Group]:
+    """Every factorized layer of ``model`` with its tied heads (each head once)."""
+    heads: dict[str, dict[int, tuple[str, TiedTNLinear]]] = {}
+    for name, (source, module) in tied_layers(model).items():
+        if isinstance(module, TiedTNLinear):
+            heads.setdefault(source, {}).setdefault(id(module), (name, module))
+    return [Group(name, layer, tuple(heads.get(name, {}).values())) for name, layer in tn_layers(model).items()]
+
+
+def convert(model: nn.Module, forms: Mapping[str, str] | str) -> nn.Module:
+    """``model`` with each factorized layer (by name) and its tied heads put in its form (a name
+    not listed, or a layer without that form, keeps its cores). Done in place: ``load`` calls it
+    on the model it has just built, and the cores are not needed after."""
+    for group in groups(model):
+        form = forms if isinstance(forms, str) else forms.get(group.name, "cores")
+        made = group.in_form(form) if form != "cores" else None
+        if made is None:
+            continue
+        replace_module(model, group.name, made[0])  # every name the layer has (an alias too)
+        for (name, _), module in zip(group.heads, made[1:]):
+            replace_module(model, name, module)
+    return model
+
+
+def form_table(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{layer: {form: state elements}}`` of every form each factorized layer (with its tied heads) has."""
+    out = {}
+    for group in groups(model):
+        out[group.name] = {form: n for form in FORMS if (n := group.params(form)) is not None}
+    return out
