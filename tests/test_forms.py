@@ -327,6 +327,23 @@ def test_factors_form_exports_and_matches_its_cores(slim_file):
         assert _close(program.module()(x), net(x)) and _close(program.module()(x[:1]), net(x[:1]))
 
 
+def test_factors_form_takes_other_tools_with_no_code_of_ours_between(slim_file):
+    """The factors form is plain torch: torch's own int8 quantizer (``quantize_dynamic``, the
+    fallback the issue names while torchao's int8 kernels are slower on this CPU) and
+    ``torch.compile`` take it as it is, and it still computes what the cores compute."""
+    path, net, x = slim_file
+    served = load(path, base=Net, form="factors")
+    with torch.no_grad():
+        reference = net(x)
+        compiled = torch.compile(served)
+        assert _close(compiled(x), reference)
+        quantized = torch.ao.quantization.quantize_dynamic(served, {nn.Linear}, dtype=torch.qint8)
+        linears = [m for m in quantized.modules() if type(m).__name__ == "Linear"]
+        assert linears and all(type(m).__module__.startswith("torch.ao.nn.quantized") for m in linears)
+        error = float((quantized(x) - reference).abs().max())
+        assert 0 < error <= 0.05 * float(reference.abs().max())  # int8 rounding: changed, but close
+
+
 # ------------------------------------------------------------------ tied heads in a language model
 class TiedLM(nn.Module):
     def __init__(self):
