@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import tensornet as tn
+from .contraction import Contraction
 from .errors import ConfigError, TensorizationError
 from .gated_cores import GatedCores
 
@@ -484,14 +485,14 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
         return lin
 
 
-def linear_contraction(n_in: int, n_out: int) -> tn.Contraction:
+def linear_contraction(n_in: int, n_out: int) -> Contraction:
     """``x (Z, in modes...) . ring of cores -> (Z, out modes...)``: the input modes' cores come first."""
     letters, bonds = tn.network_letters(n_in + n_out)
     cores = [bonds[k - 1] + letters[k] + bonds[k] for k in range(n_in + n_out)]
-    return tn.Contraction(f"Z{''.join(letters[:n_in])}," + ",".join(cores) + f"->Z{''.join(letters[n_in:])}")
+    return Contraction(f"Z{''.join(letters[:n_in])}," + ",".join(cores) + f"->Z{''.join(letters[n_in:])}", batch="Z")
 
 
-def apply_linear(einsum: tn.Contraction, x: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: tuple[int, ...],
+def apply_linear(einsum: Contraction, x: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: tuple[int, ...],
                  out_size: int) -> torch.Tensor:
     """``x`` (..., prod in_modes) through the network of ``cores`` (input modes first) -> (..., out_size)."""
     lead = x.shape[:-1]

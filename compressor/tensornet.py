@@ -17,7 +17,6 @@ from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
-import opt_einsum
 import torch
 
 from .errors import ConfigError, TensorizationError
@@ -397,46 +396,6 @@ def contract(cores: Sequence[torch.Tensor], split: int | None = None) -> torch.T
     left = a.permute(1, 0, 2).reshape(p, r0 * rm)
     right = b.permute(2, 0, 1).reshape(r0 * rm, q)
     return (left @ right).reshape(modes)
-
-
-class Contraction:
-    """An einsum over a fixed network whose pairwise order opt_einsum picks once.
-
-    The order depends on the batch size (rebuild-the-weight is cheapest for big batches,
-    input-first for small ones), so paths are cached per batch size; the contraction runs
-    as plain pairwise ``torch.einsum`` calls, which autograd and ``torch.export`` follow.
-    """
-
-    def __init__(self, equation: str):
-        self.equation = equation
-        inputs, self.output = equation.split("->")
-        self.inputs = inputs.split(",")
-        self._paths: dict[tuple, list[tuple[int, ...]]] = {}
-
-    def path(self, shapes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
-        key = tuple(tuple(int(d) for d in s) for s in shapes)
-        if key not in self._paths:
-            dummies = [np.empty(s, dtype=np.float32) for s in key]
-            path, _ = opt_einsum.contract_path(self.equation, *dummies, optimize="auto", shapes=False)
-            self._paths[key] = list(path)
-        return self._paths[key]
-
-    def __call__(self, *operands: torch.Tensor, shape_hint: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
-        shapes = shape_hint if shape_hint is not None else [o.shape for o in operands]
-        ops = list(operands)
-        terms = list(self.inputs)
-        for step in self.path(shapes):
-            picked = sorted(step, reverse=True)
-            sub_ops = [ops.pop(i) for i in picked]
-            sub_terms = [terms.pop(i) for i in picked]
-            remaining = set("".join(terms) + self.output)
-            keep = "".join(dict.fromkeys(ch for t in sub_terms for ch in t if ch in remaining))
-            ops.append(torch.einsum(",".join(sub_terms) + "->" + keep, *sub_ops))
-            terms.append(keep)
-        (result,), (term,) = ops, terms
-        if term != self.output:
-            result = torch.einsum(f"{term}->{self.output}", result)
-        return result
 
 
 def network_letters(n_cores: int) -> tuple[list[str], list[str]]:

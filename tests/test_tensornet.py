@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from compressor import tensornet as tn
+from compressor.contraction import Contraction
 from compressor.errors import CompressorError, ConfigError, TensorizationError
 
 
@@ -93,7 +94,7 @@ def test_contraction_path_executor_matches_einsum():
     torch.manual_seed(4)
     eq = "Zab,xay,ybx->Z"
     ops = [torch.randn(7, 4, 5), torch.randn(3, 4, 2), torch.randn(2, 5, 3)]
-    c = tn.Contraction(eq)
+    c = Contraction(eq)
     assert torch.allclose(c(*ops), torch.einsum(eq, *ops), atol=1e-5)
 
 
