@@ -53,11 +53,13 @@ class Step:
     a: Side | None = None
     b: Side | None = None
     einsum: str | None = None
+    unflat: tuple[tuple[int, ...] | None, ...] = ()  # an einsum's operands back to their letters' dimensions
 
     def __call__(self, ops: list[torch.Tensor]) -> None:
         taken = {k: ops.pop(k) for k in sorted(self.picked, reverse=True)}
         args = [taken[k] for k in self.picked]
         if self.einsum is not None:
+            args = [a if u is None else a.reshape(u) for a, u in zip(args, self.unflat)]
             ops.append(torch.einsum(self.einsum, *args))
             return
         ops.append(torch.matmul(self.a(args[0]), self.b(args[1])))
@@ -146,12 +148,13 @@ def _compile(inputs: list[str], output: str, shapes, path, batch: str | None) ->
         picked = tuple(pair)
         rest = [t for k, t in enumerate(terms) if k not in picked]
         remaining = set("".join(rest) + output)
-        if len(picked) == 2:
-            step, term, shape = _pair_step(picked, [terms[k] for k in picked], [now[k] for k in picked],
-                                           remaining, size, batch)
+        step = _pair_step(picked, [terms[k] for k in picked], [now[k] for k in picked], remaining, size,
+                          batch) if len(picked) == 2 else None
+        if step is None:
+            step, term, shape = _einsum_step(picked, [terms[k] for k in picked], [now[k] for k in picked],
+                                             remaining, size, batch)
         else:
-            term = "".join(dict.fromkeys(c for k in picked for c in terms[k] if c in remaining))
-            step, shape = Step(picked, einsum=",".join(terms[k] for k in picked) + "->" + term), _natural(term, size)
+            step, term, shape = step
         for k in sorted(picked, reverse=True):
             terms.pop(k)
             now.pop(k)
@@ -183,15 +186,15 @@ def _group(letters: str, size: dict[str, int], batch: str | None) -> int:
 
 
 def _pair_step(picked: tuple[int, int], terms: list[str], shapes: list[tuple[int, ...]], remaining: set[str],
-               size: dict[str, int], batch: str | None) -> tuple[Step, str, tuple[int, ...]]:
-    """The step contracting two operands, its result's letters and (planned) shape: which one
+               size: dict[str, int], batch: str | None) -> tuple[Step, str, tuple[int, ...]] | None:
+    """The step contracting two operands, its result's letters and (planned) shape (None when a
+    matmul cannot do it: see :class:`Step`): which one
     goes left, the contracted letters' order, and each side as a view where its memory allows
     (the copy to avoid is a weight's: at batch 1 the input is the small operand)."""
     (ti, tj), shared = terms, set(terms[0]) & set(terms[1])
     lone = (set(ti) ^ set(tj)) - remaining
     if shared & remaining or lone or len(set(ti)) < len(ti) or len(set(tj)) < len(tj):
-        keep = "".join(dict.fromkeys(c for c in ti + tj if c in remaining))
-        return Step(picked, einsum=f"{ti},{tj}->{keep}"), keep, _natural(keep, size)
+        return None
     best = None
     for first, second in ((0, 1), (1, 0)):
         tl, tr = terms[first], terms[second]
@@ -202,6 +205,13 @@ def _pair_step(picked: tuple[int, int], terms: list[str], shapes: list[tuple[int
                     best = (cost_a + cost_b, (picked[first], picked[second]), a, b, result)
     _, order_picked, a, b, (term, shape) = best
     return Step(order_picked, a, b), term, shape
+
+
+def _einsum_step(picked: tuple[int, ...], terms: list[str], shapes: list[tuple[int, ...]], remaining: set[str],
+                 size: dict[str, int], batch: str | None) -> tuple[Step, str, tuple[int, ...]]:
+    keep = "".join(dict.fromkeys(c for t in terms for c in t if c in remaining))
+    unflat = tuple(None if s == _natural(t, size) else tuple(_dim(t, size, batch)) for t, s in zip(terms, shapes))
+    return Step(picked, einsum=",".join(terms) + "->" + keep, unflat=unflat), keep, _natural(keep, size)
 
 
 def _right_sides(tl: str, tr: str, shape: tuple[int, ...], order: str, size, batch):

@@ -22,6 +22,7 @@ from torch import nn
 from . import tensornet as tn
 from .errors import TensorizationError
 from .gates import Gate, L0Gate
+from .weight_cache import WeightCache, frozen_call
 
 
 class GatedCores(nn.Module):
@@ -30,6 +31,9 @@ class GatedCores(nn.Module):
 
     #: Set when a :class:`~compressor.layers.TiedTNLinear` computes from these cores (a tied LM head).
     shares_cores: bool = False
+    #: Whether evaluation without grad reuses values made from the cores (see weight_cache.py);
+    #: False computes from the cores every call (no memory beside them).
+    weight_cache: bool = True
 
     def __init__(self, modes: Sequence[int], ranks: Sequence[int], decomp: str, gated: bool, sigma: float, dtype=None):
         super().__init__()
@@ -116,6 +120,32 @@ class GatedCores(nn.Module):
             return cores
         return self.effective_cores()
 
+    # ----------------------------------------------------------------- values made from the weights alone
+    def frozen(self, name: str, x: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` (a value computed from the cores alone), kept between calls on inputs like
+        ``x`` while the cores and gates are unchanged; None when this call must compute from the
+        cores (training, grad on, tracing: see weight_cache.py)."""
+        if not (self.weight_cache and frozen_call(self, x)):
+            return None
+        if self.gates is not None and any(g.training for g in self.gates.values()):
+            return None  # a gate still sampling: its value changes every call
+        weights = list(self.cores) + (list(self.gates.parameters()) if self.gates is not None else [])
+        return self._weight_cache().get(name, weights, make)
+
+    def _weight_cache(self) -> WeightCache:
+        cache = self.__dict__.get("_frozen")
+        if cache is None:
+            cache = self.__dict__["_frozen"] = WeightCache()
+        return cache
+
+    def train(self, mode: bool = True) -> "GatedCores":
+        self._weight_cache().clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._weight_cache().clear()  # .to() / .half(): the kept values are of the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
     def _core_versions(self) -> tuple[int, ...]:
         """Changes at every optimizer step: a sample from an earlier step is never reused."""
         return tuple(c._version for c in self.cores)
@@ -123,6 +153,7 @@ class GatedCores(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_sample", None)  # autograd results cannot be copied, and belong to one step
+        state.pop("_frozen", None)  # made again from the weights when needed
         return state
 
     # ----------------------------------------------------------------- pruning
@@ -145,6 +176,7 @@ class GatedCores(nn.Module):
         self.cores = nn.ParameterList([nn.Parameter(c.contiguous()) for c in cores])
         self.gates = None
         self.__dict__.pop("_sample", None)
+        self._weight_cache().clear()
         return self
 
     def set_gates_(self, make_gate: Callable[[int], Gate]) -> "GatedCores":

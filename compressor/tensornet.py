@@ -387,15 +387,19 @@ def contract(cores: Sequence[torch.Tensor], split: int | None = None) -> torch.T
     modes = [c.shape[1] for c in cores]
     if len(cores) == 1:
         return torch.diagonal(cores[0], dim1=0, dim2=2).sum(-1)
-    s = split_point(modes) if split is None else split
-    a = merge_cores(cores[:s])  # (r0, P, rm)
-    b = merge_cores(cores[s:])  # (rm, Q, r0)
-    r0, p, rm = a.shape
-    q = b.shape[1]
-    # W[p, q] = sum_{x, m} A[x, p, m] B[m, q, x]
-    left = a.permute(1, 0, 2).reshape(p, r0 * rm)
-    right = b.permute(2, 0, 1).reshape(r0 * rm, q)
+    left, right = halves(cores, split_point(modes) if split is None else split)
     return (left @ right).reshape(modes)
+
+
+def halves(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network as two matrices cut before core ``split``: ``U`` (P, r0 * r_split) and ``V``
+    (r0 * r_split, Q) with ``U @ V`` the (P, Q) matrix of the modes before and after the cut
+    (a ring's closing bond becomes part of the inner size). ``0 < split < len(cores)``."""
+    a = merge_cores(cores[:split])  # (r0, P, rm)
+    b = merge_cores(cores[split:])  # (rm, Q, r0)
+    r0, p, rm = a.shape
+    # W[p, q] = sum_{x, m} A[x, p, m] B[m, q, x]
+    return a.permute(1, 0, 2).reshape(p, r0 * rm), b.permute(2, 0, 1).reshape(r0 * rm, b.shape[1])
 
 
 def network_letters(n_cores: int) -> tuple[list[str], list[str]]:
