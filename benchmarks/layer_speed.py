@@ -14,8 +14,11 @@ repeats, so the *ratios* survive a busy machine):
 
 Layers: SmolLM2-135M-like (Llama) linears 576->576, 576->1536, 1536->576 and the tied
 49152 x 576 embedding (its lookup, and the head computing from it), as tensor rings at about
-1.5x, in two layouts: ``whitened`` (the whole input in one core, as ``--init activations``
-starts every Llama linear) and ``balanced`` (the planner's own split of both sides); and
+1.5x. Linears in two layouts: ``whitened`` (the whole input in one core, as ``--init
+activations`` starts every Llama linear) and ``balanced`` (the planner's own split of both
+sides); the embedding as ``compress`` starts a tied one (vocabulary and dimension one core
+each: a balanced split at 1.5x needs bonds of ~700 and its lookup gathers r^2 per core and
+token); and
 LeNet-5's conv2 and fc1 at about 20x, plus the whole LeNet-5 with those layers. Batches: one
 token and 8 x 128 tokens (LeNet: 1 and 256 images). With ``--llama``, a tiny Llama (hidden
 256, 4 layers) greedy-decodes with ``generate()``: dense, cores and cores_before tokens/s.
@@ -218,8 +221,8 @@ def embedding_rows(old, repeats: int, g: torch.Generator, vocab: int = 49152, di
     dense = nn.Embedding(vocab, dim).eval()
     with torch.no_grad():
         dense.weight.copy_(low_rank_weight((vocab, dim), g))
-    tz = TNEmbedding.tensorization((vocab, dim))
-    modes = tuple(m for m in tz[0] + tz[1] if m > 1)
+    tz = ((vocab,), (dim,))  # the layout compress starts a tied embedding in (both sides whitened)
+    modes = (vocab, dim)
     layer = TNEmbedding.from_dense(dense, "tr", ring_ranks(modes, vocab * dim, 1.5, 4), tz, gated=False).eval()
     head, factors = TiedTNLinear(layer).eval(), EmbeddingFactors(layer).eval()
     extra = {"modes": list(layer.modes), "ranks": layer.ranks,
