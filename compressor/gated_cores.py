@@ -96,9 +96,14 @@ class GatedCores(nn.Module):
         return sum(g.penalty() for g in self.gates.values())
 
     # ----------------------------------------------------------------- the cores the layer computes with
+    def core_list(self) -> list[torch.Tensor]:
+        """The cores in order: ``list(self.cores)`` at a tenth of its cost (a ParameterList's
+        iterator looks each one up by name, ~4 µs a core: more than a served layer's product)."""
+        return list(self.cores._parameters.values())
+
     def effective_cores(self) -> list[torch.Tensor]:
         """Cores with the current gate values folded into their right rank axis."""
-        cores = list(self.cores)
+        cores = self.core_list()
         if self.gates is not None:
             for key, gate in self.gates.items():
                 k = int(key)
@@ -129,7 +134,7 @@ class GatedCores(nn.Module):
             return None
         if self.gates is not None and any(g.training for g in self.gates.values()):
             return None  # a gate still sampling: its value changes every call
-        weights = list(self.cores) + (list(self.gates.parameters()) if self.gates is not None else [])
+        weights = self.core_list() + (list(self.gates.parameters()) if self.gates is not None else [])
         return self._weight_cache().get(name, weights, make)
 
     def _weight_cache(self) -> WeightCache:
@@ -148,7 +153,7 @@ class GatedCores(nn.Module):
 
     def _core_versions(self) -> tuple[int, ...]:
         """Changes at every optimizer step: a sample from an earlier step is never reused."""
-        return tuple(c._version for c in self.cores)
+        return tuple(c._version for c in self.core_list())
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -619,6 +619,9 @@ class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.c
     def dense_weight(self) -> torch.Tensor:
         return self.kernel()
 
+    def _served_kernel(self) -> torch.Tensor:
+        return self.kernel().contiguous()  # the rebuilt kernel is a strided view; conv2d reads a dense one faster
+
     def kernel(self) -> torch.Tensor:
         kh, kw = self.kernel_size
         w = self.dense_tensor().reshape(self.in_channels, kh * kw, self.out_channels)
@@ -627,7 +630,7 @@ class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.c
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel is rebuilt every call, except in evaluation without grad, where it is kept
         while the cores are unchanged (weight_cache.py): a conv then costs what the dense one does."""
-        kernel = self.frozen("kernel", x, self.kernel)
+        kernel = self.frozen("kernel", x, self._served_kernel)
         return F.conv2d(x, self.kernel() if kernel is None else kernel, self.bias, self.stride, self.padding,
                         self.dilation)
 
