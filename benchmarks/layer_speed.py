@@ -422,7 +422,8 @@ def main() -> None:
                 rows += fn(old, args.repeats, torch.Generator().manual_seed(0))
         record["threads"][str(n)] = {"rows": rows}
         if args.llama:
-            record["threads"][str(n)]["llama_generate"] = llama_generate(old, args.repeats, torch.Generator().manual_seed(0))
+            g = torch.Generator().manual_seed(0)
+            record["threads"][str(n)]["llama_generate"] = llama_generate(old, args.repeats, g)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     print("wrote", args.out)
