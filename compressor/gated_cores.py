@@ -22,6 +22,7 @@ from torch import nn
 from . import tensornet as tn
 from .errors import TensorizationError
 from .gates import Gate, L0Gate
+from .weight_cache import WeightCache, frozen_call
 
 
 class GatedCores(nn.Module):
@@ -30,6 +31,9 @@ class GatedCores(nn.Module):
 
     #: Set when a :class:`~compressor.layers.TiedTNLinear` computes from these cores (a tied LM head).
     shares_cores: bool = False
+    #: Whether evaluation without grad reuses values made from the cores (see weight_cache.py);
+    #: False computes from the cores every call (no memory beside them).
+    weight_cache: bool = True
 
     def __init__(self, modes: Sequence[int], ranks: Sequence[int], decomp: str, gated: bool, sigma: float, dtype=None):
         super().__init__()
@@ -92,9 +96,14 @@ class GatedCores(nn.Module):
         return sum(g.penalty() for g in self.gates.values())
 
     # ----------------------------------------------------------------- the cores the layer computes with
+    def core_list(self) -> list[torch.Tensor]:
+        """The cores in order: ``list(self.cores)`` at a tenth of its cost (a ParameterList's
+        iterator looks each one up by name, ~4 µs a core: more than a served layer's product)."""
+        return list(self.cores._parameters.values())
+
     def effective_cores(self) -> list[torch.Tensor]:
         """Cores with the current gate values folded into their right rank axis."""
-        cores = list(self.cores)
+        cores = self.core_list()
         if self.gates is not None:
             for key, gate in self.gates.items():
                 k = int(key)
@@ -116,13 +125,40 @@ class GatedCores(nn.Module):
             return cores
         return self.effective_cores()
 
+    # ----------------------------------------------------------------- values made from the weights alone
+    def frozen(self, name: str, x: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` (a value computed from the cores alone), kept between calls on inputs like
+        ``x`` while the cores and gates are unchanged; None when this call must compute from the
+        cores (training, grad on, tracing: see weight_cache.py)."""
+        if not (self.weight_cache and frozen_call(self, x)):
+            return None
+        if self.gates is not None and any(g.training for g in self.gates.values()):
+            return None  # a gate still sampling: its value changes every call
+        weights = self.core_list() + (list(self.gates.parameters()) if self.gates is not None else [])
+        return self._weight_cache().get(name, weights, make)
+
+    def _weight_cache(self) -> WeightCache:
+        cache = self.__dict__.get("_frozen")
+        if cache is None:
+            cache = self.__dict__["_frozen"] = WeightCache()
+        return cache
+
+    def train(self, mode: bool = True) -> "GatedCores":
+        self._weight_cache().clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._weight_cache().clear()  # .to() / .half(): the kept values are of the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
     def _core_versions(self) -> tuple[int, ...]:
         """Changes at every optimizer step: a sample from an earlier step is never reused."""
-        return tuple(c._version for c in self.cores)
+        return tuple(c._version for c in self.core_list())
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_sample", None)  # autograd results cannot be copied, and belong to one step
+        state.pop("_frozen", None)  # made again from the weights when needed
         return state
 
     # ----------------------------------------------------------------- pruning
@@ -145,6 +181,7 @@ class GatedCores(nn.Module):
         self.cores = nn.ParameterList([nn.Parameter(c.contiguous()) for c in cores])
         self.gates = None
         self.__dict__.pop("_sample", None)
+        self._weight_cache().clear()
         return self
 
     def set_gates_(self, make_gate: Callable[[int], Gate]) -> "GatedCores":

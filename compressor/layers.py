@@ -16,9 +16,13 @@ selectors and the CLI go through :func:`layer_class` / :func:`layer_class_for` /
 
 How each layer computes (chosen for speed on CPU):
 * Linear: one einsum of the input with all cores, contraction order picked by opt_einsum
-  for the actual batch size (small batches never rebuild the weight, large ones may).
+  for the batch size class (small batches never rebuild the weight, large ones may), run as
+  plain matmuls (contraction.py). In evaluation without grad, the two matrices at the cut
+  between input and output cores (or the dense weight, if smaller) are kept while the cores
+  are unchanged (weight_cache.py): a served layer is two ``F.linear`` calls.
 * Conv2d: rebuild the (small) kernel from the cores, then one ``F.conv2d``: a conv's
-  cost is dominated by the image, and any factored conv with r^2 channels costs more.
+  cost is dominated by the image, and any factored conv with r^2 channels costs more. In
+  evaluation without grad the kernel is kept while the cores are unchanged.
 * Embedding: builds only the looked-up rows, never the V x D table.
 """
 
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import tensornet as tn
+from .contraction import Contraction
 from .errors import ConfigError, TensorizationError
 from .gated_cores import GatedCores
 
@@ -464,8 +469,16 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
         return nn.Linear(shape[1], shape[0], bias=bias, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mats = self.frozen("matrices", x, self.serving_matrices)
+        if mats is not None:
+            return linear_through(x, mats, self.bias)
         y = self.contract_input(x, self.forward_cores())
         return y + self.bias if self.bias is not None else y
+
+    def serving_matrices(self) -> tuple[torch.Tensor, ...]:
+        """The layer as ``F.linear`` weights, what a call in evaluation without grad reads (see
+        :func:`serving_matrices`)."""
+        return serving_matrices(self.effective_cores(), len(self.in_modes), self.in_features, self.out_features)
 
     def contract_input(self, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """``x W^T`` with W given by ``cores`` (no bias)."""
@@ -484,14 +497,35 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
         return lin
 
 
-def linear_contraction(n_in: int, n_out: int) -> tn.Contraction:
+def linear_contraction(n_in: int, n_out: int) -> Contraction:
     """``x (Z, in modes...) . ring of cores -> (Z, out modes...)``: the input modes' cores come first."""
     letters, bonds = tn.network_letters(n_in + n_out)
     cores = [bonds[k - 1] + letters[k] + bonds[k] for k in range(n_in + n_out)]
-    return tn.Contraction(f"Z{''.join(letters[:n_in])}," + ",".join(cores) + f"->Z{''.join(letters[n_in:])}")
+    return Contraction(f"Z{''.join(letters[:n_in])}," + ",".join(cores) + f"->Z{''.join(letters[n_in:])}", batch="Z")
 
 
-def apply_linear(einsum: tn.Contraction, x: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: tuple[int, ...],
+def serving_matrices(cores: Sequence[torch.Tensor], split: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+    """``F.linear`` weights computing ``x W`` for the (rows x cols) matrix ``W`` of ``cores`` whose
+    first ``split`` hold the input side: the two matrices at that cut, ``(r, rows)`` and
+    ``(cols, r)`` with ``r = r_0 r_split``, or the dense ``(cols, rows)`` weight when those two
+    hold more. Per token this reads the fewest numbers any two-matrix form can, and at batch 1
+    it is two calls where the cores are one per core; a served layer keeps it beside its cores
+    (at most the dense weight's size: weight_cache.py)."""
+    if 0 < split < len(cores):
+        u, v = tn.halves(cores, split)
+        if u.numel() + v.numel() < rows * cols:
+            return u[:rows].T.contiguous(), v[:, :cols].T.contiguous()
+    return (tn.contract(cores).reshape(rows, -1)[:, :cols].T.contiguous(),)
+
+
+def linear_through(x: torch.Tensor, mats: Sequence[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` through the ``F.linear`` weights of :func:`serving_matrices`, then ``bias``."""
+    if len(mats) == 1:
+        return F.linear(x, mats[0], bias)
+    return F.linear(F.linear(x, mats[0]), mats[1], bias)
+
+
+def apply_linear(einsum: Contraction, x: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: tuple[int, ...],
                  out_size: int) -> torch.Tensor:
     """``x`` (..., prod in_modes) through the network of ``cores`` (input modes first) -> (..., out_size)."""
     lead = x.shape[:-1]
@@ -585,13 +619,20 @@ class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.c
     def dense_weight(self) -> torch.Tensor:
         return self.kernel()
 
+    def _served_kernel(self) -> torch.Tensor:
+        return self.kernel().contiguous()  # the rebuilt kernel is a strided view; conv2d reads a dense one faster
+
     def kernel(self) -> torch.Tensor:
         kh, kw = self.kernel_size
         w = self.dense_tensor().reshape(self.in_channels, kh * kw, self.out_channels)
         return w.permute(2, 0, 1).reshape(self.out_channels, self.in_channels, kh, kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.kernel(), self.bias, self.stride, self.padding, self.dilation)
+        """The kernel is rebuilt every call, except in evaluation without grad, where it is kept
+        while the cores are unchanged (weight_cache.py): a conv then costs what the dense one does."""
+        kernel = self.frozen("kernel", x, self._served_kernel)
+        return F.conv2d(x, self.kernel() if kernel is None else kernel, self.bias, self.stride, self.padding,
+                        self.dilation)
 
     def to_dense(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -706,15 +747,20 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
             rows = piece if rows is None else torch.bmm(rows, piece)
         if a == len(cores):  # no dimension cores: D == 1
             out = torch.diagonal(rows, dim1=1, dim2=2).sum(-1, keepdim=True)
-        else:
+        elif rows is None:  # vocabulary of size 1
             tail = tn.merge_cores(cores[a:])  # (r_a, D, r_0)
-            if rows is None:  # vocabulary of size 1
-                out = torch.diagonal(tail, dim1=0, dim2=2).sum(-1).expand(flat.shape[0], -1)
-            else:
-                out = torch.einsum("nab,bda->nd", rows, tail)
+            out = torch.diagonal(tail, dim1=0, dim2=2).sum(-1).expand(flat.shape[0], -1)
+        else:
+            tail = self.frozen("tail", idx, lambda: self._tail(self.effective_cores()))
+            out = rows.reshape(rows.shape[0], -1) @ (self._tail(cores) if tail is None else tail)
         if self.padding_idx is not None:
             out = torch.where((flat == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
         return out.reshape(idx.shape + (self.embedding_dim,))
+
+    def _tail(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The dimension cores joined, as the (r_0 * r_a, D) matrix a row's (r_0, r_a) product meets."""
+        tail = tn.merge_cores(cores[len(self.vocab_modes):])  # (r_a, D, r_0)
+        return tail.permute(2, 0, 1).reshape(-1, tail.shape[1])
 
     def dense_weight(self, cores: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """The V x D table (the stored padding row included), from ``cores`` or the layer's own."""
@@ -848,9 +894,22 @@ class TiedTNLinear(nn.Module):
                 "bias": self.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cores = self.source.take_cores()
-        y = self._logits(x, cores) if self.transposed else self.source.contract_input(x, cores)
+        src = self.source
+        mats = src.frozen("head", x, self._head_matrices) if self.transposed else src.frozen(
+            "matrices", x, src.serving_matrices)
+        if mats is not None:  # evaluation without grad: the source's kept matrices (weight_cache.py)
+            y = linear_through(x, mats, None)
+            y = self._padding_column(x, y) if self.transposed else y
+        else:
+            cores = src.take_cores()
+            y = self._logits(x, cores) if self.transposed else src.contract_input(x, cores)
         return y + self.bias if self.bias is not None else y
+
+    def _head_matrices(self) -> tuple[torch.Tensor, ...]:
+        """The table's transpose as ``F.linear`` weights (:func:`serving_matrices`), dimension cores first."""
+        src = self.source
+        cores, a = src.effective_cores(), len(src.vocab_modes)
+        return serving_matrices(cores[a:] + cores[:a], len(cores) - a, src.embedding_dim, src.num_embeddings)
 
     def _logits(self, x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
         """``x table^T`` for an embedding source; the padding column from its stored padding row."""
@@ -859,7 +918,11 @@ class TiedTNLinear(nn.Module):
         if a == 0 or a == len(cores):  # a vocabulary or a dimension of 1: nothing to contract
             return F.linear(x, src.dense_weight(cores))
         y = apply_linear(self._einsum, x, cores[a:] + cores[:a], src.dim_modes, math.prod(src.vocab_modes))
-        y = y[..., : self.out_features]
+        return self._padding_column(x, y[..., : self.out_features])
+
+    def _padding_column(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The padding index's logit from the embedding's stored padding row."""
+        src = self.source
         if src.padding_idx is None:
             return y
         p = src.padding_idx

@@ -17,7 +17,6 @@ from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
-import opt_einsum
 import torch
 
 from .errors import ConfigError, TensorizationError
@@ -388,55 +387,19 @@ def contract(cores: Sequence[torch.Tensor], split: int | None = None) -> torch.T
     modes = [c.shape[1] for c in cores]
     if len(cores) == 1:
         return torch.diagonal(cores[0], dim1=0, dim2=2).sum(-1)
-    s = split_point(modes) if split is None else split
-    a = merge_cores(cores[:s])  # (r0, P, rm)
-    b = merge_cores(cores[s:])  # (rm, Q, r0)
-    r0, p, rm = a.shape
-    q = b.shape[1]
-    # W[p, q] = sum_{x, m} A[x, p, m] B[m, q, x]
-    left = a.permute(1, 0, 2).reshape(p, r0 * rm)
-    right = b.permute(2, 0, 1).reshape(r0 * rm, q)
+    left, right = halves(cores, split_point(modes) if split is None else split)
     return (left @ right).reshape(modes)
 
 
-class Contraction:
-    """An einsum over a fixed network whose pairwise order opt_einsum picks once.
-
-    The order depends on the batch size (rebuild-the-weight is cheapest for big batches,
-    input-first for small ones), so paths are cached per batch size; the contraction runs
-    as plain pairwise ``torch.einsum`` calls, which autograd and ``torch.export`` follow.
-    """
-
-    def __init__(self, equation: str):
-        self.equation = equation
-        inputs, self.output = equation.split("->")
-        self.inputs = inputs.split(",")
-        self._paths: dict[tuple, list[tuple[int, ...]]] = {}
-
-    def path(self, shapes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
-        key = tuple(tuple(int(d) for d in s) for s in shapes)
-        if key not in self._paths:
-            dummies = [np.empty(s, dtype=np.float32) for s in key]
-            path, _ = opt_einsum.contract_path(self.equation, *dummies, optimize="auto", shapes=False)
-            self._paths[key] = list(path)
-        return self._paths[key]
-
-    def __call__(self, *operands: torch.Tensor, shape_hint: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
-        shapes = shape_hint if shape_hint is not None else [o.shape for o in operands]
-        ops = list(operands)
-        terms = list(self.inputs)
-        for step in self.path(shapes):
-            picked = sorted(step, reverse=True)
-            sub_ops = [ops.pop(i) for i in picked]
-            sub_terms = [terms.pop(i) for i in picked]
-            remaining = set("".join(terms) + self.output)
-            keep = "".join(dict.fromkeys(ch for t in sub_terms for ch in t if ch in remaining))
-            ops.append(torch.einsum(",".join(sub_terms) + "->" + keep, *sub_ops))
-            terms.append(keep)
-        (result,), (term,) = ops, terms
-        if term != self.output:
-            result = torch.einsum(f"{term}->{self.output}", result)
-        return result
+def halves(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network as two matrices cut before core ``split``: ``U`` (P, r0 * r_split) and ``V``
+    (r0 * r_split, Q) with ``U @ V`` the (P, Q) matrix of the modes before and after the cut
+    (a ring's closing bond becomes part of the inner size). ``0 < split < len(cores)``."""
+    a = merge_cores(cores[:split])  # (r0, P, rm)
+    b = merge_cores(cores[split:])  # (rm, Q, r0)
+    r0, p, rm = a.shape
+    # W[p, q] = sum_{x, m} A[x, p, m] B[m, q, x]
+    return a.permute(1, 0, 2).reshape(p, r0 * rm), b.permute(2, 0, 1).reshape(r0 * rm, b.shape[1])
 
 
 def network_letters(n_cores: int) -> tuple[list[str], list[str]]:

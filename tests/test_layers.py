@@ -410,3 +410,129 @@ def test_conv1d_is_a_linear_stored_transposed():
     assert type(back) is TNConv1D and back.spec() == layer.spec()
     dense = layer.to_dense()
     assert type(dense) is pytorch_utils.Conv1D and (dense(x) - conv(x)).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------ evaluation without grad (weight_cache.py)
+def _served(layer, x):
+    with torch.no_grad():
+        return layer(x)
+
+
+def _computed(layer, x):
+    with torch.enable_grad():
+        return layer(x).detach()
+
+
+@pytest.mark.parametrize("decomp", DECOMPS)
+@pytest.mark.parametrize("rank", [2, FULL])  # the two matrices at the cut, or the dense weight when smaller
+def test_served_layers_compute_what_the_cores_do(decomp, rank):
+    torch.manual_seed(0)
+    for name, (dense, make_x) in _dense_layers().items():
+        layer = _tn(dense, decomp, rank).eval()
+        if layer.gates is not None:
+            _close_some(layer)  # gate values folded into what is kept
+        x = make_x()
+        assert torch.allclose(_served(layer, x), _computed(layer, x), rtol=1e-9, atol=1e-9), name
+        assert len(layer.__dict__["_frozen"]) == 1
+    layer = _tn(nn.Linear(60, 24).double(), decomp, rank, gated=False).eval()
+    mats = layer.serving_matrices()
+    assert len(mats) == (2 if rank == 2 else 1)
+    assert sum(m.numel() for m in mats) <= 60 * 24
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_a_served_tied_head_computes_what_its_cores_do(padding_idx):
+    torch.manual_seed(0)
+    emb = nn.Embedding(103, 24, padding_idx=padding_idx)
+    for rank in (2, FULL):
+        source = TNEmbedding.from_dense(emb, "tr", rank, gated=False).eval()
+        tied = TiedTNLinear(source, bias=True).eval()
+        x = torch.randn(4, 5, 24)
+        assert torch.allclose(_served(tied, x), _computed(tied, x), atol=1e-5)
+    linear = TNLinear.from_dense(nn.Linear(24, 36), "tr", 3, gated=False).eval()
+    tied = TiedTNLinear(linear).eval()
+    x = torch.randn(7, 24)
+    assert torch.allclose(_served(tied, x), _computed(tied, x), atol=1e-5)
+
+
+def _changes():
+    """Ways a layer's weights change after it was served once; each must be seen."""
+    def step(layer):
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        with torch.enable_grad():
+            layer.train()
+            layer(torch.randn(3, 60)).square().sum().backward()
+            layer.eval()
+        opt.step()
+
+    def load(layer):
+        state = {k: v + 0.1 for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state)
+
+    def copy_in_place(layer):
+        with torch.no_grad():
+            layer.cores[1].mul_(1.5)
+
+    def assign_data(layer):
+        layer.cores[0].data = layer.cores[0].data * 2
+
+    def gate(layer):
+        with torch.no_grad():
+            layer.gates["0"].mu[0] = -1.0
+
+    def through_data_then_eval(layer):
+        layer.cores[2].data.mul_(3.0)  # invisible to version counters: eval() drops what is kept
+        layer.eval()
+
+    def prune(layer):
+        with torch.no_grad():
+            layer.gates["1"].mu[::2] = -1.0
+        layer.prune_()
+
+    return [step, load, copy_in_place, assign_data, gate, through_data_then_eval, prune]
+
+
+@pytest.mark.parametrize("change", _changes(), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+def test_what_a_served_layer_keeps_is_made_again_when_its_weights_change(change, kind):
+    torch.manual_seed(0)
+    dense = {"linear": nn.Linear(60, 24), "conv": nn.Conv2d(60, 24, 1), "embedding": nn.Embedding(60, 24)}[kind]
+    layer = _tn(dense, "tr", 4).eval()  # gated
+    x = {"linear": torch.randn(5, 60), "conv": torch.randn(2, 60, 3, 3),
+         "embedding": torch.tensor([[1, 59, 7]])}[kind]
+    before = _served(layer, x)
+    if kind == "linear" or change.__name__ != "step":
+        change(layer)
+    else:
+        with torch.no_grad():
+            layer.cores[0].add_(1.0)
+    after = _served(layer, x)
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, _computed(layer, x), atol=1e-5)
+
+
+def test_nothing_is_kept_in_training_with_grad_or_while_exporting():
+    torch.manual_seed(0)
+    layer = TNLinear.from_dense(nn.Linear(60, 24), "tr", 4, gated=False)
+    x = torch.randn(5, 60)
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    layer.eval()
+    layer(x)  # grad on: autograd must reach the cores
+    assert len(layer.__dict__.get("_frozen", ())) == 0
+    program = torch.export.export(layer, (torch.randn(4, 60),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    assert len(layer.__dict__.get("_frozen", ())) == 0
+    assert torch.allclose(program.module()(x), _computed(layer, x), atol=1e-5)
+    with torch.inference_mode():
+        layer(x)
+    assert len(layer.__dict__["_frozen"]) == 1
+    layer.train()
+    assert len(layer.__dict__["_frozen"]) == 0
+    layer.eval()
+    layer.weight_cache = False
+    with torch.no_grad():
+        layer(x)
+    assert len(layer.__dict__["_frozen"]) == 0
+    copied = copy.deepcopy(layer)
+    assert "_frozen" not in copied.__dict__ or len(copied.__dict__["_frozen"]) == 0

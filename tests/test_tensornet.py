@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from compressor import tensornet as tn
+from compressor.contraction import Contraction
 from compressor.errors import CompressorError, ConfigError, TensorizationError
 
 
@@ -93,7 +94,7 @@ def test_contraction_path_executor_matches_einsum():
     torch.manual_seed(4)
     eq = "Zab,xay,ybx->Z"
     ops = [torch.randn(7, 4, 5), torch.randn(3, 4, 2), torch.randn(2, 5, 3)]
-    c = tn.Contraction(eq)
+    c = Contraction(eq)
     assert torch.allclose(c(*ops), torch.einsum(eq, *ops), atol=1e-5)
 
 
@@ -207,3 +208,59 @@ def test_tt_svd_keeps_asked_bonds_of_a_low_rank_tensor():
     cores = tn.tt_svd(w.reshape(3, 4, 15), [3, 10, 1])
     assert [tuple(c.shape) for c in cores] == [(1, 3, 3), (3, 4, 10), (10, 15, 1)]
     assert _rel(tn.contract(cores), w.reshape(3, 4, 15)) < 1e-12
+
+
+# --------------------------------------------------------------------------- the planned contraction
+def _network(n_in, n_out, decomp, ranks_seed, batch):
+    g = torch.Generator().manual_seed(ranks_seed)
+    modes = [int(m) for m in torch.randint(2, 6, (n_in + n_out,), generator=g)]
+    ranks = [int(r) for r in torch.randint(1, 7, (n_in + n_out,), generator=g)]  # unequal, as pruning leaves them
+    if decomp == "tt":
+        ranks[-1] = 1
+    cores = [torch.randn(s, generator=g, dtype=torch.float64) for s in tn.core_shapes(modes, ranks)]
+    x = torch.randn((batch,) + tuple(modes[:n_in]), generator=g, dtype=torch.float64)
+    return x, cores
+
+
+@pytest.mark.parametrize("decomp", ["tt", "tr"])
+@pytest.mark.parametrize("n_in,n_out", [(1, 1), (1, 3), (2, 2), (3, 1), (3, 3), (4, 4)])
+@pytest.mark.parametrize("batch", [1, 3, 300])
+def test_planned_contraction_equals_one_einsum_of_the_whole_network(decomp, n_in, n_out, batch):
+    from compressor.layers import linear_contraction
+
+    for seed in range(3):
+        x, cores = _network(n_in, n_out, decomp, 10 * n_in + n_out + seed, batch)
+        c = linear_contraction(n_in, n_out)
+        expected = torch.einsum(c.equation, x, *cores)
+        got = c(x, *cores)
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10 * expected.abs().max())
+        steps, _ = c.plan([x.shape] + [k.shape for k in cores])
+        assert all(s.einsum is None for s in steps)  # every step a matmul: no einsum parsed per call
+
+
+def test_one_plan_serves_every_batch_of_its_class_and_gradients_match_einsum():
+    from compressor.layers import linear_contraction
+
+    c = linear_contraction(2, 2)
+    for batch in (5, 6, 7, 8):
+        x, cores = _network(2, 2, "tr", 0, batch)
+        c(x, *cores)
+    assert len(c._plans) == 1  # 5..8 share the class 8, and no plan holds the batch size itself
+    x, cores = _network(2, 2, "tr", 1, 1)
+    cores = [k.requires_grad_() for k in cores]
+    eq = c.equation
+    grads = torch.autograd.grad(c(x, *cores).square().sum(), cores)
+    expected = torch.autograd.grad(torch.einsum(eq, x, *cores).square().sum(), cores)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(grads, expected))
+
+
+def test_a_step_matmul_cannot_do_runs_as_einsum():
+    torch.manual_seed(5)
+    eq = "Zab,bc,cZd->Zad"  # Z shared and kept: a batched product
+    ops = [torch.randn(4, 3, 5), torch.randn(5, 2), torch.randn(2, 4, 6)]
+    c = Contraction(eq)
+    assert torch.allclose(c(*ops), torch.einsum(eq, *ops), atol=1e-5)
+    assert Contraction("ab,bc->ac", batch="a").plan([(3, 4), (4, 5)])[0][0].einsum is None
+    with pytest.raises(ValueError, match="batch letter"):
+        Contraction("ab,bc->ac", batch="b")
