@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ from compressor.surgery import apply, set_training, tn_layers  # noqa: E402
 from compressor.train import Optimizers  # noqa: E402
 from compressor.zoo import lenet5  # noqa: E402
 from provenance import code_version  # noqa: E402
-from render import output_arguments, update_documents  # noqa: E402
+from render import output_arguments, render_from, write_result  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "cost.json"
 #: The slim model's l0 run: this many training images, one epoch (its ranks are what matter).
@@ -273,7 +272,7 @@ def main() -> None:
     output_arguments(ap, DEFAULT_OUT)
     args = ap.parse_args()
     if args.report:
-        return render()
+        return render_from(DEFAULT_OUT.name)
     code = code_version()
     torch.manual_seed(0)
 
@@ -293,18 +292,7 @@ def main() -> None:
     result["peak_memory_mb"] = {k: peak_memory(k) for k in ("dense", "tr", "gated")}
     print("peak memory increase (MB):", result["peak_memory_mb"])
     result.update(command=" ".join(["python"] + sys.argv), code=code, threads=torch.get_num_threads())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print("wrote", out)
-    if out.resolve() == DEFAULT_OUT.resolve():
-        render()
-
-
-def render() -> None:
-    """Put cost.json's table into the documents (what ``--report`` does, and a measurement after writing)."""
-    for doc in update_documents({"cost"}):
-        print("rendered", doc)
+    write_result(result, Path(args.out), DEFAULT_OUT)
 
 
 if __name__ == "__main__":

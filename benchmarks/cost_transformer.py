@@ -28,7 +28,6 @@ says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from compressor.layers import TNLinear  # noqa: E402
 
 from cost import gated_model, interleaved, ungated  # noqa: E402  (the LeNet-5 cost script's helpers)
 from provenance import code_version  # noqa: E402
-from render import output_arguments, update_documents  # noqa: E402
+from render import output_arguments, render_from, write_result  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "cost_transformer.json"
 
@@ -93,7 +92,7 @@ def main() -> None:
     output_arguments(ap, DEFAULT_OUT)
     args = ap.parse_args()
     if args.report:
-        return render()
+        return render_from(DEFAULT_OUT.name)
     code = code_version()
     dense = encoder()
     batch = {"input_ids": torch.randint(0, 30522, (32, 64)),
@@ -118,18 +117,7 @@ def main() -> None:
         print(f"{start}: dense {t['dense'] * 1e3:.0f} ms, tr {t['tr'] * 1e3:.0f} ms, gated {t['gated_tr'] * 1e3:.0f} ms"
               f" -> gated/dense {row['gated_vs_dense']:.2f}, start {row['start_ratio']:.2f}x, paths {row['paths']}")
     result.update(command=" ".join(["python"] + sys.argv), code=code, threads=torch.get_num_threads())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print("wrote", out)
-    if out.resolve() == DEFAULT_OUT.resolve():
-        render()
-
-
-def render() -> None:
-    """Put cost_transformer.json's table into the documents (``--report``, and after a measurement)."""
-    for doc in update_documents({"cost-transformer"}):
-        print("rendered", doc)
+    write_result(result, Path(args.out), DEFAULT_OUT)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from compressor import compress  # noqa: E402
 from compressor.plan import count_state  # noqa: E402
 from provenance import code_version  # noqa: E402
-from render import output_arguments, update_documents  # noqa: E402
+from render import output_arguments, render_from  # noqa: E402
 
 TEXT = HERE / "data" / "shakespeare"
 CACHE = HERE / "data" / "encoder_budget"
@@ -189,7 +189,7 @@ def main() -> None:
     output_arguments(ap, RESULTS / "encoder_budget.json")
     args = ap.parse_args()
     if args.report:
-        return render()
+        return render_from("encoder_budget.json")
     record = run(args)
     out = RESULTS / "encoder_budget_quick.json" if args.quick else Path(args.out)
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
@@ -199,13 +199,7 @@ def main() -> None:
                                              "cosine_mean", "phases")}, indent=1))
     print(f"wrote {out}")
     if out.resolve() == (RESULTS / "encoder_budget.json").resolve():
-        render()
-
-
-def render() -> None:
-    """Put encoder_budget.json's table into the documents (``--report``, and after a measurement)."""
-    for doc in update_documents({"encoder-budget"}):
-        print("rendered", doc)
+        render_from(out.name)
 
 
 if __name__ == "__main__":

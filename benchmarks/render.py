@@ -71,6 +71,23 @@ def blocks_reading(*files: str) -> set[str]:
     return {name for name, (needs, _) in BLOCKS.items() if set(needs) & set(files)}
 
 
+def render_from(*files: str) -> None:
+    """Render again every block made from ``files`` (a benchmark's ``--report``, and what it does
+    after measuring), saying which documents changed."""
+    for doc in update_documents(blocks_reading(*files)):
+        print("rendered", doc.relative_to(HERE.parent))
+
+
+def write_result(result: dict[str, Any], out: Path, default_out: Path) -> None:
+    """Write a benchmark's JSON to ``out``; the documents are rendered again only when it is the
+    default file (a measurement written elsewhere is a trial, not a published figure)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print("wrote", out)
+    if out.resolve() == default_out.resolve():
+        render_from(default_out.name)
+
+
 def render_block(name: str, results: Path = RESULTS) -> str:
     """The Markdown of block ``name`` from the JSON in ``results``."""
     if name not in BLOCKS:
