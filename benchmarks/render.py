@@ -62,6 +62,7 @@ BLOCKS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "embedding-counts": (("embedding_counts.json",), tables.embedding_counts_table),
     "cost": (("cost.json",), tables.cost_table),
     "cost-transformer": (("cost_transformer.json",), tables.cost_transformer_table),
+    "deploy": (("deploy.json",), tables.deploy_table),
 }
 
 
