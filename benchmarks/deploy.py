@@ -493,12 +493,14 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     from tables import deploy_line
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in result["runs"]:  # one point per file: a model's forms share its bytes and perplexity
-        name = f"dense {r['quantize']}" if r["model"] == "dense" else f"ours ({'fp32' if r['quantize'] == 'none' else r['quantize']})"
+        bits = "fp32" if r["quantize"] == "none" else r["quantize"]
+        name = f"dense {bits}" if r["model"] == "dense" else f"ours {bits}"
         if all(p["file_bytes"] != r["file_bytes"] for p in groups.get(name, [])):
             groups.setdefault(name, []).append(r)
     for i, (name, runs) in enumerate(sorted(groups.items())):
@@ -517,6 +519,8 @@ def plot(result: dict[str, Any], png: Path) -> None:
     ax.axvspan(fp32 / 10, fp32 / 4, color="0.9", zorder=0, label="budgets 4×-10× smaller than fp32")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("file bytes")
     ax.set_ylabel("held-out perplexity")
     ax.set_title(f"{result['model_name']}: perplexity against file size")
