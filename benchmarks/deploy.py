@@ -315,10 +315,12 @@ def build(spec: dict[str, Any], setup: Setup) -> nn.Module:
 
 
 def layer_classes(model: nn.Module) -> dict[str, int]:
-    """How many modules of each class hold weights of their own: the form a model is served in."""
-    counts = Counter(type(m).__name__ for m in model.modules()
-                     if any(True for _ in m.parameters(recurse=False)))
-    return dict(sorted(counts.items()))
+    """How many modules of each class hold weights of their own (a parameter list counted as the
+    module it belongs to, as a layer's cores are): the form a model is served in."""
+    modules = dict(model.named_modules())
+    owners = {name.rpartition(".")[0] if isinstance(m, (nn.ParameterList, nn.ParameterDict)) else name
+              for name, m in modules.items() if any(True for _ in m.parameters(recurse=False))}
+    return dict(sorted(Counter(type(modules[name]).__name__ for name in owners).items()))
 
 
 def entries(setup: Setup, cache: Path, args, made: dict[str, dict[str, Any]]) -> list[Entry]:
