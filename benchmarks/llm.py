@@ -105,10 +105,10 @@ def where_the_budget_went(report) -> dict[str, Any]:
     return out
 
 
-def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict[str, Any]:
-    """One compression run and its held-out perplexity, as a JSON record."""
+def compress_options(row: Row, steps: int, args) -> dict[str, Any]:
+    """The ``compress`` keywords of ``row`` at ``steps`` fine-tuning steps (0: none) with ``args``'s
+    settings: what a row of this benchmark means (``deploy.py`` makes its slim models with it too)."""
     selector, init, refit = row
-    loader = TensorLoader(train, None, args.batch_size, shuffle=True, seed=args.seed)
     options: dict[str, Any] = {"rank_select": selector, "seed": args.seed, "lr": args.lr,
                                "calibration_batches": args.calibration_batches, "log_every": args.log_every}
     gated = get_selector(selector).gated
@@ -127,6 +127,15 @@ def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict
         options.update(epochs=1, max_steps=steps)
     else:
         options["epochs"] = 0
+    return options
+
+
+def run_one(model, train, test, row: Row, target: str, steps: int, args) -> dict[str, Any]:
+    """One compression run and its held-out perplexity, as a JSON record."""
+    selector, init, refit = row
+    loader = TensorLoader(train, None, args.batch_size, shuffle=True, seed=args.seed)
+    options = compress_options(row, steps, args)
+    gate_fraction = options.get("gate_fraction")
     t0 = time.perf_counter()
     result = compress(model, loader, "tt", target, callback=_progress(selector, init, target), **options)
     seconds = time.perf_counter() - t0

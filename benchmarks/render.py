@@ -63,6 +63,7 @@ BLOCKS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "encoder-budget": (("encoder_budget.json",), tables.encoder_budget_table),
     "cost": (("cost.json",), tables.cost_table),
     "cost-transformer": (("cost_transformer.json",), tables.cost_transformer_table),
+    "deploy": (("deploy.json",), tables.deploy_table),
 }
 
 

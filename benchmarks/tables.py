@@ -476,3 +476,107 @@ def _code_note(runs: Iterable[dict[str, Any]]) -> str:
         lines.append(f"{versions['']} run(s) predate versioned records (made before 2026-12-06, when a run stopped "
                      "depending on whether it is evaluated).")
     return "".join(f"\n{line}\n" for line in lines)
+
+
+# ------------------------------------------------------------------ deployment (deploy.py)
+def _dense_run(result: dict[str, Any], quantize: str) -> dict[str, Any] | None:
+    return next((r for r in result["runs"] if r["model"] == "dense" and r["quantize"] == quantize), None)
+
+
+def deploy_line(result: dict[str, Any]) -> Callable[[float], float] | None:
+    """Perplexity on the straight line through dense int8 and dense int4 in the plot's axes
+    (log file bytes, log perplexity), as a function of file bytes; None without both points."""
+    a, b = _dense_run(result, "int8"), _dense_run(result, "int4")
+    if a is None or b is None or a["file_bytes"] == b["file_bytes"]:
+        return None
+    xa, xb = math.log(a["file_bytes"]), math.log(b["file_bytes"])
+    ya, yb = math.log(a["perplexity"]), math.log(b["perplexity"])
+    return lambda size: math.exp(ya + (yb - ya) * (math.log(size) - xa) / (xb - xa))
+
+
+def deploy_frontier(result: dict[str, Any], quantize: str = "int8") -> list[dict[str, Any]]:
+    """At each byte budget (dense fp32's file over 4, 5, ... 10): the line's perplexity and the best
+    slim model in ``quantize`` whose file fits the budget (None when none does), and how far above
+    the line it is (negative: below it, the goal)."""
+    line, fp32 = deploy_line(result), _dense_run(result, "none")
+    ours = [r for r in result["runs"] if r["model"] == "slim" and r["quantize"] == quantize]
+    rows = []
+    for k in result.get("budgets", range(4, 11)):
+        size = fp32["file_bytes"] / k
+        fits = [r for r in ours if r["file_bytes"] <= size]
+        best = min(fits, key=lambda r: r["perplexity"]) if fits else None
+        on_line = line(size) if line is not None else None
+        gap = best["perplexity"] / on_line - 1 if best is not None and on_line is not None else None
+        rows.append({"times_smaller": k, "budget_bytes": size, "line_perplexity": on_line,
+                     "ours_target": best and best["target"], "ours_perplexity": best and best["perplexity"],
+                     "above_line": gap})
+    return rows
+
+
+def _deploy_speed(r: dict[str, Any]) -> str:
+    s = r.get("speedup_vs_dense", {})
+    return (f"{r['decode_tokens_per_s']:.1f} ({s.get('decode', float('nan')):.2f}×) | "
+            f"{r['prefill_s']:.2f} s ({s.get('prefill', float('nan')):.2f}×)")
+
+
+def deploy_table(result: dict[str, Any]) -> str:
+    """Every model as deployed: file, perplexity, speed against dense fp32, peak memory; the
+    missing ones and why; ours+int8 against the dense int8-int4 line; the LeNet-5 latencies."""
+    fp32 = _dense_run(result, "none")["file_bytes"]
+    lines = [f"{result['what']}. Held-out perplexity on {result['held_out']} examples (max length "
+             f"{result['max_length']}); decode: batch 1, greedy, {result['new_tokens']} new tokens; prefill: "
+             f"{result['prefill'][0]}×{result['prefill'][1]} tokens, no cache; medians of {result['repeats']} "
+             f"interleaved repeats on {result['machine']['threads']} threads; peak RSS: each model alone in a fresh "
+             "process while it decodes and prefills (in brackets: above that process's size after its imports, "
+             "before the model).", "",
+             "| model | quantize | form | file | smaller than fp32 | perplexity | decode tokens/s (vs dense) | "
+             "prefill (vs dense) | peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        name = "dense" if r["model"] == "dense" else f"ours {r['target']:g}×"
+        lines.append(f"| {name} | {r['quantize']} | {r['form']} | {r['file_bytes'] / 1e6:.1f} MB | "
+                     f"{fp32 / r['file_bytes']:.2f}× | {r['perplexity']:.2f} | {_deploy_speed(r)} | "
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} MiB (+{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / 2**20:.0f}) |")
+    lines += [""] + [f"Not measured: {n['what']}: {n['why']}." for n in result.get("not_available", [])]
+    lines += ["", _deploy_goals(result), "", *_deploy_frontier_lines(result)]
+    if "lenet5" in result:
+        lines += ["", *_deploy_lenet5(result["lenet5"])]
+    return "\n".join(lines) + "\n" + _code_note([result])
+
+
+def _deploy_goals(result: dict[str, Any]) -> str:
+    runs = [r for r in result["runs"] if r["model"] == "slim" and r["quantize"] == "none" and r["target"] == 1.5]
+    auto = next((r for r in runs if r["form"] == "auto"), None)
+    shown = auto or (runs[0] if runs else None)
+    if shown is None:
+        return "No 1.5× slim model was measured."
+    s = shown["speedup_vs_dense"]
+    form = "auto form" if auto else f"{shown['form']} form (`load` offers no `auto` form yet)"
+    return (f"Speed goal (1.5× slim model, {form}, at least 1.2× dense fp32): decode {s['decode']:.2f}×, "
+            f"prefill {s['prefill']:.2f}×.")
+
+
+def _deploy_frontier_lines(result: dict[str, Any]) -> list[str]:
+    rows = deploy_frontier(result)
+    if not any(r["line_perplexity"] for r in rows):
+        return ["No dense int8-int4 line: a dense quantized model is missing."]
+    lines = ["Ours+int8 against the line through dense int8 and dense int4 (log bytes, log perplexity): the best "
+             "ours+int8 model whose file fits each budget.", "",
+             "| budget (smaller than fp32) | bytes | line's perplexity | ours+int8 | above the line |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        ours = (f"{r['ours_perplexity']:.2f} ({r['ours_target']:g}×)" if r["ours_perplexity"] is not None
+                else "none fits")
+        gap = f"{100 * r['above_line']:+.1f} %" if r["above_line"] is not None else "n/a"
+        lines.append(f"| {r['times_smaller']}× | {r['budget_bytes'] / 1e6:.1f} MB | {r['line_perplexity']:.2f} | "
+                     f"{ours} | {gap} |")
+    return lines
+
+
+def _deploy_lenet5(lenet: dict[str, Any]) -> list[str]:
+    lines = [f"LeNet-5, slim {lenet['slim']['target']} TR ({lenet['slim']['ratio']:.1f}× fewer parameters, "
+             f"{lenet['file_bytes'] / 1e3:.0f} kB) against dense, latency speedup (above 1: the slim one is faster):",
+             "", "| form | batch 1 | batch 256 |", "|---|---|---|"]
+    for form, v in lenet["forms"].items():
+        i = v["inference"]
+        lines.append(f"| {form} | {i['batch_1']['speedup_vs_dense']:.2f}× | {i['batch_256']['speedup_vs_dense']:.2f}× |")
+    return lines

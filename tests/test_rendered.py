@@ -58,3 +58,20 @@ def test_rendered_verdict_uses_a_two_standard_error_band():
     assert tables.verdict([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], higher_is_better=True) == "ahead"
     assert tables.verdict([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], higher_is_better=False) == "behind"
     assert tables.verdict([2.0], [1.0, 1.1], higher_is_better=True) == "one seed: no verdict"
+
+
+def test_rendered_deploy_frontier_takes_the_best_fitting_model_against_the_dense_line():
+    import tables
+
+    run = lambda model, q, size, ppl, target=1.0: {"model": model, "quantize": q, "file_bytes": size,  # noqa: E731
+                                                  "perplexity": ppl, "target": target}
+    result = {"budgets": [4, 7, 8], "runs": [run("dense", "none", 1000, 10.0), run("dense", "int8", 250, 10.0),
+                                             run("dense", "int4", 125, 20.0), run("slim", "int8", 170, 12.0, 1.5),
+                                             run("slim", "int8", 140, 30.0, 2.0), run("slim", "none", 100, 1.0, 9.0)]}
+    line = tables.deploy_line(result)
+    assert line(250) == pytest.approx(10.0) and line(125) == pytest.approx(20.0)
+    assert line(176.77) == pytest.approx(10.0 * 2 ** 0.5, rel=1e-3)  # halfway in log bytes: the geometric mean
+    rows = {r["times_smaller"]: r for r in tables.deploy_frontier(result)}
+    assert rows[4]["ours_target"] == 1.5 and rows[4]["above_line"] == pytest.approx(0.2)
+    assert rows[7]["ours_target"] == 2.0 and rows[7]["above_line"] > 0  # 170 B no longer fits 1000/7
+    assert rows[8]["ours_perplexity"] is None and rows[8]["above_line"] is None  # fp32 slim runs never count
