@@ -44,7 +44,6 @@ import dataclasses
 import gc
 import inspect
 import json
-import math
 import os
 import platform
 import resource
@@ -275,14 +274,14 @@ def make_slim(setup: Setup, cache: Path, target: str, quantize: str, args) -> di
     sidecar = path.with_suffix(".json")
     if path.is_file() and sidecar.is_file():
         return json.loads(sidecar.read_text())
+    if quantize != "none":
+        return quantized_slim(setup, cache, target, quantize, args)
     train = setup.train()
     per_example = float(train["attention_mask"].sum()) / train["attention_mask"].shape[0]
     steps = max(1, round(args.tokens / (args.batch_size * per_example)))
     row = SimpleNamespace(seed=args.seed, lr=args.lr, calibration_batches=args.calibration_batches, log_every=10,
                           distill_hidden=0.0, gate_fraction=None, gate_lr=None, skip=())
     options = compress_options(DEFAULT_ROW, steps, row)
-    if quantize != "none":
-        options["quantize"] = quantize
     loader = TensorLoader(train, None, args.batch_size, shuffle=True, seed=args.seed)
     t0 = time.perf_counter()
     result = compress(setup.dense(), loader, "tt", target, callback=_progress("default", quantize, target), **options)
@@ -295,6 +294,26 @@ def make_slim(setup: Setup, cache: Path, target: str, quantize: str, args) -> di
             "calibration_batches": args.calibration_batches, "ratio": r.ratio, "params": r.params,
             "seconds": time.perf_counter() - t0, "chosen": r.chosen, "code": code_version()}
     sidecar.write_text(json.dumps(made, indent=1))
+    return made
+
+
+def quantized_slim(setup: Setup, cache: Path, target: str, quantize: str, args) -> dict[str, Any]:
+    """The slim model at ``target`` (fp32, made or cached) stored as ``quantize``: the same trained
+    weights in int8, as ``compress(..., quantize="int8")`` stores them after pruning. A run asked
+    for int8 counts its target in bytes (``1.25x`` would be met by int8 alone), so the int8 rows
+    quantize the fp32 rows' models: same ranks, same training, a quarter of the bytes."""
+    from compressor.checkpoint import read_blueprint
+    from compressor.quantize import quantize_model
+
+    source = slim_path(setup, cache, target, "none", args)
+    made = make_slim(setup, cache, target, "none", args)
+    model = compressor.load(source, base=setup.skeleton)
+    quantization = quantize_model(model, quantize)
+    quantization.load_into(model)
+    path = slim_path(setup, cache, target, quantize, args)
+    compressor.save(model, path, blueprint=read_blueprint(source), quantization=quantization)
+    made = {**made, "file": path.name, "quantize": quantize, "quantized_from": source.name}
+    path.with_suffix(".json").write_text(json.dumps(made, indent=1))
     return made
 
 
@@ -333,7 +352,8 @@ def entries(setup: Setup, cache: Path, args, made: dict[str, dict[str, Any]]) ->
                          {"model": "dense", "target": 1.0, "quantize": quantize, "form": "torchao",
                           "how": dense_quantizer(quantize)[2]}))
     for key, m in made.items():
-        for form in load_forms():
+        # int8 changes the file, not the served model's arithmetic: its rows take the goal's form only
+        for form in load_forms() if m["quantize"] == "none" else load_forms()[:1]:
             path = cache / m["file"]
             out.append(Entry({"model": "slim", "quantize": m["quantize"], "path": str(path), "form": form},
                              {"model": "slim", "target": float(m["target"].rstrip("x")), "quantize": m["quantize"],
