@@ -28,7 +28,7 @@ from .surgery import Applied, apply, evaluation_mode, set_training, tn_layers
 from .blueprint import Blueprint
 from .selectors import FaithfulStart, get_selector
 from .blocks import shared_blocks
-from .batches import BatchCheck, ForwardFn, check_labels, describe_inputs, forward, located, require_reiterable, split_batch, token_count
+from .batches import BatchCheck, ForwardFn, check_labels, describe_inputs, forward, located, require_reiterable, split_batch
 from .budget import EARLY_STOP_BATCHES, EARLY_STOP_CHECKS, BatchSize, format_seconds
 from .losses import count_correct
 from .refit import refit_layers
@@ -156,7 +156,7 @@ def check_batch(teacher: nn.Module, loader: Iterable,
                         f"({first_line(exc, 200)})") from None
     with located("the first batch"):
         BatchCheck()(ran)
-    return ran.labels is not None, batch, BatchSize(float(ran.out.shape[0]), float(token_count(ran)))
+    return ran.labels is not None, batch, BatchSize.of(ran)
 
 
 def compress(model: Any, loader: Iterable, decomp: str | None = None, target: Any = None, *,

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .batches import Ran, token_count
 from .distributed import World
 from .resume import random_state_kept, set_loader_epoch
 
@@ -103,6 +104,11 @@ class BatchSize:
 
     samples: float
     tokens: float = 0.0  # real tokens (0: the batches are not tokens)
+
+    @classmethod
+    def of(cls, ran: Ran) -> "BatchSize":
+        """What one batch the model ran holds: its samples and its real tokens."""
+        return cls(float(ran.out.shape[0]), float(token_count(ran)))
 
     @property
     def unit(self) -> str:

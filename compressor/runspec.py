@@ -17,7 +17,7 @@ from typing import Any, Collection, ContextManager, Iterable
 import torch
 from torch import nn
 
-from .batches import ForwardFn, forward, loader_length, token_count
+from .batches import ForwardFn, forward, loader_length
 from .budget import BatchSize, Budget, StopRule, default_budget
 from .config import Settled
 from .controller import model_gates
@@ -176,4 +176,4 @@ def first_batch_size(loader: Iterable, forward_fn: ForwardFn | None, model: nn.M
     (one forward of ``model`` in evaluation mode, with every generator kept)."""
     with random_state_kept(), evaluation_mode(model), torch.no_grad():
         ran = forward(model, next(iter(loader)), forward_fn)
-    return BatchSize(float(ran.out.shape[0]), float(token_count(ran)))
+    return BatchSize.of(ran)
