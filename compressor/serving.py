@@ -16,10 +16,19 @@ decode and prefill weigh alike whatever their absolute times. Moving a layer to 
 gains cost and may spend parameters; the model's state in the chosen forms must stay within
 ``dense size / target``. This is a multiple-choice knapsack, and the greedy rule used for it
 takes, again and again, the move with the most gain per extra parameter that still fits (a move
-that spends none, or frees some, first). Each move makes its layer strictly faster, so it ends;
+that spends none, or frees some, first). A move must be no slower at any served shape (decode
+is never traded for prefill) and faster in sum by more than :data:`NOISE`: forms of equal
+arithmetic (a two-core train is its own factors) differ only by noise, and a few hundred coin
+flips of a few ms each made ``auto`` slower than plain cores. Each move makes its layer strictly faster, so it ends;
 it ends only when no faster form of any layer fits, so a form slower than dense is never kept
 when the dense layer fits the budget, a layer whose every form is slower than dense but whose
 dense does not fit keeps its fastest that fits, and with no room at all everything stays cores.
+
+Then the whole model is checked (:func:`in_model`): run at each served input with the picked
+layers swapped in and out, interleaved, medians. A layer timed alone keeps its weights in the
+CPU's caches, which a model streaming hundreds of MB per token does not, so alone a larger form
+looks faster than it is; if the picked forms are slower than all cores at any served shape,
+every layer keeps its cores. So ``auto`` is, as measured, never slower than the cores.
 """
 
 from __future__ import annotations
@@ -38,15 +47,18 @@ from .errors import ConfigError
 from .forms import FORMS, Group, check_form, convert, groups
 from .layers import TiedTNLinear, TNEmbedding, TNLayer
 from .plan import count_state
-from .surgery import evaluation_mode
+from .surgery import evaluation_mode, replace_module
 
 #: Served shapes of a model taking token ids: a decode step (1 token) and an 8 x 128 prefill.
 TOKEN_SHAPES = ((1, 1), (8, 128))
 #: Served batch sizes of any other model (its example's shape gives the rest).
 BATCHES = (1, 256)
 #: About how long one layer's forms are timed at one shape (plus one warm-up call each).
-SECONDS_PER_SHAPE = 0.004
-MIN_REPEATS, MAX_REPEATS = 3, 15
+SECONDS_PER_SHAPE = 0.012
+MIN_REPEATS, MAX_REPEATS = 3, 25
+#: About how long the whole model is timed at one served shape in each state (3 to 9 rounds).
+MODEL_SECONDS_PER_SHAPE = 1.0
+MODEL_ROUNDS = (3, 9)
 
 #: ``timer(module, x)``: seconds one call of ``module`` on ``x`` takes (tests inject a fake one).
 Timer = Callable[[nn.Module, torch.Tensor], float]
@@ -137,6 +149,14 @@ def wall_clock(module: nn.Module, x: torch.Tensor) -> float:
         return time.perf_counter() - start
 
 
+def whole_model_clock(model: nn.Module, x: torch.Tensor) -> float:
+    """Seconds one call of the whole ``model`` on ``x`` takes (:func:`wall_clock`, inputs as a batch)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        call_model(model, x)
+    return time.perf_counter() - start
+
+
 def _key(module: nn.Module, x: torch.Tensor) -> tuple:
     """Modules with equal keys take equal time on equal inputs: their type, structure and tensor shapes."""
     parts: list[Any] = [type(module).__name__, repr(module), tuple(x.shape), x.dtype, str(x.device)]
@@ -222,21 +242,33 @@ def measure(model: nn.Module, serve: Serving, timer: Timer | None = None,
 
 
 # ------------------------------------------------------------------ choosing
-#: A form must be this much faster than the layer's present one to count as faster (timing noise).
-NOISE = 0.03
+#: A form must be this much faster than the layer's present one, summed over the served shapes,
+#: to count as faster: forms of equal arithmetic (a two-core train and its factors are the same
+#: two products) differ by timing noise alone, and many such coin flips add up to a slower model.
+NOISE = 0.08
 
 
 @dataclass(frozen=True)
 class Option:
-    """A layer in one form: its state elements and its cost (time as a share of the model's, summed over shapes)."""
+    """A layer in one form: its state elements and its time at each served shape as a share of
+    the model's (``shares``); ``cost`` is their sum."""
 
     params: int
-    cost: float
+    shares: tuple[float, ...]
+
+    @property
+    def cost(self) -> float:
+        return sum(self.shares)
+
+    def no_slower_than(self, other: "Option") -> bool:
+        """Not slower than ``other`` at any served shape: a move never trades decode for prefill."""
+        return all(mine <= theirs for mine, theirs in zip(self.shares, other.shares))
 
 
 def select(options: Mapping[str, Mapping[str, Option]], room: int) -> dict[str, str]:
     """``{layer: form}`` from every layer's options (each has ``"cores"``, where all layers start),
-    the model growing by at most ``room`` parameters: the greedy of the module docstring."""
+    the model growing by at most ``room`` parameters: the greedy of the module docstring. A move
+    is taken only when the new form is no slower at any served shape and clearly faster in sum."""
     chosen = {name: "cores" for name in options}
     while True:
         best = None
@@ -244,7 +276,7 @@ def select(options: Mapping[str, Mapping[str, Option]], room: int) -> dict[str, 
             present = options[name][chosen[name]]
             for form, option in options[name].items():
                 gain, extra = present.cost - option.cost, option.params - present.params
-                if gain <= NOISE * present.cost or extra > room:
+                if gain <= NOISE * present.cost or extra > room or not option.no_slower_than(present):
                     continue
                 score = (1, gain) if extra <= 0 else (0, gain / extra)
                 if best is None or score > best[0]:
@@ -265,9 +297,55 @@ def options(params: Mapping[str, Mapping[str, int]],
     out = {}
     for name, sizes in params.items():
         times = seconds.get(name, {})
-        out[name] = {form: Option(n, sum(t / total for t, total in zip(times.get(form, ()), totals) if total > 0))
+        out[name] = {form: Option(n, tuple(t / total if total > 0 else 0.0 for t, total in zip(times[form], totals)))
                      for form, n in sizes.items() if form in times}
     return out
+
+
+# ------------------------------------------------------------------ checking in the model
+def _put(model: nn.Module, found: Sequence[Group], made: Mapping[str, list[nn.Module]], picked: bool) -> None:
+    """The layers in ``made`` (and their tied heads) put in their picked forms, or back in cores."""
+    for group in found:
+        modules = made.get(group.name)
+        if modules is None:
+            continue
+        now = modules if picked else [group.layer] + [h for _, h in group.heads]
+        replace_module(model, group.name, now[0])
+        for (name, _), module in zip(group.heads, now[1:]):
+            replace_module(model, name, module)
+
+
+def in_model(model: nn.Module, found: Sequence[Group], picked: Mapping[str, str], serve: Serving,
+             timer: Timer | None = None) -> tuple[float, ...]:
+    """Per served input, the whole model's seconds in cores over its seconds in the ``picked``
+    forms (above 1: the picked forms are faster), in interleaved rounds, medians; empty when
+    nothing moved. Why: a layer timed alone has its weights hot in the CPU's caches and meets
+    none of its neighbours' memory traffic; in the model the forms share one memory bus, so the
+    sum of the layers' gains is checked where it counts. The model is left in cores."""
+    made = {g.name: g.in_form(picked[g.name]) for g in found if picked.get(g.name, "cores") != "cores"}
+    if not made:
+        return ()
+    timer = timer or whole_model_clock
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    out = []
+    try:
+        with torch.no_grad(), evaluation_mode(model):
+            for x in serve.inputs():
+                x = x.to(device)
+                warm = 0.0
+                for state in (False, True):  # first calls make the weight caches: not timed
+                    _put(model, found, made, state)
+                    warm += timer(model, x)
+                low, high = MODEL_ROUNDS
+                samples: dict[bool, list[float]] = {False: [], True: []}
+                for _ in range(min(high, max(low, int(2 * MODEL_SECONDS_PER_SHAPE / max(warm, 1e-9))))):
+                    for state in (False, True):
+                        _put(model, found, made, state)
+                        samples[state].append(timer(model, x))
+                out.append(statistics.median(samples[False]) / max(statistics.median(samples[True]), 1e-12))
+    finally:
+        _put(model, found, made, False)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -298,6 +376,10 @@ class FormChoice:
     budget: int | None
     params: int
     cores_params: int
+    #: ``auto``: the whole model in the picked forms against all cores, per served shape (:func:`in_model`).
+    in_model: tuple[float, ...] = ()
+    #: ``auto``: the picked forms were slower in the model at some shape, so every layer kept its cores.
+    kept_cores: bool = False
 
     def forms(self) -> dict[str, str]:
         return {layer.name: layer.form for layer in self.layers}
@@ -311,7 +393,8 @@ class FormChoice:
 
     def to_dict(self) -> dict[str, Any]:
         return {"asked": self.asked, "shapes": [list(s) for s in self.shapes], "budget": self.budget,
-                "params": self.params, "cores_params": self.cores_params,
+                "params": self.params, "cores_params": self.cores_params, "in_model_speedup_vs_cores":
+                list(self.in_model), "kept_cores": self.kept_cores,
                 "layers": [{"name": l.name, "form": l.form, "members": list(l.members), "params": l.params,
                             "seconds": {f: list(s) for f, s in l.seconds.items()},
                             "speedup_vs_cores": list(l.speedup("cores")),
@@ -326,11 +409,13 @@ def size_budget(dense_params: int | None, target: float | None) -> int | None:
 
 
 def choose(model: nn.Module, form: str = "auto", *, budget: int | None = None, serve: Serving | None = None,
-           timer: Timer | None = None) -> FormChoice:
+           timer: Timer | None = None, model_timer: Timer | None = None) -> FormChoice:
     """The form of every factorized layer of ``model`` (in cores): ``form`` itself for each layer
     that has it, or for ``auto`` the fastest within ``budget`` state elements (None: the model's
-    present size) at ``serve``'s shapes (:func:`select`). With ``serve``, every form is timed (the
-    speed-ups a report shows); ``timer`` replaces the wall clock."""
+    present size) at ``serve``'s shapes (:func:`select`), kept only if the whole model in those
+    forms is no slower than in cores at every served shape (:func:`in_model`; else all cores).
+    With ``serve``, every form is timed (the speed-ups a report shows); ``timer`` replaces the
+    wall clock of a layer, ``model_timer`` that of the whole model."""
     form = check_form(form)
     if form == "auto" and serve is None:
         raise ConfigError("form='auto' needs the shapes the model serves (serving(model, shapes, example))")
@@ -338,20 +423,26 @@ def choose(model: nn.Module, form: str = "auto", *, budget: int | None = None, s
     params = {g.name: {f: n for f in FORMS if (n := g.params(f)) is not None} for g in found}
     seconds = measure(model, serve, timer, found) if serve is not None else {}
     size = count_state(model)
+    checked: tuple[float, ...] = ()
     if form == "auto":
         picked = select(options(params, seconds), (budget if budget is not None else size) - size)
+        checked = in_model(model, found, picked, serve, model_timer)
+        if checked and min(checked) < 1.0:
+            picked = {name: "cores" for name in picked}
     else:
         picked = {name: form if form in sizes else "cores" for name, sizes in params.items()}
     layers = tuple(LayerForm(g.name, picked[g.name], g.members, params[g.name], seconds.get(g.name, {}))
                    for g in found)
     chosen = size + sum(l.params[l.form] - l.params["cores"] for l in layers)
-    return FormChoice(form, layers, serve.shapes if serve is not None else (), budget, chosen, size)
+    return FormChoice(form, layers, serve.shapes if serve is not None else (), budget, chosen, size, checked,
+                      bool(checked) and min(checked) < 1.0)
 
 
 def serve_as(model: nn.Module, form: str, *, budget: int | None = None, shapes: Sequence[Sequence[int]] | None = None,
-             example: Any = None, timer: Timer | None = None) -> tuple[nn.Module, FormChoice]:
+             example: Any = None, timer: Timer | None = None,
+             model_timer: Timer | None = None) -> tuple[nn.Module, FormChoice]:
     """``model`` (in cores, converted in place) in ``form``, and the choice made: :func:`choose` at
     the shapes :func:`serving` settles (timed only for ``auto``), then :func:`~compressor.forms.convert`."""
     serve = serving(model, shapes, example) if form == "auto" else None
-    choice = choose(model, form, budget=budget, serve=serve, timer=timer)
+    choice = choose(model, form, budget=budget, serve=serve, timer=timer, model_timer=model_timer)
     return convert(model, choice.forms()), choice

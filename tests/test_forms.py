@@ -157,7 +157,8 @@ def test_a_tied_head_goes_with_its_embedding_and_stays_tied(decomp):
 
 # ------------------------------------------------------------------ choosing forms
 def _opts(**layers):
-    return {name: {f: Option(p, c) for f, (p, c) in forms_.items()} for name, forms_ in layers.items()}
+    return {name: {f: Option(p, c if isinstance(c, tuple) else (c,)) for f, (p, c) in forms_.items()}
+            for name, forms_ in layers.items()}
 
 
 def test_select_takes_the_most_speed_per_parameter_that_fits():
@@ -172,7 +173,7 @@ def test_select_takes_the_most_speed_per_parameter_that_fits():
 
 
 def test_select_never_keeps_a_form_slower_than_a_dense_that_fits():
-    options = _opts(a={"cores": (100, 0.9), "factors": (300, 0.85), "dense": (350, 0.1)})
+    options = _opts(a={"cores": (100, 0.9), "factors": (300, 0.8), "dense": (350, 0.1)})
     assert select(options, room=260) == {"a": "dense"}
     # every form slower than dense, dense too big: the fastest that fits
     assert select(options, room=200) == {"a": "factors"}
@@ -228,6 +229,12 @@ def fake_timer(seconds):
     return timer
 
 
+def fake_model_timer(seconds):
+    """The whole Net's time: its four layers' times by :func:`fake_timer`'s clock."""
+    layer = fake_timer(seconds)
+    return lambda model, x: sum(layer(child, x) for child in model.children())
+
+
 def test_choose_keeps_the_model_within_its_target_and_converts_it():
     net, dense, x = _slim_net()
     size = count_state(net)
@@ -236,26 +243,50 @@ def test_choose_keeps_the_model_within_its_target_and_converts_it():
     assert serve.shapes == ((1, 6, 8, 8), (256, 6, 8, 8)) and not serve.tokens
     timer = fake_timer({"cores": 3.0, "factors": 2.0, "dense": 1.0})  # dense fastest, then factors
     # no room: all cores
-    choice = serving.choose(net, "auto", budget=size, serve=serve, timer=timer)
+    whole = fake_model_timer({"cores": 3.0, "factors": 2.0, "dense": 1.0})
+    choice = serving.choose(net, "auto", budget=size, serve=serve, timer=timer, model_timer=whole)
     assert set(choice.forms().values()) == {"cores"} and choice.params == size
     # room for one layer's factors only (the cheapest: most speed per parameter): that layer alone moves
     extra = {name: {f: n - sizes["cores"] for f, n in sizes.items()} for name, sizes in table.items()}
     cheapest = min(extra, key=lambda n: extra[n]["factors"])
     room = extra[cheapest]["factors"]
     assert sorted(e["factors"] for e in extra.values())[1] > room
-    choice = serving.choose(net, "auto", budget=size + room, serve=serve, timer=timer)
+    choice = serving.choose(net, "auto", budget=size + room, serve=serve, timer=timer, model_timer=whole)
     assert choice.forms() == {n: "factors" if n == cheapest else "cores" for n in table}
     assert choice.params == size + room <= choice.budget
     moved = next(layer for layer in choice.layers if layer.name == cheapest)
     assert moved.speedup("cores") == (1.5, 1.5) and moved.speedup("dense") == (0.5, 0.5)
     # the whole dense size allows everything: all dense (fastest), and the converted model computes the same
-    choice = serving.choose(net, "auto", budget=dense, serve=serve, timer=timer)
+    choice = serving.choose(net, "auto", budget=dense, serve=serve, timer=timer, model_timer=whole)
     assert set(choice.forms().values()) == {"dense"} and choice.params <= dense
     with torch.no_grad():
         want = net(x)
         converted = forms.convert(net, choice.forms())
         assert _close(converted(x), want) and count_state(converted) == choice.params
     assert not any(isinstance(m, TNLayer) for m in converted.modules())
+
+
+def test_auto_keeps_the_cores_when_the_whole_model_is_slower_in_the_forms_picked():
+    net, dense, x = _slim_net()
+    serve = serving.serving(net, example=x)
+    alone = fake_timer({"cores": 3.0, "factors": 2.0, "dense": 1.0})  # alone, every layer gains
+    for whole_seconds, kept in (({"cores": 1.0, "factors": 2.0, "dense": 1.5}, True),  # in the model, it loses
+                                ({"cores": 3.0, "factors": 2.0, "dense": 1.0}, False)):
+        choice = serving.choose(net, "auto", budget=dense, serve=serve, timer=alone,
+                                model_timer=fake_model_timer(whole_seconds))
+        assert choice.kept_cores is kept and len(choice.in_model) == 2
+        assert (set(choice.forms().values()) == {"cores"}) is kept and choice.params <= dense
+        assert choice.in_model == ((1 / 1.5,) * 2 if kept else (3.0,) * 2)  # cores' time / the picked forms'
+        assert all(isinstance(m, TNLayer) for m in net.children())  # checked in place, left in cores
+        assert choice.to_dict()["kept_cores"] is kept
+
+
+def test_select_never_trades_one_served_shape_for_another():
+    faster_prefill = _opts(a={"cores": (100, (0.5, 0.5)), "factors": (100, (0.51, 0.2))})
+    assert select(faster_prefill, room=0) == {"a": "cores"}  # a decode 2% slower is not bought with prefill
+    assert select(_opts(a={"cores": (100, (0.5, 0.5)), "factors": (100, (0.5, 0.2))}), room=0) == {"a": "factors"}
+    # forms within timing noise of each other (a two-core train and its factors) stay as they are
+    assert select(_opts(a={"cores": (100, (0.5, 0.5)), "factors": (100, (0.47, 0.46))}), room=0) == {"a": "cores"}
 
 
 def test_measure_times_each_layer_at_the_shapes_it_is_given():
