@@ -25,7 +25,7 @@ from .quantize import (QUANTIZER, ByteBudget, Quantization, aim, byte_budget, pl
                        state_bytes)
 from .trace import as_module
 from .surgery import Applied, apply, evaluation_mode, set_training, tn_layers
-from .blueprint import Blueprint
+from .blueprint import ELEMENT_TARGET, Blueprint
 from .selectors import FaithfulStart, get_selector
 from .blocks import shared_blocks
 from .batches import BatchCheck, ForwardFn, check_labels, describe_inputs, forward, located, require_reiterable, split_batch
@@ -209,10 +209,10 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
                              labelled=has_labels, held_out=eval_loader, started=started)
 
     layers = tn_layers(slim)
+    quantization = _quantized(slim, config.quantize, stage)
     blueprint = Blueprint(the_plan.source, the_plan.dense_params,
                           tuple(s for s in applied.sites.values() if s.in_graph and s.name in layers),
-                          config.decomp, asked)
-    quantization = _quantized(slim, config.quantize, stage)
+                          config.decomp, asked, {ELEMENT_TARGET: config.target} if quantization is not None else {})
     acc = _final_accuracy(slim, history, eval_loader, config.forward_fn, measure=quantization is not None)
     measured = dict(target=asked, dense_accuracy=dense_acc, accuracy=acc, start=start_summary(start, start_acc),
                     **_sizes(the_plan.dense_params, count_state(slim), quantization, config.target))

@@ -22,6 +22,11 @@ from .surgery import tn_layers
 from .trace import is_export_graph
 
 
+#: The ``extra`` key where a run whose target counts bytes (``quantize="int8"``) records the
+#: ratio of tensor elements it aimed at to meet it (``target`` stays what the user asked).
+ELEMENT_TARGET = "element_target"
+
+
 @dataclass(frozen=True)
 class Blueprint:
     """What a slim model is made of, besides its tensors and layer specs.
@@ -45,6 +50,12 @@ class Blueprint:
     def site(self, name: str) -> Site | None:
         """The graph site of the factorized layer ``name`` (None: a module path is enough)."""
         return next((s for s in self.sites if s.name == name), None)
+
+    def element_target(self) -> float | None:
+        """The ratio of tensor elements the model was made to: ``target``, or for a target in
+        bytes the element ratio recorded beside it (what the model's parameters may grow to)."""
+        aimed = self.extra.get(ELEMENT_TARGET)
+        return float(aimed) if isinstance(aimed, (int, float)) and not isinstance(aimed, bool) else self.target
 
     def file_extra(self) -> dict[str, Any]:
         """The free-form ``extra`` of a checkpoint's metadata: the run's decomposition and target first."""

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import tensornet as tn
-from .blueprint import Blueprint, Blueprinted, blueprint_of
+from .blueprint import ELEMENT_TARGET, Blueprint, Blueprinted, blueprint_of
 from .errors import CheckpointError, CompressorError, ModelError, first_line
 from .files import atomic_write, read_safetensors, read_safetensors_dtypes, read_safetensors_header
 from .plan import Site, count_state, tensor_key
@@ -409,9 +409,20 @@ def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False, *, form
     module = set_training(module, False)
     if form == "cores":
         return module
-    blueprint = read_blueprint(path)
-    return serve_as(module, form, budget=size_budget(blueprint.dense_params, blueprint.target),
+    return serve_as(module, form, budget=served_budget(meta, read_blueprint(path)),
                     shapes=serve_shapes, example=example)[0]
+
+
+def served_budget(meta: dict[str, Any], blueprint: Blueprint) -> int | None:
+    """The state elements a model loaded from a file may grow to when its layers change form:
+    dense / the element ratio the run aimed at. A target in bytes (an int8 file) is not one in
+    elements (5x in bytes is about 1.3x in elements): its run records the element ratio it
+    aimed at; an int8 file written before that record may grow to its own stored size only."""
+    target = blueprint.element_target()
+    if "quantization" in meta and ELEMENT_TARGET not in blueprint.extra:
+        stored = meta.get("ratio")
+        target = float(stored) if isinstance(stored, (int, float)) and stored > 0 else target
+    return size_budget(blueprint.dense_params, target)
 
 
 def _check_state(path: str | os.PathLike, module: nn.Module, aliases: dict[str, str], scales: set[str]) -> None:

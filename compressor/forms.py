@@ -233,8 +233,13 @@ def groups(model: nn.Module) -> list[Group]:
 def convert(model: nn.Module, forms: Mapping[str, str] | str) -> nn.Module:
     """``model`` with each factorized layer (by name) and its tied heads put in its form (a name
     not listed, or a layer without that form, keeps its cores). Done in place: ``load`` calls it
-    on the model it has just built, and the cores are not needed after."""
-    for group in groups(model):
+    on the model it has just built, and the cores are not needed after: each layer's cores (and
+    the values its weight cache kept) are let go as soon as it is converted, so converting a
+    model needs about one layer's worth of memory beside it, not a second model."""
+    found = groups(model)
+    found.reverse()
+    while found:
+        group = found.pop()  # the list no longer holds it: replaced, its cores can be freed
         form = forms if isinstance(forms, str) else forms.get(group.name, "cores")
         made = group.in_form(form) if form != "cores" else None
         if made is None:
@@ -242,6 +247,8 @@ def convert(model: nn.Module, forms: Mapping[str, str] | str) -> nn.Module:
         replace_module(model, group.name, made[0])  # every name the layer has (an alias too)
         for (name, _), module in zip(group.heads, made[1:]):
             replace_module(model, name, module)
+        group.layer.drop_weight_cache()
+        del group, made
     return model
 
 

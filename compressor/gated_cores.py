@@ -143,6 +143,10 @@ class GatedCores(nn.Module):
             cache = self.__dict__["_frozen"] = WeightCache()
         return cache
 
+    def drop_weight_cache(self) -> None:
+        """Let go of every value kept from the weights (they are made again when next needed)."""
+        self._weight_cache().clear()
+
     def train(self, mode: bool = True) -> "GatedCores":
         self._weight_cache().clear()
         return super().train(mode)

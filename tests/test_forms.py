@@ -500,3 +500,50 @@ def test_a_slim_model_folder_loads_in_each_form(name, tmp_path):
             assert not any(type(m).__module__.startswith("compressor") for m in served.modules())
             head, table = served.lm_head, served.get_input_embeddings()
             assert head[1].weight is table[0].weight  # still tied
+
+
+# ------------------------------------------------------------------ memory and budgets of a served model
+def test_convert_lets_each_layers_cores_go_as_it_converts_it(monkeypatch):
+    import gc
+    import weakref
+
+    net, _, x = _slim_net()
+    with torch.no_grad():
+        want = net(x)  # the layers' weight caches are filled: they go with their cores
+    layers = {name: weakref.ref(m) for name, m in net.named_children()}
+    alive = []
+    real = forms.Group.in_form
+
+    def spy(group, form):
+        gc.collect()
+        alive.append(sorted(n for n, ref in layers.items() if ref() is not None and n != group.name))
+        return real(group, form)
+
+    monkeypatch.setattr(forms.Group, "in_form", spy)
+    converted = forms.convert(net, "factors")
+    gc.collect()
+    assert alive == [["conv2", "fc1", "fc2"], ["fc1", "fc2"], ["fc2"], []]  # only the layers not yet converted
+    assert all(ref() is None for ref in layers.values())
+    with torch.no_grad():
+        assert _close(converted(x), want)
+
+
+def test_an_int8_files_budget_is_the_element_ratio_its_run_aimed_at(tmp_path):
+    from compressor.blueprint import ELEMENT_TARGET
+    from compressor.checkpoint import read_blueprint, served_budget
+    from compressor.quantize import quantize_model
+
+    net, dense, _ = _slim_net()
+    quantization = quantize_model(net, "int8")
+    quantization.load_into(net)
+    aimed = tmp_path / "aimed.safetensors"  # 4x in bytes, met by int8 weights at 1.25x in elements
+    save(net, aimed, blueprint=Blueprint("module", dense, decomp="tt", target=4.0, extra={ELEMENT_TARGET: 1.25}),
+         quantization=quantization)
+    assert served_budget(read_metadata(aimed), read_blueprint(aimed)) == int(dense // 1.25)
+    older = tmp_path / "older.safetensors"  # no record: the model may grow to its own stored size only
+    save(net, older, blueprint=Blueprint("module", dense, decomp="tt", target=4.0), quantization=quantization)
+    meta = read_metadata(older)
+    assert served_budget(meta, read_blueprint(older)) == int(dense // meta["ratio"]) >= count_state(net) - 1
+    plain = tmp_path / "plain.safetensors"  # float32: the target counts elements
+    save(net, plain, blueprint=Blueprint("module", dense, decomp="tt", target=1.5))
+    assert served_budget(read_metadata(plain), read_blueprint(plain)) == int(dense // 1.5)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from compressor import compress, load, read_metadata, save
+from compressor.checkpoint import read_blueprint, served_budget
 from compressor.cli import main
 from compressor.config import CompressConfig
 from compressor.data import TensorLoader
@@ -149,6 +150,10 @@ def test_the_file_meets_the_target_in_bytes_on_disk(int8_run):
     assert report.dense_bytes == 4 * DENSE and report.target == 8.0
     assert 4 * DENSE / stored >= 8.0 and report.bytes_ratio == pytest.approx(4 * DENSE / stored)
     assert 1.5 < report.aimed_ratio < 3 and report.ratio >= report.aimed_ratio  # far fewer elements than 8x
+    # the file records that element ratio: a served form may grow the model to it, not to dense / 8
+    blueprint = read_blueprint(path)
+    assert blueprint.target == 8.0 and blueprint.element_target() == report.aimed_ratio
+    assert served_budget(read_metadata(path), blueprint) == int(blueprint.dense_params // report.aimed_ratio)
     assert report.quantize == "int8" and "max|w|/127" in report.quantizer
     assert report.accuracy is not None and report.accuracy > 0.8  # measured on the quantized weights
 
