@@ -22,6 +22,9 @@ from compressor.cli import main
 from compressor.data import TensorLoader
 from compressor.errors import CompressorError, ConfigError, TensorizationError
 from compressor.layers import TiedTNLinear, TNConv2d, TNEmbedding, TNLayer, TNLinear
+from compressor.plan import own_layout
+from compressor.planner import plan
+from compressor.selectors import candidate_layouts, faithful_start
 from compressor.zoo import DigitsNet
 
 FULL = 10 ** 6  # every bond at its largest useful size: the start is exact
@@ -175,7 +178,19 @@ def test_run_reaches_the_target_with_every_layer_paired(mpo_run):
     fc1 = next(l for l in report.layers if l.name == "fc1")
     assert fc1.tensorization == [[8, 8, 8], [4, 4, 6]]
     assert mpo_run.model.fc1.paired and mpo_run.model.fc1.pairs() == ((8, 4), (8, 4), (8, 6))
+    assert mpo_run.model.fc2.paired and mpo_run.model.fc2.pairs() == ((8, 2), (12, 5))
     assert report.accuracy > 0.9
+
+
+def test_faithful_start_keeps_the_paired_layout(trained_digits_net):
+    """The l0 start chooses ranks only: a balanced plan tries coarser layouts, a paired one none."""
+    paired = plan(trained_digits_net, CompressConfig(tensorization="mpo", min_params=500).plan_options())
+    balanced = plan(trained_digits_net, CompressConfig(min_params=500).plan_options())
+    fc1 = next(lp for lp in paired.layers if lp.name == "fc1")
+    assert fc1.paired and candidate_layouts(fc1) == [own_layout(fc1)] and own_layout(fc1).paired
+    assert len(candidate_layouts(next(lp for lp in balanced.layers if lp.name == "fc1"))) > 1
+    start = faithful_start(paired, trained_digits_net, 5.0, "tr").starts.of("fc1")
+    assert start.layout == own_layout(fc1) and start.layout.modes == (32, 32, 48)
 
 
 def test_checkpoint_records_the_layout_and_round_trips_identical_logits(mpo_run, digits, tmp_path, monkeypatch):
