@@ -467,5 +467,5 @@ def _layer_reports(the_plan: CompressionPlan, applied: Applied, initial: dict[st
         final, after = ((layer.ranks, layer.param_count() + layer.buffer_count()) if layer is not None
                         else ([], lp.params_before))
         reports.append(LayerReport(name, lp.kind, list(lp.shape), tz, initial[name], final, lp.params_before,
-                                   after, kept_dense=layer is None))
+                                   after, kept_dense=layer is None, paired=lp.paired))
     return reports

@@ -25,6 +25,7 @@ class LayerReport:
     params_before: int
     params_after: int  # elements saved: cores, bias and kept buffers (an embedding's padding row)
     kept_dense: bool = False  # the learned factorization was not smaller than the dense layer
+    paired: bool = False  # an mpo layout: core k carries input mode k and output mode k
 
 
 @dataclass(kw_only=True)

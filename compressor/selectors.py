@@ -165,7 +165,11 @@ def candidate_layouts(lp: LayerPlan) -> list[Layout]:
 
     Mode counts are tried per side (input, output) independently; a conv is also tried
     with its kernel window merged into the input mode when its kind offers that layout.
+    A paired (mpo) plan keeps its own layout only: the user asked for that structure, and a
+    coarser split of one side would unpair it.
     """
+    if lp.paired:
+        return [own_layout(lp)]
     cls = layer_class(lp.kind)
     (m_in, m_out), m_merge = cls.matrix_layout(lp.shape)
     sides_in = list(dict.fromkeys(_coarser(tuple(lp.tensorization[0])) + [tuple(m_in)]))
@@ -186,13 +190,14 @@ def candidate_layouts(lp: LayerPlan) -> list[Layout]:
 
 
 def single_input_core(lay: Layout) -> bool:
-    """Whether the layout keeps the whole input in one core, where a whitening folds back exactly."""
-    return len([m for m in lay.tensorization[0] if m > 1]) == 1
+    """Whether the layout keeps the whole input in one core, where a whitening folds back exactly
+    (never a paired layout's: its one input core also holds output modes)."""
+    return not lay.paired and len([m for m in lay.tensorization[0] if m > 1]) == 1
 
 
 def single_output_core(lay: Layout) -> bool:
     """Whether the layout keeps the whole output in one core, where a head's factor folds back."""
-    return len([m for m in lay.tensorization[1] if m > 1]) == 1
+    return not lay.paired and len([m for m in lay.tensorization[1] if m > 1]) == 1
 
 
 def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout], whiten: torch.Tensor | None = None,
@@ -210,7 +215,7 @@ def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout], wh
     flats: dict[int, torch.Tensor] = {}  # by padded size: an embedding's layouts may pad its vocabulary
     out = []
     for lay in layouts:
-        w = cls.weight_tensor(weight, lay.tensorization).detach()
+        w = cls.layout_tensor(weight, lay.tensorization, lay.paired).detach()
         if w.numel() not in flats:  # whitened once per size: the matrix does not depend on the split
             flats[w.numel()] = (whitened_tensor(w, whiten, whiten_out) if whiten is not None
                                 else w.to(torch.float64)).reshape(-1)
@@ -367,7 +372,8 @@ def energy_ranks(the_plan: CompressionPlan, module: nn.Module, target: float,
     for lp in the_plan.layers:
         modes = layouts[lp.name].modes
         caps = tn.max_ranks(modes, "tt")
-        w = layer_class(lp.kind).weight_tensor(layer_weight(module, lp), layouts[lp.name].tensorization)
+        w = layer_class(lp.kind).layout_tensor(layer_weight(module, lp), layouts[lp.name].tensorization,
+                                               layouts[lp.name].paired)
         spectra = unfolding_spectra(w, modes, caps)
         state[lp.name] = (lp, spectra, [min(caps[k], len(spectra[k])) for k in range(len(modes) - 1)] + [1])
 
@@ -412,7 +418,7 @@ def matrix_layout(lp: LayerPlan) -> Layout:
     """The layer as a plain two-factor matrix: one input mode, one output mode (a conv's
     kernel window merged into its input)."""
     tensorization, merge_spatial = layer_class(lp.kind).matrix_layout(lp.shape)
-    return layout_of(lp, tensorization, merge_spatial)
+    return layout_of(lp, tensorization, merge_spatial, paired=False)
 
 
 def svd_layout(the_plan: CompressionPlan) -> dict[str, Layout]:
@@ -520,6 +526,9 @@ class RankSelector:
     #: Whether ``prepare`` always needs the layers' input statistics (a calibration pass);
     #: gated selectors need them only with ``init="activations"``.
     calibrates: ClassVar[bool] = False
+    #: Whether the selector lays every weight out as a two-factor matrix (no tensor network):
+    #: then no other layout, an mpo one included, applies.
+    two_factors: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -618,6 +627,7 @@ class EnergySelector(RankSelector, name="energy"):
 
 class SVDSelector(RankSelector, name="svd"):
     help = "no tensor network: each weight as two low-rank factors, ranks allocated like energy"
+    two_factors = True
 
     def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
                 whiten: StartFactors | None = None) -> Prepared:
@@ -631,6 +641,7 @@ class WhitenedSVDSelector(RankSelector, name="whitened-svd"):
     help = ("no tensor network: each weight as two factors fitted to its outputs on calibration inputs "
             "(SVD-LLM's whitening), ranks allocated over all layers")
     calibrates = True
+    two_factors = True
 
     def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
                 whiten: StartFactors | None = None) -> Prepared:
