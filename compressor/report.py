@@ -68,6 +68,9 @@ class Report:
     # spent), "epochs" or "max_steps" (as asked), "early_stop" or "time_budget".
     planned_steps: int = 0
     stopped: str = ""
+    # Steps a rank search (pstrn) trained its candidates before the fine-tune: with ``steps``,
+    # the run's whole budget (0: the selector does not search).
+    search_steps: int = 0
     # Per phase, "gates" (gates and weights learn until the freeze, pruning and refit included) and
     # "weights" (the pruned model's fine-tune): steps, samples, tokens and seconds. The phases'
     # steps add up to ``steps``; their seconds are the fine-tune's (``seconds`` adds the set-up).

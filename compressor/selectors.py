@@ -28,6 +28,13 @@ Registered here:
 * ``svd-llm``: the same factors at SVD-LLM's own allocation: one share of parameters
   kept in every layer, embeddings dense.
 
+Registered in their own module:
+
+* ``pstrn`` (:mod:`compressor.pstrn`): PSTRN's progressive genetic search over ring ranks
+  (Li et al., 2021), each candidate briefly trained and scored. It is the one selector that
+  *searches*: it declares :attr:`RankSelector.searches`, and the run hands its ``prepare`` a
+  :class:`Search` (a ``trial`` that trains a candidate, and the steps it may spend).
+
 A new selector is a subclass with ``name=...``: ``class Mine(RankSelector, name="mine")``.
 A selector never changes the plan: :meth:`RankSelector.prepare` returns how every layer
 starts (:class:`~compressor.plan.Starts`), with its :class:`FaithfulStart` for the report.
@@ -143,6 +150,25 @@ class FaithfulStart:
     @property
     def gates_idle(self) -> bool:
         return self.ratio >= self.target
+
+
+#: ``trial(starts, steps) -> loss``: a candidate built from ``starts`` (ungated), trained
+#: ``steps`` optimiser steps on the run's data and scored by its task loss on held-back batches
+#: (lower is better). Made by :func:`compressor.trials.candidate_trial`.
+Trial = Callable[[Starts, int], float]
+
+
+@dataclass(frozen=True)
+class Search:
+    """What a searching selector is given to choose with: ``trial`` (:data:`Trial`), the
+    ``budget`` of optimiser steps all its trials together may train, and the ``seed`` its own
+    draws start from. The run gives it only to a selector that declares
+    :attr:`RankSelector.searches`, and takes :meth:`RankSelector.search_steps` of the budget off
+    the fine-tune that follows."""
+
+    trial: Trial
+    budget: int
+    seed: int
 
 
 class Prepared(NamedTuple):
@@ -529,6 +555,8 @@ class RankSelector:
     #: Whether the selector lays every weight out as a two-factor matrix (no tensor network):
     #: then no other layout, an mpo one included, applies.
     two_factors: ClassVar[bool] = False
+    #: Whether ``prepare`` trains candidates to choose (it then takes ``search=``, a :class:`Search`).
+    searches: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -556,6 +584,11 @@ class RankSelector:
     def needs_calibration(self, options: SelectorOptions) -> bool:
         """Whether a run with ``options`` must observe the layers' inputs before ``prepare``."""
         return self.calibrates or (self.gated and options.init == "activations")
+
+    def search_steps(self, budget: int) -> int:
+        """The optimiser steps ``prepare`` trains when its :class:`Search` has ``budget`` (exactly:
+        the run takes them off the fine-tune, so search and fine-tune spend the budget together)."""
+        return 0
 
 
 class L0Selector(RankSelector, name="l0"):
