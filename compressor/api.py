@@ -217,9 +217,8 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     quantization = _quantized(slim, config.quantize, stage)
     acc = _final_accuracy(slim, history, eval_loader, config.forward_fn, measure=quantization is not None)
     measured = dict(target=asked, dense_accuracy=dense_acc, accuracy=acc, start=start_summary(start, start_acc),
-                    search_steps=spec.schedule.searched,
                     **_sizes(the_plan.dense_params, count_state(slim), quantization, config.target))
-    report = _report(the_plan, applied, initial, slim, history, module, settled, measured, started)
+    report = _report(the_plan, applied, initial, slim, history, module, spec, measured, started)
     return CompressResult(slim, report, history, blueprint, quantization)
 
 
@@ -244,17 +243,20 @@ def _sizes(dense: int, elements: int, quantization: Quantization | None, aimed: 
 
 
 def _report(the_plan: CompressionPlan, applied: Applied, initial: dict[str, list[int]], slim: nn.Module,
-            history: TrainHistory, module: nn.Module, settled: Settled, measured: dict[str, Any],
+            history: TrainHistory, module: nn.Module, spec: RunSpec, measured: dict[str, Any],
             started: float) -> Report:
-    """The run's :class:`Report`: sizes, layers, the fine-tune's history and ``measured`` (the
-    target asked, the accuracies, how the start went, the bytes); its seconds run from ``started`` to now."""
-    config, params = settled.config, count_state(slim)
+    """The run's :class:`Report`: sizes, layers, the fine-tune's history, what ``spec`` chose (and
+    the steps a rank search took) and ``measured`` (the target asked, the accuracies, how the start
+    went, the bytes); its seconds run from ``started`` to now."""
+    settled, params = spec.chosen, count_state(slim)
+    config = settled.config
     return Report(
         decomp=config.decomp, source=the_plan.source, dense_params=the_plan.dense_params,
         params=params, ratio=the_plan.dense_params / params,
         layers=_layer_reports(the_plan, applied, initial, tn_layers(slim)),
         skipped=[{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
-        seconds=time.perf_counter() - started, **history_fields(history), **measured,
+        seconds=time.perf_counter() - started, search_steps=spec.schedule.searched, **history_fields(history),
+        **measured,
         param_ratio=count_params(module) / count_params(slim), chosen=settled.chosen(history.refitted, history.gate_lr))
 
 

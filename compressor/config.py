@@ -376,6 +376,8 @@ class CompressConfig:
                               "chooses its ranks itself (whitened-svd and svd-llm are the ones fitted to activations)")
         if self.refit and not RankSelector.registry[self.rank_select].gated:
             raise ConfigError(f"refit keeps the ranks gates learned; rank selector {self.rank_select!r} has no gates")
+        if self.rank is not None and RankSelector.registry[self.rank_select].searches:
+            raise ConfigError(f"rank sets every bond; rank selector {self.rank_select!r} searches the ranks itself")
         if self.init == "activations" and (self.rank is not None or self.start == "ladder"):
             raise ConfigError("init 'activations' fits each layer's start to its inputs; it cannot be combined "
                               "with a fixed rank or start 'ladder'")

@@ -97,6 +97,8 @@ def test_pstrn_needs_the_runs_trials_and_one_process(trained_digits_net, digits,
     with pytest.raises(ConfigError, match="trains candidates to choose"):
         get_selector("pstrn").prepare(plan(trained_digits_net, config.plan_options()), trained_digits_net,
                                       config.selector_options())
+    with pytest.raises(ConfigError, match="rank sets every bond; rank selector 'pstrn' searches the ranks itself"):
+        CompressConfig(target=6, rank_select="pstrn", rank=4)
     monkeypatch.setattr(compressor.distributed.World, "current", classmethod(lambda cls: World(0, 2)))
     xtr, ytr, _, _ = digits
     with pytest.raises(ConfigError, match="under data parallel each rank would search its own shard"):
