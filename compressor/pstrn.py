@@ -185,10 +185,11 @@ class ProgressiveSearch:
         """``share`` candidates in ``grid``: its centre and random genomes, then generations
         of children of the best (binary tournaments, two-point crossover, mutation)."""
         size = min(POPULATION, max(2, share // 2), share)
-        genomes = [tuple([LEVELS // 2] * len(grid))][:size]
-        genomes += [self._fresh(grid, lambda: tuple(self.rng.randrange(LEVELS) for _ in grid))
-                    for _ in range(size - len(genomes))]
-        population = [self._train(grid, g) for g in genomes]
+        centre = tuple([LEVELS // 2] * len(grid))  # the last phase's elites' common ranks, unless trained already
+        population = [self._train(grid, centre)] if self._ranks(grid, centre) not in self.seen else []
+        while len(population) < size:  # one at a time: each new genome is checked against those just trained
+            population.append(self._train(grid, self._fresh(grid, lambda: tuple(self.rng.randrange(LEVELS)
+                                                                                  for _ in grid))))
         found = list(population)
         while len(found) < share:
             children = [self._train(grid, self._fresh(grid, lambda: self._child(population)))
