@@ -41,7 +41,8 @@ What this implementation changes, and why:
   split of its own, and the test data stays out of the choice.
 
 The same seed gives the same candidates, scores and ranks: the GA draws from its own
-``random.Random(seed)`` and every trial from a seeded, restored torch stream.
+``random.Random(seed)`` and every trial from a seeded, restored torch stream. A time budget
+counts the search's seconds (they come before the fine-tune), so it is the fine-tune it cuts.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -198,7 +200,7 @@ class ProgressiveSearch:
             population = sorted(population + children, key=lambda c: c.key)[:size]
         return found
 
-    def _fresh(self, grid: list[list[int]], draw) -> tuple[int, ...]:
+    def _fresh(self, grid: list[list[int]], draw: Callable[[], tuple[int, ...]]) -> tuple[int, ...]:
         """A genome from ``draw()`` whose ranks were not trained yet (after :data:`RETRIES`, any)."""
         for _ in range(RETRIES):
             codes = draw()
