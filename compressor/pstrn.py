@@ -9,7 +9,7 @@ What the paper leaves out, read from the authors' code (NSGA-Net's GA on pymoo):
   (at least 2 there: their ranks start from scratch; 1 here, where the cores start from the
   pretrained weights' TT-SVD);
 * three phases with spacings 5, 2, 1: ranks 5..25 first, then five ranks two apart, then one
-  apart, each phase centred per bond on the code most of the 5 best candidates so far share;
+  apart, each phase centred per bond on the code most of the last phase's 5 best share;
 * a population of 30, binary tournament selection, two-point crossover, polynomial
   mutation of the integer codes (eta 3, one gene in ``n`` on average), duplicates eliminated,
   survival of the best; 1,500 + 900 + the rest of 3,000 candidates over the phases;
