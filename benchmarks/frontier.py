@@ -101,7 +101,8 @@ def main() -> None:
                 r = res.report
                 run = {"selector": sel, "init": init, "refit": refit, "target": target, "seed": seed, "ratio": r.ratio,
                        "accuracy": r.accuracy,
-                       "seconds": time.perf_counter() - t0, "steps": r.steps, "forced": r.forced,
+                       "seconds": time.perf_counter() - t0, "steps": r.steps, "search_steps": r.search_steps,
+                       "forced": r.forced,
                        "ratio_before_force": r.ratio_before_force, "refitted": res.history.refitted,
                        "chosen": r.chosen, "code": CODE,
                        "layers": [{"name": l.name, "initial_ranks": l.initial_ranks, "final_ranks": l.final_ranks,

@@ -7,6 +7,8 @@ checkpoint), learned ranks per layer, wall time; the checkpoint is saved, reload
     python benchmarks/lenet5.py                      # 20x and 5x from the nn.Module
     python benchmarks/lenet5.py --source export      # the same model given as a .pt2
     python benchmarks/lenet5.py --no-labels --targets 5x   # label-free distillation
+    python benchmarks/lenet5.py --targets 20x --tensorizations balanced,mpo --epochs 2 --out /tmp/mpo.json
+                                                     # the mpo layout beside the default, one process
 Writes benchmarks/results/lenet5_<source>[_nolabels].json.
 """
 
@@ -36,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="20x,5x")
     ap.add_argument("--decomp", default="tr")
+    ap.add_argument("--tensorizations", default="balanced", help="comma list of balanced, mpo: each target in each")
     ap.add_argument("--source", choices=["module", "export"], default="module")
     ap.add_argument("--no-labels", action="store_true", help="loader yields images only (distillation)")
     ap.add_argument("--epochs", type=int, default=None)
@@ -63,11 +66,12 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(dense_file))
         dense_bytes = dense_file.stat().st_size
         runs = []
-        for target in args.targets.split(","):
+        for target, layout in [(t, z) for t in args.targets.split(",") for z in args.tensorizations.split(",")]:
             t0 = time.perf_counter()
-            res = compress(model, train, args.decomp, target, eval_loader=test, epochs=args.epochs, seed=args.seed)
+            res = compress(model, train, args.decomp, target, eval_loader=test, epochs=args.epochs, seed=args.seed,
+                           tensorization=layout)
             seconds = time.perf_counter() - t0
-            ckpt = Path(tmp) / f"slim_{target}.safetensors"
+            ckpt = Path(tmp) / f"slim_{target}_{layout}.safetensors"
             save(res, ckpt)
             base = model if args.source == "export" else lenet5
             back = load(ckpt, base=base)
@@ -75,7 +79,7 @@ def main() -> None:
             with torch.no_grad():
                 ref = res.model(x)
                 diff_load = float((back(x) - ref).abs().max())
-                pt2 = Path(tmp) / f"slim_{target}.pt2"
+                pt2 = Path(tmp) / f"slim_{target}_{layout}.pt2"
                 export_program(res.model, xte[:8], pt2)
                 prog = torch.export.load(str(pt2)).module()
                 diff_pt2 = float((prog(x) - ref).abs().max())
@@ -83,7 +87,8 @@ def main() -> None:
             saved_params = sum(t.numel() for t in load_file(str(ckpt)).values())
             r = res.report
             run = {
-                "target": target, "decomp": args.decomp, "source": args.source, "labels": not args.no_labels,
+                "target": target, "decomp": args.decomp, "tensorization": layout, "source": args.source,
+                "labels": not args.no_labels,
                 "dense_accuracy": dense_acc, "accuracy": r.accuracy, "drop_points": 100 * (dense_acc - r.accuracy),
                 "ratio_report": r.ratio, "ratio_checkpoint": r.dense_params / saved_params,
                 "dense_params": r.dense_params, "params": saved_params,
@@ -103,8 +108,11 @@ def main() -> None:
     out = Path(args.out) if args.out else HERE / "results" / f"lenet5_{args.source}{'_nolabels' if args.no_labels else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     # A run replaces the earlier record of its target and decomposition; the other targets' records stay.
-    made = {(r["target"], r["decomp"]) for r in runs}
-    kept = [r for r in json.loads(out.read_text())["runs"] if (r["target"], r["decomp"]) not in made] \
+    def key(r):
+        return r["target"], r["decomp"], r.get("tensorization", "balanced")
+
+    made = {key(r) for r in runs}
+    kept = [r for r in json.loads(out.read_text())["runs"] if key(r) not in made] \
         if out.exists() else []
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "torch_threads": torch.get_num_threads(),
                                "runs": runs + kept}, indent=2))

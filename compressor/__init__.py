@@ -6,6 +6,7 @@
     slim = load("slim.safetensors", base=original_model_or_factory)
 """
 
+from . import pstrn  # noqa: F401  (registers --rank-select pstrn before the config reads the registry)
 from .api import CompressResult, Report, compress, evaluate
 from .blueprint import Blueprint
 from .config import CompressConfig, parse_target

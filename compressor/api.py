@@ -26,7 +26,7 @@ from .quantize import (QUANTIZER, ByteBudget, Quantization, aim, byte_budget, pl
 from .trace import as_module
 from .surgery import Applied, apply, evaluation_mode, set_training, tn_layers
 from .blueprint import ELEMENT_TARGET, Blueprint
-from .selectors import FaithfulStart, get_selector
+from .selectors import FaithfulStart, Search, get_selector
 from .blocks import shared_blocks
 from .batches import BatchCheck, ForwardFn, check_labels, describe_inputs, forward, located, require_reiterable, split_batch
 from .budget import EARLY_STOP_BATCHES, EARLY_STOP_CHECKS, BatchSize, format_seconds
@@ -34,7 +34,8 @@ from .losses import count_correct
 from .refit import refit_layers
 from .report import LayerReport, Report, history_fields, start_summary
 from .resume import load_state, random_state_kept
-from .runspec import RunSpec, begin_run
+from .runspec import RunSpec, begin_run, planned_schedule
+from .trials import candidate_trial
 from .train import TrainEvent, TrainHistory, finetune
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,8 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     # The first batch is what torch.export traces when torch.fx cannot (Hugging Face models).
     example = split_batch(first_batch)[0] if config.forward_fn is None else None
     stage = _stage_reporter(callback)
-    the_plan, starts, start, settled = _choose_start(module, teacher, loader, example, config, selector, stage)
+    the_plan, starts, start, settled, searched = _choose_start(module, teacher, loader, example, config, selector,
+                                                               stage, (has_labels, batch_size))
     config = settled.config
     dense_acc = evaluate(teacher, eval_loader, config.forward_fn) if eval_loader is not None else None
 
@@ -202,7 +204,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     start_acc = evaluate_fn(applied.model) if evaluate_fn is not None and saved is None else None  # step 0
     refit = _refit(module, the_plan, starts, applied.sites, config)
     spec = begin_run(settled, loader, applied.model, the_plan.dense_params, applied.keep_factorized, state_file,
-                     keep_final=keep_state, batch=batch_size)
+                     keep_final=keep_state, batch=batch_size, searched=searched)
     stage(budget_line(spec, eval_loader is not None))
     slim, history = finetune(applied.model, teacher if spec.distillation.needs_teacher(has_labels) else None,
                              loader, spec, callback=callback, evaluate=evaluate_fn, refit=refit, resume_state=saved,
@@ -216,7 +218,7 @@ def compress(model: Any, loader: Iterable, decomp: str | None = None, target: An
     acc = _final_accuracy(slim, history, eval_loader, config.forward_fn, measure=quantization is not None)
     measured = dict(target=asked, dense_accuracy=dense_acc, accuracy=acc, start=start_summary(start, start_acc),
                     **_sizes(the_plan.dense_params, count_state(slim), quantization, config.target))
-    report = _report(the_plan, applied, initial, slim, history, module, settled, measured, started)
+    report = _report(the_plan, applied, initial, slim, history, module, spec, measured, started)
     return CompressResult(slim, report, history, blueprint, quantization)
 
 
@@ -241,17 +243,20 @@ def _sizes(dense: int, elements: int, quantization: Quantization | None, aimed: 
 
 
 def _report(the_plan: CompressionPlan, applied: Applied, initial: dict[str, list[int]], slim: nn.Module,
-            history: TrainHistory, module: nn.Module, settled: Settled, measured: dict[str, Any],
+            history: TrainHistory, module: nn.Module, spec: RunSpec, measured: dict[str, Any],
             started: float) -> Report:
-    """The run's :class:`Report`: sizes, layers, the fine-tune's history and ``measured`` (the
-    target asked, the accuracies, how the start went, the bytes); its seconds run from ``started`` to now."""
-    config, params = settled.config, count_state(slim)
+    """The run's :class:`Report`: sizes, layers, the fine-tune's history, what ``spec`` chose (and
+    the steps a rank search took) and ``measured`` (the target asked, the accuracies, how the start
+    went, the bytes); its seconds run from ``started`` to now."""
+    settled, params = spec.chosen, count_state(slim)
+    config = settled.config
     return Report(
         decomp=config.decomp, source=the_plan.source, dense_params=the_plan.dense_params,
         params=params, ratio=the_plan.dense_params / params,
         layers=_layer_reports(the_plan, applied, initial, tn_layers(slim)),
         skipped=[{"name": s.name, "kind": s.kind, "reason": s.reason} for s in the_plan.skipped],
-        seconds=time.perf_counter() - started, **history_fields(history), **measured,
+        seconds=time.perf_counter() - started, search_steps=spec.schedule.searched, **history_fields(history),
+        **measured,
         param_ratio=count_params(module) / count_params(slim), chosen=settled.chosen(history.refitted, history.gate_lr))
 
 
@@ -264,7 +269,10 @@ def budget_line(spec: RunSpec, held_out: bool) -> str:
     else:
         line = f"fine-tuning budget: {schedule.epochs} epochs of {schedule.batches_per_epoch} batches (as asked)"
     if schedule.limit == "max_steps":
-        line += f", cut to {schedule.total_steps:,} steps (max_steps)"
+        line += f", cut to {schedule.total_steps + schedule.searched:,} steps (max_steps)"
+    if schedule.searched:
+        line += (f"; the rank search trained {schedule.searched:,} of them, the fine-tune trains the other "
+                 f"{schedule.total_steps:,}")
     if spec.early_stop is not None:
         data = "evaluation" if held_out else "training"
         line += (f"; early stop: {EARLY_STOP_CHECKS} checks of the loss on {EARLY_STOP_BATCHES} {data} batches, "
@@ -306,6 +314,9 @@ def _shard(config: CompressConfig, selector: Any, loader: Iterable,
     world = World.current()
     if not world.parallel:
         return loader, eval_loader
+    if selector.searches:
+        raise ConfigError(f"rank selector {config.rank_select!r} trains and scores its candidates in one process: "
+                          "under data parallel each rank would search its own shard; run it in one process")
     if selector.gate is not None and selector.gate.score_function:
         raise ConfigError(f"rank selector {config.rank_select!r} samples several forwards per step, which "
                           "data-parallel training cannot average; use l0")
@@ -313,12 +324,14 @@ def _shard(config: CompressConfig, selector: Any, loader: Iterable,
 
 
 def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, example: Any, config: CompressConfig,
-                  selector: Any, stage: Callable[[str], None]
-                  ) -> tuple[CompressionPlan, Starts, FaithfulStart | None, Settled]:
+                  selector: Any, stage: Callable[[str], None], first: tuple[bool, BatchSize]
+                  ) -> tuple[CompressionPlan, Starts, FaithfulStart | None, Settled, int]:
     """Plan the layers, settle the depth-dependent defaults, observe the layers' inputs if the
     selector needs it, and choose how each starts (after checking that the model has the blocks
-    hidden-state distillation would match). Returns the plan (without the layers the selector
-    keeps dense), the starts, the faithful start for the report and the settled options."""
+    hidden-state distillation would match); a selector that searches is given its trials
+    (``first``: whether the batches have labels, and what the first holds). Returns the plan
+    (without the layers the selector keeps dense), the starts, the faithful start for the report,
+    the settled options and the steps the search trained."""
     check_finite(module)  # before calibration and the TT-SVD, which would fail on them without a name
     if config.distill_hidden > 0:
         shared_blocks(module, teacher)  # a model without repeated blocks fails now, not after calibration
@@ -337,11 +350,29 @@ def _choose_start(module: nn.Module, teacher: nn.Module, loader: Iterable, examp
         grams = calibration.input_grams(teacher, the_plan, loader, config.calibration_batches, config.forward_fn)
         whiten = calibration.start_factors(teacher, the_plan, grams)
     stage(f"choosing the starting layout and ranks of {len(the_plan.layers)} layers ({the_plan.source} plan)")
-    starts, start = selector.prepare(the_plan, module, options, whiten)
+    search = _search(module, teacher, loader, the_plan, config, selector, first) if selector.searches else None
+    extra = {"search": search} if search is not None else {}
+    if search is not None:
+        stage(f"rank search: {selector.search_steps(search.budget):,} training steps over candidates "
+              f"(of a budget of {search.budget:,})")
+    starts, start = selector.prepare(the_plan, module, options, whiten, **extra)
     if budget is not None:
         settled, starts, start = _aim_bytes(budget, the_plan, settled, selector, (starts, start),
-                                            lambda c: selector.prepare(the_plan, module, c.selector_options(), whiten))
-    return the_plan.leaving_dense(starts.dense), starts, start, settled
+                                            lambda c: selector.prepare(the_plan, module, c.selector_options(), whiten,
+                                                                       **extra))
+    searched = selector.search_steps(search.budget) if search is not None else 0
+    return the_plan.leaving_dense(starts.dense), starts, start, settled, searched
+
+
+def _search(module: nn.Module, teacher: nn.Module, loader: Iterable, the_plan: CompressionPlan,
+            config: CompressConfig, selector: Any, first: tuple[bool, BatchSize]) -> Search:
+    """What a searching selector may spend: the share of the run's budget ``l0``'s gates get
+    (``gate_fraction`` of every step the run would train), and the trial that spends it."""
+    labelled, batch = first
+    with random_state_kept():  # counting a loader's batches may draw from the stream
+        total = planned_schedule(config, loader, module, the_plan.dense_params, batch).total_steps
+    trial = candidate_trial(module, the_plan, loader, teacher, config, labelled)
+    return Search(trial, int(config.gate_fraction * total), config.seed)
 
 
 def _aim_bytes(budget: ByteBudget, the_plan: CompressionPlan, settled: Settled, selector: Any,
@@ -467,5 +498,5 @@ def _layer_reports(the_plan: CompressionPlan, applied: Applied, initial: dict[st
         final, after = ((layer.ranks, layer.param_count() + layer.buffer_count()) if layer is not None
                         else ([], lp.params_before))
         reports.append(LayerReport(name, lp.kind, list(lp.shape), tz, initial[name], final, lp.params_before,
-                                   after, kept_dense=layer is None))
+                                   after, kept_dense=layer is None, paired=lp.paired))
     return reports

@@ -40,13 +40,17 @@ from .forms import check_form
 from .serving import serve_as, size_budget
 
 FORMAT = "compressor.slim"
-VERSION = 3
+VERSION = 4
 #: Version 2 added ``tied`` (layers computing from another layer's cores); a file without
 #: ties is still written as version 1, so older readers keep reading it.
 TIED_VERSION = 2
 #: Version 3 added ``quantization`` (int8 tensors and their scales, see compressor/quantize.py):
 #: an older reader would cast the int8 values into float weights, so it must refuse the file.
 QUANTIZED_VERSION = 3
+#: Version 4 added paired (mpo) layouts (a spec's ``"paired": true``: core k holds input mode k and
+#: output mode k): an older reader would take the cores for inputs-then-outputs and compute a
+#: scrambled weight, so it must refuse the file. A file without one keeps its older version.
+PAIRED_VERSION = 4
 
 
 def describe(model: nn.Module, blueprint: Blueprint) -> dict[str, Any]:
@@ -65,7 +69,8 @@ def describe(model: nn.Module, blueprint: Blueprint) -> dict[str, Any]:
     dense = blueprint.dense_params
     meta = {
         "format": FORMAT,
-        "version": TIED_VERSION if tied else 1,
+        "version": max(TIED_VERSION if tied else 1,
+                       PAIRED_VERSION if any(e["spec"].get("paired") for e in layers.values()) else 1),
         "source": blueprint.source,
         "layers": layers,
         "params": params,
@@ -117,7 +122,7 @@ def save(model: nn.Module | Blueprinted, path: str | os.PathLike, extra: dict[st
     if quantization is not None:
         check_written(quantization, tensors)
         tensors.update(quantization.file_tensors())
-        meta.update(version=QUANTIZED_VERSION, quantization=quantization.describe())
+        meta.update(version=max(meta["version"], QUANTIZED_VERSION), quantization=quantization.describe())
     header = {"compressor": json.dumps(meta)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
@@ -268,7 +273,7 @@ def _check_spec_values(spec: dict[str, Any], klass: type[TNLayer]) -> None:
         value = spec[f]
         if not (isinstance(value, list) and len(value) <= 64 and all(_is_int(v, 1) for v in value)):
             raise ValueError(f"{f} must be a list of positive integers, not {repr(value)[:60]}")
-    for f in ("bias", "merge_spatial"):
+    for f in ("bias", "merge_spatial", "paired"):
         if f in spec and not isinstance(spec[f], bool):
             raise ValueError(f"{f} must be true or false, not {repr(spec[f])[:60]}")
 

@@ -38,7 +38,7 @@ from .data import TensorLoader, load_tensor_file, resolve_data
 from .distributed import init_from_env, leave
 from .surgery import set_training
 from .trace import as_module
-from .layers import TiedTNLinear, TNLayer
+from .layers import TiedTNLinear, TNLayer, layer_class, paired_cores
 from .model_files import import_arch, load_model
 from .plot import check_available, plot_run
 from .config import CompressConfig
@@ -235,6 +235,12 @@ def _fmt_ranks(r: list[int]) -> str:
     return "(" + ",".join(str(x) for x in r) + ")"
 
 
+def _fmt_cores(cores) -> str:
+    """What each core carries: ``mpo 25 · 2×4 · 3×4`` (a conv's window core, then (input × output)
+    pairs) for a paired layout; the core modes for the others."""
+    return "mpo " + " · ".join("×".join(str(m) for m in core) for core in cores)
+
+
 def report_table(report) -> Table:
     t = Table(title=f"compressed with {report.decomp.upper()} — whole model {report.dense_params:,} → "
                     f"{report.params:,} parameters = {report.ratio:.2f}x", title_justify="left")
@@ -242,6 +248,9 @@ def report_table(report) -> Table:
         t.add_column(col, overflow="fold")
     for l in report.layers:
         tz = f"in {_fmt_ranks(l.tensorization[0])} out {_fmt_ranks(l.tensorization[1])}"
+        if l.paired:
+            window = layer_class(l.kind).window(tuple(l.shape))
+            tz = _fmt_cores(paired_cores(l.tensorization[0], l.tensorization[1], window))
         if l.kept_dense:
             t.add_row(l.name, l.kind, "×".join(map(str, l.shape)), tz,
                       f"{_fmt_ranks(l.initial_ranks)} → dense (factorized was not smaller)",
@@ -568,7 +577,8 @@ def forms_table(forms: dict[str, Any]) -> Table:
 
 
 #: The CompressConfig fields the main command offers, in --help order.
-RUN_CONFIG = ("quantize", "epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "rank_select", "init",
+RUN_CONFIG = ("quantize", "epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "tensorization",
+              "rank_select", "init",
               "calibration_batches", "start",
               "start_error", "max_steps", "early_stop", "early_stop_patience", "early_stop_min_delta", "gate_fraction",
               "refit", "distill_loss", "distill_hidden", "log_every", "lr", "device")
@@ -740,7 +750,8 @@ def _layers_table(checkpoint: Path, meta: dict[str, Any], tensors: dict[str, tor
         room = (budget if budget else params) - params
         cells = ["-" if sizes[f] is None else f"{sizes[f]:,}" if sizes[f] - sizes["cores"] <= room
                  else f"[dim]{sizes[f]:,} (over)[/dim]" for f in ("factors", "dense")]
-        t.add_row(" + ".join(group.members), s["kind"], s["decomp"], _fmt_ranks(modes), _fmt_ranks(s["ranks"]),
+        shown = _fmt_cores(group.layer.pairs()) if group.layer.paired else _fmt_ranks(modes)
+        t.add_row(" + ".join(group.members), s["kind"], s["decomp"], shown, _fmt_ranks(s["ranks"]),
                   f"{n:,}", *cells)
     return t
 

@@ -173,6 +173,24 @@ def device_name(label: str, value: Any) -> None:
                           "or cuda:1")
 
 
+#: The layouts ``tensorization`` names for every layer: the input modes' cores then the output
+#: modes' (``balanced``, the default), or core k carrying input mode k and output mode k (``mpo``).
+TENSORIZATIONS = ("balanced", "mpo")
+
+
+def tensorization_value(value: Any) -> Any:
+    """``None`` and ``"balanced"`` as the default (no per-layer override); anything else as given."""
+    return {} if value is None or value == "balanced" else value
+
+
+def tensorization_option(label: str, value: Any) -> None:
+    """``"mpo"`` or a per-layer dict ``{fqn: (in_modes, out_modes)}`` (the planner checks the modes)."""
+    if isinstance(value, dict) or value == "mpo":
+        return
+    raise ConfigError(f"unknown {label} {str(value)[:60]!r}; choose {' or '.join(TENSORIZATIONS)}, or give a per-layer "
+                      "dict {fqn: (in_modes, out_modes)}")
+
+
 def rank_map(label: str, value: Any) -> None:
     for name, rank in value.items():
         ranks = [rank] if isinstance(rank, int) else list(rank)
@@ -315,8 +333,13 @@ class CompressConfig:
         "help": "forward_fn(model, batch) -> (output, labels): how to run the model on a batch the built-in "
                 "conventions do not cover (x, (x, y), a dict of keyword inputs with optional 'labels')",
         "check": forward_function})
-    tensorization: dict[str, tuple[Sequence[int], Sequence[int]]] = field(default_factory=dict, metadata={
-        "help": "per-layer tensorization override, {fqn: (in_modes, out_modes)}"})
+    tensorization: dict[str, tuple[Sequence[int], Sequence[int]]] | str = field(default_factory=dict, metadata={
+        "help": "how every factorized layer's weight is split into cores: balanced (the input modes' cores, "
+                "then the output modes') or mpo (a matrix product operator: input and output split into as many "
+                "balanced modes, core k carrying input mode k and output mode k; a conv's kernel window is a core "
+                "of its own; the faithful start keeps that layout). In the API also a per-layer override "
+                "{fqn: (in_modes, out_modes)}",
+        "convert": tensorization_value, "check": tensorization_option})
     layer_ranks: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "per-layer initial rank override, {fqn: int or [bond sizes]}", "check": rank_map})
     device: str | None = field(default=None, metadata={
@@ -353,18 +376,41 @@ class CompressConfig:
                               "chooses its ranks itself (whitened-svd and svd-llm are the ones fitted to activations)")
         if self.refit and not RankSelector.registry[self.rank_select].gated:
             raise ConfigError(f"refit keeps the ranks gates learned; rank selector {self.rank_select!r} has no gates")
+        if self.rank is not None and RankSelector.registry[self.rank_select].searches:
+            raise ConfigError(f"rank sets every bond; rank selector {self.rank_select!r} searches the ranks itself")
         if self.init == "activations" and (self.rank is not None or self.start == "ladder"):
             raise ConfigError("init 'activations' fits each layer's start to its inputs; it cannot be combined "
                               "with a fixed rank or start 'ladder'")
+        self._check_paired()
+
+    @property
+    def paired(self) -> bool:
+        """Whether every factorized layer is laid out as a matrix product operator (``tensorization="mpo"``)."""
+        return self.tensorization == "mpo"
+
+    def _check_paired(self) -> None:
+        """What an mpo layout cannot be combined with: a start fitted to activations folds the
+        input's whitening into the one core holding the whole input, and the two-factor selectors
+        lay every weight out as a plain matrix (one core each side), which no pairing has."""
+        if not self.paired:
+            return
+        if self.init == "activations":
+            raise ConfigError("init 'activations' needs the whole input in one core; tensorization 'mpo' spreads "
+                              "it over every core (use init 'weights')")
+        if RankSelector.registry[self.rank_select].two_factors:
+            raise ConfigError(f"rank selector {self.rank_select!r} lays every weight out as a two-factor matrix; "
+                              "it cannot use tensorization 'mpo'")
 
     def plan_options(self) -> PlanOptions:
         """What the planner reads: which layers to factorize, and their per-layer overrides."""
-        return PlanOptions(self.min_params, self.skip, self.filter_fn, self.tensorization, self.layer_ranks, self.rank)
+        overrides = {} if self.paired else self.tensorization
+        return PlanOptions(self.min_params, self.skip, self.filter_fn, overrides, self.layer_ranks, self.rank,
+                           self.paired)
 
     def selector_options(self) -> SelectorOptions:
         """What a rank selector reads: the target, the decomposition, the gates and the start."""
         return SelectorOptions(self.target, self.decomp, self.sigma, self.gate_margin, self.rank, self.start,
-                               self.start_error, self.init, tuple(self.tensorization))
+                               self.start_error, self.init, () if self.paired else tuple(self.tensorization))
 
     def settled(self, layers: int, observable: bool = True) -> "Settled":
         """This config with the choices left to the tool that depend on the model's depth made,
@@ -388,7 +434,7 @@ class CompressConfig:
         deep = deep_stack(layers)  # the one place a run asks
         init = self.init
         if init == "auto":
-            fits = gated and deep and observable and self.rank is None and self.start != "ladder"
+            fits = gated and deep and observable and self.rank is None and self.start != "ladder" and not self.paired
             init = "activations" if fits else "weights"
         refit = (True if gated and deep else None if gated else False) if self.refit is None else self.refit
         lr = self.lr if self.lr is not None else DEEP_STACK_LR if deep else DEFAULT_LR

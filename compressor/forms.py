@@ -168,7 +168,10 @@ def embedding_factors(layer: TNEmbedding) -> nn.Sequential | None:
 
 
 def factors(layer: TNLayer) -> nn.Sequential | None:
-    """The layer as two standard modules (None: its cores cannot be cut between inputs and outputs)."""
+    """The layer as two standard modules (None: its cores cannot be cut between inputs and outputs,
+    as a paired (mpo) layout's, whose every core holds an input mode and an output mode)."""
+    if layer.paired:
+        return None
     if isinstance(layer, TNEmbedding):
         return embedding_factors(layer)
     if isinstance(layer, TNConv2d):

@@ -123,6 +123,32 @@ def _nontrivial(modes: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(m) for m in modes if int(m) > 1)
 
 
+def _pair_products(tensorization) -> tuple[int, ...]:
+    """``i_k o_k`` of every (input mode, output mode) pair of a paired layout (checked to pair up)."""
+    tn.check_pairs(tensorization[0], tensorization[1])
+    return tuple(int(i) * int(o) for i, o in zip(tensorization[0], tensorization[1]))
+
+
+def paired_cores(in_modes: Sequence[int], out_modes: Sequence[int], window: Sequence[int] = (),
+                 merge_spatial: bool = False) -> tuple[tuple[int, ...], ...]:
+    """What each core of a paired layout carries: ``(kh*kw,)`` for a conv's window core (first),
+    then ``(input mode, output mode)`` per core; a merged window multiplies the first input mode.
+    Pairs of two 1s get no core (like modes of 1)."""
+    pairs = [(int(i), int(o)) for i, o in zip(in_modes, out_modes)]
+    k = math.prod(window)
+    if k > 1 and merge_spatial:
+        pairs[0] = (pairs[0][0] * k, pairs[0][1])
+    cores: list[tuple[int, ...]] = [(k,)] if k > 1 and not merge_spatial else []
+    return tuple(cores + [p for p in pairs if p[0] * p[1] > 1])
+
+
+def _side(modes: Sequence[int], dim: int, what: str, paired: bool) -> tuple[int, ...]:
+    """A layer's checked modes of one side: without modes of 1, except in a paired layout, where
+    each keeps its place beside its partner on the other side."""
+    checked = tn.check_modes(tuple(modes) or (1,), dim, what)
+    return checked if paired else _nontrivial(checked)
+
+
 def _flat(values) -> tuple[int, ...]:
     """Spec/attribute values as one shape tuple (a conv's kernel_size is itself a pair)."""
     out: list[int] = []
@@ -227,12 +253,23 @@ class DenseRules:
         return module
 
     @classmethod
-    def tensorization(cls, shape: tuple[int, ...], override: Any = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(input modes, output modes) of a dense weight of ``shape``: the checked override or a balanced split."""
+    def tensorization(cls, shape: tuple[int, ...], override: Any = None,
+                      paired: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(input modes, output modes) of a dense weight of ``shape``: the checked override or a balanced
+        split; ``paired``: as many input modes as output modes (:func:`~compressor.tensornet.paired_factorization`)."""
         (a, b), (d_in, d_out) = cls._side_names, (shape[1], shape[0])
         if override:
-            return tn.check_modes(override[0], d_in, a), tn.check_modes(override[1], d_out, b)
-        return tn.factorize(d_in), tn.factorize(d_out)
+            tz = tn.check_modes(override[0], d_in, a), tn.check_modes(override[1], d_out, b)
+        else:
+            tz = tn.paired_factorization(d_in, d_out) if paired else (tn.factorize(d_in), tn.factorize(d_out))
+        if paired:
+            tn.check_pairs(*tz, what=f"a {shape} weight")
+        return tz
+
+    @classmethod
+    def window(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Modes between the input and the output side of the weight tensor (a conv's kernel window)."""
+        return ()
 
     @classmethod
     def matrix_layout(cls, shape: tuple[int, ...]) -> tuple[tuple[tuple[int], tuple[int]], bool]:
@@ -241,9 +278,23 @@ class DenseRules:
         return ((shape[1],), (shape[0],)), False
 
     @classmethod
-    def core_modes(cls, shape: tuple[int, ...], tensorization, merge_spatial: bool = False) -> tuple[int, ...]:
-        """Mode of every core (modes of size 1 carry nothing and get no core)."""
+    def core_modes(cls, shape: tuple[int, ...], tensorization, merge_spatial: bool = False,
+                   paired: bool = False) -> tuple[int, ...]:
+        """Mode of every core (modes of size 1 carry nothing and get no core): the input modes, then
+        the output modes; ``paired`` (an mpo layout), core k carries input k and output k, ``i_k o_k``."""
+        if paired:
+            return _nontrivial(_pair_products(tensorization))
         return _nontrivial(tensorization[0]) + _nontrivial(tensorization[1])
+
+    @classmethod
+    def layout_tensor(cls, weight: torch.Tensor, tensorization, paired: bool = False) -> torch.Tensor:
+        """The dense weight with its elements in the cores' order: :meth:`weight_tensor`, or for a
+        paired layout that tensor's modes interleaved (window first, then (input k, output k)), flat.
+        Reshaped to the core modes it is what TT-SVD splits."""
+        t = cls.weight_tensor(weight, tensorization)
+        if not paired:
+            return t
+        return tn.interleave(t, tensorization[0], cls.window(tuple(weight.shape)), tensorization[1])
 
     @classmethod
     def weight_tensor(cls, weight: torch.Tensor, tensorization=None) -> torch.Tensor:
@@ -271,15 +322,16 @@ class DenseRules:
         raise NotImplementedError
 
     @classmethod
-    def _prepare(cls, module: nn.Module, decomp: str, rank, tensorization, merge_spatial: bool = False):
+    def _prepare(cls, module: nn.Module, decomp: str, rank, tensorization, merge_spatial: bool = False,
+                 paired: bool = False):
         """The checks every ``from_dense`` starts with; returns (tensorization, bond ranks)."""
         tn.check_decomp(decomp)
         reason = cls.unsupported_reason(module)
         if reason is not None:
             raise ConfigError(reason)
         shape = tuple(module.weight.shape)
-        tz = cls.tensorization(shape, tensorization)
-        return tz, tn.resolve_ranks(rank, cls.core_modes(shape, tz, merge_spatial), decomp)
+        tz = cls.tensorization(shape, tensorization, paired)
+        return tz, tn.resolve_ranks(rank, cls.core_modes(shape, tz, merge_spatial, paired), decomp)
 
 
 # ------------------------------------------------------------------ the layer
@@ -324,6 +376,9 @@ class TNLayer(DenseRules, GatedCores):
     #: Whether the layer is a lookup table: the one that owns a weight it shares with a head
     #: (a tied head contracts its cores), and what svd-llm leaves dense.
     lookup: ClassVar[bool] = False
+    #: Whether core k carries input mode k and output mode k (an mpo layout, ``tensorization="mpo"``)
+    #: rather than the input modes' cores first and the output modes' after; set by the constructor.
+    paired: bool = False
 
     def __init_subclass__(cls, kind: str | None = None, replaces: type[nn.Module] | None = None,
                           aten: Any = None, replaces_path: str | None = None, **kwargs):
@@ -366,8 +421,26 @@ class TNLayer(DenseRules, GatedCores):
                    if name not in self._non_persistent_buffers_set)
 
     # ----------------------------------------------------------------- the dense weight
-    def dense_tensor(self) -> torch.Tensor:
-        return tn.contract(self.effective_cores())
+    def dense_tensor(self, cores: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The weight tensor of ``cores`` (default: the layer's own, gates folded in) with its
+        elements laid out as (input side, window, output side): a paired layout's cores read
+        interleaved modes, put back in that order (flat) here, so every kind rebuilds its weight
+        from it the same way whatever the layout."""
+        t = tn.contract(self.effective_cores() if cores is None else cores)
+        if not self.paired:
+            return t
+        in_field, out_field = self.mode_fields
+        return tn.deinterleave(t, getattr(self, in_field), self.window(self.dense_shape()), getattr(self, out_field))
+
+    def pairs(self) -> tuple[tuple[int, ...], ...]:
+        """What each core carries, for a reader: ``(input mode, output mode)`` per core of a paired
+        layout (the conv window's core as ``(kh*kw,)``, merged into the first pair's input when
+        ``merge_spatial``); ``(mode,)`` per core of the others."""
+        if not self.paired:
+            return tuple((m,) for m in self.modes)
+        in_field, out_field = self.mode_fields
+        return paired_cores(getattr(self, in_field), getattr(self, out_field), self.window(self.dense_shape()),
+                            bool(getattr(self, "merge_spatial", False)))
 
     def dense_weight(self) -> torch.Tensor:
         """The weight the dense layer would hold, rebuilt from the cores (differentiable)."""
@@ -384,7 +457,10 @@ class TNLayer(DenseRules, GatedCores):
         """Cores decomposed from the dense weight at the layer's present ranks (:func:`fitted_cores`,
         weighted by the inputs when ``whiten`` is given); the bias copied as is. What
         ``from_dense`` starts with, and what ``--refit`` does again at the freeze."""
-        tensor = self.weight_tensor(module.weight, tz)
+        if self.paired and whiten is not None:
+            raise ConfigError("a whitened start needs the whole input in one core; an mpo layout spreads it over "
+                              "every core (use init 'weights')")
+        tensor = self.layout_tensor(module.weight, tz, self.paired)
         cores = fitted_cores(tensor, self.modes, self.decomp, self.ranks, tz, generator, whiten, whiten_out)
         with torch.no_grad():
             for p, c in zip(self.cores, cores):
@@ -396,7 +472,10 @@ class TNLayer(DenseRules, GatedCores):
     # ----------------------------------------------------------------- description
     def spec(self) -> dict[str, Any]:
         """JSON-able description sufficient to rebuild this layer's structure."""
-        return {"kind": self.kind, **{f: _jsonable(self._spec_value(f)) for f in self.spec_fields}}
+        spec = {"kind": self.kind, **{f: _jsonable(self._spec_value(f)) for f in self.spec_fields}}
+        if not spec.get("paired", True):
+            del spec["paired"]  # the input-then-output layout is what a spec without the key means
+        return spec
 
     def _spec_value(self, name: str) -> Any:
         """A spec field's value; the bias is recorded as present/absent (its values are in the state dict)."""
@@ -424,7 +503,7 @@ class TNLayer(DenseRules, GatedCores):
         klass = cls._spec_class(spec)
         shape = _flat(spec[f] for f in klass.shape_fields)
         tz = (tuple(spec[klass.mode_fields[0]]), tuple(spec[klass.mode_fields[1]]))
-        modes = klass.core_modes(shape, tz, bool(spec.get("merge_spatial", False)))
+        modes = klass.core_modes(shape, tz, bool(spec.get("merge_spatial", False)), bool(spec.get("paired", False)))
         bias = shape[0] if spec.get("bias") else 0
         return modes, tn.param_count(modes, spec["ranks"]) + bias
 
@@ -434,29 +513,37 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
 
     aten_arg_names = ("input", "weight", "bias")
     shape_fields = ("out_features", "in_features")
-    spec_fields = ("decomp", "in_features", "out_features", "in_modes", "out_modes", "ranks", "bias", "sigma")
+    spec_fields = ("decomp", "in_features", "out_features", "in_modes", "out_modes", "ranks", "bias", "sigma",
+                   "paired")
+    spec_optional = ("sigma", "paired")
     calibration = "inputs"
 
     def __init__(self, in_features: int, out_features: int, in_modes: Sequence[int], out_modes: Sequence[int],
                  ranks: Sequence[int], decomp: str = "tr", bias: bool = True, gated: bool = True,
-                 sigma: float = 0.5, dtype=None):
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        self.in_modes = _nontrivial(tn.check_modes(in_modes, in_features, "input size")) if in_features > 1 else ()
-        self.out_modes = _nontrivial(tn.check_modes(out_modes, out_features, "output size")) if out_features > 1 else ()
-        super().__init__(self.in_modes + self.out_modes, ranks, decomp, gated, sigma, dtype)
+                 sigma: float = 0.5, dtype=None, paired: bool = False):
+        self.in_features, self.out_features, self.paired = int(in_features), int(out_features), bool(paired)
+        self.in_modes = _side(in_modes, in_features, "input size", paired) if in_features > 1 or paired else ()
+        self.out_modes = _side(out_modes, out_features, "output size", paired) if out_features > 1 or paired else ()
+        super().__init__(self.core_modes(self.dense_shape(), (self.in_modes, self.out_modes), paired=self.paired),
+                         ranks, decomp, gated, sigma, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=self.cores[0].dtype)) if bias else None
-        self._einsum = linear_contraction(len(self.in_modes), len(self.out_modes))
+        if self.paired:
+            self._pairs = tuple((i, o) for i, o in zip(self.in_modes, self.out_modes) if i * o > 1)
+            self._einsum = paired_contraction(len(self._pairs))
+        else:
+            self._einsum = linear_contraction(len(self.in_modes), len(self.out_modes))
 
     @classmethod
     def from_dense(cls, module: nn.Linear, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
                    sigma: float = 0.5, generator: torch.Generator | None = None,
-                   whiten: torch.Tensor | None = None) -> "TNLinear":
-        """``whiten``: the input factor of a data-aware start (see :meth:`TNLayer.load_dense_`)."""
-        tz, ranks = cls._prepare(module, decomp, rank, tensorization)
+                   whiten: torch.Tensor | None = None, paired: bool = False) -> "TNLinear":
+        """``whiten``: the input factor of a data-aware start (see :meth:`TNLayer.load_dense_`);
+        ``paired``: an mpo layout (core k carries input mode k and output mode k)."""
+        tz, ranks = cls._prepare(module, decomp, rank, tensorization, paired=paired)
         out_f, in_f = module.weight.shape
         layer = cls(in_f, out_f, tz[0], tz[1], ranks, decomp, module.bias is not None, gated, sigma,
-                    dtype=module.weight.dtype)
+                    dtype=module.weight.dtype, paired=paired)
         return layer.load_dense_(module, tz, generator, whiten)
 
     @classmethod
@@ -477,11 +564,18 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
 
     def serving_matrices(self) -> tuple[torch.Tensor, ...]:
         """The layer as ``F.linear`` weights, what a call in evaluation without grad reads (see
-        :func:`serving_matrices`)."""
+        :func:`serving_matrices`). A paired layout has no cut between its inputs and its outputs
+        (every core holds both), so it serves its dense weight."""
+        if self.paired:
+            return (self.dense_weight().contiguous(),)
         return serving_matrices(self.effective_cores(), len(self.in_modes), self.in_features, self.out_features)
 
     def contract_input(self, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``x W^T`` with W given by ``cores`` (no bias)."""
+        """``x W^T`` with W given by ``cores`` (no bias); a paired layout's cores are read as
+        ``(r, i_k, o_k, r')`` (a view), each taking its input mode and giving its output mode."""
+        if self.paired:
+            cores = [c.reshape(c.shape[0], i, o, c.shape[2]) for c, (i, o) in zip(cores, self._pairs)]
+            return apply_linear(self._einsum, x, cores, tuple(i for i, _ in self._pairs), self.out_features)
         return apply_linear(self._einsum, x, cores, self.in_modes, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
@@ -502,6 +596,16 @@ def linear_contraction(n_in: int, n_out: int) -> Contraction:
     letters, bonds = tn.network_letters(n_in + n_out)
     cores = [bonds[k - 1] + letters[k] + bonds[k] for k in range(n_in + n_out)]
     return Contraction(f"Z{''.join(letters[:n_in])}," + ",".join(cores) + f"->Z{''.join(letters[n_in:])}", batch="Z")
+
+
+def paired_contraction(n_cores: int) -> Contraction:
+    """``x (Z, in modes...) . cores (r, i_k, o_k, r') -> (Z, out modes...)``: a matrix product operator."""
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY"  # Z is the batch
+    if 3 * n_cores > len(letters):
+        raise TensorizationError(f"{n_cores} paired cores is more than the einsum alphabet allows")
+    ins, outs, bonds = letters[:n_cores], letters[n_cores:2 * n_cores], letters[2 * n_cores:3 * n_cores]
+    cores = [bonds[k - 1] + ins[k] + outs[k] + bonds[k] for k in range(n_cores)]
+    return Contraction(f"Z{ins}," + ",".join(cores) + f"->Z{outs}", batch="Z")
 
 
 def serving_matrices(cores: Sequence[torch.Tensor], split: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
@@ -558,22 +662,22 @@ class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.c
     aten_arg_names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     shape_fields = ("out_channels", "in_channels", "kernel_size")
     spec_fields = ("decomp", "in_channels", "out_channels", "kernel_size", "in_modes", "out_modes", "ranks", "stride",
-                   "dilation", "padding", "bias", "sigma", "merge_spatial")
-    spec_optional = ("sigma", "merge_spatial")
+                   "dilation", "padding", "bias", "sigma", "merge_spatial", "paired")
+    spec_optional = ("sigma", "merge_spatial", "paired")
     _side_names = ("input channels", "output channels")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, in_modes: Sequence[int],
                  out_modes: Sequence[int], ranks: Sequence[int], decomp: str = "tr", stride=1, padding=0,
                  dilation=1, bias: bool = True, gated: bool = True, sigma: float = 0.5, dtype=None,
-                 merge_spatial: bool = False):
+                 merge_spatial: bool = False, paired: bool = False):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.merge_spatial = bool(merge_spatial)
+        self.merge_spatial, self.paired = bool(merge_spatial), bool(paired)
         self.kernel_size = _pair(kernel_size)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.in_modes = _nontrivial(tn.check_modes(tuple(in_modes) or (1,), in_channels, "input channels"))
-        self.out_modes = _nontrivial(tn.check_modes(tuple(out_modes) or (1,), out_channels, "output channels"))
-        modes = self.core_modes(self.dense_shape(), (self.in_modes, self.out_modes), self.merge_spatial)
+        self.in_modes = _side(in_modes, in_channels, "input channels", self.paired)
+        self.out_modes = _side(out_modes, out_channels, "output channels", self.paired)
+        modes = self.core_modes(self.dense_shape(), (self.in_modes, self.out_modes), self.merge_spatial, self.paired)
         super().__init__(modes, ranks, decomp, gated, sigma, dtype)
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=self.cores[0].dtype)) if bias else None
 
@@ -591,13 +695,30 @@ class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.c
         return ((shape[1],), (shape[0],)), True
 
     @classmethod
-    def core_modes(cls, shape: tuple[int, ...], tensorization, merge_spatial: bool = False) -> tuple[int, ...]:
+    def window(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The kernel window, ``kh*kw``: the middle of the weight tensor (C_in, kh*kw, C_out)."""
+        return (math.prod(shape[2:]),)
+
+    @classmethod
+    def core_modes(cls, shape: tuple[int, ...], tensorization, merge_spatial: bool = False,
+                   paired: bool = False) -> tuple[int, ...]:
         """(in..., kh*kw, out...) or, merged, (in*kh*kw, out...).
 
         The merged layout with one input and one output mode is a plain low-rank matrix
         factorization of the (C_out, C_in*kh*kw) kernel (the "svd" baseline).
+
+        Paired (an mpo layout): (kh*kw, i_1 o_1, i_2 o_2, ...), the window a core of its own
+        ahead of the pairs, as in the TT convolutions of Garipov et al. (2016): it pairs with no
+        output mode, and kept apart it is a bond the gates can narrow on its own (a merged
+        window, (kh*kw i_1 o_1, i_2 o_2, ...), would make the first core 25 times wider for a
+        5 x 5 kernel). Merged, it joins the first pair.
         """
         in_modes, out_modes, k = tuple(tensorization[0]), tuple(tensorization[1]), math.prod(shape[2:])
+        if paired:
+            pairs = _pair_products(tensorization)
+            if merge_spatial:
+                return _nontrivial((pairs[0] * k,) + pairs[1:])
+            return _nontrivial((k,) + pairs)
         if merge_spatial:
             return _nontrivial((math.prod(in_modes) * k,) + out_modes)
         return _nontrivial(in_modes + (k,) + out_modes)
@@ -606,12 +727,12 @@ class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.c
     def from_dense(cls, module: nn.Conv2d, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
                    sigma: float = 0.5, generator: torch.Generator | None = None,
-                   merge_spatial: bool = False) -> "TNConv2d":
-        tz, ranks = cls._prepare(module, decomp, rank, tensorization, merge_spatial)
+                   merge_spatial: bool = False, paired: bool = False) -> "TNConv2d":
+        tz, ranks = cls._prepare(module, decomp, rank, tensorization, merge_spatial, paired)
         c_out, c_in, kh, kw = module.weight.shape
         layer = cls(c_in, c_out, (kh, kw), tz[0], tz[1], ranks, decomp, module.stride, module.padding,
                     module.dilation, module.bias is not None, gated, sigma, dtype=module.weight.dtype,
-                    merge_spatial=merge_spatial)
+                    merge_spatial=merge_spatial, paired=paired)
         return layer.load_dense_(module, tz, generator)
 
     @classmethod
@@ -668,18 +789,21 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
     shape_fields = ("num_embeddings", "embedding_dim")
     mode_fields = ("vocab_modes", "dim_modes")
     spec_fields = ("decomp", "num_embeddings", "embedding_dim", "vocab_modes", "dim_modes", "ranks", "padding_idx",
-                   "sigma")
+                   "sigma", "paired")
+    spec_optional = ("sigma", "paired")
     calibration = "counts"
     lookup = True
 
     def __init__(self, num_embeddings: int, embedding_dim: int, vocab_modes: Sequence[int], dim_modes: Sequence[int],
                  ranks: Sequence[int], decomp: str = "tr", padding_idx: int | None = None, gated: bool = True,
-                 sigma: float = 0.5, dtype=None):
-        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
-        self.vocab_modes = _nontrivial(_check_vocab(vocab_modes, num_embeddings))
-        self.dim_modes = _nontrivial(tn.check_modes(dim_modes, embedding_dim, "embedding size"))
+                 sigma: float = 0.5, dtype=None, paired: bool = False):
+        self.num_embeddings, self.embedding_dim, self.paired = int(num_embeddings), int(embedding_dim), bool(paired)
+        vocab = _check_vocab(vocab_modes, num_embeddings)
+        self.vocab_modes = vocab if self.paired else _nontrivial(vocab)
+        self.dim_modes = _side(dim_modes, embedding_dim, "embedding size", self.paired)
         self.padding_idx = padding_idx
-        super().__init__(self.vocab_modes + self.dim_modes, ranks, decomp, gated, sigma, dtype)
+        super().__init__(self.core_modes(self.dense_shape(), (self.vocab_modes, self.dim_modes), paired=self.paired),
+                         ranks, decomp, gated, sigma, dtype)
         dtype = self.cores[0].dtype
         # nn.Embedding returns the padding row as stored and never trains it: keep it exactly.
         self.register_buffer("padding_row", torch.zeros(embedding_dim, dtype=dtype) if padding_idx is not None else None)
@@ -704,13 +828,20 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
         return module.embedding_dim if module.padding_idx is not None else 0
 
     @classmethod
-    def tensorization(cls, shape: tuple[int, ...], override: Any = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(vocab modes, dim modes); the vocabulary may be padded so a prime-ish V still splits."""
+    def tensorization(cls, shape: tuple[int, ...], override: Any = None,
+                      paired: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(vocab modes, dim modes); the vocabulary may be padded so a prime-ish V still splits.
+        ``paired``: as many vocabulary modes as dimension modes (an mpo layout)."""
         v, d = shape
         if override:
-            dim_modes = tn.check_modes(override[1], d, "embedding size")
-            return _check_vocab(override[0], v), dim_modes
-        return padded_factorization(v), tn.factorize(d)
+            tz = _check_vocab(override[0], v), tn.check_modes(override[1], d, "embedding size")
+        elif paired:
+            tz = tn.paired_factorization(math.prod(padded_factorization(v)), d)
+        else:
+            tz = padded_factorization(v), tn.factorize(d)
+        if paired:
+            tn.check_pairs(*tz, what=f"a {shape} embedding")
+        return tz
 
     @classmethod
     def matrix_layout(cls, shape: tuple[int, ...]) -> tuple[tuple[tuple[int], tuple[int]], bool]:
@@ -721,13 +852,16 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
     def from_dense(cls, module: nn.Embedding, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
                    sigma: float = 0.5, generator: torch.Generator | None = None,
-                   whiten: torch.Tensor | None = None, whiten_out: torch.Tensor | None = None) -> "TNEmbedding":
+                   whiten: torch.Tensor | None = None, whiten_out: torch.Tensor | None = None,
+                   paired: bool = False) -> "TNEmbedding":
         """``whiten``: square roots of the calibration text's token counts (a start weighted by
         how often each row is looked up, see :meth:`TNLayer.load_dense_`); ``whiten_out``: the
-        factor of a tied head's input Gram matrix (the start weighted by what the head sees)."""
-        tz, ranks = cls._prepare(module, decomp, rank, tensorization)
+        factor of a tied head's input Gram matrix (the start weighted by what the head sees);
+        ``paired``: an mpo layout (core k carries vocabulary mode k and dimension mode k)."""
+        tz, ranks = cls._prepare(module, decomp, rank, tensorization, paired=paired)
         v, d = module.weight.shape
-        layer = cls(v, d, tz[0], tz[1], ranks, decomp, module.padding_idx, gated, sigma, dtype=module.weight.dtype)
+        layer = cls(v, d, tz[0], tz[1], ranks, decomp, module.padding_idx, gated, sigma, dtype=module.weight.dtype,
+                    paired=paired)
         if module.padding_idx is not None:
             with torch.no_grad():
                 layer.padding_row.copy_(module.weight[module.padding_idx])
@@ -748,6 +882,8 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
         return nn.Embedding(shape[0], shape[1], padding_idx=None if pad in (-1, None) else pad, device="meta")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.paired:
+            return self._paired_forward(idx)
         cores = self.forward_cores()
         a = len(self.vocab_modes)
         flat = idx.reshape(-1)
@@ -769,6 +905,32 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
             out = torch.where((flat == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
         return out.reshape(idx.shape + (self.embedding_dim,))
 
+    def _paired_forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of a paired layout: each core's slice at the row's vocabulary digit, ``(r, d_k, r')``,
+        joined along the ring (the dimension modes grow, ``r0 x D x r``) and traced; in evaluation
+        without grad, rows of the table built once (weight_cache.py)."""
+        flat = idx.reshape(-1)
+        table = self.frozen("table", idx, self.dense_weight)
+        if table is not None:
+            return F.embedding(flat, table).reshape(idx.shape + (self.embedding_dim,))
+        F.embedding(flat, self._bounds)  # IndexError for an out-of-range index, like the dense layer
+        rows = None
+        pairs = [(k, v, d) for k, (v, d) in enumerate(zip(self.vocab_modes, self.dim_modes)) if v * d > 1]
+        for core, (k, v, d) in zip(self.forward_cores(), pairs):
+            digit = torch.div(flat, self._strides[k], rounding_mode="floor") % v
+            piece = core.reshape(core.shape[0], v, d, core.shape[2])[:, digit]  # (r, n, d, r')
+            piece = piece.permute(1, 0, 2, 3)
+            if rows is None:
+                rows = piece  # (n, r0, D so far, r)
+            else:
+                n, r0, width, r = rows.shape
+                joined = torch.bmm(rows.reshape(n, r0 * width, r), piece.reshape(n, r, -1))
+                rows = joined.reshape(n, r0, width * d, piece.shape[-1])
+        out = torch.diagonal(rows, dim1=1, dim2=3).sum(-1)  # trace over the closing bond: (n, D)
+        if self.padding_idx is not None:
+            out = torch.where((flat == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
+        return out.reshape(idx.shape + (self.embedding_dim,))
+
     def _tail(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """The dimension cores joined, as the (r_0 * r_a, D) matrix a row's (r_0, r_a) product meets."""
         tail = tn.merge_cores(cores[len(self.vocab_modes):])  # (r_a, D, r_0)
@@ -776,8 +938,7 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
 
     def dense_weight(self, cores: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """The V x D table (the stored padding row included), from ``cores`` or the layer's own."""
-        w = tn.contract(self.effective_cores() if cores is None else cores)
-        w = w.reshape(-1, self.embedding_dim)[: self.num_embeddings]
+        w = self.dense_tensor(cores).reshape(-1, self.embedding_dim)[: self.num_embeddings]
         if self.padding_idx is None:
             return w
         rows = torch.arange(self.num_embeddings, device=w.device).unsqueeze(-1)
@@ -834,9 +995,9 @@ class TNConv1D(TNLinear, kind="conv1d", replaces_path="transformers.pytorch_util
     def from_dense(cls, module: nn.Module, decomp: str = "tr", rank: int | Sequence[int] = 25,
                    tensorization: tuple[Sequence[int], Sequence[int]] | None = None, *, gated: bool = True,
                    sigma: float = 0.5, generator: torch.Generator | None = None,
-                   whiten: torch.Tensor | None = None) -> "TNConv1D":
+                   whiten: torch.Tensor | None = None, paired: bool = False) -> "TNConv1D":
         return super().from_dense(cls.dense_view(module), decomp, rank, tensorization, gated=gated, sigma=sigma,
-                                  generator=generator, whiten=whiten)
+                                  generator=generator, whiten=whiten, paired=paired)
 
     def dense_weight(self) -> torch.Tensor:
         return self.dense_tensor().reshape(self.in_features, self.out_features)
@@ -920,6 +1081,8 @@ class TiedTNLinear(nn.Module):
     def _head_matrices(self) -> tuple[torch.Tensor, ...]:
         """The table's transpose as ``F.linear`` weights (:func:`serving_matrices`), dimension cores first."""
         src = self.source
+        if src.paired:  # no cut between vocabulary and dimension cores: the table itself
+            return (src.dense_weight().contiguous(),)
         cores, a = src.effective_cores(), len(src.vocab_modes)
         return serving_matrices(cores[a:] + cores[:a], len(cores) - a, src.embedding_dim, src.num_embeddings)
 
@@ -927,7 +1090,7 @@ class TiedTNLinear(nn.Module):
         """``x table^T`` for an embedding source; the padding column from its stored padding row."""
         src = self.source
         a = len(src.vocab_modes)
-        if a == 0 or a == len(cores):  # a vocabulary or a dimension of 1: nothing to contract
+        if a == 0 or a == len(cores) or src.paired:  # a vocabulary or a dimension of 1, or paired: the table
             return F.linear(x, src.dense_weight(cores))
         y = apply_linear(self._einsum, x, cores[a:] + cores[:a], src.dim_modes, math.prod(src.vocab_modes))
         return self._padding_column(x, y[..., : self.out_features])

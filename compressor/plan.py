@@ -44,6 +44,7 @@ class LayerPlan:
     bias_attr: str | None = None
     tied: tuple[str, ...] = ()  # modules sharing this weight: they will compute from the same cores
     extra: int = 0  # elements the factorized layer saves beside cores and bias (an embedding's padding row)
+    paired: bool = False  # an mpo layout: core k carries input mode k and output mode k (tensorization="mpo")
 
 
 @dataclass(frozen=True)
@@ -87,21 +88,27 @@ class Site:
 # ------------------------------------------------------------------ how a layer starts
 @dataclass(frozen=True)
 class Layout:
-    """One way to lay out a layer's weight: tensorization, merged conv window, core modes."""
+    """One way to lay out a layer's weight: tensorization, merged conv window, core modes, and
+    whether the cores pair input and output modes (an mpo layout: core k carries ``i_k o_k``)
+    or hold the input modes first and the output modes after."""
 
     tensorization: Tensorization
     merge_spatial: bool
     modes: tuple[int, ...]
+    paired: bool = False
 
 
-def layout_of(lp: LayerPlan, tensorization: Tensorization, merge_spatial: bool = False) -> Layout:
-    """``lp``'s weight laid out as ``tensorization`` (its kind says the core modes)."""
-    modes = layer_class(lp.kind).core_modes(lp.shape, tensorization, merge_spatial)
-    return Layout(tensorization, merge_spatial, tuple(modes))
+def layout_of(lp: LayerPlan, tensorization: Tensorization, merge_spatial: bool = False,
+              paired: bool | None = None) -> Layout:
+    """``lp``'s weight laid out as ``tensorization`` (its kind says the core modes), paired as the
+    plan says unless ``paired`` is given (a two-factor matrix layout is never paired)."""
+    paired = lp.paired if paired is None else paired
+    modes = layer_class(lp.kind).core_modes(lp.shape, tensorization, merge_spatial, paired)
+    return Layout(tensorization, merge_spatial, tuple(modes), paired)
 
 
 def own_layout(lp: LayerPlan) -> Layout:
-    """The layout the plan gave the layer (its kind's balanced split, or the user's)."""
+    """The layout the plan gave the layer (its kind's balanced or paired split, or the user's)."""
     return layout_of(lp, lp.tensorization)
 
 

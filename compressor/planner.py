@@ -42,7 +42,8 @@ class PlanOptions:
     ``skip``: layer kinds or module-path globs to leave dense; ``filter_fn(module, fqn)``: False
     leaves a layer dense; ``min_params``: a weight with fewer entries stays dense (unless a
     per-layer option names it); ``tensorization`` / ``layer_ranks``: per-layer overrides;
-    ``rank``: every other layer's rank (None: the rank selector chooses).
+    ``rank``: every other layer's rank (None: the rank selector chooses); ``paired``: every
+    layer in an mpo layout, its input and output split into as many modes, paired per core.
     """
 
     min_params: int
@@ -51,6 +52,7 @@ class PlanOptions:
     tensorization: Mapping[str, tuple[Sequence[int], Sequence[int]]] = field(default_factory=dict)
     layer_ranks: Mapping[str, Ranks] = field(default_factory=dict)
     rank: int | None = None
+    paired: bool = False
 
 
 # ------------------------------------------------------------------ candidates
@@ -198,8 +200,8 @@ def _layer_plan(c: _Candidate, options: PlanOptions, tied: tuple[str, ...] = ())
     if view.weight.numel() < options.min_params and c.name not in options.tensorization and c.name not in options.layer_ranks:
         return f"too small to gain ({view.weight.numel()} weights < min_params={options.min_params})"
     try:
-        tz = c.cls.tensorization(shape, options.tensorization.get(c.name))
-        modes = c.cls.core_modes(shape, tz)
+        tz = c.cls.tensorization(shape, options.tensorization.get(c.name), options.paired)
+        modes = c.cls.core_modes(shape, tz, paired=options.paired)
     except CompressorError as exc:
         if c.name in options.tensorization:
             raise
@@ -211,7 +213,7 @@ def _layer_plan(c: _Candidate, options: PlanOptions, tied: tuple[str, ...] = ())
     rank = options.layer_ranks.get(c.name, options.rank)  # None: the rank selector chooses
     rank = rank if rank is None or isinstance(rank, int) else tuple(rank)
     return LayerPlan(c.name, c.kind, shape, tz, rank, params, c.weight_attr, c.bias_attr, tied,
-                     extra=c.cls.saved_extra(view))
+                     extra=c.cls.saved_extra(view), paired=options.paired)
 
 
 def _skip_matches(pattern: str, c: _Candidate) -> bool:

@@ -25,6 +25,7 @@ class LayerReport:
     params_before: int
     params_after: int  # elements saved: cores, bias and kept buffers (an embedding's padding row)
     kept_dense: bool = False  # the learned factorization was not smaller than the dense layer
+    paired: bool = False  # an mpo layout: core k carries input mode k and output mode k
 
 
 @dataclass(kw_only=True)
@@ -67,6 +68,9 @@ class Report:
     # spent), "epochs" or "max_steps" (as asked), "early_stop" or "time_budget".
     planned_steps: int = 0
     stopped: str = ""
+    # Steps a rank search (pstrn) trained its candidates before the fine-tune: with ``steps``,
+    # the run's whole budget (0: the selector does not search).
+    search_steps: int = 0
     # Per phase, "gates" (gates and weights learn until the freeze, pruning and refit included) and
     # "weights" (the pruned model's fine-tune): steps, samples, tokens and seconds. The phases'
     # steps add up to ``steps``; their seconds are the fine-tune's (``seconds`` adds the set-up).

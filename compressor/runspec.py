@@ -10,7 +10,7 @@ nothing of the kind itself; the report and the resume fingerprint read the same 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Collection, ContextManager, Iterable
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from .batches import ForwardFn, forward, loader_length
 from .budget import BatchSize, Budget, StopRule, default_budget
-from .config import Settled
+from .config import CompressConfig, Settled
 from .controller import model_gates
 from .distributed import World
 from .surgery import evaluation_mode, tn_layers
@@ -62,6 +62,7 @@ class Schedule:
     gate_fraction: float = 0.5  # the gate phase's share of the budget (kept when a time budget cuts it)
     budget: Budget | None = None  # the default budget (None: the user gave epochs)
     limit: str = "budget"  # what ends the run unless something stops it sooner: budget, epochs or max_steps
+    searched: int = 0  # steps a rank search (pstrn) trained before the fine-tune, taken off its budget
 
     @classmethod
     def of(cls, batches_per_epoch: int, epochs: int | None, max_steps: int | None, gate_fraction: float,
@@ -77,6 +78,13 @@ class Schedule:
             total, limit = max_steps, "max_steps"
         return cls(batches_per_epoch, epochs, total, cls.gate_steps_of(total, gate_fraction), gate_fraction,
                    budget, limit)
+
+    def after_search(self, searched: int) -> "Schedule":
+        """This schedule with ``searched`` of its steps already spent by a rank search: the
+        fine-tune trains the rest, so search and fine-tune together train ``total_steps``."""
+        total = max(0, self.total_steps - searched)
+        return replace(self, total_steps=total, gate_steps=self.gate_steps_of(total, self.gate_fraction),
+                       searched=self.total_steps - total)
 
     @staticmethod
     def gate_steps_of(total: int, gate_fraction: float) -> int:
@@ -135,10 +143,11 @@ class RunSpec:
 
 def begin_run(settled: Settled, loader: Iterable, model: nn.Module, dense_params: int,
               keep_factorized: Collection[str] = (), state_file: str | Path | None = None,
-              keep_final: bool = False, batch: BatchSize | None = None) -> RunSpec:
+              keep_final: bool = False, batch: BatchSize | None = None, searched: int = 0) -> RunSpec:
     """Start a fine-tune of the gated ``model`` on ``loader``: seed the run's random stream
     (``settled.config.seed``), then settle its :class:`RunSpec`. ``batch`` is what one batch
-    holds (the default budget is sized on it; None: the first batch is measured here).
+    holds (the default budget is sized on it; None: the first batch is measured here);
+    ``searched``: steps a rank search already trained, which the fine-tune's budget gives up.
 
     The seed comes first because counting a loader's batches may draw from the stream (a
     ``DataLoader`` without a length takes a base seed per pass): a run's draws, the first
@@ -146,12 +155,9 @@ def begin_run(settled: Settled, loader: Iterable, model: nn.Module, dense_params
     """
     config = settled.config
     torch.manual_seed(config.seed)
-    batches = loader_length(loader)
-    budget = None
-    if config.epochs is None:
-        size = (batch or first_batch_size(loader, config.forward_fn, model)).agreed(World.current())
-        budget = default_budget(batches, size.per_batch, dense_params, size.unit)
-    schedule = Schedule.of(batches, config.epochs, config.max_steps, config.gate_fraction, budget)
+    schedule = planned_schedule(config, loader, model, dense_params, batch)
+    schedule = schedule.after_search(searched) if searched else schedule
+    budget = schedule.budget
     gates = model_gates(model)
     travel = max((g.travel() for g in gates), default=0.0)
     gate_phase = GatePhaseSpec(config.target, config.penalty, config.lam,
@@ -169,6 +175,18 @@ def begin_run(settled: Settled, loader: Iterable, model: nn.Module, dense_params
                    state_file=Path(state_file) if state_file is not None else None, bf16=config.bf16,
                    forward_fn=config.forward_fn, time_budget=config.time_budget, early_stop=stop, chosen=settled,
                    fingerprint=identity, keep_final=keep_final and state_file is not None)
+
+
+def planned_schedule(config: CompressConfig, loader: Iterable, model: nn.Module, dense_params: int,
+                     batch: BatchSize | None = None) -> Schedule:
+    """The run's whole budget in steps (``epochs``, else the default budget; cut to ``max_steps``):
+    what the fine-tune trains, or a rank search and the fine-tune together."""
+    batches = loader_length(loader)
+    budget = None
+    if config.epochs is None:
+        size = (batch or first_batch_size(loader, config.forward_fn, model)).agreed(World.current())
+        budget = default_budget(batches, size.per_batch, dense_params, size.unit)
+    return Schedule.of(batches, config.epochs, config.max_steps, config.gate_fraction, budget)
 
 
 def first_batch_size(loader: Iterable, forward_fn: ForwardFn | None, model: nn.Module) -> BatchSize:

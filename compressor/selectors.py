@@ -28,6 +28,13 @@ Registered here:
 * ``svd-llm``: the same factors at SVD-LLM's own allocation: one share of parameters
   kept in every layer, embeddings dense.
 
+Registered in their own module:
+
+* ``pstrn`` (:mod:`compressor.pstrn`): PSTRN's progressive genetic search over ring ranks
+  (Li et al., 2021), each candidate briefly trained and scored. It is the one selector that
+  *searches*: it declares :attr:`RankSelector.searches`, and the run hands its ``prepare`` a
+  :class:`Search` (a ``trial`` that trains a candidate, and the steps it may spend).
+
 A new selector is a subclass with ``name=...``: ``class Mine(RankSelector, name="mine")``.
 A selector never changes the plan: :meth:`RankSelector.prepare` returns how every layer
 starts (:class:`~compressor.plan.Starts`), with its :class:`FaithfulStart` for the report.
@@ -145,6 +152,25 @@ class FaithfulStart:
         return self.ratio >= self.target
 
 
+#: ``trial(starts, steps) -> loss``: a candidate built from ``starts`` (ungated), trained
+#: ``steps`` optimiser steps on the run's data and scored by its task loss on held-back batches
+#: (lower is better). Made by :func:`compressor.trials.candidate_trial`.
+Trial = Callable[[Starts, int], float]
+
+
+@dataclass(frozen=True)
+class Search:
+    """What a searching selector is given to choose with: ``trial`` (:data:`Trial`), the
+    ``budget`` of optimiser steps all its trials together may train, and the ``seed`` its own
+    draws start from. The run gives it only to a selector that declares
+    :attr:`RankSelector.searches`, and takes :meth:`RankSelector.search_steps` of the budget off
+    the fine-tune that follows."""
+
+    trial: Trial
+    budget: int
+    seed: int
+
+
 class Prepared(NamedTuple):
     """What :meth:`RankSelector.prepare` chose: how every layer starts, and (gated selectors)
     the faithful start for the report."""
@@ -165,7 +191,11 @@ def candidate_layouts(lp: LayerPlan) -> list[Layout]:
 
     Mode counts are tried per side (input, output) independently; a conv is also tried
     with its kernel window merged into the input mode when its kind offers that layout.
+    A paired (mpo) plan keeps its own layout only: the user asked for that structure, and a
+    coarser split of one side would unpair it.
     """
+    if lp.paired:
+        return [own_layout(lp)]
     cls = layer_class(lp.kind)
     (m_in, m_out), m_merge = cls.matrix_layout(lp.shape)
     sides_in = list(dict.fromkeys(_coarser(tuple(lp.tensorization[0])) + [tuple(m_in)]))
@@ -186,13 +216,14 @@ def candidate_layouts(lp: LayerPlan) -> list[Layout]:
 
 
 def single_input_core(lay: Layout) -> bool:
-    """Whether the layout keeps the whole input in one core, where a whitening folds back exactly."""
-    return len([m for m in lay.tensorization[0] if m > 1]) == 1
+    """Whether the layout keeps the whole input in one core, where a whitening folds back exactly
+    (never a paired layout's: its one input core also holds output modes)."""
+    return not lay.paired and len([m for m in lay.tensorization[0] if m > 1]) == 1
 
 
 def single_output_core(lay: Layout) -> bool:
     """Whether the layout keeps the whole output in one core, where a head's factor folds back."""
-    return len([m for m in lay.tensorization[1] if m > 1]) == 1
+    return not lay.paired and len([m for m in lay.tensorization[1] if m > 1]) == 1
 
 
 def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout], whiten: torch.Tensor | None = None,
@@ -210,7 +241,7 @@ def truncation_paths(lp: LayerPlan, module: nn.Module, layouts: list[Layout], wh
     flats: dict[int, torch.Tensor] = {}  # by padded size: an embedding's layouts may pad its vocabulary
     out = []
     for lay in layouts:
-        w = cls.weight_tensor(weight, lay.tensorization).detach()
+        w = cls.layout_tensor(weight, lay.tensorization, lay.paired).detach()
         if w.numel() not in flats:  # whitened once per size: the matrix does not depend on the split
             flats[w.numel()] = (whitened_tensor(w, whiten, whiten_out) if whiten is not None
                                 else w.to(torch.float64)).reshape(-1)
@@ -367,7 +398,8 @@ def energy_ranks(the_plan: CompressionPlan, module: nn.Module, target: float,
     for lp in the_plan.layers:
         modes = layouts[lp.name].modes
         caps = tn.max_ranks(modes, "tt")
-        w = layer_class(lp.kind).weight_tensor(layer_weight(module, lp), layouts[lp.name].tensorization)
+        w = layer_class(lp.kind).layout_tensor(layer_weight(module, lp), layouts[lp.name].tensorization,
+                                               layouts[lp.name].paired)
         spectra = unfolding_spectra(w, modes, caps)
         state[lp.name] = (lp, spectra, [min(caps[k], len(spectra[k])) for k in range(len(modes) - 1)] + [1])
 
@@ -412,7 +444,7 @@ def matrix_layout(lp: LayerPlan) -> Layout:
     """The layer as a plain two-factor matrix: one input mode, one output mode (a conv's
     kernel window merged into its input)."""
     tensorization, merge_spatial = layer_class(lp.kind).matrix_layout(lp.shape)
-    return layout_of(lp, tensorization, merge_spatial)
+    return layout_of(lp, tensorization, merge_spatial, paired=False)
 
 
 def svd_layout(the_plan: CompressionPlan) -> dict[str, Layout]:
@@ -520,6 +552,11 @@ class RankSelector:
     #: Whether ``prepare`` always needs the layers' input statistics (a calibration pass);
     #: gated selectors need them only with ``init="activations"``.
     calibrates: ClassVar[bool] = False
+    #: Whether the selector lays every weight out as a two-factor matrix (no tensor network):
+    #: then no other layout, an mpo one included, applies.
+    two_factors: ClassVar[bool] = False
+    #: Whether ``prepare`` trains candidates to choose (it then takes ``search=``, a :class:`Search`).
+    searches: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -547,6 +584,11 @@ class RankSelector:
     def needs_calibration(self, options: SelectorOptions) -> bool:
         """Whether a run with ``options`` must observe the layers' inputs before ``prepare``."""
         return self.calibrates or (self.gated and options.init == "activations")
+
+    def search_steps(self, budget: int) -> int:
+        """The optimiser steps ``prepare`` trains when its :class:`Search` has ``budget`` (exactly:
+        the run takes them off the fine-tune, so search and fine-tune spend the budget together)."""
+        return 0
 
 
 class L0Selector(RankSelector, name="l0"):
@@ -618,6 +660,7 @@ class EnergySelector(RankSelector, name="energy"):
 
 class SVDSelector(RankSelector, name="svd"):
     help = "no tensor network: each weight as two low-rank factors, ranks allocated like energy"
+    two_factors = True
 
     def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
                 whiten: StartFactors | None = None) -> Prepared:
@@ -631,6 +674,7 @@ class WhitenedSVDSelector(RankSelector, name="whitened-svd"):
     help = ("no tensor network: each weight as two factors fitted to its outputs on calibration inputs "
             "(SVD-LLM's whitening), ranks allocated over all layers")
     calibrates = True
+    two_factors = True
 
     def prepare(self, the_plan: CompressionPlan, module: nn.Module, options: SelectorOptions,
                 whiten: StartFactors | None = None) -> Prepared:

@@ -175,6 +175,8 @@ def build_layer(lp: LayerPlan, start: LayerStart, source_module: nn.Module, sigm
                 generator: torch.Generator | None, make_gate: MakeGate | None = None) -> TNLayer:
     """The factorized layer for ``lp`` as ``start`` says, cores initialised from ``source_module``'s weight."""
     extra: dict[str, Any] = {"merge_spatial": True} if start.layout.merge_spatial else {}
+    if start.layout.paired:
+        extra["paired"] = True
     if start.whiten is not None:
         extra["whiten"] = start.whiten
     if start.whiten_out is not None:

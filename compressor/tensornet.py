@@ -108,6 +108,66 @@ def check_modes(modes: Sequence[int], dim: int, what: str = "dimension") -> tupl
     return modes
 
 
+def paired_factorization(d_in: int, d_out: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Balanced splits of ``d_in`` and ``d_out`` into the same number of modes, for a matrix
+    product operator (Gao et al., 2020) whose core ``k`` carries input mode ``k`` and output
+    mode ``k``.
+
+    The count is the larger of the two sides' own balanced counts (:func:`default_num_factors`),
+    lowered until both sides have that many prime factors, so no pair holds a mode of 1 unless
+    a side is 1 or prime (400 x 120 -> (5, 8, 10) x (4, 5, 6); 6 x 16 -> (2, 3) x (4, 4)).
+    Raises :class:`TensorizationError` as :func:`factorize` does for a large prime factor.
+    """
+    for n in (d_in, d_out):
+        factorize(n)  # the same refusal as the balanced layout: a large prime factor stays dense
+    count = max(default_num_factors(d_in), default_num_factors(d_out))
+    count = max(1, min(count, len(_prime_factors(d_in)) or 1, len(_prime_factors(d_out)) or 1))
+    return _exactly(d_in, count), _exactly(d_out, count)
+
+
+def _exactly(n: int, count: int) -> tuple[int, ...]:
+    """``n`` as exactly ``count`` balanced factors (a 1 fills in only when ``n`` is 1)."""
+    if n == 1:
+        return (1,) * count
+    found = factorize(n, count)
+    return (1,) * (count - len(found)) + found
+
+
+def check_pairs(in_modes: Sequence[int], out_modes: Sequence[int], what: str = "layer") -> None:
+    """A paired layout needs one input mode and one output mode per core."""
+    if len(in_modes) != len(out_modes):
+        raise TensorizationError(f"{what}: an mpo layout pairs input and output modes, but {tuple(in_modes)} and "
+                                 f"{tuple(out_modes)} differ in length")
+
+
+def paired_permutation(n_in: int, n_window: int, n_out: int) -> list[int]:
+    """Axes of a tensor laid out as (input modes, window modes, output modes) reordered as a matrix
+    product operator's cores read them: the window first, then (input k, output k) per core."""
+    order = list(range(n_in, n_in + n_window))
+    for k in range(n_in):
+        order += [k, n_in + n_window + k]
+    return order
+
+
+def interleave(tensor: torch.Tensor, in_modes: Sequence[int], window: Sequence[int],
+               out_modes: Sequence[int]) -> torch.Tensor:
+    """``tensor`` (its elements laid out as input modes, window, output modes) in paired order
+    (:func:`paired_permutation`), flattened: reshaped to the cores' modes it is what TT-SVD splits."""
+    shape = tuple(in_modes) + tuple(window) + tuple(out_modes)
+    perm = paired_permutation(len(in_modes), len(window), len(out_modes))
+    return tensor.reshape(shape).permute(perm).reshape(-1)
+
+
+def deinterleave(tensor: torch.Tensor, in_modes: Sequence[int], window: Sequence[int],
+                 out_modes: Sequence[int]) -> torch.Tensor:
+    """The inverse of :func:`interleave`: a network's dense tensor in paired order back to
+    (input modes, window, output modes), flattened."""
+    perm = paired_permutation(len(in_modes), len(window), len(out_modes))
+    paired_shape = tuple((tuple(in_modes) + tuple(window) + tuple(out_modes))[a] for a in perm)
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    return tensor.reshape(paired_shape).permute(inverse).reshape(-1)
+
+
 # --------------------------------------------------------------------------- ranks
 def max_ranks(modes: Sequence[int], decomp: str) -> list[int]:
     """Largest useful bond sizes: beyond these a bond cannot add expressive power.
