@@ -8,6 +8,7 @@ from torch import nn
 
 from compressor.errors import CompressorError, ConfigError, TensorizationError
 from compressor.gated_cores import GatedCores
+from compressor import layers
 from compressor.layers import (TiedTNLinear, TNConv1D, TNConv2d, TNEmbedding, TNLayer, TNLinear, aten_layers,
                                fitted_cores, layer_class, layer_class_for, layer_kinds)
 
@@ -438,6 +439,24 @@ def test_served_layers_compute_what_the_cores_do(decomp, rank):
     mats = layer.serving_matrices()
     assert len(mats) == (2 if rank == 2 else 1)
     assert sum(m.numel() for m in mats) <= 60 * 24
+
+
+def test_kept_matrices_are_laid_out_along_their_longer_side():
+    """A batch-1 product streams a weight fastest along its long side (gemv_layout): the wide
+    second factor is the transposed view of an (r x out) matrix, the first factor (r x in) is
+    contiguous; either way F.linear computes the same numbers."""
+    torch.manual_seed(0)
+    for in_f, out_f in ((60, 24), (24, 60)):
+        layer = TNLinear.from_dense(nn.Linear(in_f, out_f).double(), "tt", 3, ((in_f,), (out_f,)), gated=False).eval()
+        first, second = layer.serving_matrices()
+        assert first.shape == (3, in_f) and first.is_contiguous()
+        assert second.shape == (out_f, 3) and second.stride() == (1, out_f)  # memory runs along out
+        x = torch.randn(1, in_f, dtype=torch.float64)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), x @ layer.dense_weight().T + layer.bias, atol=1e-10)
+    wide = torch.randn(50, 7)
+    assert layers.gemv_layout(wide).stride() == (1, 50) and torch.equal(layers.gemv_layout(wide), wide)
+    assert layers.gemv_layout(wide.T).is_contiguous()
 
 
 @pytest.mark.parametrize("padding_idx", [None, 3])
