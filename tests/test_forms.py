@@ -285,6 +285,41 @@ def test_choose_keeps_the_model_within_its_target_and_converts_it():
     assert not any(isinstance(m, TNLayer) for m in converted.modules())
 
 
+class LeNetConvs(nn.Module):
+    """LeNet-5's second conv (20 -> 50, 5 x 5) as a 20x run leaves it, then a small head: its three-conv
+    factors (1x1 20 -> 11, 5x5 11 -> 19, 1x1 19 -> 50) hold fewer parameters than its cores."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = TNConv2d(20, 50, 5, (4, 5), (5, 10), [4, 11, 19, 10, 1], "tt", gated=False)
+        with torch.no_grad():
+            for core in self.conv.cores:
+                core.normal_(0, 0.3)
+        self.fc = nn.Linear(50, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_auto_takes_factors_smaller_than_the_cores_with_no_room_to_spare():
+    net, x = LeNetConvs().eval(), torch.randn(3, 20, 14, 14)
+    size, table = count_state(net), forms.form_table(net)["conv"]
+    assert table["factors"] == 20 * 11 + 11 * 25 * 19 + 19 * 50 + 50 < table["cores"]
+    serve = serving.serving(net, example=x)
+    choice = serving.choose(net, "auto", budget=size, serve=serve,
+                            timer=fake_timer({"cores": 2.0, "factors": 1.0, "dense": 0.5}))
+    assert choice.forms() == {"conv": "factors"} and choice.params == size - (table["cores"] - table["factors"])
+    # slower than the cores at every served shape: kept in cores, however much smaller
+    choice = serving.choose(net, "auto", budget=size, serve=serve,
+                            timer=fake_timer({"cores": 1.0, "factors": 2.0, "dense": 0.5}))
+    assert choice.forms() == {"conv": "cores"}
+    with torch.no_grad():
+        want = net(x)
+        served = forms.convert(net, {"conv": "factors"})
+        assert [type(m) for m in served.conv] == [nn.Conv2d] * 3 and _close(served(x), want)
+
+
 def test_measure_times_each_layer_at_the_shapes_it_is_given():
     net, _, x = _slim_net()
     seen = []
