@@ -5,10 +5,11 @@ keeps. The same weight can be served two other ways, each equal to it up to floa
 
 * ``"factors"``: the ring cut in two, each half contracted into one matrix, served as two standard
   modules with a narrow middle: ``nn.Linear(in, r, bias=False) -> nn.Linear(r, out)``; a conv's
-  ``k x k`` conv to ``r`` channels then a ``1 x 1`` conv (or ``1 x 1`` then ``k x k``); an
-  embedding's ``nn.Embedding(V, r) -> nn.Linear(r, D, bias=False)``. Two plain BLAS calls, no
-  einsum plan: what every runtime, quantizer (torchao's ``quantize_``) and compiler
-  (``torch.export``, ``torch.compile``) already knows, at ``r (in + out)`` parameters.
+  ``k x k`` conv to ``r`` channels then a ``1 x 1`` conv (or ``1 x 1`` then ``k x k``, or three
+  convs: ``1 x 1``, ``k x k``, ``1 x 1``); an embedding's ``nn.Embedding(V, r) -> nn.Linear(r, D,
+  bias=False)``. Plain BLAS / conv calls, no einsum plan: what every runtime, quantizer (torchao's
+  ``quantize_``) and compiler (``torch.export``, ``torch.compile``) already knows, at
+  ``r (in + out)`` parameters.
 * ``"dense"``: the weight rebuilt (``to_dense``): the largest form, often the fastest at large
   batches.
 
@@ -21,10 +22,15 @@ bond is 1, so ``r`` is the inner bond; a ring's ``r`` is the product of the two,
 longer one). Any other cut leaves input and output modes on the same side, which no pair of
 standard modules computes. A conv has a third group, its kernel window (between the input and
 output channels), which may go with either side: a ``k x k`` conv to ``r`` channels then ``1 x 1``
-(window with the inputs), or ``1 x 1`` to ``r`` channels then ``k x k`` (window with the outputs).
-Both are legal; the one with fewer parameters is taken, which at stride 1 is also the one with
-fewer FLOPs per output pixel; a strided conv keeps the window with the inputs, since a ``1 x 1``
-conv first would run on the unstrided input.
+(window with the inputs), or ``1 x 1`` to ``r`` channels then ``k x k`` (window with the outputs);
+or, its core being one of its own, the ring may be cut on both sides of it: ``1 x 1`` to ``r_a``
+channels, the window core as a ``k x k`` conv to ``r_b``, ``1 x 1`` to the outputs (Tucker-2's
+shape). Each side's channels are then a bond, never a bond times the window, so this layout is
+often the smallest, sometimes smaller than the cores themselves (LeNet-5's second conv at 20x:
+6,445 parameters against its cores' 6,561 and the dense 25,050), and at batch 256 about twice as
+fast as the dense conv. The layout with the fewest parameters is taken, which at stride 1 is also
+about the one with the fewest FLOPs per output pixel; a strided conv keeps the window with the
+inputs, since a ``1 x 1`` conv first would run on the unstrided input.
 
 Tied layers (an LM head computing from the embedding's cores, :class:`~compressor.layers.TiedTNLinear`)
 go to the same form as their source and stay tied: in factors an embedding ``E (V x r)``,
