@@ -27,20 +27,11 @@ or, its core being one of its own, the ring may be cut on both sides of it: ``1 
 channels, the window core as a ``k x k`` conv to ``r_b``, ``1 x 1`` to the outputs (Tucker-2's
 shape). Each side's channels are then a bond, never a bond times the window, so this layout is
 often the smallest, sometimes smaller than the cores themselves (LeNet-5's second conv at 20x:
-6,445 parameters against its cores' 6,561 and the dense 25,050), and at batch 256 about twice as
-fast as the dense conv. The layout with the fewest parameters is taken, which at stride 1 is also
+6,445 parameters against its cores' 6,561 and the dense 25,050), and there the fastest (batch
+256, one thread: 0.37x the dense conv's time, against 0.5x window first and 0.6x window last;
+about 0.85x at batch 1). The layout with the fewest parameters is taken, which at stride 1 is also
 about the one with the fewest FLOPs per output pixel; a strided conv keeps the window with the
 inputs, since a ``1 x 1`` conv first would run on the unstrided input.
-
-A conv's factors hold their weights in channels-last memory (``torch.channels_last``). oneDNN,
-torch's CPU conv, computes in a channels-blocked layout: given a plain (NCHW) activation it
-reorders it in and the result back out on every call, which for the narrow channels of factors
-costs more than the convs themselves; with a channels-last weight it reads and writes the
-activation as it lies (LeNet-5's conv2 at 20x, batch 256, one thread: the three convs take 0.63x
-the dense conv's time in NCHW, 0.27x in channels-last). Like ``model.to(memory_format=
-torch.channels_last)``, this changes strides, not values: the conv's output is channels-last, so
-code after it must ``reshape`` / ``flatten`` rather than ``view`` it, and the weights must be made
-``contiguous()`` before safetensors stores them.
 
 Tied layers (an LM head computing from the embedding's cores, :class:`~compressor.layers.TiedTNLinear`)
 go to the same form as their source and stay tied: in factors an embedding ``E (V x r)``,
@@ -162,13 +153,12 @@ def _conv_cut(layer: TNConv2d, layout: str) -> int:
 
 def _conv(weight: torch.Tensor, dtype: torch.dtype, bias: nn.Parameter | None, window: TNConv2d | None = None,
           groups: int = 1) -> nn.Conv2d:
-    """A standard ``nn.Conv2d`` holding ``weight`` in channels-last memory (module docstring);
-    ``window``: the layer whose stride, padding and dilation it takes (a ``1 x 1`` conv takes none)."""
+    """A standard ``nn.Conv2d`` holding ``weight``; ``window``: the layer whose stride, padding and
+    dilation it takes (a ``1 x 1`` conv takes none)."""
     geometry = dict(stride=window.stride, padding=window.padding, dilation=window.dilation) if window else {}
     conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), bias=bias is not None,
                      groups=groups, device="meta", **geometry)
-    conv.weight = nn.Parameter(weight.to(dtype).contiguous(memory_format=torch.channels_last))
-    conv.bias = bias
+    conv.weight, conv.bias = _param(weight, dtype), bias
     return conv
 
 

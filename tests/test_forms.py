@@ -156,13 +156,9 @@ def test_a_conv_window_between_computes_what_the_cores_compute(decomp):
     assert _kernels((first, middle, last)) == [((1, 1), 12, r0 * r_a, 1), ((3, 3), r0 * r_a, r0 * r_b, r0),
                                                ((1, 1), r0 * r_b, 10, 1)]
     assert middle.dilation == (2, 2) and middle.padding == (1, 1) and last.bias is layer.bias
-    # weights in channels-last memory (oneDNN then reads the activations as they lie): strides, not values
-    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in (first, middle, last))
     x = torch.randn(2, 12, 9, 9)
     with torch.no_grad():
-        y = forms.factors(layer)(x)
-        assert _close(y, layer(x)) and y.is_contiguous(memory_format=torch.channels_last)
-        assert torch.equal(y.flatten(1), y.contiguous().view(2, -1))
+        assert _close(forms.factors(layer)(x), layer(x))
 
 
 @pytest.mark.parametrize("decomp", ["tt", "tr"])
