@@ -84,6 +84,13 @@ class GatePhase:
             lam = self.control.calibrate(lambda: self.task_loss(batch))
             self.control.start_from(self.world.sum([lam])[0] / self.world.size)  # every rank starts alike
 
+    def anneal(self, step: int) -> None:
+        """Before step ``step``: tell every gate how far through the gate phase it is (a schedule
+        of its relaxation, MARS's temperature, follows the step alone, so a resumed run anneals alike)."""
+        progress = min(1.0, step / max(self.control.gate_steps, 1))
+        for gate in self.meter.gates():
+            gate.anneal(progress)
+
     def penalty(self) -> torch.Tensor:
         """The differentiable size penalty of the gates' present means (``spec.gates.penalty``)."""
         return self.control.penalty()

@@ -301,6 +301,8 @@ class FineTune:
         steps (gate means kept in bounds); the weight phase's learning rate; the tallies; the
         controller's decision (which may freeze the gates); the progress event; a snapshot."""
         gates, frozen, opt = self.gates, self.gates.frozen, self.optimizers
+        if not frozen:
+            gates.anneal(self.position.step)
         opt.zero_grad()
         with self.spec.autocast(self.model):
             if gates.score_function and not frozen:
