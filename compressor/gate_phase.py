@@ -62,6 +62,7 @@ class GatePhase:
             log.warning("the fixed ranks give %.4fx, short of the %gx target: the rank selector's size "
                         "estimate missed something", self.meter.ratio(), spec.gates.target)
         self.score_function = any(g.score_function for g in gates)  # REINFORCE: several sampled forwards a step
+        self.annealed = [g for g in gates if g.anneals]  # gates whose relaxation follows a schedule (MARS's)
 
     @property
     def lam(self) -> float:
@@ -91,7 +92,7 @@ class GatePhase:
         if self.frozen:
             return
         progress = min(1.0, step / max(self.control.gate_steps, 1))
-        for gate in self.meter.gates():
+        for gate in self.annealed:
             gate.anneal(progress)
 
     def penalty(self) -> torch.Tensor:

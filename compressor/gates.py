@@ -64,6 +64,8 @@ class Gate(nn.Module):
     #: True when the gate's samples carry no gradient and training needs the
     #: score-function estimator (:func:`reinforce_surrogate`) with several samples.
     score_function = False
+    #: True when the gate's relaxation follows a schedule over the gate phase (:meth:`anneal`).
+    anneals = False
     #: The highest mean the controller lets a gate keep, and the mean below which a slice
     #: is closed: a mean may have ``ceiling - closes_below`` to travel before it closes.
     ceiling = 1.0

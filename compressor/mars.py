@@ -86,6 +86,8 @@ class MARSGate(Gate):
     the floor; reopening to just above 0, where the MAP mask is open again (fully: it is binary).
     """
 
+    anneals = True
+
     def __init__(self, size: int, start_logit: float = START_LOGIT, prior: float = PRIOR, dtype=None):
         super().__init__()
         if size <= 0:

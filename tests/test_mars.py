@@ -3,6 +3,8 @@ digits run to the target, pruning that keeps the masked model's outputs, the con
 penalty rule and the CLI."""
 
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from compressor.data import TensorLoader
 from compressor.errors import ConfigError
 from compressor.mars import PRIOR, START_LOGIT, MARSGate, temperature
 from compressor.planner import plan
+from compressor.resume import RunInterrupted
 from compressor.selectors import get_selector
 from compressor.surgery import apply, tn_layers
 
@@ -172,3 +175,28 @@ def test_cli_compresses_with_mars(trained_digits_net, tmp_path):
     bad = CliRunner().invoke(main, [str(weights), "--arch", "compressor.zoo:digits_net", "--target", "4x", "--data",
                                     "digits", "-o", str(tmp_path / "no.safetensors"), "--rank-select", "marz"])
     assert bad.exit_code == 2 and "choose one of" in bad.stderr and "mars" in bad.stderr
+
+
+def test_an_interrupted_mars_run_resumes_to_the_same_model(trained_digits_net, digits, tmp_path):
+    """The temperature follows the step: a run stopped inside the gate phase and resumed anneals as
+    the uninterrupted one did, and ends bit for bit where it ends."""
+    xtr, ytr, xte, yte = digits
+    run = dict(decomp="tr", target="6x", epochs=4, rank_select="mars", log_every=1)
+
+    def loader():
+        return TensorLoader(xtr, ytr, 64, shuffle=True, seed=0)
+
+    whole = compress(trained_digits_net, loader(), **run)
+    assert whole.history.frozen_at > 10  # step 5 is inside the gate phase
+
+    def stop_at_5(event):
+        if event.kind == "step" and event.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    state = tmp_path / "mars.resume.pt"
+    with pytest.raises(RunInterrupted):
+        compress(trained_digits_net, loader(), callback=stop_at_5, state_file=state, **run)
+    resumed = compress(trained_digits_net, loader(), state_file=state, resume=True, **run)
+    assert resumed.report.resumed_from == 5 and resumed.history.frozen_at == whole.history.frozen_at
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
