@@ -257,9 +257,8 @@ class CompressConfig:
         "help": "initial l0 penalty weight; the target controller adapts it (default: calibrated)",
         "check": finite_non_negative, "label": "lambda"})
     penalty: str | None = field(default=None, metadata={
-        "help": "params weighs each gate by the parameters it costs (aims straight at a size target); "
-                "count is the paper's plain sum of Phi(mu/sigma) (default: params; count for a selector "
-                "whose method prescribes it: mars, whose prior costs every slice alike)",
+        "help": "params weighs each gate by the parameters it costs (aims straight at a size target); count is the "
+                "paper's plain sum of Phi(mu/sigma) (default: params, or the selector's own: count for mars)",
         "choices": PENALTIES})
     rank_select: str = field(default=DEFAULT_SELECTOR, metadata={
         "help": "how ranks are chosen: " + "; ".join(f"{name}: {s.help}" for name, s in RankSelector.registry.items()),
@@ -436,9 +435,8 @@ class CompressConfig:
         (:func:`~compressor.gates.start_margin`: :data:`~compressor.gates.DEEP_MARGIN` sigmas up).
         """
         selector = RankSelector.registry[self.rank_select]
-        gated = selector.gated
+        gated, penalty = selector.gated, self.penalty or selector.penalty or "params"
         deep = deep_stack(layers)  # the one place a run asks
-        penalty = self.penalty or selector.penalty or "params"
         init = self.init
         if init == "auto":
             fits = gated and deep and observable and self.rank is None and self.start != "ladder" and not self.paired
