@@ -14,6 +14,7 @@ the learned ranks when the gates freeze); ``default`` is a run with every choice
     python benchmarks/frontier.py                    # full run (hours on 2 cores)
     python benchmarks/frontier.py --targets 5,10 --selectors l0:activations --merge   # one part
     python benchmarks/frontier.py --quick            # a few minutes: 20x only, a data subset
+    python benchmarks/frontier.py --report --add /tmp/part/frontier.json   # a part run elsewhere, merged in
 """
 
 from __future__ import annotations
@@ -57,14 +58,21 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="keep the other rows' runs from the existing JSON, replace only these rows' at these targets")
     ap.add_argument("--report", action="store_true", help="only redraw the table and plots from the JSON")
+    ap.add_argument("--add", action="append", default=[], metavar="JSON",
+                    help="with --report: another frontier JSON (a part run in parallel with its own --out --merge); "
+                         "its runs replace this one's at the same rows and targets")
     args = ap.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     json_path = out / f"frontier{suffix}.json"
+    if args.add and not args.report:
+        ap.error("--add goes with --report")
     if args.report:
         result = json.loads(json_path.read_text())
+        for part in args.add:
+            result = added(result, json.loads(Path(part).read_text()))
         result["summary"] = frontier_summary(result["runs"])
         write_outputs(result, json_path, out, suffix)
         return
@@ -112,6 +120,18 @@ def main() -> None:
                       f"({run['seconds']:.0f} s)", flush=True)
                 json_path.write_text(json.dumps(_result(args, dense_acc, runs, started), indent=2))
     write_outputs(_result(args, dense_acc, runs, started), json_path, out, suffix)
+
+
+def added(result: dict, part: dict) -> dict:
+    """``result`` with ``part``'s runs in place of its own at the rows and targets ``part`` ran
+    (a grid split over processes: each ran with ``--merge`` from the same JSON, so a part holds the
+    others' older runs too, and only the cells its own command ran are taken from it)."""
+    ran = {(row_of(r), r["target"]) for r in part["runs"] if r.get("code") == part["code"]}
+    runs = [r for r in result["runs"] if (row_of(r), r["target"]) not in ran]
+    runs += [r for r in part["runs"] if (row_of(r), r["target"]) in ran]
+    parts = result.get("parts", []) + [{"command": part["command"], "code": part["code"],
+                                        "seconds": part["seconds"], "threads": part["threads"]}]
+    return {**result, "runs": runs, "parts": parts}
 
 
 def write_outputs(result, json_path: Path, out: Path, suffix: str) -> None:

@@ -7,6 +7,7 @@
 """
 
 from . import pstrn  # noqa: F401  (registers --rank-select pstrn before the config reads the registry)
+from . import mars  # noqa: F401  (registers --rank-select mars before the config reads the registry)
 from .api import CompressResult, Report, compress, evaluate
 from .blueprint import Blueprint
 from .config import CompressConfig, parse_target

@@ -256,9 +256,9 @@ class CompressConfig:
     lam: float | None = field(default=None, metadata={
         "help": "initial l0 penalty weight; the target controller adapts it (default: calibrated)",
         "check": finite_non_negative, "label": "lambda"})
-    penalty: str = field(default="params", metadata={
-        "help": "params weighs each gate by the parameters it costs (aims straight at a size target); "
-                "count is the paper's plain sum of Phi(mu/sigma)",
+    penalty: str | None = field(default=None, metadata={
+        "help": "params weighs each gate by the parameters it costs (aims straight at a size target); count is the "
+                "paper's plain sum of Phi(mu/sigma) (default: params, or the selector's own: count for mars)",
         "choices": PENALTIES})
     rank_select: str = field(default=DEFAULT_SELECTOR, metadata={
         "help": "how ranks are chosen: " + "; ".join(f"{name}: {s.help}" for name, s in RankSelector.registry.items()),
@@ -371,6 +371,10 @@ class CompressConfig:
                 raise ConfigError(f"unknown {label} {value!r}; choose one of {', '.join(choices)}")
             if "check" in meta:
                 meta["check"](label, value)
+        prescribed = RankSelector.registry[self.rank_select].penalty
+        if prescribed is not None and self.penalty not in (None, prescribed):
+            raise ConfigError(f"rank selector {self.rank_select!r} penalises its gates by its own prior "
+                              f"(penalty {prescribed!r}); penalty {self.penalty!r} does not apply to it")
         if self.init == "activations" and not RankSelector.registry[self.rank_select].gated:
             raise ConfigError(f"init 'activations' shapes a gated start; rank selector {self.rank_select!r} "
                               "chooses its ranks itself (whitened-svd and svd-llm are the ones fitted to activations)")
@@ -430,7 +434,8 @@ class CompressConfig:
         selector (:data:`DEEP_STACK_LR`), and so do the gates' starting means
         (:func:`~compressor.gates.start_margin`: :data:`~compressor.gates.DEEP_MARGIN` sigmas up).
         """
-        gated = RankSelector.registry[self.rank_select].gated
+        selector = RankSelector.registry[self.rank_select]
+        gated, penalty = selector.gated, self.penalty or selector.penalty or "params"
         deep = deep_stack(layers)  # the one place a run asks
         init = self.init
         if init == "auto":
@@ -441,8 +446,8 @@ class CompressConfig:
         margin = self.gate_margin if self.gate_margin is not None else DEEP_MARGIN if deep else 0.0
         early_stop = self.early_stop if self.early_stop is not None else self.epochs is None and self.max_steps is None
         left = tuple(name for name in TOOL_CHOICES if getattr(self, name) in (None, "auto"))
-        return Settled(replace(self, init=init, refit=refit, lr=lr, gate_margin=margin, early_stop=early_stop),
-                       layers, deep, left)
+        return Settled(replace(self, init=init, refit=refit, lr=lr, gate_margin=margin, early_stop=early_stop,
+                               penalty=penalty), layers, deep, left)
 
 
 #: The options a run may leave to the tool and reports the values of, in the report's order.

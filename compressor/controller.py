@@ -40,8 +40,6 @@ PLAN_REACHES_TARGET_AT = 0.8
 LAMBDA_UP, LAMBDA_DOWN, LAMBDA_FLOOR = 1.15, 0.93, 1e-4
 #: Calibrated λ starts this far below the balance of task and penalty gradients.
 CALIBRATION_SHARE = 0.05
-#: Gate means are kept in [MU_LOW, gate.ceiling] (see :meth:`TargetController.bound_gates`).
-MU_LOW = -1.0
 #: Forced closing re-ranks the slices after closing 1/FORCE_ROUNDS of the open ones (at
 #: least one): a small net is closed one slice at a time, an LLM's ~10^5 slices in a few
 #: hundred rounds instead of 10^5 full re-rankings.
@@ -244,7 +242,7 @@ class TargetController:
         return None
 
     def bound_gates(self) -> None:
-        """Keep gate means in [-1, ceiling] (1 + sigma, or a higher start).
+        """Keep gate means in [floor, ceiling]: for an ℓ0 gate [-1, 1 + sigma] (or a higher start).
 
         Beyond 1 + sigma a slice is open in nearly every sample and its penalty gradient,
         Φ'(μ/σ), vanishes: the task loss would park useful slices out of the penalty's
@@ -253,7 +251,7 @@ class TargetController:
         """
         with torch.no_grad():
             for g in self.meter.gates():
-                g.mu.clamp_(MU_LOW, g.ceiling)
+                g.mu.clamp_(g.floor, g.ceiling)
 
     def force(self) -> int:
         """Close the least valuable slices, per parameter saved, until the target holds.

@@ -62,6 +62,7 @@ class GatePhase:
             log.warning("the fixed ranks give %.4fx, short of the %gx target: the rank selector's size "
                         "estimate missed something", self.meter.ratio(), spec.gates.target)
         self.score_function = any(g.score_function for g in gates)  # REINFORCE: several sampled forwards a step
+        self.annealed = [g for g in gates if g.anneals]  # gates whose relaxation follows a schedule (MARS's)
 
     @property
     def lam(self) -> float:
@@ -83,6 +84,16 @@ class GatePhase:
             batch = next(iter(self.loader))
             lam = self.control.calibrate(lambda: self.task_loss(batch))
             self.control.start_from(self.world.sum([lam])[0] / self.world.size)  # every rank starts alike
+
+    def anneal(self, step: int) -> None:
+        """Before step ``step`` of a gate phase: tell every gate how far through the phase it is (a
+        schedule of its relaxation, MARS's temperature, follows the step alone, so a resumed run
+        anneals alike). Nothing once the gates are frozen."""
+        if self.frozen:
+            return
+        progress = min(1.0, step / max(self.control.gate_steps, 1))
+        for gate in self.annealed:
+            gate.anneal(progress)
 
     def penalty(self) -> torch.Tensor:
         """The differentiable size penalty of the gates' present means (``spec.gates.penalty``)."""
@@ -169,10 +180,12 @@ class GatePhase:
         return total / max(count, 1.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"frozen": self.frozen, "controller": self.control.state_dict()}
+        return {"frozen": self.frozen, "controller": self.control.state_dict(), "gate_steps": self.control.gate_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take a saved run's decisions (after its model, pruned or not, is loaded)."""
+        """Take a saved run's decisions (after its model, pruned or not, is loaded) and its gate
+        phase's end (a time budget may have brought it forward)."""
         self.meter.refresh()
         self.frozen = state["frozen"]
         self.control.load_state_dict(state["controller"])
+        self.control.gate_steps = state["gate_steps"]

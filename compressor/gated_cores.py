@@ -77,12 +77,12 @@ class GatedCores(nn.Module):
         """Differentiable expected parameter count of the cores under the gate distribution.
 
         Bonds are independent, so E[r_k n_k r_{k+1}] = E[r_k] n_k E[r_{k+1}] with
-        E[r] = sum_j Phi(mu_j / sigma).
+        E[r] = sum_j P(z_j > 0) (Phi(mu_j / sigma) for an ℓ0 gate).
         """
         exp_ranks: list[Any] = [float(r) for r in self.ranks]
         if self.gates is not None:
             for key, gate in self.gates.items():
-                exp_ranks[int(key)] = gate.penalty()
+                exp_ranks[int(key)] = gate.expected_open()
         n = len(self.modes)
         total = 0.0
         for k in range(n):
@@ -90,7 +90,8 @@ class GatedCores(nn.Module):
         return torch.as_tensor(total) if not torch.is_tensor(total) else total
 
     def gate_penalty(self) -> torch.Tensor:
-        """Sum over gates of sum_j Phi(mu_j / sigma) (the paper's l0 penalty)."""
+        """Sum over gates of their ``penalty()``: sum_j Phi(mu_j / sigma) for ℓ0 gates (the
+        paper's l0 penalty), the masks' prior term for MARS's."""
         if self.gates is None:
             return torch.zeros(())
         return sum(g.penalty() for g in self.gates.values())

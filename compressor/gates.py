@@ -64,18 +64,33 @@ class Gate(nn.Module):
     #: True when the gate's samples carry no gradient and training needs the
     #: score-function estimator (:func:`reinforce_surrogate`) with several samples.
     score_function = False
+    #: True when the gate's relaxation follows a schedule over the gate phase (:meth:`anneal`).
+    anneals = False
     #: The highest mean the controller lets a gate keep, and the mean below which a slice
     #: is closed: a mean may have ``ceiling - closes_below`` to travel before it closes.
     ceiling = 1.0
     closes_below = 0.0
+    #: The lowest mean the controller lets a gate keep: a closed slice stays within reach of
+    #: the task's gradient, should the weights come to need it again.
+    floor = -1.0
     mu: nn.Parameter
 
     def travel(self) -> float:
         return self.ceiling - self.closes_below
 
-    def penalty(self) -> torch.Tensor:
-        """Expected number of open slices: sum_j P(z_j > 0)."""
+    def expected_open(self) -> torch.Tensor:
+        """Expected number of open slices, sum_j P(z_j > 0): the bond's expected rank."""
         return self.open_probability().sum()
+
+    def penalty(self) -> torch.Tensor:
+        """What the ``count`` penalty adds up for this bond: the expected number of open
+        slices (the paper's ℓ0 term). A gate whose method puts its own prior on the slices
+        (MARS) returns that prior's term instead."""
+        return self.expected_open()
+
+    def anneal(self, progress: float) -> None:
+        """The gate phase is ``progress`` (0 to 1) of the way through. A gate whose relaxation
+        follows a schedule (MARS's temperature) sets it here; the ℓ0 gate has none."""
 
     def open_count(self) -> int:
         return int(self.open_mask().sum())

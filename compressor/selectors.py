@@ -34,6 +34,10 @@ Registered in their own module:
   (Li et al., 2021), each candidate briefly trained and scored. It is the one selector that
   *searches*: it declares :attr:`RankSelector.searches`, and the run hands its ``prepare`` a
   :class:`Search` (a ``trial`` that trains a candidate, and the steps it may spend).
+* ``mars`` (:mod:`compressor.mars`): ``l0``'s start and target controller with MARS's
+  relaxed-Bernoulli masks and their Bernoulli prior (Kodryan et al., AISTATS 2023) in place of
+  the ℓ0 gates, the comparator of supplementary Fig. 1; it prescribes its penalty
+  (:attr:`RankSelector.penalty`).
 
 A new selector is a subclass with ``name=...``: ``class Mine(RankSelector, name="mine")``.
 A selector never changes the plan: :meth:`RankSelector.prepare` returns how every layer
@@ -557,6 +561,9 @@ class RankSelector:
     two_factors: ClassVar[bool] = False
     #: Whether ``prepare`` trains candidates to choose (it then takes ``search=``, a :class:`Search`).
     searches: ClassVar[bool] = False
+    #: The size penalty the selector's method prescribes (``"count"``: the gates' own
+    #: ``penalty()`` summed, every slice alike), or None to let the run choose (``penalty``).
+    penalty: ClassVar[str | None] = None
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any):
         super().__init_subclass__(**kwargs)

@@ -301,6 +301,7 @@ class FineTune:
         steps (gate means kept in bounds); the weight phase's learning rate; the tallies; the
         controller's decision (which may freeze the gates); the progress event; a snapshot."""
         gates, frozen, opt = self.gates, self.gates.frozen, self.optimizers
+        gates.anneal(self.position.step)  # the relaxation's schedule while the gates move (MARS's temperature)
         opt.zero_grad()
         with self.spec.autocast(self.model):
             if gates.score_function and not frozen:
@@ -489,8 +490,8 @@ class FineTune:
             return self.spec.state_file
         return save_state(self.spec.state_file, {
             "fingerprint": self.spec.fingerprint, **self.position.state_dict(), **self.gates.state_dict(),
-            "limits": self.limits.state_dict(), "gate_steps": self.gates.control.gate_steps,
-            "weight_phase_start": self.weight_phase_start, "model": self.model.state_dict(),
+            "limits": self.limits.state_dict(), "weight_phase_start": self.weight_phase_start,
+            "model": self.model.state_dict(),
             **self.optimizers.state_dict(), "history": asdict(self.history),
             "tallies": [asdict(t) for t in self.tallies]})
 
@@ -503,7 +504,6 @@ class FineTune:
         self.runner = self.world.wrap(self.model)
         self.weight_phase_start = state["weight_phase_start"]
         self.limits.load_state_dict(state["limits"])
-        self.gates.control.gate_steps = state["gate_steps"]
         self.optimizers = self._optimizers()
         self.optimizers.load_state_dict(state)
         self.position = Position.saved(state)

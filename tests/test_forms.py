@@ -116,22 +116,49 @@ def test_factors_are_two_linears_cut_between_inputs_and_outputs(decomp):
     assert forms.form_table(nn.Sequential(layer)) == {"0": {f: group.params(f) for f in forms.FORMS}}
 
 
-def test_a_conv_puts_its_window_with_the_side_that_costs_less():
-    # many input channels, few outputs: the k x k window is cheaper on the output side (1x1 first)
-    wide_in = _pruned(TNConv2d(64, 4, 3, (8, 8), (4,), [8, 2, 2, 1], "tt", padding=1))
-    assert forms.conv_split(wide_in) == 2
-    first, second = forms.factors(wide_in)
-    assert first.kernel_size == (1, 1) and second.kernel_size == (3, 3) and second.padding == (1, 1)
-    # few inputs, many outputs: window with the inputs (k x k first, then 1x1)
-    wide_out = _pruned(TNConv2d(4, 64, 3, (4,), (8, 8), [2, 2, 8, 1], "tt", padding=1))
-    assert forms.conv_split(wide_out) == 2 and forms.factors(wide_out)[0].kernel_size == (3, 3)
-    # strided: the window stays with the inputs, so the 1x1 conv never runs on the unstrided input
-    strided = _pruned(TNConv2d(64, 4, 3, (8, 8), (4,), [8, 2, 2, 1], "tt", stride=2, padding=1))
-    assert forms.factors(strided)[0].kernel_size == (3, 3) and forms.factors(strided)[0].stride == (2, 2)
-    x = torch.randn(2, 64, 8, 8)
+def _kernels(sequential):
+    return [(conv.kernel_size, conv.in_channels, conv.out_channels, conv.groups) for conv in sequential]
+
+
+def test_a_conv_puts_its_window_where_its_factors_hold_least():
+    # many input channels, few outputs, a wide bond after the window: 1x1 to r channels, then the k x k
+    wide_in = _pruned(TNConv2d(64, 4, 3, (8, 8), (4,), [8, 2, 6, 1], "tt", padding=1))  # pruned: [5, 1, 4, 1]
+    assert forms.conv_layout(wide_in) == "window_last"
+    assert _kernels(forms.factors(wide_in)) == [((1, 1), 64, 1, 1), ((3, 3), 1, 4, 1)]
+    assert forms.factors(wide_in)[1].padding == (1, 1)
+    # few inputs, many outputs, a wide bond before the window: k x k to r channels, then 1x1
+    wide_out = _pruned(TNConv2d(4, 64, 3, (4,), (8, 8), [6, 2, 8, 1], "tt", padding=1))  # pruned: [4, 1, 5, 1]
+    assert forms.conv_layout(wide_out) == "window_first"
+    assert _kernels(forms.factors(wide_out)) == [((3, 3), 4, 1, 1), ((1, 1), 1, 64, 1)]
+    # narrow bonds on both sides of the window: 1x1 to r_a, the window core as a k x k conv r_a -> r_b, 1x1
+    between = _pruned(TNConv2d(64, 64, 3, (8, 8), (8, 8), [8, 4, 4, 8, 1], "tt", padding=1))  # [5, 2, 2, 5, 1]
+    assert forms.conv_layout(between) == "window_between"
+    assert _kernels(forms.factors(between)) == [((1, 1), 64, 2, 1), ((3, 3), 2, 2, 1), ((1, 1), 2, 64, 1)]
+    assert forms.Group("c", between).params("factors") == 64 * 2 + 2 * 9 * 2 + 2 * 64 + 64
+    # strided: the window stays with the inputs, so no 1x1 conv runs on the unstrided input
+    strided = _pruned(TNConv2d(64, 64, 3, (8, 8), (8, 8), [8, 4, 4, 8, 1], "tt", stride=2, padding=1))
+    assert forms.conv_layout(strided) == "window_first" and forms.factors(strided)[0].stride == (2, 2)
     with torch.no_grad():
-        for layer in (wide_in, strided):
+        for layer, x in ((wide_in, torch.randn(2, 64, 8, 8)), (wide_out, torch.randn(2, 4, 8, 8)),
+                         (between, torch.randn(2, 64, 8, 8)), (strided, torch.randn(2, 64, 9, 9))):
             assert _close(forms.factors(layer)(x), layer(x))
+
+
+@pytest.mark.parametrize("decomp", ["tt", "tr"])
+def test_a_conv_window_between_computes_what_the_cores_compute(decomp):
+    """A ring's closing bond runs through all three convs: the window core is applied to each of
+    its slices alone (a grouped conv); a train's middle conv is the window core as it is."""
+    layer = _pruned(TNConv2d(12, 10, 3, (3, 4), (2, 5), [5, 4, 6, 4, 3 if decomp == "tr" else 1], decomp,
+                             padding=1, dilation=2))
+    r0, r_a, r_b = layer.ranks[-1], layer.ranks[1], layer.ranks[2]
+    assert forms.conv_layout(layer) == "window_between" and (r0 > 1) == (decomp == "tr")
+    first, middle, last = forms.factors(layer)
+    assert _kernels((first, middle, last)) == [((1, 1), 12, r0 * r_a, 1), ((3, 3), r0 * r_a, r0 * r_b, r0),
+                                               ((1, 1), r0 * r_b, 10, 1)]
+    assert middle.dilation == (2, 2) and middle.padding == (1, 1) and last.bias is layer.bias
+    x = torch.randn(2, 12, 9, 9)
+    with torch.no_grad():
+        assert _close(forms.factors(layer)(x), layer(x))
 
 
 @pytest.mark.parametrize("decomp", ["tt", "tr"])
@@ -230,7 +257,7 @@ def fake_timer(seconds):
 
 
 def fake_model_timer(seconds):
-    """The whole Net's time: its four layers' times by :func:`fake_timer`'s clock."""
+    """A whole model's time: its children's times by :func:`fake_timer`'s clock."""
     layer = fake_timer(seconds)
     return lambda model, x: sum(layer(child, x) for child in model.children())
 
@@ -281,12 +308,56 @@ def test_auto_keeps_the_cores_when_the_whole_model_is_slower_in_the_forms_picked
         assert choice.to_dict()["kept_cores"] is kept
 
 
-def test_select_never_trades_one_served_shape_for_another():
-    faster_prefill = _opts(a={"cores": (100, (0.5, 0.5)), "factors": (100, (0.51, 0.2))})
-    assert select(faster_prefill, room=0) == {"a": "cores"}  # a decode 2% slower is not bought with prefill
-    assert select(_opts(a={"cores": (100, (0.5, 0.5)), "factors": (100, (0.5, 0.2))}), room=0) == {"a": "factors"}
+def test_select_trades_one_served_shape_for_another_only_for_a_clear_gain_in_sum():
+    # 2 % slower at decode, 60 % faster at prefill: the shapes weigh alike, the move is taken
+    trade = _opts(a={"cores": (100, (0.5, 0.5)), "factors": (100, (0.51, 0.2))})
+    assert select(trade, room=0) == {"a": "factors"}
     # forms within timing noise of each other (a two-core train and its factors) stay as they are
     assert select(_opts(a={"cores": (100, (0.5, 0.5)), "factors": (100, (0.47, 0.46))}), room=0) == {"a": "cores"}
+    assert select(_opts(a={"cores": (100, (0.5, 0.5)), "factors": (100, (0.8, 0.1))}), room=0) == {"a": "factors"}
+
+
+def test_picks_hold_when_the_model_is_faster_in_sum_and_no_shape_loses_more_than_noise():
+    assert serving.picks_hold(()) and serving.picks_hold((1.0 / 1.05, 2.0))  # 5 % slower at decode, 2x prefill
+    assert not serving.picks_hold((1.0 / 1.2, 2.0))  # a shape 20 % slower: beyond noise
+    assert not serving.picks_hold((0.99, 1.0)) and not serving.picks_hold((1.0, 1.0))  # no gain in sum
+
+
+class LeNetConvs(nn.Module):
+    """LeNet-5's second conv (20 -> 50, 5 x 5) as a 20x run leaves it, then a small head: its three-conv
+    factors (1x1 20 -> 11, 5x5 11 -> 19, 1x1 19 -> 50) hold fewer parameters than its cores."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = TNConv2d(20, 50, 5, (4, 5), (5, 10), [4, 11, 19, 10, 1], "tt", gated=False)
+        with torch.no_grad():
+            for core in self.conv.cores:
+                core.normal_(0, 0.3)
+        self.fc = nn.Linear(50, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_auto_takes_factors_smaller_than_the_cores_with_no_room_to_spare():
+    net, x = LeNetConvs().eval(), torch.randn(3, 20, 14, 14)
+    size, table = count_state(net), forms.form_table(net)["conv"]
+    assert table["factors"] == 20 * 11 + 11 * 25 * 19 + 19 * 50 + 50 < table["cores"]
+    serve = serving.serving(net, example=x)
+    fast_factors = {"cores": 2.0, "factors": 1.0, "dense": 0.5}
+    choice = serving.choose(net, "auto", budget=size, serve=serve, timer=fake_timer(fast_factors),
+                            model_timer=fake_model_timer(fast_factors))
+    assert choice.forms() == {"conv": "factors"} and choice.params == size - (table["cores"] - table["factors"])
+    # slower than the cores at every served shape: kept in cores, however much smaller
+    slow_factors = {"cores": 1.0, "factors": 2.0, "dense": 0.5}
+    choice = serving.choose(net, "auto", budget=size, serve=serve, timer=fake_timer(slow_factors),
+                            model_timer=fake_model_timer(slow_factors))
+    assert choice.forms() == {"conv": "cores"}
+    with torch.no_grad():
+        want = net(x)
+        served = forms.convert(net, {"conv": "factors"})
+        assert [type(m) for m in served.conv] == [nn.Conv2d] * 3 and _close(served(x), want)
 
 
 def test_measure_times_each_layer_at_the_shapes_it_is_given():

@@ -88,7 +88,8 @@ def test_reinforce_gates_are_bernoulli_and_learn(trained_digits_net):
 
 def test_registry_names_every_selector_once_and_says_if_it_is_gated():
     assert selector_names()[0] == "l0"
-    assert set(selector_names()) == {"l0", "uniform", "energy", "svd", "whitened-svd", "svd-llm", "reinforce", "pstrn"}
+    assert set(selector_names()) == {"l0", "uniform", "energy", "svd", "whitened-svd", "svd-llm", "reinforce", "pstrn",
+                                     "mars"}
     assert get_selector("l0").gated and get_selector("reinforce").gate is BernoulliGate
     assert not any(get_selector(n).gated for n in ("uniform", "energy", "svd", "whitened-svd", "svd-llm"))
     assert get_selector("whitened-svd").calibrates and get_selector("svd-llm").calibrates
