@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,13 +98,31 @@ def load_forms() -> tuple[str, ...]:
     return ("auto", "cores")
 
 
-def load_slim(path: Path, base: Callable[[], nn.Module], form: str, example: Any = None) -> nn.Module:
-    """A slim checkpoint as a user loads it, in ``form`` (passed only to a ``load`` that takes it;
-    ``example``: an input ``auto`` times the layers at, for a model that does not take token ids)."""
-    kwargs = {"form": form} if "form" in inspect.signature(compressor.load).parameters else {}
-    if example is not None and form == "auto":
-        kwargs["example"] = example
-    return compressor.load(path, base=base, **kwargs).eval()
+def load_slim(path: Path, base: Callable[[], nn.Module], form: str, example: Any = None) -> tuple[nn.Module, Any]:
+    """A slim checkpoint as a user loads it, in ``form``, with the choice of forms ``auto`` made
+    (``compressor.checkpoint.load_served``; None in cores). ``example``: an input ``auto`` times the
+    layers at, for a model that does not take token ids."""
+    from compressor.checkpoint import load_served
+
+    model, choice = load_served(path, base=base, form=form, example=example if form == "auto" else None)
+    return model.eval(), choice
+
+
+def choice_by_kind(choice: Any) -> dict[str, Any] | None:
+    """``auto``'s choice per layer kind (a layer's last name: ``q_proj``, ``conv2``): how many took
+    each form, and the median measured speed-up of the chosen form over the cores and over dense
+    per served shape; then the whole-model check (cores' time / the picked forms', per shape)."""
+    if choice is None or choice.asked != "auto":
+        return None
+    kinds: dict[str, list[Any]] = {}
+    for layer in choice.layers:
+        kinds.setdefault(layer.name.rpartition(".")[2], []).append(layer)
+    per_shape = lambda ls, versus: [statistics.median(v) for v in zip(*(l.speedup(versus) for l in ls))]  # noqa: E731
+    return {"shapes": [list(s) for s in choice.shapes], "in_model_speedup_vs_cores": list(choice.in_model),
+            "kept_cores": choice.kept_cores,
+            "kinds": {kind: {"layers": len(ls), "forms": dict(Counter(l.form for l in ls)),
+                             "speedup_vs_cores": per_shape(ls, "cores"), "speedup_vs_dense": per_shape(ls, "dense")}
+                      for kind, ls in sorted(kinds.items())}}
 
 
 def slim_quantizers() -> tuple[str, ...]:
@@ -328,11 +347,12 @@ class Entry:
     model: nn.Module | None = None
 
 
-def build(spec: dict[str, Any], setup: Setup) -> nn.Module:
-    """The model ``spec`` names: dense (quantized or not) or a slim checkpoint in a form."""
+def build(spec: dict[str, Any], setup: Setup) -> tuple[nn.Module, Any]:
+    """The model ``spec`` names: dense (quantized or not) or a slim checkpoint in a form, and the
+    choice of forms made for it (None but for ``auto``)."""
     if spec["model"] == "dense":
         dense = setup.dense()
-        return dense if spec["quantize"] == "none" else quantized_dense(dense, spec["quantize"])
+        return (dense if spec["quantize"] == "none" else quantized_dense(dense, spec["quantize"])), None
     return load_slim(Path(spec["path"]), setup.skeleton, spec["form"])
 
 
@@ -413,7 +433,7 @@ def child(spec: dict[str, Any], quick: bool, new_tokens: int) -> dict[str, int]:
     a thread samples the resident set every millisecond."""
     setup = make_setup(quick, held_out=1)
     baseline = rss()
-    model = build(spec, setup)
+    model = build(spec, setup)[0]
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # what loading freed goes back to the OS
@@ -469,11 +489,13 @@ def lenet5_part(cache: Path, repeats: int) -> dict[str, Any]:
                                        "ratio": result.report.ratio, "code": code_version()}, indent=1))
     out: dict[str, Any] = {"slim": json.loads(sidecar.read_text()), "file_bytes": path.stat().st_size, "forms": {}}
     for form in load_forms():
-        slim = load_slim(path, lenet5, form, example=torch.zeros(1, 1, 28, 28))
+        slim, choice = load_slim(path, lenet5, form, example=torch.zeros(1, 1, 28, 28))
         infer = cost.measure_inference(dense, slim, repeats)
         for v in infer.values():
             v["speedup_vs_dense"] = 1 / v["slim_vs_dense"]
         out["forms"][form] = {"inference": infer, "layer_classes": layer_classes(slim)}
+        if (chosen := choice_by_kind(choice)) is not None:
+            out["forms"][form]["auto"] = chosen
     return out
 
 
@@ -483,8 +505,10 @@ def measure(setup: Setup, cache: Path, args) -> dict[str, Any]:
     made = {f"{t} {q}": make_slim(setup, cache, t, q, args) for t in args.targets for q in slim_quantizers()}
     items = entries(setup, cache, args, made)
     for e in items:
-        e.model = build(e.spec, setup)
+        e.model, choice = build(e.spec, setup)
         e.record["layer_classes"] = layer_classes(e.model)
+        if (chosen := choice_by_kind(choice)) is not None:
+            e.record["auto"] = chosen
         if e.record["model"] == "dense" and e.record["quantize"] != "none":
             e.record["file_bytes"] = quantized_file_bytes(e.model, e.record["quantize"] == "int4")
         e.record["perplexity"] = perplexity(e.model, setup.test, 16)

@@ -37,7 +37,7 @@ from .layers import TiedTNLinear, TNLayer, layer_class, tied_head_size
 from .model_files import load_model
 from .quantize import Quantization, check_metadata, check_written, dequantized, scale_names
 from .forms import check_form
-from .serving import serve_as, size_budget
+from .serving import FormChoice, serve_as, size_budget
 
 FORMAT = "compressor.slim"
 VERSION = 4
@@ -385,6 +385,15 @@ def check_fits(path: str | os.PathLike, base: nn.Module) -> None:
 def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False, *, form: str = "cores",
          serve_shapes: Any = None, example: Any = None) -> nn.Module:
     """Rebuild the slim model saved at ``path`` on top of ``base`` (model, factory or .pt2 path).
+    The model of :func:`load_served`, without the choice of forms."""
+    return load_served(path, base, trust_pickle, form=form, serve_shapes=serve_shapes, example=example)[0]
+
+
+def load_served(path: str | os.PathLike, base: Any, trust_pickle: bool = False, *, form: str = "cores",
+                serve_shapes: Any = None, example: Any = None) -> tuple[nn.Module, FormChoice | None]:
+    """The slim model saved at ``path`` rebuilt on top of ``base`` (model, factory or .pt2 path),
+    and how its layers are served (``None`` in cores, the file's own form): for ``auto``, which
+    form each layer took and the speed-ups measured, which a caller keeps or shows.
 
     ``trust_pickle`` lets a ``base`` path run code when loaded (see ``model_files.load_model``).
     ``form`` is how the factorized layers are served (``compressor.forms``): ``"cores"`` (the
@@ -413,9 +422,9 @@ def load(path: str | os.PathLike, base: Any, trust_pickle: bool = False, *, form
             f"unexpected {sorted(result.unexpected_keys)[:5]}")
     module = set_training(module, False)
     if form == "cores":
-        return module
+        return module, None
     return serve_as(module, form, budget=served_budget(meta, read_blueprint(path)),
-                    shapes=serve_shapes, example=example)[0]
+                    shapes=serve_shapes, example=example)
 
 
 def served_budget(meta: dict[str, Any], blueprint: Blueprint) -> int | None:

@@ -30,6 +30,7 @@ from rich.table import Table
 from . import __version__
 from .api import compare_outputs, compress, evaluate
 from .budget import STOPPED, format_seconds
+from .blueprint import ELEMENT_TARGET
 from .checkpoint import export_program, load, nonfinite_tensors, read_blueprint, read_metadata, save
 from .forms import FORM_CHOICES, FORMS, Group, check_form
 from .quantize import dequantized
@@ -541,7 +542,7 @@ def _form_args(form: str, serve_shapes: tuple[str, ...]) -> tuple[str, list[tupl
 
 def _served(model, form: str, shapes: list, example: Any, blueprint, convert: bool) -> FormChoice:
     """The forms ``model`` (in cores) is served in, timed at the served shapes; converted when asked."""
-    budget = size_budget(blueprint.dense_params, blueprint.target)
+    budget = size_budget(blueprint.dense_params, blueprint.element_target())  # an int8 run's aimed ratio
     if convert:
         return serve_as(model, form, budget=budget, shapes=shapes, example=example)[1]
     return choose(model, form, budget=budget, serve=serving(model, shapes, example))
@@ -737,7 +738,8 @@ def _layers_table(checkpoint: Path, meta: dict[str, Any], tensors: dict[str, tor
     params = sum(t.numel() for t in tensors.values())
     dense = meta.get("dense_params")
     target = meta.get("extra", {}).get("target")
-    budget = size_budget(dense, target if isinstance(target, (int, float)) and not isinstance(target, bool) else None)
+    aimed = meta.get("extra", {}).get(ELEMENT_TARGET, target)  # an int8 file: the element ratio its run aimed at
+    budget = size_budget(dense, aimed if isinstance(aimed, (int, float)) and not isinstance(aimed, bool) else None)
     t = Table(title=f"{checkpoint} — {params:,} parameters"
                     + (f", dense {dense:,} → {dense / params:.2f}x" if dense else "")
                     + (f"; target {target:g}x allows {budget:,}" if budget else ""), title_justify="left")

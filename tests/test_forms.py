@@ -17,7 +17,7 @@ from torch import nn
 import compressor
 from compressor import forms, serving
 from compressor.blueprint import Blueprint
-from compressor.checkpoint import load, read_metadata, save
+from compressor.checkpoint import load, load_served, read_metadata, save
 from compressor.cli import main
 from compressor.errors import ConfigError
 from compressor.layers import TiedTNLinear, TNConv2d, TNEmbedding, TNLayer, TNLinear
@@ -398,6 +398,18 @@ def test_load_serves_the_form_asked(slim_file, form):
     if form == "auto":  # never past the size target (1.5x of the dense size)
         assert count_state(served) <= meta["dense_params"] / 1.5
     assert "layers" in meta and set(meta["layers"]) == {"conv1", "conv2", "fc1", "fc2"}  # the file keeps the cores
+
+
+def test_load_served_gives_the_choice_auto_made_beside_the_model(slim_file):
+    path, net, x = slim_file
+    model, choice = load_served(path, base=Net, form="auto", example=x)
+    assert choice.asked == "auto" and {l.name for l in choice.layers} == {"conv1", "conv2", "fc1", "fc2"}
+    assert choice.params == count_state(model) <= read_metadata(path)["dense_params"] / 1.5
+    assert all(isinstance(getattr(model, n), TNLayer) == (f == "cores") for n, f in choice.forms().items())
+    with torch.no_grad():
+        assert _close(model(x), net(x))
+    cores, none = load_served(path, base=Net)
+    assert none is None and torch.equal(cores(x), net(x))
 
 
 def test_a_torch_export_base_takes_the_forms_too(slim_file):
