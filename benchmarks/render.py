@@ -52,6 +52,8 @@ BLOCKS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "frontier-verdicts": (("frontier.json",), tables.frontier_verdicts),
     "frontier-refit": (("frontier.json",), tables.frontier_refit),
     "frontier-layers": (("frontier.json",), tables.frontier_layers),
+    "frontier-comparators": (("frontier.json",), tables.frontier_comparators),
+    "mars-ranks": (("mars_ranks.json",), tables.mars_ranks_table),
     "llm": (("llm.json",), tables.llm_table),
     "llm-summary": (("llm.json",), lambda r: tables.llm_table(r, LLM_SUMMARY_ROWS.__contains__)),
     "llm-budget": (("llm.json",), tables.llm_budget_tables),

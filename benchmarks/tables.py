@@ -165,6 +165,61 @@ def frontier_verdicts(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The paper's comparators that run here as selectors (issue 29), each against ``l0``.
+COMPARATORS = ("mars", "pstrn")
+
+
+def frontier_comparators(result: dict[str, Any]) -> str:
+    """``l0`` (weights start, no refit) against each comparator selector per target: mean accuracy
+    over the seeds, the difference with its verdict, the worst ratio over the target (a run must
+    land within 1.05x of it) and the mean wall seconds of a run."""
+    summ = frontier_summary(result["runs"])
+    base = row_name(DEFAULT_ROW.selector, "weights", False)
+    present = [c for c in COMPARATORS if any(v["row"] == c for v in summ.values())]
+    lines = [f"`{base}` against {', '.join(f'`{c}`' for c in present)} on the same budget and seeds: accuracy "
+             "(mean over the seeds); the difference in points with its verdict for `l0` (*ahead* or *behind* "
+             "beyond two standard errors, else *tie*); the largest ratio over the target of any seed; "
+             "seconds a run (mean; rows measured in different sessions, so compare loosely):", "",
+             "| target | `l0` | " + " | ".join(f"`{c}` | l0 - {c} | worst ratio / target | s a run (l0 / {c})"
+                                              for c in present) + " |",
+             "|---|---|" + "---|---|---|---|" * len(present)]
+    for t in sorted({v["target"] for v in summ.values()}):
+        ours = summ.get(f"{base}@{t:g}x")
+        if ours is None:
+            continue
+        cells = [f"{t:g}x", f"{100 * ours['acc_mean']:.2f} %"]
+        for c in present:
+            v = summ.get(f"{c}@{t:g}x")
+            if v is None:
+                cells += ["n/a"] * 4
+                continue
+            cells += [f"{100 * v['acc_mean']:.2f} %",
+                      f"{100 * (ours['acc_mean'] - v['acc_mean']):+.2f} ({verdict(ours['acc'], v['acc'], True)})",
+                      f"{max(v['ratio']) / t:.3f}", f"{ours['seconds_mean']:.0f} / {v['seconds_mean']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ l0 against MARS (mars_ranks.py)
+def mars_ranks_table(result: dict[str, Any]) -> str:
+    """``mars_ranks.py``: per fine-tuning budget, each row's test accuracy (mean over the seeds,
+    the seeds' range when it is wide) and ratio."""
+    rows = list(dict.fromkeys(s["row"] for s in result["summary"]))
+    lines = [f"{result['model']} on {result['data']} (dense {100 * result['dense_accuracy']:.1f} %), "
+             f"{result['target']:g}x as a {result['decomp']}; test accuracy, mean over the seeds:", "",
+             "| fine-tuning | " + " | ".join(f"`{r}`" for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for epochs in result["epochs"]:
+        cells = []
+        for row in rows:
+            s = next(x for x in result["summary"] if x["row"] == row and x["epochs"] == epochs)
+            accs = [r["accuracy"] for r in result["runs"] if r["row"] == row and r["epochs"] == epochs]
+            spread = (f" ({100 * min(accs):.1f}-{100 * max(accs):.1f})" if max(accs) - min(accs) > 0.05 else "")
+            cells.append(f"{100 * s['accuracy']:.1f} %{spread} at {s['ratio']:.1f}x")
+        steps = next(r["steps"] for r in result["runs"] if r["epochs"] == epochs)
+        lines.append(f"| {epochs} epochs ({steps} steps) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + f"\nCode: `{result['code']}`.\n"
+
+
 def frontier_refit(result: dict[str, Any]) -> str:
     """Per target: how often the default run chose to refit at the freeze, and what refitting is
     worth there (the weights start always refitted against never refitted, with a noise band)."""
