@@ -140,7 +140,7 @@ def write_outputs(result, json_path: Path, out: Path, suffix: str) -> None:
     plot(result, out / f"frontier{suffix}.png", out / f"ranks_l0{suffix}.png")
     print(frontier_table(result))
     print("wrote", json_path)
-    if not suffix:
+    if not suffix and out.resolve() == (HERE / "results").resolve():  # a part run elsewhere is not published
         for doc in update_documents(blocks_reading("frontier.json")):
             print("rendered", doc)
 
