@@ -24,8 +24,9 @@ What this implementation changes, and why:
   their stale scores).
 * **Every candidate meets the target.** PSTRN traded accuracy against compression (two
   objectives); a run here has one size target, so a candidate over it is cut down, the largest
-  bond first, until it fits (``fit_to_target``). Every candidate trained is one the run could
-  deliver, and the winner's ratio is at least the target.
+  bond first, until it fits, and one past the target by more than 2 % is grown back towards it
+  (``fit_to_target``). Every candidate trained is one the run could deliver, and the winner's
+  ratio is at least the target and close to it.
 * **The evaluation budget is the run's.** A run's budget is the steps ``l0`` would take
   (``epochs`` or the default budget). The search gets the share ``l0``'s gate phase gets
   (``gate_fraction``, a half): :data:`TRIAL_STEPS` steps per candidate, so the budget's
@@ -68,6 +69,8 @@ MIN_CANDIDATES, MAX_CANDIDATES = 12, 90
 POPULATION, LEVELS, ELITES = 30, 5, 5
 #: Each phase's spacing as a share of the uniform rank (PSTRN's 5, 2, 1 around 15).
 SPACINGS = (1 / 3, 2 / 15, 1 / 15)
+#: How far past the target (a share of it) a candidate may land before it is grown back towards it.
+SLACK = 0.02
 #: New children tried before a duplicate is accepted (and trained again) in a small space.
 RETRIES = 20
 
@@ -131,18 +134,30 @@ class RankSpace:
             out[bond.layer][bond.index] = r
         return out
 
+    def ratio(self, ranks: tuple[int, ...]) -> float:
+        return self.plan.dense_params / plan_params(self.plan, self.ranks_of(ranks), self.decomp)
+
     def fits(self, ranks: tuple[int, ...]) -> bool:
-        return self.plan.dense_params / plan_params(self.plan, self.ranks_of(ranks), self.decomp) >= self.target
+        return self.ratio(ranks) >= self.target
 
     def fit_to_target(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
-        """``ranks`` cut down until the model meets the target: the largest bond first (the
-        first of equals), one slice at a time."""
+        """``ranks`` cut down until the model meets the target (the largest bond first, the first
+        of equals, one slice at a time), then, when it lies past the target by more than
+        :data:`SLACK`, grown back towards it (the smallest bond that still fits first): a run asked
+        for 100x gets about 100x, not the 105x a coarse grid of small ranks lands on."""
         cut = list(ranks)
         while not self.fits(tuple(cut)):
             widest = max(range(len(cut)), key=lambda i: (cut[i], -i))
             if cut[widest] == 1:
                 raise TargetError(f"no ranks of the searched bonds reach {self.target:g}x")
             cut[widest] -= 1
+        while self.ratio(tuple(cut)) > self.target * (1 + SLACK):
+            for i in sorted(range(len(cut)), key=lambda i: (cut[i], i)):
+                if cut[i] < self.bonds[i].cap and self.fits(tuple(cut[:i] + [cut[i] + 1] + cut[i + 1:])):
+                    cut[i] += 1
+                    break
+            else:
+                break  # no bond grows without passing the target
         return tuple(cut)
 
 

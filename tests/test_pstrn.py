@@ -15,7 +15,8 @@ from compressor.distributed import World
 from compressor.errors import ConfigError
 from compressor.planner import plan
 from compressor.plan import plan_params
-from compressor.pstrn import MAX_CANDIDATES, MIN_CANDIDATES, TRIAL_STEPS, PSTRNSelector, search_shape
+from compressor.pstrn import (MAX_CANDIDATES, MIN_CANDIDATES, SLACK, TRIAL_STEPS, PSTRNSelector, RankSpace,
+                              search_shape)
 from compressor.selectors import Search, get_selector, uniform_ranks
 from compressor.surgery import tn_layers
 
@@ -72,6 +73,20 @@ def test_the_search_trains_exactly_its_stated_budget_and_every_candidate_meets_t
     assert each == (TRIAL_STEPS if budget // TRIAL_STEPS in range(MIN_CANDIDATES, MAX_CANDIDATES + 1)
                     else budget // candidates)
     assert min(ratio for _, ratio in seen) >= 6  # nothing over the size target is ever trained
+    assert max(ratio for _, ratio in seen) <= 6 * 1.05  # nor anything far past it (grown back towards it)
+
+
+@pytest.mark.parametrize("decomp", ["tr", "tt"])
+def test_a_candidate_past_the_target_is_grown_back_towards_it(trained_digits_net, decomp):
+    config = CompressConfig(target=6, rank_select="pstrn", decomp=decomp)
+    the_plan = plan(trained_digits_net, config.plan_options())
+    space = RankSpace(the_plan, config.selector_options())
+    small = tuple(1 for _ in space.bonds)  # every bond at 1: far past 6x
+    assert space.ratio(small) > 6 * 1.05
+    grown = space.fit_to_target(small)
+    assert 6 <= space.ratio(grown) <= 6 * (1 + SLACK)
+    big = tuple(b.cap for b in space.bonds)  # every bond at its cap: far over the size target
+    assert 6 <= space.ratio(space.fit_to_target(big)) <= 6 * (1 + SLACK)
 
 
 def test_the_progressive_search_finds_better_ranks_than_its_uniform_centre(trained_digits_net):
