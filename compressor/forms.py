@@ -269,6 +269,13 @@ class Group:
         made.to(self.layer.cores[0].device).train(self.layer.training)  # to_dense builds on the CPU
         return [made] + [_head(h, form, made).train(h.training) for _, h in self.heads]
 
+    def place(self, model: nn.Module, modules: list[nn.Module]) -> None:
+        """``modules`` (:meth:`in_form`'s list: the layer, then each head) put in ``model`` under
+        every name the layer and its heads have (an alias too)."""
+        replace_module(model, self.name, modules[0])
+        for (name, _), module in zip(self.heads, modules[1:]):
+            replace_module(model, name, module)
+
     def params(self, form: str) -> int | None:
         """State elements of the group in ``form`` (a shared tensor once), or None."""
         if form == "dense":  # counted, not built: the dense table of an LLM is large
@@ -301,9 +308,7 @@ def convert(model: nn.Module, forms: Mapping[str, str] | str) -> nn.Module:
         made = group.in_form(form) if form != "cores" else None
         if made is None:
             continue
-        replace_module(model, group.name, made[0])  # every name the layer has (an alias too)
-        for (name, _), module in zip(group.heads, made[1:]):
-            replace_module(model, name, module)
+        group.place(model, made)
         group.layer.drop_weight_cache()
         del group, made
     return model

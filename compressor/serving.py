@@ -50,7 +50,7 @@ from .errors import ConfigError
 from .forms import FORMS, Group, check_form, convert, groups
 from .layers import TiedTNLinear, TNEmbedding, TNLayer
 from .plan import count_state
-from .surgery import evaluation_mode, replace_module
+from .surgery import evaluation_mode
 
 #: Served shapes of a model taking token ids: a decode step (1 token) and an 8 x 128 prefill.
 TOKEN_SHAPES = ((1, 1), (8, 128))
@@ -308,10 +308,7 @@ def _put(model: nn.Module, found: Sequence[Group], made: Mapping[str, list[nn.Mo
         modules = made.get(group.name)
         if modules is None:
             continue
-        now = modules if picked else [group.layer] + [h for _, h in group.heads]
-        replace_module(model, group.name, now[0])
-        for (name, _), module in zip(group.heads, now[1:]):
-            replace_module(model, name, module)
+        group.place(model, modules if picked else group.in_form("cores"))
 
 
 def picks_hold(checked: Sequence[float]) -> bool:
