@@ -194,7 +194,11 @@ def read_blueprint(path: str | os.PathLike) -> Blueprint:
     """The blueprint recorded in the slim checkpoint at ``path``: with the model ``load`` rebuilt
     from it, ``save(model, path2, blueprint=read_blueprint(path))`` writes the same description
     again (a ``torch.export`` graph cannot tell it by itself)."""
-    meta = read_metadata(path)
+    return blueprint_in(read_metadata(path))
+
+
+def blueprint_in(meta: dict[str, Any]) -> Blueprint:
+    """The blueprint a checkpoint's (checked) metadata records: :func:`read_blueprint` without reading the file."""
     extra = dict(meta.get("extra", {}))
     decomp, target = extra.pop("decomp", None), extra.pop("target", None)
     sites = tuple(Site(name, entry["weight_attr"], entry.get("bias_attr"))
@@ -423,7 +427,7 @@ def load_served(path: str | os.PathLike, base: Any, trust_pickle: bool = False, 
     module = set_training(module, False)
     if form == "cores":
         return module, None
-    return serve_as(module, form, budget=served_budget(meta, read_blueprint(path)),
+    return serve_as(module, form, budget=served_budget(meta, blueprint_in(meta)),
                     shapes=serve_shapes, example=example)
 
 

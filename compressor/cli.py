@@ -30,8 +30,7 @@ from rich.table import Table
 from . import __version__
 from .api import compare_outputs, compress, evaluate
 from .budget import STOPPED, format_seconds
-from .blueprint import ELEMENT_TARGET
-from .checkpoint import export_program, load, nonfinite_tensors, read_blueprint, read_metadata, save
+from .checkpoint import blueprint_in, export_program, load, nonfinite_tensors, read_blueprint, read_metadata, save
 from .forms import FORM_CHOICES, FORMS, Group, check_form
 from .quantize import dequantized
 from .serving import FormChoice, choose, parse_shape, serve_as, serving, size_budget
@@ -738,8 +737,7 @@ def _layers_table(checkpoint: Path, meta: dict[str, Any], tensors: dict[str, tor
     params = sum(t.numel() for t in tensors.values())
     dense = meta.get("dense_params")
     target = meta.get("extra", {}).get("target")
-    aimed = meta.get("extra", {}).get(ELEMENT_TARGET, target)  # an int8 file: the element ratio its run aimed at
-    budget = size_budget(dense, aimed if isinstance(aimed, (int, float)) and not isinstance(aimed, bool) else None)
+    budget = size_budget(dense, blueprint_in(meta).element_target())  # an int8 file: the element ratio its run aimed at
     t = Table(title=f"{checkpoint} — {params:,} parameters"
                     + (f", dense {dense:,} → {dense / params:.2f}x" if dense else "")
                     + (f"; target {target:g}x allows {budget:,}" if budget else ""), title_justify="left")
