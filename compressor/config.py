@@ -216,9 +216,9 @@ class CompressConfig:
         "convert": parse_target})
     quantize: str = field(default="none", metadata={
         "help": "after pruning, store the factorized layers' cores and the weights of layers left dense as int8 "
-                "(symmetric, one float32 scale per output channel or left-bond slice; biases, norms and buffers "
-                "stay float32): the file shrinks about 4x more, and loading gives back exactly the weights the "
-                "run measured (they compute in float32)",
+                "(symmetric, one float32 scale per output channel, or per slice of a core along whichever side "
+                "quantizes it best; biases, norms and buffers stay float32): the file shrinks about 4x more, and "
+                "loading gives back exactly the weights the run measured (they compute in float32)",
         "choices": SCHEMES, "label": "quantization"})
     decomp: str = field(default="tr", metadata={
         "help": "tr (tensor ring) or tt (tensor train)", "choices": DECOMPS, "label": "decomposition"})

@@ -7,16 +7,20 @@ linear/conv2d/embedding call of a ``torch.export`` graph reads). Biases, norms a
 in their dtype: they are a small share of a model, and an error in a bias or a norm's scale
 shifts every output instead of adding noise to one product.
 
-The scheme is symmetric and per output channel: ``scale = max|w| / 127`` over each slice along
-the channel axis, ``q = round(w / scale)`` in [-127, 127], so the error of every element is at
-most ``scale / 2``. A dense weight's channel axis is its output axis (0; the last one for a
-weight stored transposed, as Conv1D's). A core ``(r_left, mode, r_right)`` is scaled per slice
-of its left bond (axis 0): each bond slice is what a gate kept or pruned, and the slices of one
-bond carry very different magnitudes, so a slice the gates left small keeps its own scale
-instead of being rounded to zero by a large neighbour. On LeNet-5 at 5x (Fashion-MNIST) the
-left bond gave the lowest weight error of the three axes (1.3 / 1.8 / 1.1 % for conv2 / fc1 /
-fc2, against 1.6 / 2.7 / 1.1 % per mode slice and 1.6 / 2.3 / 1.1 % per right-bond slice); a
-layer's scales are then as many as its bond sizes add up to, a few hundred bytes.
+The scheme is symmetric and per channel: ``scale = max|w| / 127`` over each slice along the
+channel axis, ``q = round(w / scale)`` in [-127, 127], so the error of every element is at most
+``scale / 2``. A dense weight's channel axis is its output axis (0; the last one for a weight
+stored transposed, as Conv1D's). A core ``(r_left, mode, r_right)`` has three axes and takes the
+one whose scales leave the smallest error (:func:`quantize_core`): no single axis is best for
+every core. A ring's middle cores are small and their bond slices carry very different
+magnitudes (a slice the gates left small would be rounded to zero by a large neighbour), so they
+mostly take a bond: on LeNet-5 at 5x (Fashion-MNIST) the left bond gave 1.3 / 1.8 / 1.1 % weight
+error for conv2 / fc1 / fc2, against 1.6 / 2.7 / 1.1 % per mode slice. A train's end core has a
+bond of 1, where a bond's scale is one scale for the whole core; SmolLM2-135M's layers at 1.5x
+are two-core trains ``(1, in, r), (r, out, 1)``, and scaling them per left bond raised the
+held-out perplexity by 5.4 % over float32 (495.3 -> 521.9, 64 examples), per mode slice by 0.75 %
+(-> 499.0), for 1.2 MB of scales in a 90 MB file. The scales a core can have are at most its
+largest side, which is what a byte target counts on (:func:`planned_scales`).
 
 The quantizer is this module's own few lines of torch, not torchao's ``quantize_``: the file must
 be the same on every machine, with or without an optional package, and no CPU kernel pays here
@@ -92,6 +96,18 @@ def quantize_tensor(w: torch.Tensor, axis: int) -> QuantizedTensor:
     return QuantizedTensor(values.contiguous(), scale, axis, w.dtype)
 
 
+def quantize_core(core: torch.Tensor) -> QuantizedTensor:
+    """``core`` quantized along the axis whose scales leave the smallest squared error (ties: the
+    lower axis), so a core with a bond of 1 is not scaled as one block (module docstring)."""
+    best, best_error = None, math.inf
+    for axis in range(core.dim()):
+        q = quantize_tensor(core, axis)
+        error = float((q.dequantize().to(torch.float32) - core.detach().to(torch.float32)).square().sum())
+        if error < best_error:
+            best, best_error = q, error
+    return best
+
+
 def dequantize(values: torch.Tensor, scale: torch.Tensor, axis: int, dtype: torch.dtype) -> torch.Tensor:
     """The tensor int8 ``values`` with ``scale`` along ``axis`` stand for (the one formula, save and load)."""
     return (values.to(torch.float32) * _along(scale, axis, values.dim())).to(dtype)
@@ -125,13 +141,14 @@ def _dense_weights(model: nn.Module) -> dict[tuple, tuple[torch.Tensor, int]]:
     return {k: (w, axis) for k, (w, axis) in found.items() if w.is_floating_point() and w.dim() >= 2}
 
 
-def quantizable(model: nn.Module) -> dict[str, int]:
-    """``{state name: channel axis}`` of the tensors ``int8`` quantizes in ``model``: every core of its
-    factorized layers (axis 0, the left bond) and the weight of every layer left dense. A tensor
-    shared under several names appears once, under the first (the name a checkpoint writes)."""
-    axes = {key: axis for key, (_, axis) in _dense_weights(model).items()}
+def quantizable(model: nn.Module) -> dict[str, int | None]:
+    """``{state name: channel axis}`` of the tensors ``int8`` quantizes in ``model``: the weight of every
+    layer left dense (its channel axis) and every core of its factorized layers (None: the core's
+    own best axis, :func:`quantize_core`). A tensor shared under several names appears once, under
+    the first (the name a checkpoint writes)."""
+    axes: dict[tuple, int | None] = {key: axis for key, (_, axis) in _dense_weights(model).items()}
     for layer in tn_layers(model).values():
-        axes.update({tensor_key(core): 0 for core in layer.cores})
+        axes.update({tensor_key(core): None for core in layer.cores})
     out, seen = {}, set()
     for name, t in model.state_dict(keep_vars=True).items():
         key = tensor_key(t)
@@ -193,7 +210,8 @@ def quantize_model(model: nn.Module, scheme: str) -> Quantization | None:
     if scheme != "int8":
         raise CheckpointError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
     state = model.state_dict(keep_vars=True)
-    return Quantization(scheme, {name: quantize_tensor(state[name], axis) for name, axis in quantizable(model).items()})
+    return Quantization(scheme, {name: quantize_core(state[name]) if axis is None else quantize_tensor(state[name], axis)
+                                 for name, axis in quantizable(model).items()})
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -345,14 +363,18 @@ def _planned_weights(module: nn.Module, the_plan: CompressionPlan) -> list[torch
 
 
 def planned_scales(the_plan: CompressionPlan, starts: Starts | None = None) -> int:
-    """The most scales the planned layers can end with: a layer's left-bond slices at its start
-    (its ranks only shrink), or its output channels should it stay or go back to dense; before
-    the starts are chosen, the output channels alone (the estimate a rank selector aims with)."""
+    """The most scales the planned layers can end with: each core's largest side at its layer's
+    start (ranks only shrink, and a core is scaled along one of its sides), or the layer's output
+    channels should it stay or go back to dense; before the starts are chosen, the output channels
+    alone (the estimate a rank selector aims with)."""
     total = 0
     for lp in the_plan.layers:
         st = next((s for s in starts.layers if s.name == lp.name), None) if starts is not None else None
-        bonds = sum(tn.resolve_ranks(st.ranks, st.layout.modes, st.decomp)) if st is not None else 0
-        total += max(bonds, lp.shape[0])
+        sides = 0
+        if st is not None:
+            ranks = tn.resolve_ranks(st.ranks, st.layout.modes, st.decomp)
+            sides = sum(max(ranks[k - 1], mode, ranks[k]) for k, mode in enumerate(st.layout.modes))
+        total += max(sides, lp.shape[0])
     return total
 
 
