@@ -2,7 +2,7 @@
 
 SmolLM2-135M as dense fp32 (the Hugging Face model as loaded), dense int8 and dense int4
 (torchao weight-only, the same quantizer family for both), and slim models made by
-``compress`` at 1.25x, 1.5x and 2x, each in fp32 and in int8 when ``compress`` can store int8
+``compress`` at 1.25x, 1.5x, 2x and 2.6x, each in fp32 and in int8 when ``compress`` can store int8
 (``quantize`` in ``CompressConfig``); a slim model is served in every form ``compressor.load``
 offers (``form=`` when it takes one, else the cores as saved). Per model:
 
@@ -78,7 +78,14 @@ FOLDER = HERE / "data" / "smollm2"
 TEXT = HERE / "data" / "shakespeare"
 CACHE = HERE / "data" / "deploy"
 DEFAULT_OUT = HERE / "results" / "deploy.json"
-TARGETS = ("1.25x", "1.5x", "2x")
+#: 2.6x besides the issue's three: the int8 file of a 2x model is 7.95x smaller than fp32, just
+#: outside the 8x budget, so without it no ours+int8 model would stand at 8x, 9x or 10x.
+TARGETS = ("1.25x", "1.5x", "2x", "2.6x")
+#: Distillation tokens per slim model: 75 steps of 8 examples, about 40 minutes a model on one
+#: core. The first deploy runs used 16,000 (19 steps), which left the slim models at 1.8-2.4x
+#: dense perplexity: too short a run to say what the method gives (``llm.py``'s 117 steps reach
+#: 1.03-1.3x), and not what a user with a size budget would ship.
+DEFAULT_TOKENS = 64_000
 #: Group size of the dense int4 weights (one fp32 scale and one zero point per group).
 INT4_GROUP = 32
 PROMPT_TOKENS, PREFILL = 32, (8, 128)
@@ -380,7 +387,8 @@ def entries(setup: Setup, cache: Path, args, made: dict[str, dict[str, Any]]) ->
             path = cache / m["file"]
             out.append(Entry({"model": "slim", "quantize": m["quantize"], "path": str(path), "form": form},
                              {"model": "slim", "target": float(m["target"].rstrip("x")), "quantize": m["quantize"],
-                              "form": form, "how": key, "file_bytes": path.stat().st_size}))
+                              "form": form, "how": key, "file_bytes": path.stat().st_size,
+                              "steps": m["steps"], "tokens": m["tokens"]}))
     return out
 
 
@@ -594,8 +602,8 @@ def finish(result: dict[str, Any], out: Path) -> None:
 def arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a tiny random Llama, few examples, no LeNet-5: the plumbing")
-    ap.add_argument("--targets", default=None, help="comma list (default 1.25x,1.5x,2x; quick: 1.5x)")
-    ap.add_argument("--tokens", type=int, default=None, help="distillation tokens per slim model (default 16000; "
+    ap.add_argument("--targets", default=None, help=f"comma list (default {','.join(TARGETS)}; quick: 1.5x)")
+    ap.add_argument("--tokens", type=int, default=None, help=f"distillation tokens per slim model (default {DEFAULT_TOKENS}; "
                                                              "quick: 500)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=5e-5, help="as llm.py")
@@ -613,7 +621,7 @@ def arguments() -> argparse.Namespace:
     args = ap.parse_args()
     q = args.quick
     args.targets = (args.targets or ("1.5x" if q else ",".join(TARGETS))).split(",")
-    args.tokens = args.tokens if args.tokens is not None else (500 if q else 16_000)
+    args.tokens = args.tokens if args.tokens is not None else (500 if q else DEFAULT_TOKENS)
     args.calibration_batches = args.calibration_batches or (2 if q else 8)
     args.held_out = args.held_out or (16 if q else 256)
     args.repeats = args.repeats or (1 if q else 5)

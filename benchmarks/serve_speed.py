@@ -28,7 +28,7 @@ from compressor.checkpoint import read_blueprint, read_metadata, served_budget  
 from compressor.serving import serve_as  # noqa: E402
 from compressor.surgery import tn_layers  # noqa: E402
 
-DEFAULT = deploy.CACHE / "smollm2_1.5x_none_16000tok_seed0.safetensors"
+DEFAULT = deploy.CACHE / f"smollm2_1.5x_none_{deploy.DEFAULT_TOKENS}tok_seed0.safetensors"
 
 
 def seconds(fn) -> float:

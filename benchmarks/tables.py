@@ -583,7 +583,7 @@ def deploy_table(result: dict[str, Any]) -> str:
              f"{result['prefill'][0]}×{result['prefill'][1]} tokens, no cache; medians of {result['repeats']} "
              f"interleaved repeats on {result['machine']['threads']} threads; peak RSS: each model alone in a fresh "
              "process while it decodes and prefills (in brackets: above that process's size after its imports, "
-             "before the model).", "",
+             "before the model)." + _deploy_made(result), "",
              "| model | quantize | form | file | smaller than fp32 | perplexity | decode tokens/s (vs dense) | "
              "prefill (vs dense) | peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
@@ -596,6 +596,16 @@ def deploy_table(result: dict[str, Any]) -> str:
     if "lenet5" in result:
         lines += ["", *_deploy_lenet5(result["lenet5"])]
     return "\n".join(lines) + "\n" + _code_note([result])
+
+
+def _deploy_made(result: dict[str, Any]) -> str:
+    """How the slim models were made, when the runs say (each its steps and distillation tokens)."""
+    made = sorted({(r["steps"], round(r["tokens"])) for r in result["runs"] if r["model"] == "slim" and "steps" in r})
+    if not made:
+        return ""
+    how = " or ".join(f"{steps} steps ({tokens:,} tokens)" for steps, tokens in made)
+    return (f" Slim models: `compress` with the tool's defaults, {how} of distillation on the training plays "
+            "(batches of 8), int8 rows the same models quantized.")
 
 
 def _deploy_goals(result: dict[str, Any]) -> str:
