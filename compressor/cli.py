@@ -578,7 +578,7 @@ def forms_table(forms: dict[str, Any]) -> Table:
 
 #: The CompressConfig fields the main command offers, in --help order.
 RUN_CONFIG = ("quantize", "epochs", ("lam", "--lambda"), "sigma", "gate_margin", "rank", "tensorization",
-              "rank_select", "init",
+              "rank_select", "penalty", "init",
               "calibration_batches", "start",
               "start_error", "max_steps", "early_stop", "early_stop_patience", "early_stop_min_delta", "gate_fraction",
               "refit", "distill_loss", "distill_hidden", "log_every", "lr", "device")

@@ -263,6 +263,8 @@ BAD = [
     (["--distill-hidden", "1"], "repeated blocks"),  # the digits MLP has no blocks to match
     (["--time-budget", "soon"], "time budget 'soon' is not a duration"),
     (["--early-stop-patience", "0"], "early-stop patience"),
+    (["--penalty", "squared"], "unknown penalty 'squared'"),
+    (["--rank-select", "mars", "--penalty", "params"], "penalty 'params' does not apply to it"),
 ]
 
 
@@ -281,7 +283,7 @@ def test_config_options_are_generated_with_help():
     text = " ".join(r.output.split())
     for flag in ("--target", "--decomp", "--epochs", "--lambda", "--sigma", "--rank", "--rank-select", "--lr",
                  "--seed", "--data", "--batch-size", "--report-json", "--gate-margin", "--distill-hidden",
-                 "--time-budget", "--early-stop / --no-early-stop", "--early-stop-patience", "--early-stop-min-delta"):
+                 "--time-budget", "--early-stop / --no-early-stop", "--penalty", "--early-stop-patience", "--early-stop-min-delta"):
         assert flag in text
     assert "[" + "|".join(selector_names()) + "]" in text  # the choices come from the registry
     assert "initial l0 penalty weight" in text and "gate noise std" in text and "[default: 0.5]" in text
