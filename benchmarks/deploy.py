@@ -387,8 +387,7 @@ def entries(setup: Setup, cache: Path, args, made: dict[str, dict[str, Any]]) ->
             path = cache / m["file"]
             out.append(Entry({"model": "slim", "quantize": m["quantize"], "path": str(path), "form": form},
                              {"model": "slim", "target": float(m["target"].rstrip("x")), "quantize": m["quantize"],
-                              "form": form, "how": key, "file_bytes": path.stat().st_size,
-                              "steps": m["steps"], "tokens": m["tokens"]}))
+                              "form": form, "how": key, "file_bytes": path.stat().st_size}))
     return out
 
 

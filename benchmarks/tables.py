@@ -599,8 +599,8 @@ def deploy_table(result: dict[str, Any]) -> str:
 
 
 def _deploy_made(result: dict[str, Any]) -> str:
-    """How the slim models were made, when the runs say (each its steps and distillation tokens)."""
-    made = sorted({(r["steps"], round(r["tokens"])) for r in result["runs"] if r["model"] == "slim" and "steps" in r})
+    """How the slim models were made (each its steps and distillation tokens: ``slim_made``)."""
+    made = sorted({(m["steps"], round(m["tokens"])) for m in result.get("slim_made", {}).values()})
     if not made:
         return ""
     how = " or ".join(f"{steps} steps ({tokens:,} tokens)" for steps, tokens in made)
