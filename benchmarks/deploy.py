@@ -291,12 +291,17 @@ def make_setup(quick: bool, held_out: int) -> Setup:
 
 # ------------------------------------------------------------------ slim models, made once and cached
 def slim_path(setup: Setup, cache: Path, target: str, quantize: str, args) -> Path:
-    return cache / f"{setup.key}_{target}_{quantize}_{args.tokens}tok_seed{args.seed}.safetensors"
+    return cache / f"{setup.key}_{target}_{quantize}_{tokens_for(args, target)}tok_seed{args.seed}.safetensors"
+
+
+def tokens_for(args, target: str) -> int:
+    """The distillation tokens the model at ``target`` is made with: ``--tokens``, or ``--tokens-at``'s."""
+    return args.tokens_at.get(target, args.tokens)
 
 
 def make_slim(setup: Setup, cache: Path, target: str, quantize: str, args) -> dict[str, Any]:
     """How the slim model at ``target`` was made (its checkpoint made now unless cached): the tool's
-    default run (``llm.py``'s ``default`` row) at ``args.tokens`` tokens of distillation."""
+    default run (``llm.py``'s ``default`` row) at :func:`tokens_for` tokens of distillation."""
     from llm import _progress, compress_options
 
     path = slim_path(setup, cache, target, quantize, args)
@@ -307,7 +312,8 @@ def make_slim(setup: Setup, cache: Path, target: str, quantize: str, args) -> di
         return quantized_slim(setup, cache, target, quantize, args)
     train = setup.train()
     per_example = float(train["attention_mask"].sum()) / train["attention_mask"].shape[0]
-    steps = max(1, round(args.tokens / (args.batch_size * per_example)))
+    budget = tokens_for(args, target)
+    steps = max(1, round(budget / (args.batch_size * per_example)))
     row = SimpleNamespace(seed=args.seed, lr=args.lr, calibration_batches=args.calibration_batches, log_every=10,
                           distill_hidden=0.0, gate_fraction=None, gate_lr=None, skip=())
     options = compress_options(DEFAULT_ROW, steps, row)
@@ -318,7 +324,7 @@ def make_slim(setup: Setup, cache: Path, target: str, quantize: str, args) -> di
     compressor.save(result, path)
     r = result.report
     made = {"file": path.name, "row": "default", "decomp": "tt", "target": target, "quantize": quantize,
-            "steps": r.steps, "tokens": sum(r.tokens_per_rank), "budget_tokens": args.tokens, "seed": args.seed,
+            "steps": r.steps, "tokens": sum(r.tokens_per_rank), "budget_tokens": budget, "seed": args.seed,
             "lr": args.lr, "batch_size": args.batch_size, "max_length": setup.max_length,
             "calibration_batches": args.calibration_batches, "ratio": r.ratio, "params": r.params,
             "seconds": time.perf_counter() - t0, "chosen": r.chosen, "code": code_version()}
@@ -604,6 +610,9 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--targets", default=None, help=f"comma list (default {','.join(TARGETS)}; quick: 1.5x)")
     ap.add_argument("--tokens", type=int, default=None, help=f"distillation tokens per slim model (default {DEFAULT_TOKENS}; "
                                                              "quick: 500)")
+    ap.add_argument("--tokens-at", action="append", default=[], metavar="TARGET=TOKENS",
+                    help="another budget for one target (repeatable), e.g. 1.25x=16000: a model cached from an "
+                         "earlier, shorter run; the table says which target had which")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=5e-5, help="as llm.py")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -621,6 +630,10 @@ def arguments() -> argparse.Namespace:
     q = args.quick
     args.targets = (args.targets or ("1.5x" if q else ",".join(TARGETS))).split(",")
     args.tokens = args.tokens if args.tokens is not None else (500 if q else DEFAULT_TOKENS)
+    try:
+        args.tokens_at = {t: int(n) for t, n in (item.split("=", 1) for item in args.tokens_at)}
+    except ValueError:
+        ap.error("--tokens-at takes TARGET=TOKENS, e.g. 1.25x=16000")
     args.calibration_batches = args.calibration_batches or (2 if q else 8)
     args.held_out = args.held_out or (16 if q else 256)
     args.repeats = args.repeats or (1 if q else 5)

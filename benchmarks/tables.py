@@ -599,13 +599,21 @@ def deploy_table(result: dict[str, Any]) -> str:
 
 
 def _deploy_made(result: dict[str, Any]) -> str:
-    """How the slim models were made (each its steps and distillation tokens: ``slim_made``)."""
-    made = sorted({(m["steps"], round(m["tokens"])) for m in result.get("slim_made", {}).values()})
+    """How the slim models were made (each target's steps and distillation tokens: ``slim_made``)."""
+    made: dict[tuple[int, int], list[str]] = {}
+    for m in result.get("slim_made", {}).values():
+        if m["quantize"] == "none":
+            made.setdefault((m["steps"], round(m["tokens"])), []).append(m["target"].replace("x", "×"))
     if not made:
         return ""
-    how = " or ".join(f"{steps} steps ({tokens:,} tokens)" for steps, tokens in made)
+    if len(made) == 1:
+        (steps, tokens), = made
+        how = f"{steps} steps ({tokens:,} tokens)"
+    else:
+        how = "; ".join(f"{', '.join(targets)}: {steps} steps ({tokens:,} tokens)"
+                        for (steps, tokens), targets in sorted(made.items(), key=lambda item: -item[0][0]))
     return (f" Slim models: `compress` with the tool's defaults, {how} of distillation on the training plays "
-            "(batches of 8), int8 rows the same models quantized.")
+            "(batches of 8); the int8 rows are the same models quantized.")
 
 
 def _deploy_goals(result: dict[str, Any]) -> str:
