@@ -347,7 +347,8 @@ def quantized_slim(setup: Setup, cache: Path, target: str, quantize: str, args) 
     quantization.load_into(model)
     path = slim_path(setup, cache, target, quantize, args)
     compressor.save(model, path, blueprint=read_blueprint(source), quantization=quantization)
-    made = {**made, "file": path.name, "quantize": quantize, "quantized_from": source.name}
+    made = {**made, "file": path.name, "quantize": quantize, "quantized_from": source.name,
+            "quantized_by": code_version()}  # the quantizer may be newer than the training
     path.with_suffix(".json").write_text(json.dumps(made, indent=1))
     return made
 
