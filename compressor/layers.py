@@ -1096,12 +1096,18 @@ class TiedTNLinear(nn.Module):
         return self._padding_column(x, y[..., : self.out_features])
 
     def _padding_column(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The padding index's logit from the embedding's stored padding row."""
+        """The padding index's logit from the embedding's stored padding row. Without grad the
+        column is written in place: ``y`` is this call's own output, and a copy of it (what
+        ``torch.cat`` makes) is a second logits tensor, V floats a token (192 MiB for an 8 x 128
+        prefill of a 49152-word vocabulary) held at the model's peak."""
         src = self.source
         if src.padding_idx is None:
             return y
         p = src.padding_idx
         pad = (x @ src.padding_row.to(x.dtype)).unsqueeze(-1)
+        if not torch.is_grad_enabled():
+            y[..., p:p + 1] = pad
+            return y
         return torch.cat([y[..., :p], pad, y[..., p + 1:]], -1)
 
     def extra_repr(self) -> str:
