@@ -411,6 +411,8 @@ def load_served(path: str | os.PathLike, base: Any, trust_pickle: bool = False, 
     module = rebuild(base, meta, trust_pickle)
     _check_state(path, module, meta.get("aliases", {}), scale_names(meta))
     materialize(module)
+    for layer in tn_layers(module).values():  # before the values arrive: loading copies them into this layout
+        layer.lay_out_for_serving_()
     tensors = dequantized(path, meta, read_safetensors(path, CheckpointError, "checkpoint"))
     for name, written in meta.get("aliases", {}).items():
         tensors[name] = tensors[written]
