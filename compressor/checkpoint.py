@@ -20,7 +20,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -29,7 +29,8 @@ from torch import nn
 from . import tensornet as tn
 from .blueprint import ELEMENT_TARGET, Blueprint, Blueprinted, blueprint_of
 from .errors import CheckpointError, CompressorError, ModelError, first_line
-from .files import atomic_write, read_safetensors, read_safetensors_dtypes, read_safetensors_header
+from .files import (atomic_write, read_safetensors, read_safetensors_dtypes, read_safetensors_each,
+                    read_safetensors_header)
 from .plan import Site, count_state, tensor_key
 from .surgery import set_submodule, set_training, site_in, swap_in, tied_layers, tn_layers
 from .trace import as_module, is_graph_model, unwrapped
@@ -411,24 +412,63 @@ def load_served(path: str | os.PathLike, base: Any, trust_pickle: bool = False, 
     module = rebuild(base, meta, trust_pickle)
     _check_state(path, module, meta.get("aliases", {}), scale_names(meta))
     materialize(module)
-    tensors = dequantized(path, meta, read_safetensors(path, CheckpointError, "checkpoint"))
-    for name, written in meta.get("aliases", {}).items():
-        tensors[name] = tensors[written]
-    try:
-        result = module.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:  # size mismatches of the dense layers, listed one per line
-        lines = [line.strip() for line in str(exc).strip().splitlines()]
-        raise CheckpointError(f"the checkpoint {path} does not fit the base architecture: "
-                              f"{' '.join(lines[1:3] or lines[:1])[:300]}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"the checkpoint does not match the base architecture: missing {sorted(result.missing_keys)[:5]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:5]}")
+    for layer in tn_layers(module).values():  # before the values arrive: loading copies them into this layout
+        layer.lay_out_for_serving_()
+    _load_values(path, meta, module)
     module = set_training(module, False)
     if form == "cores":
         return module, None
     return serve_as(module, form, budget=served_budget(meta, blueprint_in(meta)),
                     shapes=serve_shapes, example=example)
+
+
+#: How many bytes of the file :func:`_load_values` reads before copying them into the model.
+LOAD_PART_BYTES = 32 << 20
+
+
+def _file_parts(path: str | os.PathLike, meta: dict[str, Any]) -> Iterator[dict[str, torch.Tensor]]:
+    """The file's state a part of about :data:`LOAD_PART_BYTES` at a time, each tensor under its
+    written name and its aliases. An int8 file comes in one part: its values are dequantized with
+    their scales (and it is a quarter of the float32 model's size)."""
+    names: dict[str, list[str]] = {}
+    for alias, written in meta.get("aliases", {}).items():
+        names.setdefault(written, []).append(alias)
+    if "quantization" in meta:
+        each: Iterable[tuple[str, torch.Tensor]] = dequantized(
+            path, meta, read_safetensors(path, CheckpointError, "checkpoint")).items()
+    else:
+        each = read_safetensors_each(path, CheckpointError, "checkpoint")
+    part: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in each:
+        part.update({n: t for n in [name] + names.get(name, [])})
+        size += t.numel() * t.element_size()
+        if size >= LOAD_PART_BYTES and "quantization" not in meta:
+            yield part
+            part, size = {}, 0
+    yield part
+
+
+def _load_values(path: str | os.PathLike, meta: dict[str, Any], module: nn.Module) -> None:
+    """The file's values copied into ``module``'s tensors (their layout kept) a part at a time, so
+    loading holds the model and one part, not the model and a second copy of the whole file."""
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for part in _file_parts(path, meta):
+        try:
+            result = module.load_state_dict(part, strict=False)
+        except RuntimeError as exc:  # size mismatches of the dense layers, listed one per line
+            lines = [line.strip() for line in str(exc).strip().splitlines()]
+            raise CheckpointError(f"the checkpoint {path} does not fit the base architecture: "
+                                  f"{' '.join(lines[1:3] or lines[:1])[:300]}") from None
+        loaded.update(part)
+        unexpected += result.unexpected_keys
+        del part
+    missing = [name for name in module.state_dict(keep_vars=True) if name not in loaded]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the checkpoint does not match the base architecture: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}")
 
 
 def served_budget(meta: dict[str, Any], blueprint: Blueprint) -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import re
 import tempfile
@@ -254,6 +255,39 @@ def read_safetensors_dtypes(path: str | os.PathLike, error_cls: type[CompressorE
             return {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
     except Exception as exc:
         raise error_cls(f"{what} {p} is not a readable safetensors file ({first_line(exc)})") from None
+
+
+#: safetensors' dtype names of the tensors :func:`read_safetensors_each` reads.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_each(path: str | os.PathLike, error_cls: type[CompressorError],
+                          what: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file one at a time, ``(name, tensor)`` in the file's order: a
+    reader that copies each into place holds one tensor beside the model, not the whole file.
+    Read with plain reads, not mapped: a mapped file's pages count in the process's resident
+    memory (the whole file, beside the model) for as long as the map lives. The header is
+    checked by safetensors first (offsets in bounds, no overlap); no byte is unpickled."""
+    read_safetensors_header(path, error_cls, what)
+    p = Path(path).expanduser()
+    try:
+        with open(p, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: kv[1]["data_offsets"][0])
+            for name, entry in entries:
+                low, high = entry["data_offsets"]
+                t = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+                raw = t.reshape(-1).view(torch.uint8).numpy()
+                f.seek(8 + size + low)
+                if high - low != raw.nbytes or f.readinto(memoryview(raw)) != raw.nbytes:
+                    raise ValueError(f"{name} holds {high - low} bytes, not {raw.nbytes}")
+                yield name, t
+    except (OSError, ValueError, KeyError) as exc:
+        raise error_cls(f"{what} {p} is truncated or corrupted ({first_line(exc)})") from None
 
 
 def read_safetensors(path: str | os.PathLike, error_cls: type[CompressorError], what: str,

@@ -420,6 +420,20 @@ class TNLayer(DenseRules, GatedCores):
         return sum(b.numel() for name, b in self.named_buffers(recurse=False)
                    if name not in self._non_persistent_buffers_set)
 
+    # ----------------------------------------------------------------- memory
+    def lay_out_for_serving_(self) -> "TNLayer":
+        """Give each core the memory order in which the ``F.linear`` weights this layer serves
+        from (:func:`serving_matrices`, kept by the weight cache) are views of it, not copies
+        beside it; the values do not change. A kind without such weights keeps its cores."""
+        return self
+
+    @torch.no_grad()
+    def _relay_cores(self, orders: Sequence[tuple[int, ...] | None]) -> None:
+        for core, order in zip(self.core_list(), orders):
+            if order is not None:
+                core.data = laid_out(core.detach(), order)
+        self.drop_weight_cache()
+
     # ----------------------------------------------------------------- the dense weight
     def dense_tensor(self, cores: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """The weight tensor of ``cores`` (default: the layer's own, gates folded in) with its
@@ -570,6 +584,12 @@ class TNLinear(TNLayer, kind="linear", replaces=nn.Linear, aten=torch.ops.aten.l
             return (self.dense_weight().contiguous(),)
         return serving_matrices(self.effective_cores(), len(self.in_modes), self.in_features, self.out_features)
 
+    def lay_out_for_serving_(self) -> "TNLinear":
+        if not self.paired:
+            shapes = [tuple(c.shape) for c in self.cores]
+            self._relay_cores(view_orders(shapes, len(self.in_modes), self.in_features, self.out_features))
+        return self
+
     def contract_input(self, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """``x W^T`` with W given by ``cores`` (no bias); a paired layout's cores are read as
         ``(r, i_k, o_k, r')`` (a view), each taking its input mode and giving its output mode."""
@@ -620,6 +640,38 @@ def serving_matrices(cores: Sequence[torch.Tensor], split: int, rows: int, cols:
         if u.numel() + v.numel() < rows * cols:
             return gemv_layout(u[:rows].T), gemv_layout(v[:, :cols].T)
     return (gemv_layout(tn.contract(cores).reshape(rows, -1)[:, :cols].T),)
+
+
+def view_orders(shapes: Sequence[tuple[int, int, int]], split: int, rows: int,
+                cols: int) -> list[tuple[int, int, int] | None]:
+    """For each core of ``shapes`` (cut as :func:`serving_matrices` cuts them), the order of its
+    three axes in memory (outermost first) that makes its served matrix a view of it, or None.
+
+    A side of the cut held by one core ``(r_a, n, r_b)`` is served as an ``(r, n)`` matrix with
+    ``r = r_a r_b``, laid out along ``n`` by :func:`gemv_layout` (two matrices are served only when
+    ``r (rows + cols) < rows cols``, so ``r`` is below both sizes): the input side's core stored as
+    ``(r_a, r_b, n)``, the output side's as ``(r_b, r_a, n)``, is that matrix. A side of several
+    cores is their product (new memory anyway), a sliced side (a padded vocabulary) is copied by
+    the slice, and a layer served dense gains nothing: those keep their layout."""
+    orders: list[tuple[int, int, int] | None] = [None] * len(shapes)
+    if not 0 < split < len(shapes):
+        return orders
+    inner = shapes[0][0] * shapes[split][0]
+    sides = math.prod(n for _, n, _ in shapes[:split]) + math.prod(n for _, n, _ in shapes[split:])
+    if inner * sides >= rows * cols:  # served as its dense weight
+        return orders
+    if split == 1 and shapes[0][1] == rows:
+        orders[0] = (0, 2, 1)
+    if len(shapes) - split == 1 and shapes[-1][1] == cols:
+        orders[-1] = (2, 0, 1)
+    return orders
+
+
+def laid_out(core: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """``core``'s values in new memory whose axes run in ``order`` (outermost first), same shape."""
+    buffer = torch.empty([core.shape[d] for d in order], dtype=core.dtype, device=core.device)
+    view = buffer.permute([list(order).index(d) for d in range(core.dim())])
+    return view.copy_(core)
 
 
 def gemv_layout(weight: torch.Tensor) -> torch.Tensor:
@@ -931,6 +983,17 @@ class TNEmbedding(TNLayer, kind="embedding", replaces=nn.Embedding, aten=torch.o
             out = torch.where((flat == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
         return out.reshape(idx.shape + (self.embedding_dim,))
 
+    def lay_out_for_serving_(self) -> "TNEmbedding":
+        """Only a table a tied head reads (:class:`TiedTNLinear`) is served as matrices: the
+        head's cut, dimension cores first, is where its cores are laid out; a lookup alone gathers
+        rows and keeps its cores as they are."""
+        if self.shares_cores and not self.paired:
+            shapes, a = [tuple(c.shape) for c in self.cores], len(self.vocab_modes)
+            n = len(shapes)
+            turned = view_orders(shapes[a:] + shapes[:a], n - a, self.embedding_dim, self.num_embeddings)
+            self._relay_cores([turned[(k - a) % n] for k in range(n)])
+        return self
+
     def _tail(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """The dimension cores joined, as the (r_0 * r_a, D) matrix a row's (r_0, r_a) product meets."""
         tail = tn.merge_cores(cores[len(self.vocab_modes):])  # (r_a, D, r_0)
@@ -1096,12 +1159,18 @@ class TiedTNLinear(nn.Module):
         return self._padding_column(x, y[..., : self.out_features])
 
     def _padding_column(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The padding index's logit from the embedding's stored padding row."""
+        """The padding index's logit from the embedding's stored padding row. Without grad the
+        column is written in place: ``y`` is this call's own output, and a copy of it (what
+        ``torch.cat`` makes) is a second logits tensor, V floats a token (192 MiB for an 8 x 128
+        prefill of a 49152-word vocabulary) held at the model's peak."""
         src = self.source
         if src.padding_idx is None:
             return y
         p = src.padding_idx
         pad = (x @ src.padding_row.to(x.dtype)).unsqueeze(-1)
+        if not torch.is_grad_enabled():
+            y[..., p:p + 1] = pad
+            return y
         return torch.cat([y[..., :p], pad, y[..., p + 1:]], -1)
 
     def extra_repr(self) -> str:

@@ -19,8 +19,9 @@ old weights, so a value is reused only when every one of these holds:
 ``train()`` and ``eval()`` drop every value, as do ``prune_`` and ``.to()``. The one write no
 check can see is an in-place change through ``param.data`` (it has its own version counter):
 call ``model.eval()`` after one. A value is memory held beside the cores (at most the dense
-weight's size, see each layer's docstring); set a layer's ``weight_cache`` to False to
-compute from the cores every call.
+weight's size, see each layer's docstring) unless it is a view of them: a loaded layer's cores
+are laid out so a matrix made from one core alone is (``TNLayer.lay_out_for_serving_``); set a
+layer's ``weight_cache`` to False to compute from the cores every call.
 """
 
 from __future__ import annotations
