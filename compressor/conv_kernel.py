@@ -1,0 +1,111 @@
+"""Which CPU kernel runs a small served convolution: torch's direct one or oneDNN's.
+
+On a CPU ``F.conv2d`` goes to oneDNN (mkldnn), which pays a large fixed cost per call before any
+arithmetic (primitive lookup, memory descriptors, reorders). A small conv is all fixed cost: at
+batch 1, LeNet-5's 20 -> 50 5 x 5 conv takes 129 us through oneDNN and 53 us through torch's
+direct kernel (``aten._slow_conv2d_forward``: im2col, then one GEMM per sample), and the three
+convs of its 20x slim ``factors`` form take 133 us against 55 us (2 threads). With more work the
+arithmetic dominates and oneDNN's faster inner loops win: at batch 256 the same three convs take
+4.6 ms through oneDNN and 6.1 ms direct. So a served conv takes the direct kernel when the call
+is small, oneDNN otherwise.
+
+"Small" is decided from the call's shape alone, by its multiply-accumulates (:func:`conv_macs`)
+against :data:`DIRECT_MAX_MACS`, or :data:`DIRECT_MAX_MACS_POINTWISE` for a ``1 x 1`` conv (which
+oneDNN ran slower than the direct GEMM at every size measured), never by timing at run time: the
+same input shape always takes the same kernel, so a served model's outputs are reproducible (the
+two kernels agree only to float round-off). Both thresholds come from ``benchmarks/conv_kernels.py``,
+which times the two kernels interleaved on LeNet-5's convs and a few CIFAR- and ResNet-sized ones
+over batch sizes 1-256 at 1 and 2 threads (the figures are in the thresholds' comments). The
+direct kernel is called through ``torch._C._nn.thnn_conv2d``, whose binding costs what
+``F.conv2d``'s does (``torch.ops.aten._slow_conv2d_forward`` adds ~5 us of Python dispatch).
+
+Everything else goes to ``F.conv2d`` as before: grad enabled (training, or a forward autograd
+may differentiate), ``torch.compile`` / ``torch.export`` / ``torch.jit`` tracing (a graph must
+hold the standard ``aten.conv2d``), a tensor subclass (fake tensors, fx proxies, quantized
+weights), a device other than the CPU, a dtype other than float32 (the threshold was measured
+in float32), an unbatched input, groups, dilation, or padding given as a string. The direct
+kernel has none of groups or dilation.
+
+:class:`ServedConv2d` is an ``nn.Conv2d`` that runs its convolution through :func:`conv2d`: the
+convs ``forms`` makes for a factorized layer's served forms. It stays an ``nn.Conv2d`` (its
+``isinstance``, state-dict keys and ``torch.export`` graph are a standard conv's). A conv the
+user's model keeps dense is never swapped for one: it is what the dense model runs too.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: The most multiply-accumulates a conv call with a ``k x k`` window (k > 1) may take and still go
+#: to the direct kernel. ``benchmarks/conv_kernels.py`` (torch 2.13, 2 CPU cores, 1 and 2 threads):
+#: up to 4 MMAC the direct kernel won or tied on every shape (LeNet-5's 5 x 5 convs at batch 1-2:
+#: 0.3-0.7x oneDNN's time; a 32 -> 32 3 x 3 on 16 x 16 at batch 1, which torch already sends to the
+#: direct kernel: 0.99x); from 5-10 MMAC on it lost on some (1.1-1.3x), at 25 MMAC on most, and at
+#: 85-600 MMAC on all (1.2-4.5x).
+DIRECT_MAX_MACS = 4_000_000
+#: The same for a ``1 x 1`` conv: one GEMM per sample, where oneDNN's per-call cost is never won
+#: back on the sizes measured. The direct kernel won or tied on every 1 x 1 shape up to the largest,
+#: 822 MMAC (LeNet-5's factor convs at batch 256: 0.5-0.8x; a 256 -> 64 on 14 x 14 at batch 256:
+#: 0.4x); beyond what was measured the call goes to oneDNN.
+DIRECT_MAX_MACS_POINTWISE = 850_000_000
+
+
+def conv_macs(input_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
+              padding: Sequence[int]) -> int:
+    """Multiply-accumulates of a (groups 1, dilation 1) conv of a ``(N, C_in, H, W)`` input."""
+    n, _, h, w = input_shape
+    c_out, c_in, kh, kw = weight_shape
+    h_out = (h + 2 * padding[0] - kh) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - kw) // stride[1] + 1
+    return n * c_out * max(h_out, 0) * max(w_out, 0) * c_in * kh * kw
+
+
+def _plain_cpu_float(t: torch.Tensor | None) -> bool:
+    return t is None or (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu"
+                         and t.dtype == torch.float32)
+
+
+def _ints(v: object) -> tuple[int, int] | None:
+    """``v`` as an (h, w) pair of ints, or None (a string padding such as ``"same"``)."""
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (v[0], v[1])
+    return None
+
+
+def uses_direct_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
+                       dilation=1, groups: int = 1) -> bool:
+    """Whether :func:`conv2d` runs this call on the direct kernel (the module docstring says when)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if type(x) is not torch.Tensor or not (_plain_cpu_float(x) and _plain_cpu_float(weight) and _plain_cpu_float(bias)):
+        return False
+    stride, padding = _ints(stride), _ints(padding)
+    if groups != 1 or _ints(dilation) != (1, 1) or stride is None or padding is None or x.dim() != 4:
+        return False
+    pointwise = weight.shape[2] == weight.shape[3] == 1
+    return conv_macs(x.shape, weight.shape, stride, padding) <= (DIRECT_MAX_MACS_POINTWISE if pointwise
+                                                                 else DIRECT_MAX_MACS)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``, on the direct kernel when
+    :func:`uses_direct_kernel` says so (equal to float round-off)."""
+    if uses_direct_kernel(x, weight, bias, stride, padding, dilation, groups):
+        return torch._C._nn.thnn_conv2d(x, weight, weight.shape[2:], bias, _ints(stride), _ints(padding))
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class ServedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` whose convolution, in evaluation, runs through :func:`conv2d`."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.training or self.padding_mode != "zeros":
+            return super()._conv_forward(input, weight, bias)
+        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
