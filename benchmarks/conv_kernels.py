@@ -9,7 +9,7 @@ convs in the 20x slim model's ``factors`` form) and a few CIFAR-sized ones, over
 thread counts, and reports each call's multiply-accumulates (MACs) and the ratio direct / oneDNN.
 The MAC count where the ratio crosses 1 is the threshold.
 
-    python benchmarks/conv_kernels.py [--threads 1 2] [--rounds 9] [--report out.json]
+    python benchmarks/conv_kernels.py [--threads 1 2] [--rounds 9]   # -> results/conv_kernels.json
 """
 
 from __future__ import annotations
@@ -24,17 +24,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 from compressor.conv_kernel import conv_macs  # noqa: E402
+
+from provenance import code_version  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "conv_kernels.json"
 
 #: name: (C_in, C_out, kernel, input side, padding).
 SHAPES = {
     "lenet5.conv1": (1, 20, 5, 28, 2),
-    "lenet5.conv2": (20, 50, 5, 12, 0),
-    "lenet5.conv2.1x1_in": (20, 11, 1, 12, 0),
-    "lenet5.conv2.5x5_mid": (11, 19, 5, 12, 0),
-    "lenet5.conv2.1x1_out": (19, 50, 1, 8, 0),
+    "lenet5.conv2": (20, 50, 5, 14, 0),
+    "lenet5.conv2.1x1_in": (20, 11, 1, 14, 0),
+    "lenet5.conv2.5x5_mid": (11, 19, 5, 14, 0),
+    "lenet5.conv2.1x1_out": (19, 50, 1, 10, 0),
     "cifar.3to16_3x3": (3, 16, 3, 32, 1),
     "cifar.32to32_3x3": (32, 32, 3, 16, 1),
     "cifar.64to64_3x3": (64, 64, 3, 8, 1),
@@ -108,15 +112,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="default: all")
-    ap.add_argument("--report", type=Path, default=None, help="write the rows and crossovers as JSON here")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the JSON: rows and crossovers (default {DEFAULT_OUT.name})")
     args = ap.parse_args()
     rows = [r for t in args.threads for r in sweep(t, args.rounds, args.shapes)]
     cross = crossover(rows)
     for t, c in cross.items():
         print(f"{t} thread(s): direct won up to {c['largest_win_macs'] / 1e6:.1f} MMAC, "
               f"lost from {c['smallest_loss_macs'] / 1e6:.1f} MMAC")
-    if args.report:
-        args.report.write_text(json.dumps({"torch": torch.__version__, "rows": rows, "crossover": cross}, indent=1))
+    args.out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "code": code_version(),
+                                    "torch": torch.__version__, "rows": rows, "crossover": cross}, indent=1))
 
 
 if __name__ == "__main__":
