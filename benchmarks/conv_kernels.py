@@ -1,13 +1,14 @@
-"""When torch's direct conv kernel beats oneDNN's: the sweep ``compressor/conv_kernel.py``'s threshold comes from.
+"""When torch's direct conv kernel beats oneDNN's: the sweep ``compressor/conv_kernel.py``'s thresholds come from.
 
-On a CPU ``F.conv2d`` goes to oneDNN (mkldnn), which pays a fixed cost per call (about 70 us on
-the project's machine) before any arithmetic: at batch 1 a LeNet-5 sized conv spends most of its
-time there. torch's direct kernel (``thnn_conv2d``, that is ``aten._slow_conv2d_forward``: im2col, then one GEMM per
-sample) has almost none, and loses to oneDNN only once the arithmetic dominates. This times both,
-interleaved (medians over rounds), on LeNet-5's convs (conv1; conv2 dense; conv2's three factor
-convs in the 20x slim model's ``factors`` form) and a few CIFAR-sized ones, over batch sizes and
-thread counts, and reports each call's multiply-accumulates (MACs) and the ratio direct / oneDNN.
-The MAC count where the ratio crosses 1 is the threshold.
+On a CPU ``F.conv2d`` goes to oneDNN (mkldnn), which pays a fixed cost per call before any
+arithmetic: at batch 1 a LeNet-5 sized conv spends most of its time there. torch's direct kernel
+(``thnn_conv2d``: im2col, then one GEMM per sample) has almost none, and loses to oneDNN only once
+the arithmetic dominates. This times both, interleaved (medians over rounds), on LeNet-5's convs
+(conv1; conv2 dense; conv2's three factor convs in the 20x slim model's ``factors`` form, each on
+the input it gets), a few CIFAR-sized 3 x 3 convs and MobileNet/ResNet-sized 1 x 1 ones, over batch
+sizes 1-256 and thread counts, and reports each call's multiply-accumulates (MACs) and the ratio
+direct / oneDNN. Per window kind (1 x 1 or k x k), the MAC count below which the direct kernel won
+or tied on every shape is the threshold.
 
     python benchmarks/conv_kernels.py [--threads 1 2] [--rounds 9]   # -> results/conv_kernels.json
 """
@@ -95,15 +96,17 @@ def sweep(threads: int, rounds: int, shapes: list[str]) -> list[dict]:
     return rows
 
 
-def crossover(rows: list[dict]) -> dict[int, dict[str, float]]:
-    """Per thread count: the largest MAC count at which the direct kernel still won, and the smallest
-    at which it lost (over every shape)."""
+def crossover(rows: list[dict], tie: float = 1.05) -> dict[str, dict[str, float]]:
+    """Per thread count and window kind (``1 x 1`` or ``k x k``): the largest MAC count at which the
+    direct kernel won or tied (ratio at most ``tie``), and the smallest at which it lost (over ``tie``)."""
     out = {}
     for threads in sorted({r["threads"] for r in rows}):
-        mine = [r for r in rows if r["threads"] == threads]
-        won = [r["macs"] for r in mine if r["direct_vs_onednn"] < 1]
-        lost = [r["macs"] for r in mine if r["direct_vs_onednn"] >= 1]
-        out[threads] = {"largest_win_macs": max(won, default=0), "smallest_loss_macs": min(lost, default=0)}
+        for kind in ("1x1", "kxk"):
+            mine = [r for r in rows if r["threads"] == threads and ("1x1" in r["shape"]) == (kind == "1x1")]
+            won = [r["macs"] for r in mine if r["direct_vs_onednn"] <= tie]
+            lost = [r["macs"] for r in mine if r["direct_vs_onednn"] > tie]
+            out[f"{threads} threads, {kind}"] = {"largest_win_macs": max(won, default=0),
+                                                 "smallest_loss_macs": min(lost, default=0)}
     return out
 
 
@@ -112,13 +115,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="default: all")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the JSON: rows and crossovers (default {DEFAULT_OUT.name})")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help=f"the JSON: rows and crossovers (default results/{DEFAULT_OUT.name})")
     args = ap.parse_args()
     rows = [r for t in args.threads for r in sweep(t, args.rounds, args.shapes)]
     cross = crossover(rows)
-    for t, c in cross.items():
-        print(f"{t} thread(s): direct won up to {c['largest_win_macs'] / 1e6:.1f} MMAC, "
-              f"lost from {c['smallest_loss_macs'] / 1e6:.1f} MMAC")
+    for case, c in cross.items():
+        print(f"{case}: direct won or tied up to {c['largest_win_macs'] / 1e6:.1f} MMAC, "
+              f"lost from {c['smallest_loss_macs'] / 1e6:.1f} MMAC (0: never)")
     args.out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "code": code_version(),
                                     "torch": torch.__version__, "rows": rows, "crossover": cross}, indent=1))
 

@@ -1,13 +1,15 @@
 """Which CPU kernel runs a small served convolution: torch's direct one or oneDNN's.
 
 On a CPU ``F.conv2d`` goes to oneDNN (mkldnn), which pays a large fixed cost per call before any
-arithmetic (primitive lookup, memory descriptors, reorders). A small conv is all fixed cost: at
-batch 1, LeNet-5's 20 -> 50 5 x 5 conv takes 129 us through oneDNN and 53 us through torch's
-direct kernel (``aten._slow_conv2d_forward``: im2col, then one GEMM per sample), and the three
-convs of its 20x slim ``factors`` form take 133 us against 55 us (2 threads). With more work the
-arithmetic dominates and oneDNN's faster inner loops win: at batch 256 the same three convs take
-4.6 ms through oneDNN and 6.1 ms direct. So a served conv takes the direct kernel when the call
-is small, oneDNN otherwise.
+arithmetic (primitive lookup, memory descriptors, reorders to its blocked layout). A small conv is
+mostly that cost: at batch 1 (2 threads), LeNet-5's second conv (20 -> 50, 5 x 5, on its 14 x 14
+input) takes 147 us through oneDNN and 67 us through torch's direct kernel (``thnn_conv2d``:
+im2col, then one GEMM per sample), and the 5 x 5 conv of its 20x slim ``factors`` form (11 -> 19)
+104 us against 30 us. With more work the arithmetic dominates and oneDNN's inner loops win: at
+batch 256 the direct kernel takes 2.1x oneDNN's time on the dense conv and 1.4x on the 5 x 5
+factor. A ``1 x 1`` conv is one plain GEMM, and there the direct kernel won at every size
+measured (the factors' two ``1 x 1`` convs at batch 256: 0.65x and 0.69x). So a served conv takes
+the direct kernel when the call is small, oneDNN otherwise.
 
 "Small" is decided from the call's shape alone, by its multiply-accumulates (:func:`conv_macs`)
 against :data:`DIRECT_MAX_MACS`, or :data:`DIRECT_MAX_MACS_POINTWISE` for a ``1 x 1`` conv (which
@@ -41,16 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 
 #: The most multiply-accumulates a conv call with a ``k x k`` window (k > 1) may take and still go
-#: to the direct kernel. ``benchmarks/conv_kernels.py`` (torch 2.13, 2 CPU cores, 1 and 2 threads):
-#: up to 4 MMAC the direct kernel won or tied on every shape (LeNet-5's 5 x 5 convs at batch 1-2:
-#: 0.3-0.7x oneDNN's time; a 32 -> 32 3 x 3 on 16 x 16 at batch 1, which torch already sends to the
-#: direct kernel: 0.99x); from 5-10 MMAC on it lost on some (1.1-1.3x), at 25 MMAC on most, and at
-#: 85-600 MMAC on all (1.2-4.5x).
+#: to the direct kernel. ``benchmarks/conv_kernels.py`` (results/conv_kernels.json; torch 2.13, 2
+#: CPU cores, 1 and 2 threads, batch 1-256): up to 4.2 MMAC the direct kernel won or tied on every
+#: shape (LeNet-5's 5 x 5 convs at batch 1: 0.29-0.60x oneDNN's time; 3 x 3 convs at batch 1, which
+#: torch already sends to the direct kernel: 0.94-1.00x); from 4.7 MMAC on it lost on some 3 x 3
+#: shapes (1.02-1.32x) while still winning on LeNet-5's 5 x 5 (0.58-0.99x up to 40 MMAC); past
+#: 40 MMAC it lost on every one (1.03-4.6x).
 DIRECT_MAX_MACS = 4_000_000
-#: The same for a ``1 x 1`` conv: one GEMM per sample, where oneDNN's per-call cost is never won
-#: back on the sizes measured. The direct kernel won or tied on every 1 x 1 shape up to the largest,
-#: 822 MMAC (LeNet-5's factor convs at batch 256: 0.5-0.8x; a 256 -> 64 on 14 x 14 at batch 256:
-#: 0.4x); beyond what was measured the call goes to oneDNN.
+#: The same for a ``1 x 1`` conv: the direct kernel won or tied (0.13-1.05x, the ties at batch 1,
+#: where torch itself already takes it) on every ``1 x 1`` shape measured, up to the largest, 822
+#: MMAC (a 256 -> 64 on 14 x 14 at batch 256: 0.41x); beyond what was measured, oneDNN.
 DIRECT_MAX_MACS_POINTWISE = 850_000_000
 
 
