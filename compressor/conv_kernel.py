@@ -105,9 +105,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class ServedConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` whose convolution, in evaluation, runs through :func:`conv2d`."""
+    """An ``nn.Conv2d`` whose convolution, in evaluation, runs through :func:`conv2d`. TorchScript
+    compiles only ``nn.Conv2d``'s own path (it cannot compile :func:`conv2d`'s checks), as does a
+    module in training or with a padding mode other than zeros."""
 
-    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.training or self.padding_mode != "zeros":
-            return super()._conv_forward(input, weight, bias)
-        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and not self.training and self.padding_mode == "zeros":
+            return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv_forward(input, self.weight, self.bias)

@@ -153,3 +153,15 @@ def test_torch_compile_of_the_factors_form_matches_eager():
     x = torch.randn(1, 1, 28, 28)
     with torch.no_grad():
         assert _close(torch.compile(net)(x), net(x))
+
+
+def test_torchscript_and_jit_trace_of_the_factors_form_hold_torchs_conv(direct_calls):
+    net = forms.convert(_lenet_conv2(), "factors")
+    x = torch.randn(1, 1, 28, 28)
+    with torch.no_grad():
+        want = net(x)
+        scripted, traced = torch.jit.script(net), torch.jit.trace(net, x)  # tracing checks against eager
+        direct_calls.clear()
+        assert _close(scripted(x), want) and _close(traced(x), want)
+    assert not direct_calls  # neither holds the direct kernel
+    assert sum(n.kind() == "aten::_convolution" for n in traced.graph.nodes()) == 4
