@@ -164,4 +164,4 @@ def test_torchscript_and_jit_trace_of_the_factors_form_hold_torchs_conv(direct_c
         direct_calls.clear()
         assert _close(scripted(x), want) and _close(traced(x), want)
     assert not direct_calls  # neither holds the direct kernel
-    assert sum(n.kind() == "aten::_convolution" for n in traced.graph.nodes()) == 4
+    assert sum(n.kind() == "aten::_convolution" for n in traced.inlined_graph.nodes()) == 4
