@@ -38,6 +38,7 @@ from torch import nn
 
 from . import tensornet as tn
 from .contraction import Contraction
+from .conv_kernel import conv2d
 from .errors import ConfigError, TensorizationError
 from .gated_cores import GatedCores
 
@@ -814,10 +815,12 @@ class TNConv2d(TNLayer, kind="conv2d", replaces=nn.Conv2d, aten=torch.ops.aten.c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel is rebuilt every call, except in evaluation without grad, where it is kept
-        while the cores are unchanged (weight_cache.py): a conv then costs what the dense one does."""
+        while the cores are unchanged (weight_cache.py): a conv then costs what the dense one does, and
+        a small call runs on torch's direct kernel rather than oneDNN (``conv_kernel``)."""
         kernel = self.frozen("kernel", x, self._served_kernel)
-        return F.conv2d(x, self.kernel() if kernel is None else kernel, self.bias, self.stride, self.padding,
-                        self.dilation)
+        if kernel is None:
+            return F.conv2d(x, self.kernel(), self.bias, self.stride, self.padding, self.dilation)
+        return conv2d(x, kernel, self.bias, self.stride, self.padding, self.dilation)
 
     def to_dense(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
