@@ -510,7 +510,22 @@ def lenet5_part(cache: Path, repeats: int) -> dict[str, Any]:
         out["forms"][form] = {"inference": infer, "layer_classes": layer_classes(slim)}
         if (chosen := choice_by_kind(choice)) is not None:
             out["forms"][form]["auto"] = chosen
+    reference = cost.measure_inference(dense, dense_on_direct_kernel(dense), repeats)
+    out["dense_direct_kernel"] = {k: {**v, "speedup_vs_dense": 1 / v["slim_vs_dense"]} for k, v in reference.items()}
     return out
+
+
+def dense_on_direct_kernel(dense: nn.Module) -> nn.Module:
+    """The dense LeNet-5 with every conv a ``ServedConv2d`` (small calls on torch's direct kernel, as
+    our served convs): the reference that says how much of the slim model's batch-1 speed is the
+    kernel choice, which a dense model could make too, and how much the factorization."""
+    from compressor.conv_kernel import ServedConv2d
+
+    model = copy.deepcopy(dense)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Conv2d:
+            module.__class__ = ServedConv2d  # same attributes and state; only forward differs
+    return model
 
 
 # ------------------------------------------------------------------ the run, the JSON, the figure
