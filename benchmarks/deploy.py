@@ -318,7 +318,7 @@ def make_slim(setup: Setup, cache: Path, target: str, quantize: str, args) -> di
                           distill_hidden=0.0, gate_fraction=None, gate_lr=None, skip=())
     options = compress_options(DEFAULT_ROW, steps, row)
     loader = TensorLoader(train, None, args.batch_size, shuffle=True, seed=args.seed)
-    t0 = time.perf_counter()
+    t0, code = time.perf_counter(), code_version()  # the code that trains, not whatever is checked out at the end
     result = compress(setup.dense(), loader, "tt", target, callback=_progress("default", quantize, target), **options)
     cache.mkdir(parents=True, exist_ok=True)
     compressor.save(result, path)
@@ -327,7 +327,7 @@ def make_slim(setup: Setup, cache: Path, target: str, quantize: str, args) -> di
             "steps": r.steps, "tokens": sum(r.tokens_per_rank), "budget_tokens": budget, "seed": args.seed,
             "lr": args.lr, "batch_size": args.batch_size, "max_length": setup.max_length,
             "calibration_batches": args.calibration_batches, "ratio": r.ratio, "params": r.params,
-            "seconds": time.perf_counter() - t0, "chosen": r.chosen, "code": code_version()}
+            "seconds": time.perf_counter() - t0, "chosen": r.chosen, "code": code}
     sidecar.write_text(json.dumps(made, indent=1))
     return made
 
