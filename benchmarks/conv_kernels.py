@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 from compressor.conv_kernel import conv_macs  # noqa: E402
 
+from cost import interleaved  # noqa: E402
 from provenance import code_version  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "conv_kernels.json"
@@ -59,19 +59,13 @@ def kernels(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, padding: int) -> 
 
 
 def median_seconds(fns: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each fn: a warm-up, then interleaved rounds of a few ms each."""
+    """Median seconds per call of each fn: a warm-up, then interleaved rounds of a few ms each
+    (``cost.interleaved``, with as many calls a round as fill :data:`ROUND_SECONDS`)."""
     start = time.perf_counter()
     for f in fns.values():
         f()
     inner = max(1, int(ROUND_SECONDS / max((time.perf_counter() - start) / len(fns), 1e-7)))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            for _ in range(inner):
-                f()
-            times[k].append((time.perf_counter() - t) / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved(fns, rounds, inner, warmup=0)
 
 
 def sweep(threads: int, rounds: int, shapes: list[str]) -> list[dict]:
