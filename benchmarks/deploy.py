@@ -504,15 +504,21 @@ def lenet5_part(cache: Path, repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {"slim": json.loads(sidecar.read_text()), "file_bytes": path.stat().st_size, "forms": {}}
     for form in load_forms():
         slim, choice = load_slim(path, lenet5, form, example=torch.zeros(1, 1, 28, 28))
-        infer = cost.measure_inference(dense, slim, repeats)
-        for v in infer.values():
-            v["speedup_vs_dense"] = 1 / v["slim_vs_dense"]
-        out["forms"][form] = {"inference": infer, "layer_classes": layer_classes(slim)}
+        out["forms"][form] = {"inference": latencies(dense, slim, repeats), "layer_classes": layer_classes(slim)}
         if (chosen := choice_by_kind(choice)) is not None:
             out["forms"][form]["auto"] = chosen
-    reference = cost.measure_inference(dense, dense_on_direct_kernel(dense), repeats)
-    out["dense_direct_kernel"] = {k: {**v, "speedup_vs_dense": 1 / v["slim_vs_dense"]} for k, v in reference.items()}
+    out["dense_direct_kernel"] = latencies(dense, dense_on_direct_kernel(dense), repeats)
     return out
+
+
+def latencies(dense: nn.Module, other: nn.Module, repeats: int) -> dict[str, Any]:
+    """``cost.measure_inference`` of ``other`` against ``dense``, each batch with its speed-up."""
+    import cost
+
+    infer = cost.measure_inference(dense, other, repeats)
+    for v in infer.values():
+        v["speedup_vs_dense"] = 1 / v["slim_vs_dense"]
+    return infer
 
 
 def dense_on_direct_kernel(dense: nn.Module) -> nn.Module:
@@ -522,7 +528,7 @@ def dense_on_direct_kernel(dense: nn.Module) -> nn.Module:
     from compressor.conv_kernel import ServedConv2d
 
     model = copy.deepcopy(dense)
-    for name, module in list(model.named_modules()):
+    for module in model.modules():
         if type(module) is nn.Conv2d:
             module.__class__ = ServedConv2d  # same attributes and state; only forward differs
     return model
